@@ -1,0 +1,164 @@
+//! The application core shared by every front end: configuration, store,
+//! directory of identities, authenticator, token engine, outbound client and
+//! metrics, plus the reload that makes CLI changes visible to a running
+//! server without a restart.
+
+use crate::config::Config;
+use crate::identity::{Authenticator, Directory};
+use crate::metrics::Metrics;
+use crate::store::{SealError, Sealer, SqliteStore, Status, Store, StoreError};
+use crate::tls::{HttpsClient, TlsError};
+use crate::token::{IdpClient, TokenEngine};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why the application could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The store could not be opened.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The sealing key could not be loaded.
+    #[error("{0}")]
+    Seal(#[from] SealError),
+    /// TLS setup failed.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+}
+
+/// Everything a front end needs.
+pub struct App {
+    /// Effective configuration.
+    pub config: Arc<Config>,
+    /// Persistent store.
+    pub store: Arc<dyn Store>,
+    /// Sealing of refresh tokens.
+    pub sealer: Sealer,
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+    /// Identities in memory.
+    pub directory: Arc<Directory>,
+    /// Local password checks.
+    pub auth: Authenticator,
+    /// Access tokens.
+    pub tokens: TokenEngine,
+    /// Pooled outbound HTTPS client.
+    pub client: HttpsClient,
+    revision: AtomicI64,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("identities", &self.directory.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Opens the store and key, builds the clients, loads identities.
+    pub async fn open(config: Config) -> Result<Arc<App>, AppError> {
+        let config = Arc::new(config);
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path).await?);
+        let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file)?;
+        let client_config = crate::tls::client_config(&config.tls)?;
+        let client = crate::tls::https_client(client_config, Duration::from_secs(10));
+        let idp = IdpClient::new(&config.identity_provider, client.clone());
+        let metrics = Arc::new(Metrics::new());
+        let directory = Arc::new(Directory::default());
+        let auth = Authenticator::new(directory.clone(), metrics.clone(), config.auth.clone());
+        let tokens = TokenEngine::new(
+            store.clone(),
+            sealer.clone(),
+            idp,
+            metrics.clone(),
+            config.tokens.clone(),
+        );
+        let app = Arc::new(App {
+            config,
+            store,
+            sealer,
+            metrics,
+            directory,
+            auth,
+            tokens,
+            client,
+            revision: AtomicI64::new(-1),
+        });
+        app.reload().await?;
+        Ok(app)
+    }
+
+    /// Picks up identity changes made elsewhere (CLI, other replicas) when
+    /// the store's revision moved. Returns whether anything was reloaded.
+    pub async fn reload(&self) -> Result<bool, StoreError> {
+        let revision = self.store.revision().await?;
+        if revision == self.revision.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let records = self.store.list().await?;
+        let changes = self.directory.apply(&records);
+        for gone in &changes.removed {
+            self.tokens.forget(gone.id);
+            if self.directory.get(&gone.name).is_none() {
+                self.metrics.forget_identity(&gone.name);
+            }
+            tracing::info!(identity = %gone.name, "identity removed");
+        }
+        for changed in &changes.replaced {
+            // New, re-passworded or re-linked: cached tokens may belong to
+            // the previous link.
+            self.tokens.forget(changed.id);
+        }
+        let mut counts = [("pending", 0i64), ("linked", 0), ("needs_reauth", 0)];
+        for r in &records {
+            let i = match r.status {
+                Status::Pending => 0,
+                Status::Linked => 1,
+                Status::NeedsReauth => 2,
+            };
+            counts[i].1 += 1;
+            self.metrics
+                .set_reauth_required(&r.name, r.status == Status::NeedsReauth);
+        }
+        self.metrics.set_identity_counts(&counts);
+        if !changes.replaced.is_empty() || !changes.removed.is_empty() {
+            tracing::info!(
+                identities = records.len(),
+                changed = changes.replaced.len(),
+                removed = changes.removed.len(),
+                "identities reloaded"
+            );
+        }
+        self.revision.store(revision, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Reloads every `tokens.reload_interval` and prunes caches, until
+    /// `shutdown` fires.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(app.config.tokens.reload_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n: u64 = 0;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                if let Err(e) = app.reload().await {
+                    tracing::warn!(error = %e, "cannot reload identities");
+                }
+                n += 1;
+                if n % 60 == 0 {
+                    app.auth.prune();
+                }
+            }
+        })
+    }
+}

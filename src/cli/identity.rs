@@ -1,0 +1,347 @@
+//! `authswap identity ...`: add, log in (device code), import, list,
+//! re-password and remove identities. Works while `serve` runs: the server
+//! notices the store's revision change and reloads.
+
+use super::{IdentityCommand, StatusFilter};
+use crate::config::Config;
+use crate::identity::hash_password;
+use crate::secret::Secret;
+use crate::store::{now_unix, IdentityRecord, Sealer, SqliteStore, Status, Store};
+use crate::token::{IdpClient, IdpError};
+use anyhow::{anyhow, bail, Context};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()> {
+    let config = super::load_config(path)?;
+    let store = SqliteStore::open(&config.store.path).await?;
+    match cmd {
+        IdentityCommand::Add {
+            name,
+            mailbox,
+            password_stdin,
+        } => add(&config, &store, &name, &mailbox, password_stdin).await,
+        IdentityCommand::Login { name } => login(&config, &store, &name).await,
+        IdentityCommand::Import {
+            name,
+            refresh_token_stdin: _,
+            no_verify,
+        } => import(&config, &store, &name, no_verify).await,
+        IdentityCommand::List { status, json } => list(&store, status, json).await,
+        IdentityCommand::SetPassword {
+            name,
+            password_stdin,
+        } => set_password(&config, &store, &name, password_stdin).await,
+        IdentityCommand::Remove { name } => {
+            store.remove(&name).await?;
+            println!("identity {name} removed (refresh token and personal data deleted)");
+            Ok(())
+        }
+    }
+}
+
+fn validate_name(name: &str) -> anyhow::Result<()> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 256 {
+        bail!("identity name must be 1 to 256 characters");
+    }
+    if name.contains(':') {
+        bail!(
+            "identity name must not contain ':' (Basic auth separates name and password with it)"
+        );
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        bail!("identity name must not contain spaces or control characters");
+    }
+    Ok(())
+}
+
+fn read_stdin_line(what: &str) -> anyhow::Result<Secret> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .with_context(|| format!("cannot read the {what} from stdin"))?;
+    let value = line.trim_end_matches(['\r', '\n']).to_owned();
+    // Wipe the buffer copy.
+    drop(zeroize::Zeroizing::new(line));
+    Ok(Secret::new(value))
+}
+
+fn read_password(from_stdin: bool) -> anyhow::Result<Secret> {
+    let password = if from_stdin {
+        read_stdin_line("password")?
+    } else if std::io::stdin().is_terminal() {
+        let first = Secret::new(rpassword::prompt_password(
+            "Local password for the legacy client: ",
+        )?);
+        let second = Secret::new(rpassword::prompt_password("Repeat it: ")?);
+        if first != second {
+            bail!("the passwords differ");
+        }
+        first
+    } else {
+        bail!("stdin is not a terminal: pass --password-stdin and write the password to stdin");
+    };
+    if password.is_empty() {
+        bail!("the password must not be empty");
+    }
+    if password.expose().chars().count() < 12 {
+        eprintln!("warning: passwords shorter than 12 characters are easy to guess");
+    }
+    Ok(password)
+}
+
+async fn add(
+    config: &Config,
+    store: &SqliteStore,
+    name: &str,
+    mailbox: &str,
+    password_stdin: bool,
+) -> anyhow::Result<()> {
+    validate_name(name)?;
+    let mailbox = mailbox.trim();
+    if !mailbox.contains('@') || mailbox.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("--mailbox must be an address such as user@contoso.com");
+    }
+    if store.get(name).await?.is_some() {
+        bail!("an identity named `{}` already exists", name.trim());
+    }
+    let password = read_password(password_stdin)?;
+    let hash = hash_password(password.expose(), &config.auth).map_err(|e| anyhow!(e))?;
+    let rec = store.create(name, mailbox, &hash).await?;
+    println!(
+        "identity {} added for {} (pending); link it with: authswap identity login {}",
+        rec.name, rec.mailbox, rec.name
+    );
+    Ok(())
+}
+
+async fn set_password(
+    config: &Config,
+    store: &SqliteStore,
+    name: &str,
+    password_stdin: bool,
+) -> anyhow::Result<()> {
+    let rec = get(store, name).await?;
+    let password = read_password(password_stdin)?;
+    let hash = hash_password(password.expose(), &config.auth).map_err(|e| anyhow!(e))?;
+    store.set_password(&rec.name, &hash).await?;
+    println!("password of identity {} changed", rec.name);
+    Ok(())
+}
+
+async fn get(store: &SqliteStore, name: &str) -> anyhow::Result<IdentityRecord> {
+    store
+        .get(name)
+        .await?
+        .ok_or_else(|| anyhow!("no identity named `{name}`"))
+}
+
+fn idp(config: &Config) -> anyhow::Result<IdpClient> {
+    if config.identity_provider.client_id.trim().is_empty() {
+        bail!("identity_provider.client_id is not set: register an app in Entra ID and configure it first");
+    }
+    let tls = crate::tls::client_config(&config.tls)?;
+    let client = crate::tls::https_client(tls, Duration::from_secs(10));
+    Ok(IdpClient::new(&config.identity_provider, client))
+}
+
+/// Scopes requested at login: those of every enabled front end.
+fn login_scopes(config: &Config) -> Vec<String> {
+    let mut scopes = config.http.scopes.clone();
+    if !scopes.iter().any(|s| s == crate::config::OFFLINE_ACCESS) {
+        scopes.push(crate::config::OFFLINE_ACCESS.into());
+    }
+    scopes
+}
+
+fn format_left(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}:{:02}", s / 60, s % 60)
+}
+
+async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Result<()> {
+    let rec = get(store, name).await?;
+    let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file)?;
+    let idp = idp(config)?;
+    let scopes = login_scopes(config);
+    let login = idp
+        .start_device_login(&scopes)
+        .await
+        .map_err(|e| anyhow!("cannot start the device-code login: {e}"))?;
+    println!(
+        "To link identity {} ({}), open {} in a browser and enter the code {}",
+        rec.name,
+        rec.mailbox,
+        login.verification_uri(),
+        login.user_code()
+    );
+    println!(
+        "Sign in as {}. The code expires in {}.",
+        rec.mailbox,
+        format_left(login.expires_in())
+    );
+    let _ = std::io::stdout().flush();
+    let terminal = std::io::stderr().is_terminal();
+    let grant = idp
+        .finish_device_login(&login, |left| {
+            if terminal {
+                eprint!("\rwaiting for sign-in… {} left ", format_left(left));
+                let _ = std::io::stderr().flush();
+            }
+        })
+        .await;
+    if terminal {
+        eprintln!();
+    }
+    let grant = grant.map_err(|e| match e {
+        IdpError::Reauth { message, .. } => anyhow!("login failed: {message}"),
+        other => anyhow!("login failed: {other}"),
+    })?;
+    let refresh = grant.refresh_token.ok_or_else(|| {
+        anyhow!("the identity platform returned no refresh token; include offline_access in http.scopes")
+    })?;
+    store.link(rec.id, &sealer.seal(rec.id, &refresh)).await?;
+    println!("identity {} linked to {}", rec.name, rec.mailbox);
+    Ok(())
+}
+
+async fn import(
+    config: &Config,
+    store: &SqliteStore,
+    name: &str,
+    no_verify: bool,
+) -> anyhow::Result<()> {
+    let rec = get(store, name).await?;
+    let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file)?;
+    let token = read_stdin_line("refresh token")?;
+    let token = Secret::new(token.expose().trim().to_owned());
+    if token.is_empty() {
+        bail!("no refresh token on stdin");
+    }
+    store.link(rec.id, &sealer.seal(rec.id, &token)).await?;
+    let generation = rec.token_generation + 1;
+    if no_verify || config.identity_provider.client_id.trim().is_empty() {
+        println!(
+            "identity {} linked with the imported refresh token (not verified)",
+            rec.name
+        );
+        return Ok(());
+    }
+    let idp = idp(config)?;
+    match idp.refresh(&token, &login_scopes(config)).await {
+        Ok(grant) => {
+            if let Some(new) = grant.refresh_token.filter(|n| n != &token) {
+                store
+                    .rotate(rec.id, generation, &sealer.seal(rec.id, &new), now_unix())
+                    .await?;
+            } else {
+                store.record_success(rec.id, now_unix()).await?;
+            }
+            println!(
+                "identity {} linked with the imported refresh token (verified)",
+                rec.name
+            );
+            Ok(())
+        }
+        Err(IdpError::Reauth { message, .. }) => {
+            store
+                .record_failure(rec.id, true, &message, now_unix())
+                .await?;
+            bail!("the identity platform refused the imported refresh token: {message}")
+        }
+        Err(e) => {
+            eprintln!("warning: imported, but could not verify the token now: {e}");
+            println!(
+                "identity {} linked with the imported refresh token (not verified)",
+                rec.name
+            );
+            Ok(())
+        }
+    }
+}
+
+fn is_ok(r: &IdentityRecord) -> bool {
+    r.status == Status::Linked
+        && match (r.last_failure_at, r.last_success_at) {
+            (Some(f), Some(s)) => s >= f,
+            (Some(_), None) => false,
+            _ => true,
+        }
+}
+
+fn time(t: Option<i64>) -> String {
+    t.and_then(|s| u64::try_from(s).ok())
+        .map(|s| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))
+                .to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::Result<()> {
+    let records: Vec<IdentityRecord> = store
+        .list()
+        .await?
+        .into_iter()
+        .filter(|r| match filter {
+            StatusFilter::All => true,
+            StatusFilter::Ok => is_ok(r),
+            StatusFilter::Error => !is_ok(r),
+        })
+        .collect();
+    if json {
+        let rows: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "mailbox": r.mailbox,
+                    "status": r.status,
+                    "ok": is_ok(r),
+                    "linked": r.has_refresh_token,
+                    "last_error": r.last_error,
+                    "last_success_at": r.last_success_at.map(|t| time(Some(t))),
+                    "last_failure_at": r.last_failure_at.map(|t| time(Some(t))),
+                    "created_at": time(Some(r.created_at)),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("no identities");
+        return Ok(());
+    }
+    let w_name = records
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let w_mail = records
+        .iter()
+        .map(|r| r.mailbox.len())
+        .max()
+        .unwrap_or(7)
+        .max(7);
+    println!(
+        "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  LAST ERROR",
+        "NAME", "MAILBOX", "STATUS", "LAST SUCCESS", "LAST FAILURE"
+    );
+    for r in &records {
+        println!(
+            "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  {}",
+            r.name,
+            r.mailbox,
+            r.status.as_str(),
+            time(r.last_success_at),
+            time(r.last_failure_at),
+            r.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Command-line interface: argument definitions (clap), logging set-up and
+//! dispatch to one file per subcommand. `anyhow` is used only here, at the
+//! edge.
+
+mod config_cmd;
+mod healthcheck;
+mod identity;
+mod serve;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// authswap: Basic-auth front ends for OAuth 2.0-only mail and EWS servers.
+#[derive(Debug, Parser)]
+#[command(name = "authswap", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(short = 'c', long = "config", global = true, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log format: `auto` is human on a terminal, else human without colour.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable; colours only on a terminal.
+    Auto,
+    /// Human-readable.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (HTTP front end and admin listener) until SIGTERM/SIGINT.
+    Serve,
+    /// Manage identities.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Probe the admin listener's /healthz (for container HEALTHCHECKs); exit 0 when healthy.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// `identity` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Create an identity: the name the legacy client sends, its mailbox and a local password.
+    Add {
+        /// Name the legacy client uses (case-insensitive).
+        name: String,
+        /// Upstream mailbox (UPN), e.g. user@contoso.com.
+        #[arg(long)]
+        mailbox: String,
+        /// Read the local password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Link an identity to its Microsoft account with the device-code flow.
+    Login {
+        /// Identity name.
+        name: String,
+    },
+    /// Link an identity with an existing refresh token (migration from other tools).
+    Import {
+        /// Identity name.
+        name: String,
+        /// Read the refresh token from stdin.
+        #[arg(long, required = true)]
+        refresh_token_stdin: bool,
+        /// Do not try the token against the identity platform.
+        #[arg(long)]
+        no_verify: bool,
+    },
+    /// List identities and their status.
+    List {
+        /// Which identities: all, ok (linked, last refresh fine) or error (anything needing attention).
+        #[arg(long, value_enum, default_value_t = StatusFilter::All)]
+        status: StatusFilter,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an identity's local password.
+    SetPassword {
+        /// Identity name.
+        name: String,
+        /// Read the new password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete an identity with its tokens and personal data.
+    Remove {
+        /// Identity name.
+        name: String,
+    },
+}
+
+/// Filter for `identity list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusFilter {
+    /// Every identity.
+    All,
+    /// Linked, and the last refresh (if any) succeeded.
+    Ok,
+    /// Pending, needing re-authentication, or whose last refresh failed.
+    Error,
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print it with secrets redacted.
+    Check,
+}
+
+/// `healthcheck` arguments.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// URL to probe instead of http://<admin.listen>/healthz.
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+/// Sets up tracing: filter from `AUTHSWAP_LOG` or `RUST_LOG` (default `info`
+/// for `serve`, `warn` otherwise), output on stderr.
+pub fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = if matches!(cli.command, Command::Serve) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = std::env::var("AUTHSWAP_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match cli.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Human => builder.with_ansi(false).try_init(),
+        LogFormat::Auto => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+    let _ = result;
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve => serve::run(&cli.config).await,
+        Command::Identity(cmd) => identity::run(&cli.config, cmd).await,
+        Command::Config(ConfigCommand::Check) => config_cmd::check(&cli.config),
+        Command::Healthcheck(args) => healthcheck::run(&cli.config, args).await,
+    }
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> {
+    Ok(crate::config::Config::load(path)?)
+}

@@ -1,0 +1,28 @@
+//! `authswap serve`: start the server and stop it gracefully on SIGTERM/SIGINT.
+
+use crate::server::Server;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long in-flight requests may take to finish after a stop signal.
+const GRACE: Duration = Duration::from_secs(30);
+
+pub(super) async fn run(path: &Path) -> anyhow::Result<()> {
+    let config = super::load_config(path)?;
+    let server = Server::start(config).await?;
+    wait_for_signal().await?;
+    tracing::info!("stop signal received; finishing in-flight requests");
+    server.shutdown(GRACE).await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,676 @@
+//! Configuration: built-in defaults < TOML file < `AUTHSWAP_SECTION__KEY`
+//! environment variables, loaded with figment and validated here, so every
+//! other module receives values it can trust.
+
+use crate::secret::Secret;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use url::Url;
+
+/// Default location of the configuration file (relative to the working directory).
+pub const DEFAULT_CONFIG_PATH: &str = "config/authswap.toml";
+
+/// Delegated scope for Exchange Web Services.
+pub const EWS_SCOPE: &str = "https://outlook.office365.com/EWS.AccessAsUser.All";
+/// Scope that makes the identity platform return a refresh token.
+pub const OFFLINE_ACCESS: &str = "offline_access";
+
+/// Why the configuration cannot be used. Always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file given with `-c` does not exist.
+    #[error("configuration file {0} does not exist")]
+    NotFound(PathBuf),
+    /// A value has the wrong type or shape (figment names the key and the source).
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value parsed but is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `http.upstream`.
+        key: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// A `*_file` could not be read.
+    #[error("{key}: cannot read {path}: {source}")]
+    File {
+        /// Dotted key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Embedded store and its sealing key.
+    pub store: StoreConfig,
+    /// Microsoft identity platform (or another OAuth 2.0 provider).
+    pub identity_provider: IdpConfig,
+    /// Trust roots for outbound TLS.
+    pub tls: TlsConfig,
+    /// The HTTP (EWS) front end.
+    pub http: HttpConfig,
+    /// Admin listener: metrics and health.
+    pub admin: AdminConfig,
+    /// Local credential checks.
+    pub auth: AuthConfig,
+    /// Token engine tuning.
+    pub tokens: TokenConfig,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite database file (created with its directory when missing).
+    pub path: PathBuf,
+    /// File holding the 256-bit sealing key (created 0600 on first start).
+    pub key_file: PathBuf,
+    /// The sealing key itself (64 hex digits or base64), usually from
+    /// `AUTHSWAP_STORE__KEY`; takes precedence over `key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<Secret>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("data/authswap.db"),
+            key_file: PathBuf::from("data/authswap.key"),
+            key: None,
+        }
+    }
+}
+
+/// `[identity_provider]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdpConfig {
+    /// Authority base URL.
+    pub authority: String,
+    /// Tenant id or domain, `organizations` or `common`.
+    pub tenant: String,
+    /// Application (client) id of the app registration.
+    pub client_id: String,
+    /// Client secret for confidential clients (leave unset for public clients).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<Secret>,
+    /// File containing the client secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Token endpoint; derived from authority and tenant when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_endpoint: Option<String>,
+    /// Device authorization endpoint; derived when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_code_endpoint: Option<String>,
+    /// Authorization endpoint (browser consent); derived when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorize_endpoint: Option<String>,
+    /// Time limit for one request to the identity platform.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for IdpConfig {
+    fn default() -> Self {
+        IdpConfig {
+            authority: "https://login.microsoftonline.com".into(),
+            tenant: "organizations".into(),
+            client_id: String::new(),
+            client_secret: None,
+            client_secret_file: None,
+            token_endpoint: None,
+            device_code_endpoint: None,
+            authorize_endpoint: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl IdpConfig {
+    fn derived(&self, explicit: &Option<String>, leaf: &str) -> String {
+        match explicit {
+            Some(url) => url.clone(),
+            None => format!(
+                "{}/{}/oauth2/v2.0/{leaf}",
+                self.authority.trim_end_matches('/'),
+                self.tenant
+            ),
+        }
+    }
+
+    /// Effective token endpoint.
+    pub fn token_url(&self) -> String {
+        self.derived(&self.token_endpoint, "token")
+    }
+
+    /// Effective device authorization endpoint.
+    pub fn device_code_url(&self) -> String {
+        self.derived(&self.device_code_endpoint, "devicecode")
+    }
+
+    /// Effective authorization endpoint.
+    pub fn authorize_url(&self) -> String {
+        self.derived(&self.authorize_endpoint, "authorize")
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with extra root certificates trusted for upstream and
+    /// identity-platform connections (in addition to the built-in roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve the HTTP front end at all.
+    pub enabled: bool,
+    /// Local listen address.
+    pub listen: String,
+    /// Upstream base URL (scheme, host, optional port).
+    pub upstream: String,
+    /// Scopes requested for HTTP upstream tokens.
+    #[serde(deserialize_with = "scopes_de")]
+    pub scopes: Vec<String>,
+    /// Request bodies up to this size are buffered so they can be replayed
+    /// after a token refresh; larger ones stream without replay.
+    pub replay_buffer_limit: ByteSize,
+    /// Largest accepted request head (request line plus headers).
+    pub max_header_bytes: ByteSize,
+    /// Largest accepted request body (0 = unlimited).
+    pub max_body_bytes: ByteSize,
+    /// Concurrent client connections; more wait in the accept queue.
+    pub max_connections: usize,
+    /// A client must send its request head within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Upstream must answer (response head) within this time.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    /// Certificate chain (PEM) to serve HTTPS locally instead of plain HTTP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) for `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+            upstream: "https://outlook.office365.com".into(),
+            scopes: vec![EWS_SCOPE.into(), OFFLINE_ACCESS.into()],
+            replay_buffer_limit: ByteSize(8 * 1024 * 1024),
+            max_header_bytes: ByteSize(64 * 1024),
+            max_body_bytes: ByteSize(0),
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(30),
+            upstream_timeout: Duration::from_secs(300),
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin listen address (metrics, health).
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+/// `[auth]`: local password checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// How long a verified (name, password) pair is trusted without argon2.
+    #[serde(with = "humantime_serde")]
+    pub credential_cache_ttl: Duration,
+    /// Failed attempts (per identity and per source address) before backoff.
+    pub max_failures: u32,
+    /// First lockout after `max_failures`; doubles with each further failure.
+    #[serde(with = "humantime_serde")]
+    pub lockout: Duration,
+    /// Longest lockout.
+    #[serde(with = "humantime_serde")]
+    pub max_lockout: Duration,
+    /// argon2id memory cost in KiB for new password hashes.
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations for new password hashes.
+    pub argon2_iterations: u32,
+    /// argon2id lanes for new password hashes.
+    pub argon2_parallelism: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            credential_cache_ttl: Duration::from_secs(300),
+            max_failures: 5,
+            lockout: Duration::from_secs(1),
+            max_lockout: Duration::from_secs(300),
+            // OWASP's argon2id recommendation (19 MiB, 2 iterations, 1 lane).
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+        }
+    }
+}
+
+/// `[tokens]`: token engine tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Refresh this long before an access token expires.
+    #[serde(with = "humantime_serde")]
+    pub refresh_ahead: Duration,
+    /// First retry delay after a transient identity-platform failure.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest retry delay after repeated transient failures.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// How often `serve` looks for identity changes made by the CLI.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            refresh_ahead: Duration::from_secs(300),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            reload_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A size in bytes; accepts `8388608`, `"8MiB"`, `"64 KiB"`, `"10MB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// The size as `usize`.
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size such as 8MiB or 65536"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` (use B, KiB, MiB, GiB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        if n != 0 && n % (1 << 20) == 0 {
+            write!(f, "{}MiB", n >> 20)
+        } else if n != 0 && n % (1 << 10) == 0 {
+            write!(f, "{}KiB", n >> 10)
+        } else {
+            write!(f, "{n}")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Scopes as a TOML list or one space-separated string (handy in env vars).
+fn scopes_de<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::List(v) => v,
+        Raw::One(s) => s.split_whitespace().map(str::to_owned).collect(),
+    })
+}
+
+impl Config {
+    /// Loads defaults < `path` < environment, reads `*_file` secrets and validates.
+    ///
+    /// A missing file is an error unless it is the default path, in which
+    /// case the built-in defaults are used.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // Only AUTHSWAP_SECTION__KEY variables are configuration; others
+        // (AUTHSWAP_LOG, ...) are left alone.
+        let env = Env::prefixed("AUTHSWAP_")
+            .filter(|k| k.as_str().contains("__"))
+            .split("__");
+        Self::finish(Self::file_layer(path)?.merge(env))
+    }
+
+    fn file_layer(path: &Path) -> Result<Figment, ConfigError> {
+        if path.exists() {
+            Ok(Figment::new().merge(Toml::file_exact(path)))
+        } else if path == Path::new(DEFAULT_CONFIG_PATH) {
+            Ok(Figment::new())
+        } else {
+            Err(ConfigError::NotFound(path.to_owned()))
+        }
+    }
+
+    fn finish(figment: Figment) -> Result<Config, ConfigError> {
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        config.resolve_files()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_files(&mut self) -> Result<(), ConfigError> {
+        let idp = &mut self.identity_provider;
+        if let Some(file) = &idp.client_secret_file {
+            if idp.client_secret.is_some() {
+                return Err(invalid(
+                    "identity_provider.client_secret_file",
+                    "set either client_secret or client_secret_file, not both",
+                ));
+            }
+            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::File {
+                key: "identity_provider.client_secret_file",
+                path: file.clone(),
+                source,
+            })?;
+            idp.client_secret = Some(Secret::new(text.trim().to_owned()));
+        }
+        if idp.client_secret.as_ref().is_some_and(Secret::is_empty) {
+            idp.client_secret = None;
+        }
+        Ok(())
+    }
+
+    /// Checks every value that figment cannot check by type.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_listen("admin.listen", &self.admin.listen)?;
+        if self.http.enabled {
+            parse_listen("http.listen", &self.http.listen)?;
+        }
+        check_url("http.upstream", &self.http.upstream)?;
+        if self.http.scopes.is_empty() {
+            return Err(invalid("http.scopes", "at least one scope is required"));
+        }
+        if self.http.tls_cert_file.is_some() != self.http.tls_key_file.is_some() {
+            return Err(invalid(
+                "http.tls_cert_file",
+                "tls_cert_file and tls_key_file must be set together",
+            ));
+        }
+        if self.http.max_header_bytes.0 < 1024 {
+            return Err(invalid("http.max_header_bytes", "must be at least 1KiB"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        let idp = &self.identity_provider;
+        check_url("identity_provider.authority", &idp.authority)?;
+        if idp.tenant.trim().is_empty() || idp.tenant.contains('/') {
+            return Err(invalid(
+                "identity_provider.tenant",
+                "must be a tenant id, a domain, `organizations` or `common`",
+            ));
+        }
+        check_url("identity_provider.token_endpoint", &idp.token_url())?;
+        check_url(
+            "identity_provider.device_code_endpoint",
+            &idp.device_code_url(),
+        )?;
+        check_url("identity_provider.authorize_endpoint", &idp.authorize_url())?;
+        if self.tokens.retry_min.is_zero() || self.tokens.retry_max < self.tokens.retry_min {
+            return Err(invalid(
+                "tokens.retry_max",
+                "retry_min must be above zero and retry_max at least retry_min",
+            ));
+        }
+        if self.auth.max_failures == 0 {
+            return Err(invalid("auth.max_failures", "must be at least 1"));
+        }
+        argon2::Params::new(
+            self.auth.argon2_memory_kib,
+            self.auth.argon2_iterations,
+            self.auth.argon2_parallelism,
+            None,
+        )
+        .map_err(|e| {
+            invalid(
+                "auth.argon2_memory_kib",
+                format!("invalid argon2 parameters: {e}"),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// What is still missing for authswap to do its job; `serve` logs these
+    /// and keeps running (health and metrics work without them).
+    pub fn missing(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.identity_provider.client_id.trim().is_empty() {
+            out.push(
+                "identity_provider.client_id is empty: register an app in Entra ID and set it, \
+                 or identities cannot log in or refresh tokens"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+
+    /// The effective configuration as TOML, secrets redacted, derived
+    /// endpoints filled in.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        let idp = &mut shown.identity_provider;
+        idp.token_endpoint = Some(idp.token_url());
+        idp.device_code_endpoint = Some(idp.device_code_url());
+        idp.authorize_endpoint = Some(idp.authorize_url());
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Parses a listen address (`127.0.0.1:8080`, `[::1]:8080`).
+pub fn parse_listen(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{value}` is not an address such as 127.0.0.1:8080"),
+        )
+    })
+}
+
+/// True when `host` names this machine's loopback interface.
+pub fn is_loopback_host(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => IpAddr::V4(*ip).is_loopback(),
+        url::Host::Ipv6(ip) => IpAddr::V6(*ip).is_loopback(),
+    }
+}
+
+/// Accepts `https://` URLs, and `http://` only to a loopback host.
+pub fn check_url(key: &'static str, value: &str) -> Result<Url, ConfigError> {
+    let url =
+        Url::parse(value).map_err(|e| invalid(key, format!("`{value}` is not a URL: {e}")))?;
+    let host = url
+        .host()
+        .ok_or_else(|| invalid(key, format!("`{value}` has no host")))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback_host(&host) => Ok(url),
+        "http" => Err(invalid(
+            key,
+            format!(
+                "`{value}`: plain http:// is refused except to a loopback address; use https://"
+            ),
+        )),
+        other => Err(invalid(
+            key,
+            format!("`{value}`: unsupported scheme `{other}`"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut fig = Config::file_layer(&path)?;
+        for (k, v) in env {
+            fig = fig.merge((*k, *v));
+        }
+        Config::finish(fig)
+    }
+
+    #[test]
+    fn defaults_validate_and_name_what_is_missing() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert!(c.missing()[0].contains("identity_provider.client_id"));
+        assert_eq!(
+            c.identity_provider.token_url(),
+            "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
+        );
+    }
+
+    #[test]
+    fn plain_http_upstream_only_to_loopback() {
+        let err = load_str("[http]\nupstream = \"http://example.com\"\n", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("http.upstream:"), "{err}");
+        load_str("[http]\nupstream = \"http://127.0.0.1:9\"\n", &[]).unwrap();
+        load_str("[http]\nupstream = \"http://localhost:9\"\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn sizes_durations_and_scopes_parse() {
+        let c = load_str(
+            "[http]\nreplay_buffer_limit = \"1MiB\"\nheader_read_timeout = \"5s\"\nscopes = \"a b\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.http.replay_buffer_limit, ByteSize(1 << 20));
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.scopes, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_name_the_key() {
+        let err = load_str("[http]\nlisten_addr = \"x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let err = load_str("[http]\nmax_connections = \"many\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("max_connections"), "{err}");
+        let err = load_str("[admin]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("admin.listen:"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = load_str(
+            "[admin]\nlisten = \"127.0.0.1:1\"\n",
+            &[("admin.listen", "127.0.0.1:2")],
+        )
+        .unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:2");
+    }
+
+    #[test]
+    fn redacted_output_hides_the_client_secret() {
+        let mut c = Config::default();
+        c.identity_provider.client_secret = Some(Secret::new("s3cr3t-value"));
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("s3cr3t-value"));
+        assert!(out.contains("<redacted>"));
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!("65536".parse::<ByteSize>().unwrap(), ByteSize(65536));
+        assert_eq!("64 KiB".parse::<ByteSize>().unwrap(), ByteSize(65536));
+        assert_eq!("10MB".parse::<ByteSize>().unwrap(), ByteSize(10_000_000));
+        assert!("lots".parse::<ByteSize>().is_err());
+    }
+}

@@ -1,0 +1,565 @@
+//! Identities in memory and the local password check.
+//!
+//! [`Directory`] is the running server's view of the store (reloaded when the
+//! CLI changes something). [`Authenticator`] checks a client's (name,
+//! password): argon2id on first sight, then a verified-credential cache keyed
+//! by a keyed BLAKE2b MAC (per-process random key, short TTL) so steady-state
+//! requests never run argon2. Failures are counted per identity and per
+//! source address with exponential lockout; unknown names cost the same
+//! argon2 run as known ones and fail the same way.
+
+use crate::config::AuthConfig;
+use crate::metrics::{CredentialCheck, FailureReason, Metrics, Protocol};
+use crate::singleflight::SingleFlight;
+use crate::store::{name_key, IdentityRecord, Status};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use blake2::digest::{consts::U32, Mac};
+use blake2::Blake2bMac;
+use dashmap::DashMap;
+use rand::RngCore;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// An identity as the running server sees it.
+#[derive(Debug)]
+pub struct Identity {
+    /// Store row id.
+    pub id: i64,
+    /// Name as configured (metric label, logs).
+    pub name: String,
+    /// Upstream mailbox (UPN), used as `user=` in XOAUTH2.
+    pub mailbox: String,
+    /// Bumped each time a person links the identity.
+    pub token_generation: i64,
+    password_hash: String,
+    status: AtomicU8,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Identity {
+    fn from_record(r: &IdentityRecord) -> Identity {
+        Identity {
+            id: r.id,
+            name: r.name.clone(),
+            mailbox: r.mailbox.clone(),
+            token_generation: r.token_generation,
+            password_hash: r.password_hash.clone(),
+            status: AtomicU8::new(status_code(r.status)),
+            last_error: Mutex::new(r.last_error.clone()),
+        }
+    }
+
+    /// Current link state.
+    pub fn status(&self) -> Status {
+        match self.status.load(Ordering::Acquire) {
+            1 => Status::Linked,
+            2 => Status::NeedsReauth,
+            _ => Status::Pending,
+        }
+    }
+
+    /// Last error text recorded for the identity.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Updates the in-memory state (the store is updated by the caller).
+    pub fn set_status(&self, status: Status, error: Option<String>) {
+        self.status.store(status_code(status), Ordering::Release);
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = error;
+        }
+    }
+
+    fn same_credentials(&self, r: &IdentityRecord) -> bool {
+        self.id == r.id
+            && self.password_hash == r.password_hash
+            && self.mailbox == r.mailbox
+            && self.token_generation == r.token_generation
+            && self.name == r.name
+    }
+}
+
+fn status_code(s: Status) -> u8 {
+    match s {
+        Status::Pending => 0,
+        Status::Linked => 1,
+        Status::NeedsReauth => 2,
+    }
+}
+
+/// What changed in a [`Directory::apply`].
+#[derive(Debug, Default)]
+pub struct DirectoryChanges {
+    /// Identities that are new or whose credentials or link changed.
+    pub replaced: Vec<Arc<Identity>>,
+    /// Identities that no longer exist.
+    pub removed: Vec<Arc<Identity>>,
+}
+
+/// Identities by case-folded name.
+#[derive(Debug, Default)]
+pub struct Directory {
+    by_key: DashMap<String, Arc<Identity>>,
+}
+
+impl Directory {
+    /// Looks up a name case-insensitively.
+    pub fn get(&self, name: &str) -> Option<Arc<Identity>> {
+        // Fast path: most clients send the name as configured, in lower case.
+        if let Some(e) = self.by_key.get(name) {
+            return Some(e.clone());
+        }
+        self.by_key.get(&name_key(name)).map(|e| e.clone())
+    }
+
+    /// Every identity.
+    pub fn all(&self) -> Vec<Arc<Identity>> {
+        self.by_key.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Number of identities.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// True when no identity exists.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Makes the directory match `records`, keeping `Identity` objects whose
+    /// credentials did not change (their status is updated in place).
+    pub fn apply(&self, records: &[IdentityRecord]) -> DirectoryChanges {
+        let mut changes = DirectoryChanges::default();
+        let mut seen = std::collections::HashSet::with_capacity(records.len());
+        for r in records {
+            let key = name_key(&r.name);
+            seen.insert(key.clone());
+            let unchanged = match self.by_key.get(&key) {
+                Some(e) if e.same_credentials(r) => {
+                    e.set_status(r.status, r.last_error.clone());
+                    true
+                }
+                _ => false,
+            };
+            if !unchanged {
+                {
+                    let ident = Arc::new(Identity::from_record(r));
+                    if let Some(old) = self.by_key.insert(key, ident.clone()) {
+                        if old.id != ident.id {
+                            changes.removed.push(old);
+                        }
+                    }
+                    changes.replaced.push(ident);
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .by_key
+            .iter()
+            .filter(|e| !seen.contains(e.key()))
+            .map(|e| e.key().clone())
+            .collect();
+        for key in gone {
+            if let Some((_, old)) = self.by_key.remove(&key) {
+                changes.removed.push(old);
+            }
+        }
+        changes
+    }
+}
+
+/// Why a local authentication failed. Deliberately coarse toward clients:
+/// front ends answer every variant but `Locked` the same way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No identity with that name.
+    #[error("unknown identity")]
+    UnknownIdentity,
+    /// Wrong local password.
+    #[error("wrong password for identity {0}")]
+    BadPassword(String),
+    /// Too many failures recently; refused without checking.
+    #[error("too many failed attempts; locked for {0:?}")]
+    Locked(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FailKey {
+    Identity(i64),
+    Source(IpAddr),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FailState {
+    count: u32,
+    last: Instant,
+    locked_until: Option<Instant>,
+}
+
+type CacheKey = [u8; 32];
+
+/// Upper bound on cached verified credentials (memory bound).
+const CACHE_CAP: usize = 100_000;
+
+/// Checks local credentials; see the module docs.
+pub struct Authenticator {
+    directory: Arc<Directory>,
+    metrics: Arc<Metrics>,
+    mac_key: [u8; 32],
+    cache: DashMap<CacheKey, Instant>,
+    failures: DashMap<FailKey, FailState>,
+    flights: SingleFlight<CacheKey, bool>,
+    hashing: Arc<Semaphore>,
+    dummy_hash: Arc<str>,
+    config: AuthConfig,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("cached", &self.cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hashes a new local password with argon2id under the configured costs.
+pub fn hash_password(password: &str, config: &AuthConfig) -> Result<String, String> {
+    let params = Params::new(
+        config.argon2_memory_kib,
+        config.argon2_iterations,
+        config.argon2_parallelism,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn verify_hash(hash: &str, password: &[u8]) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
+        Err(_) => false,
+    }
+}
+
+impl Authenticator {
+    /// Creates an authenticator over `directory`.
+    pub fn new(directory: Arc<Directory>, metrics: Arc<Metrics>, config: AuthConfig) -> Self {
+        let mut mac_key = [0u8; 32];
+        rand::rng().fill_bytes(&mut mac_key);
+        let mut dummy = [0u8; 24];
+        rand::rng().fill_bytes(&mut dummy);
+        let dummy_pw: String = dummy.iter().map(|b| format!("{b:02x}")).collect();
+        let dummy_hash = hash_password(&dummy_pw, &config).unwrap_or_default();
+        let lanes = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        Authenticator {
+            directory,
+            metrics,
+            mac_key,
+            cache: DashMap::new(),
+            failures: DashMap::new(),
+            flights: SingleFlight::default(),
+            hashing: Arc::new(Semaphore::new(lanes)),
+            dummy_hash: dummy_hash.into(),
+            config,
+        }
+    }
+
+    fn cache_key(&self, identity: &Identity, password: &[u8]) -> CacheKey {
+        let mut mac = <Blake2bMac<U32> as Mac>::new_from_slice(&self.mac_key)
+            .expect("32-byte key is valid for BLAKE2b");
+        mac.update(&identity.id.to_le_bytes());
+        mac.update(identity.password_hash.as_bytes());
+        mac.update(&[0]);
+        mac.update(password);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Checks `name`/`password` from a client at `source`.
+    ///
+    /// Records metrics for failures under `protocol`.
+    pub async fn authenticate(
+        &self,
+        name: &str,
+        password: &[u8],
+        source: IpAddr,
+        protocol: Protocol,
+    ) -> Result<Arc<Identity>, AuthError> {
+        let identity = self.directory.get(name);
+        if let Some(identity) = &identity {
+            let key = self.cache_key(identity, password);
+            if let Some(exp) = self.cache.get(&key) {
+                if *exp > Instant::now() {
+                    self.metrics.credential_check(CredentialCheck::cache_hit);
+                    return Ok(identity.clone());
+                }
+            }
+        }
+        let now = Instant::now();
+        let locked = [
+            identity.as_ref().map(|i| FailKey::Identity(i.id)),
+            Some(FailKey::Source(source)),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|k| self.failures.get(&k).and_then(|s| s.locked_until))
+        .filter(|until| *until > now)
+        .max();
+        if let Some(until) = locked {
+            self.metrics.auth_failure(
+                identity.as_ref().map(|i| i.name.as_str()),
+                protocol,
+                FailureReason::locked_out,
+            );
+            return Err(AuthError::Locked(until - now));
+        }
+
+        let ok = match &identity {
+            Some(identity) => {
+                let key = self.cache_key(identity, password);
+                let hash: Arc<str> = identity.password_hash.as_str().into();
+                let pw = zeroize::Zeroizing::new(password.to_vec());
+                let sem = self.hashing.clone();
+                let ok = self
+                    .flights
+                    .run(key, move || async move {
+                        let _permit = sem.acquire_owned().await;
+                        tokio::task::spawn_blocking(move || verify_hash(&hash, &pw))
+                            .await
+                            .unwrap_or(false)
+                    })
+                    .await;
+                if ok {
+                    self.remember(key);
+                }
+                ok
+            }
+            None => {
+                // Same work as a real check, so names cannot be probed by timing.
+                let hash = self.dummy_hash.clone();
+                let pw = zeroize::Zeroizing::new(password.to_vec());
+                let _permit = self.hashing.clone().acquire_owned().await;
+                let _ = tokio::task::spawn_blocking(move || verify_hash(&hash, &pw)).await;
+                false
+            }
+        };
+
+        if ok {
+            let identity = identity.expect("ok implies a known identity");
+            self.failures.remove(&FailKey::Identity(identity.id));
+            self.metrics.credential_check(CredentialCheck::verified);
+            return Ok(identity);
+        }
+        self.metrics.credential_check(CredentialCheck::rejected);
+        match identity {
+            Some(identity) => {
+                self.record_failure(FailKey::Identity(identity.id));
+                self.record_failure(FailKey::Source(source));
+                self.metrics.auth_failure(
+                    Some(&identity.name),
+                    protocol,
+                    FailureReason::bad_password,
+                );
+                Err(AuthError::BadPassword(identity.name.clone()))
+            }
+            None => {
+                self.record_failure(FailKey::Source(source));
+                self.metrics
+                    .auth_failure(None, protocol, FailureReason::unknown_identity);
+                Err(AuthError::UnknownIdentity)
+            }
+        }
+    }
+
+    fn remember(&self, key: CacheKey) {
+        if self.cache.len() >= CACHE_CAP {
+            self.prune();
+            if self.cache.len() >= CACHE_CAP {
+                return;
+            }
+        }
+        self.cache
+            .insert(key, Instant::now() + self.config.credential_cache_ttl);
+    }
+
+    fn record_failure(&self, key: FailKey) {
+        let now = Instant::now();
+        let window = self.config.max_lockout.max(Duration::from_secs(900));
+        let mut entry = self.failures.entry(key).or_insert(FailState {
+            count: 0,
+            last: now,
+            locked_until: None,
+        });
+        if now.duration_since(entry.last) > window {
+            entry.count = 0;
+        }
+        entry.count = entry.count.saturating_add(1);
+        entry.last = now;
+        if entry.count >= self.config.max_failures {
+            let exp = (entry.count - self.config.max_failures).min(20);
+            let lock = self
+                .config
+                .lockout
+                .saturating_mul(1u32 << exp)
+                .min(self.config.max_lockout);
+            entry.locked_until = Some(now + lock);
+        }
+    }
+
+    /// Drops expired cache entries and stale failure counters.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        self.cache.retain(|_, exp| *exp > now);
+        let window = self.config.max_lockout.max(Duration::from_secs(900));
+        self.failures.retain(|_, s| {
+            now.duration_since(s.last) <= window || s.locked_until.is_some_and(|u| u > now)
+        });
+    }
+
+    /// Forgets every cached credential (after the directory changed).
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
+    /// Number of cached verified credentials.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn cheap() -> AuthConfig {
+        AuthConfig {
+            argon2_memory_kib: 256,
+            argon2_iterations: 1,
+            argon2_parallelism: 1,
+            max_failures: 3,
+            lockout: Duration::from_millis(200),
+            max_lockout: Duration::from_secs(1),
+            ..AuthConfig::default()
+        }
+    }
+
+    fn setup() -> (Arc<Directory>, Arc<Metrics>, Authenticator) {
+        let dir = Arc::new(Directory::default());
+        let hash = hash_password("pw-alice", &cheap()).unwrap();
+        dir.apply(&[IdentityRecord {
+            id: 1,
+            name: "Alice".into(),
+            mailbox: "alice@contoso.com".into(),
+            password_hash: hash,
+            status: Status::Linked,
+            last_error: None,
+            last_success_at: None,
+            last_failure_at: None,
+            created_at: 0,
+            has_refresh_token: true,
+            token_generation: 1,
+        }]);
+        let metrics = Arc::new(Metrics::new());
+        let auth = Authenticator::new(dir.clone(), metrics.clone(), cheap());
+        (dir, metrics, auth)
+    }
+
+    const SRC: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    #[tokio::test]
+    async fn verifies_once_then_serves_from_cache() {
+        let (_d, m, a) = setup();
+        for _ in 0..5 {
+            let id = a
+                .authenticate("ALICE", b"pw-alice", SRC, Protocol::http)
+                .await
+                .unwrap();
+            assert_eq!(id.name, "Alice");
+        }
+        assert_eq!(m.credential_check_count(CredentialCheck::verified), 1);
+        assert_eq!(m.credential_check_count(CredentialCheck::cache_hit), 4);
+    }
+
+    #[tokio::test]
+    async fn wrong_password_and_unknown_name_fail_and_lock_out() {
+        let (_d, _m, a) = setup();
+        assert_eq!(
+            a.authenticate("alice", b"nope", SRC, Protocol::http)
+                .await
+                .unwrap_err(),
+            AuthError::BadPassword("Alice".into())
+        );
+        assert_eq!(
+            a.authenticate("mallory", b"x", SRC, Protocol::http)
+                .await
+                .unwrap_err(),
+            AuthError::UnknownIdentity
+        );
+        let _ = a.authenticate("alice", b"nope", SRC, Protocol::http).await;
+        let _ = a.authenticate("alice", b"nope", SRC, Protocol::http).await;
+        // Locked now, even with the right password (it was never cached).
+        assert!(matches!(
+            a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
+                .await,
+            Err(AuthError::Locked(_))
+        ));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn password_change_invalidates_cached_credentials() {
+        let (d, _m, a) = setup();
+        a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
+            .await
+            .unwrap();
+        let mut rec = IdentityRecord {
+            id: 1,
+            name: "Alice".into(),
+            mailbox: "alice@contoso.com".into(),
+            password_hash: hash_password("new-pw", &cheap()).unwrap(),
+            status: Status::Linked,
+            last_error: None,
+            last_success_at: None,
+            last_failure_at: None,
+            created_at: 0,
+            has_refresh_token: true,
+            token_generation: 1,
+        };
+        let ch = d.apply(std::slice::from_ref(&rec));
+        assert_eq!(ch.replaced.len(), 1);
+        assert!(a
+            .authenticate("alice", b"pw-alice", SRC, Protocol::http)
+            .await
+            .is_err());
+        a.authenticate("alice", b"new-pw", SRC, Protocol::http)
+            .await
+            .unwrap();
+        rec.status = Status::NeedsReauth;
+        let ch = d.apply(std::slice::from_ref(&rec));
+        assert!(ch.replaced.is_empty());
+        assert_eq!(d.get("alice").unwrap().status(), Status::NeedsReauth);
+        let ch = d.apply(&[]);
+        assert_eq!(ch.removed.len(), 1);
+        assert!(a
+            .authenticate("alice", b"new-pw", SRC, Protocol::http)
+            .await
+            .is_err());
+    }
+}

@@ -1,0 +1,439 @@
+//! Metric families and their typed label sets (prometheus-client). Identity
+//! labels exist only for configured identities and only on a few low-rate
+//! families; unknown names share the `_unknown` series, and an identity's
+//! series are removed with it.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Identity label value for names that are not configured identities.
+pub const UNKNOWN_IDENTITY: &str = "_unknown";
+
+/// Front end a request or connection came through.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Protocol {
+    /// HTTP / EWS.
+    http,
+    /// SMTP submission.
+    smtp,
+    /// IMAP.
+    imap,
+    /// POP3.
+    pop3,
+}
+
+impl Protocol {
+    /// Every protocol (to remove an identity's series).
+    pub const ALL: [Protocol; 4] = [
+        Protocol::http,
+        Protocol::smtp,
+        Protocol::imap,
+        Protocol::pop3,
+    ];
+}
+
+/// Why a client's authentication or request failed.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FailureReason {
+    /// No or unparsable credentials.
+    bad_request,
+    /// Known identity, wrong local password.
+    bad_password,
+    /// No identity with that name.
+    unknown_identity,
+    /// Too many failures: the attempt was refused without checking.
+    locked_out,
+    /// Upstream refused the access token (401 / 535 / NO).
+    token_rejected,
+    /// The identity platform failed transiently.
+    refresh_failed,
+    /// The identity needs a person to sign in again.
+    reauth_required,
+}
+
+impl FailureReason {
+    /// Every reason (to remove an identity's series).
+    pub const ALL: [FailureReason; 7] = [
+        FailureReason::bad_request,
+        FailureReason::bad_password,
+        FailureReason::unknown_identity,
+        FailureReason::locked_out,
+        FailureReason::token_rejected,
+        FailureReason::refresh_failed,
+        FailureReason::reauth_required,
+    ];
+}
+
+/// Result of a token refresh.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RefreshResult {
+    /// New access token obtained.
+    success,
+    /// Refresh token refused: re-authentication needed.
+    reauth_required,
+    /// Identity platform unavailable, throttled or timed out.
+    transient_error,
+}
+
+impl RefreshResult {
+    /// Every result.
+    pub const ALL: [RefreshResult; 3] = [
+        RefreshResult::success,
+        RefreshResult::reauth_required,
+        RefreshResult::transient_error,
+    ];
+}
+
+/// How a client request ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    /// Forwarded upstream and answered (whatever the upstream status).
+    forwarded,
+    /// Refused: bad or missing credentials.
+    unauthorized,
+    /// Refused: identity needs re-authentication.
+    reauth_required,
+    /// No token could be had (identity platform down): temporary error.
+    unavailable,
+    /// Upstream unreachable or failed at the transport level.
+    upstream_error,
+    /// Malformed or oversized request.
+    bad_request,
+}
+
+/// Outcome of a local password check.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CredentialCheck {
+    /// Served from the verified-credential cache (no argon2).
+    cache_hit,
+    /// argon2id ran and the password matched.
+    verified,
+    /// argon2id ran and the password did not match (or the name is unknown).
+    rejected,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    identity: String,
+    protocol: Protocol,
+    reason: FailureReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefreshLabels {
+    identity: String,
+    result: RefreshResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    protocol: Protocol,
+    outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    result: CredentialCheck,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+type HistogramCtor = fn() -> Histogram;
+
+fn duration_histogram() -> Histogram {
+    // 100 µs .. ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// All metric families, registered once at start.
+pub struct Metrics {
+    registry: Registry,
+    auth_failures: Family<FailureLabels, Counter>,
+    refreshes: Family<RefreshLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    upstream_duration: Family<ProtocolLabels, Histogram, HistogramCtor>,
+    reauth_required: Family<IdentityLabels, Gauge>,
+    token_expiry: Family<IdentityLabels, Gauge>,
+    credential_checks: Family<CheckLabels, Counter>,
+    identities: Family<StatusLabels, Gauge>,
+    connections: Family<ProtocolLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("authswap");
+        let auth_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Client authentications or requests that failed, by identity (configured names only; others are _unknown), protocol and reason",
+            auth_failures.clone(),
+        );
+        let refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "token_refreshes",
+            "Access-token refreshes against the identity platform, by identity and result",
+            refreshes.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Client requests (HTTP) or sessions (mail) by protocol and outcome",
+            requests.clone(),
+        );
+        let upstream_duration =
+            Family::<ProtocolLabels, Histogram, HistogramCtor>::new_with_constructor(
+                duration_histogram as HistogramCtor,
+            );
+        registry.register_with_unit(
+            "upstream_request_duration",
+            "Time from sending a request upstream to receiving its response head",
+            prometheus_client::registry::Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let reauth_required = Family::<IdentityLabels, Gauge>::default();
+        registry.register(
+            "identity_reauth_required",
+            "1 when the identity needs a person to sign in again, else 0",
+            reauth_required.clone(),
+        );
+        let token_expiry = Family::<IdentityLabels, Gauge>::default();
+        registry.register_with_unit(
+            "access_token_expiry_timestamp",
+            "Unix time at which the identity's newest access token expires",
+            prometheus_client::registry::Unit::Seconds,
+            token_expiry.clone(),
+        );
+        let credential_checks = Family::<CheckLabels, Counter>::default();
+        registry.register(
+            "credential_checks",
+            "Local password checks: cache_hit (no argon2), verified or rejected (argon2 ran)",
+            credential_checks.clone(),
+        );
+        let identities = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "identities",
+            "Configured identities by status",
+            identities.clone(),
+        );
+        let connections = Family::<ProtocolLabels, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Client connections currently open, by protocol",
+            connections.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register("build_info", "authswap version", build);
+        Metrics {
+            registry,
+            auth_failures,
+            refreshes,
+            requests,
+            upstream_duration,
+            reauth_required,
+            token_expiry,
+            credential_checks,
+            identities,
+            connections,
+        }
+    }
+
+    /// Counts a failed authentication or request. `identity` is the configured
+    /// identity's name, or `None` for names that are not configured.
+    pub fn auth_failure(&self, identity: Option<&str>, protocol: Protocol, reason: FailureReason) {
+        self.auth_failures
+            .get_or_create(&FailureLabels {
+                identity: identity.unwrap_or(UNKNOWN_IDENTITY).to_owned(),
+                protocol,
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a token refresh.
+    pub fn refresh(&self, identity: &str, result: RefreshResult) {
+        self.refreshes
+            .get_or_create(&RefreshLabels {
+                identity: identity.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Counts a finished client request.
+    pub fn request(&self, protocol: Protocol, outcome: Outcome) {
+        self.requests
+            .get_or_create(&RequestLabels { protocol, outcome })
+            .inc();
+    }
+
+    /// Records an upstream round trip.
+    pub fn upstream_duration(&self, protocol: Protocol, seconds: f64) {
+        self.upstream_duration
+            .get_or_create(&ProtocolLabels { protocol })
+            .observe(seconds);
+    }
+
+    /// Sets the re-auth gauge of an identity.
+    pub fn set_reauth_required(&self, identity: &str, required: bool) {
+        self.reauth_required
+            .get_or_create(&IdentityLabels {
+                identity: identity.to_owned(),
+            })
+            .set(i64::from(required));
+    }
+
+    /// Sets the expiry of an identity's newest access token.
+    pub fn set_token_expiry(&self, identity: &str, unix_seconds: i64) {
+        self.token_expiry
+            .get_or_create(&IdentityLabels {
+                identity: identity.to_owned(),
+            })
+            .set(unix_seconds);
+    }
+
+    /// Counts a local password check.
+    pub fn credential_check(&self, result: CredentialCheck) {
+        self.credential_checks
+            .get_or_create(&CheckLabels { result })
+            .inc();
+    }
+
+    /// Sets the number of identities per status (all statuses, zero included).
+    pub fn set_identity_counts(&self, counts: &[(&str, i64)]) {
+        for (status, n) in counts {
+            self.identities
+                .get_or_create(&StatusLabels {
+                    status: (*status).to_owned(),
+                })
+                .set(*n);
+        }
+    }
+
+    /// Tracks an open client connection until the guard is dropped.
+    pub fn connection(&self, protocol: Protocol) -> ConnectionGuard {
+        let gauge = self
+            .connections
+            .get_or_create(&ProtocolLabels { protocol })
+            .clone();
+        gauge.inc();
+        ConnectionGuard(gauge)
+    }
+
+    /// Removes every series labelled with `identity` (it was deleted).
+    pub fn forget_identity(&self, identity: &str) {
+        let id = identity.to_owned();
+        for protocol in Protocol::ALL {
+            for reason in FailureReason::ALL {
+                self.auth_failures.remove(&FailureLabels {
+                    identity: id.clone(),
+                    protocol,
+                    reason,
+                });
+            }
+        }
+        for result in RefreshResult::ALL {
+            self.refreshes.remove(&RefreshLabels {
+                identity: id.clone(),
+                result,
+            });
+        }
+        let labels = IdentityLabels { identity: id };
+        self.reauth_required.remove(&labels);
+        self.token_expiry.remove(&labels);
+    }
+
+    /// Renders OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Value of `credential_checks_total{result}` (for tests and benchmarks).
+    pub fn credential_check_count(&self, result: CredentialCheck) -> u64 {
+        self.credential_checks
+            .get_or_create(&CheckLabels { result })
+            .get()
+    }
+}
+
+/// Decrements the open-connections gauge when dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_conventions_and_series_can_be_forgotten() {
+        let m = Metrics::new();
+        m.auth_failure(Some("alice"), Protocol::http, FailureReason::bad_password);
+        m.auth_failure(None, Protocol::http, FailureReason::unknown_identity);
+        m.refresh("alice", RefreshResult::success);
+        m.set_reauth_required("alice", false);
+        m.upstream_duration(Protocol::http, 0.01);
+        let text = m.encode();
+        assert!(text.contains(
+            "authswap_auth_failures_total{identity=\"alice\",protocol=\"http\",reason=\"bad_password\"} 1"
+        ), "{text}");
+        assert!(text.contains("identity=\"_unknown\""));
+        assert!(text.contains("authswap_upstream_request_duration_seconds_bucket"));
+        assert!(text
+            .contains("authswap_token_refreshes_total{identity=\"alice\",result=\"success\"} 1"));
+        m.forget_identity("alice");
+        assert!(!m.encode().contains("\"alice\""));
+    }
+}

@@ -1,0 +1,574 @@
+//! The HTTP front end (EWS and any HTTPS API): `Authorization: Basic` from the
+//! legacy client becomes `Authorization: Bearer` toward the upstream. Bodies
+//! up to `replay_buffer_limit` are buffered so a request refused with 401 can
+//! be replayed byte-identical once after a refresh; larger bodies stream.
+//! Every other upstream answer (throttling included) passes through.
+
+use crate::app::App;
+use crate::identity::AuthError;
+use crate::metrics::{FailureReason, Outcome, Protocol};
+use crate::tls::{BoxError, OutBody};
+use crate::token::{AccessToken, Scopes, TokenError};
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+/// Realm in our `WWW-Authenticate: Basic` challenge.
+pub const REALM: &str = "authswap";
+
+/// Per-listener state of the HTTP front end.
+#[derive(Clone)]
+pub struct HttpProxy {
+    app: Arc<App>,
+    upstream: Arc<Upstream>,
+    scopes: Scopes,
+    replay_limit: usize,
+    max_body: usize,
+    upstream_timeout: Duration,
+}
+
+struct Upstream {
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    base_path: String,
+}
+
+/// Why the HTTP front end cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error("http.upstream: `{0}` is not a usable URL")]
+pub struct UpstreamUrlError(String);
+
+impl HttpProxy {
+    /// Builds the front end from the application's configuration.
+    pub fn new(app: Arc<App>) -> Result<HttpProxy, UpstreamUrlError> {
+        let cfg = &app.config.http;
+        let uri: Uri = cfg
+            .upstream
+            .parse()
+            .map_err(|_| UpstreamUrlError(cfg.upstream.clone()))?;
+        let parts = uri.into_parts();
+        let upstream = Upstream {
+            scheme: parts
+                .scheme
+                .ok_or_else(|| UpstreamUrlError(cfg.upstream.clone()))?,
+            authority: parts
+                .authority
+                .ok_or_else(|| UpstreamUrlError(cfg.upstream.clone()))?,
+            base_path: parts
+                .path_and_query
+                .map(|p| p.path().trim_end_matches('/').to_owned())
+                .unwrap_or_default(),
+        };
+        Ok(HttpProxy {
+            scopes: Scopes::new(&cfg.scopes),
+            replay_limit: cfg.replay_buffer_limit.as_usize(),
+            max_body: match cfg.max_body_bytes.as_usize() {
+                0 => usize::MAX,
+                n => n,
+            },
+            upstream_timeout: cfg.upstream_timeout,
+            upstream: Arc::new(upstream),
+            app,
+        })
+    }
+
+    /// Handles one client request.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<OutBody>, std::convert::Infallible> {
+        let response = match self.proxy(req, peer).await {
+            Ok(r) => r,
+            Err(rejection) => rejection.into_response(&self.app),
+        };
+        Ok(response)
+    }
+
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<OutBody>, Rejection> {
+        let app = &self.app;
+        let (name, password) = basic_credentials(req.headers())?;
+        let identity = app
+            .auth
+            .authenticate(&name, password.as_bytes(), peer.ip(), Protocol::http)
+            .await
+            .map_err(Rejection::Auth)?;
+        let token = self.token(&identity).await?;
+
+        let (parts, body) = req.into_parts();
+        let uri = self.upstream_uri(&parts.uri)?;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        headers.remove(header::AUTHORIZATION);
+        let method = parts.method;
+
+        let body = self.read_body(body, &headers).await?;
+        let build = |token: &AccessToken, body: OutBody| {
+            let mut r = Request::new(body);
+            *r.method_mut() = method.clone();
+            *r.uri_mut() = uri.clone();
+            *r.headers_mut() = headers.clone();
+            r.headers_mut()
+                .insert(header::AUTHORIZATION, token.bearer_header().clone());
+            r
+        };
+
+        match body {
+            RequestBody::Buffered(bytes) => {
+                let response = self.send(build(&token, full(bytes.clone()))).await?;
+                if response.status() != StatusCode::UNAUTHORIZED {
+                    return Ok(self.respond(response));
+                }
+                if !app
+                    .tokens
+                    .reject(&identity, &self.scopes, &token, Protocol::http)
+                {
+                    return Ok(self.respond(response));
+                }
+                // Drain the refused answer so the connection can be reused.
+                drop(response);
+                let token = self.token(&identity).await?;
+                let response = self.send(build(&token, full(bytes))).await?;
+                if response.status() == StatusCode::UNAUTHORIZED {
+                    app.tokens
+                        .reject(&identity, &self.scopes, &token, Protocol::http);
+                }
+                Ok(self.respond(response))
+            }
+            RequestBody::Streaming(body) => {
+                let response = self.send(build(&token, body)).await?;
+                if response.status() == StatusCode::UNAUTHORIZED {
+                    // Too large to replay: report, refresh for next time.
+                    app.tokens
+                        .reject(&identity, &self.scopes, &token, Protocol::http);
+                }
+                Ok(self.respond(response))
+            }
+        }
+    }
+
+    async fn token(
+        &self,
+        identity: &Arc<crate::identity::Identity>,
+    ) -> Result<AccessToken, Rejection> {
+        self.app
+            .tokens
+            .access_token(identity, &self.scopes)
+            .await
+            .map_err(Rejection::Token)
+    }
+
+    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Rejection> {
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let pq = if pq.starts_with('/') { pq } else { "/" };
+        let joined = format!("{}{}", self.upstream.base_path, pq);
+        Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(joined)
+            .build()
+            .map_err(|_| Rejection::BadRequest("invalid request target"))
+    }
+
+    async fn read_body(
+        &self,
+        mut body: Incoming,
+        headers: &HeaderMap,
+    ) -> Result<RequestBody, Rejection> {
+        if body.is_end_stream() {
+            return Ok(RequestBody::Buffered(Bytes::new()));
+        }
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body as u64) {
+            return Err(Rejection::TooLarge);
+        }
+        if declared.is_some_and(|n| n > self.replay_limit as u64) {
+            return Ok(RequestBody::Streaming(limited(
+                VecDeque::new(),
+                body,
+                self.max_body,
+            )));
+        }
+        let mut chunks: VecDeque<Bytes> = VecDeque::new();
+        let mut total = 0usize;
+        let idle = self.app.config.http.header_read_timeout;
+        loop {
+            let frame = match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => return Err(Rejection::BodyTimeout),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => return Err(Rejection::BadRequest("request body broken off")),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                total += data.len();
+                if total > self.max_body {
+                    return Err(Rejection::TooLarge);
+                }
+                chunks.push_back(data);
+                if total > self.replay_limit {
+                    return Ok(RequestBody::Streaming(limited(chunks, body, self.max_body)));
+                }
+            }
+        }
+        let bytes = if chunks.len() == 1 {
+            chunks.pop_front().unwrap_or_default()
+        } else {
+            let mut buf = Vec::with_capacity(total);
+            for c in chunks {
+                buf.extend_from_slice(&c);
+            }
+            Bytes::from(buf)
+        };
+        Ok(RequestBody::Buffered(bytes))
+    }
+
+    async fn send(&self, req: Request<OutBody>) -> Result<Response<Incoming>, Rejection> {
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(self.upstream_timeout, self.app.client.request(req)).await;
+        self.app
+            .metrics
+            .upstream_duration(Protocol::http, started.elapsed().as_secs_f64());
+        match result {
+            Err(_) => Err(Rejection::UpstreamTimeout),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::token::idp::error_chain(&e), "upstream request failed");
+                Err(Rejection::Upstream)
+            }
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    fn respond(&self, response: Response<Incoming>) -> Response<OutBody> {
+        self.app.metrics.request(Protocol::http, Outcome::forwarded);
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(
+            parts,
+            body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
+        )
+    }
+}
+
+enum RequestBody {
+    Buffered(Bytes),
+    Streaming(OutBody),
+}
+
+/// Why a request is answered locally.
+#[derive(Debug)]
+enum Rejection {
+    MissingCredentials,
+    BadRequest(&'static str),
+    Auth(AuthError),
+    Token(TokenError),
+    TooLarge,
+    BodyTimeout,
+    Upstream,
+    UpstreamTimeout,
+}
+
+impl Rejection {
+    fn into_response(self, app: &App) -> Response<OutBody> {
+        let m = &app.metrics;
+        let challenge = || HeaderValue::from_static("Basic realm=\"authswap\", charset=\"UTF-8\"");
+        match self {
+            Rejection::MissingCredentials => {
+                m.request(Protocol::http, Outcome::unauthorized);
+                let mut r = text(StatusCode::UNAUTHORIZED, "authentication required\n");
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, challenge());
+                r
+            }
+            Rejection::BadRequest(why) => {
+                m.request(Protocol::http, Outcome::bad_request);
+                if why == "malformed Basic credentials" {
+                    m.auth_failure(None, Protocol::http, FailureReason::bad_request);
+                    let mut r = text(StatusCode::UNAUTHORIZED, "malformed Basic credentials\n");
+                    r.headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, challenge());
+                    return r;
+                }
+                text(StatusCode::BAD_REQUEST, &format!("{why}\n"))
+            }
+            Rejection::Auth(e) => {
+                m.request(Protocol::http, Outcome::unauthorized);
+                let mut r = text(StatusCode::UNAUTHORIZED, "authentication failed\n");
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, challenge());
+                if let AuthError::Locked(left) = e {
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, retry_after_value(left));
+                }
+                r
+            }
+            Rejection::Token(TokenError::ReauthRequired { identity, message }) => {
+                m.request(Protocol::http, Outcome::reauth_required);
+                m.auth_failure(
+                    Some(&identity),
+                    Protocol::http,
+                    FailureReason::reauth_required,
+                );
+                let mut r = text(
+                    StatusCode::UNAUTHORIZED,
+                    &format!(
+                        "identity {identity} needs re-authentication: an administrator must run \
+                         `authswap identity login {identity}` ({message})\n"
+                    ),
+                );
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, challenge());
+                r
+            }
+            Rejection::Token(TokenError::Unavailable {
+                identity,
+                retry_after,
+                ..
+            }) => {
+                m.request(Protocol::http, Outcome::unavailable);
+                m.auth_failure(
+                    Some(&identity),
+                    Protocol::http,
+                    FailureReason::refresh_failed,
+                );
+                let mut r = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the identity platform is unavailable; try again later\n",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, retry_after_value(retry_after));
+                r
+            }
+            Rejection::TooLarge => {
+                m.request(Protocol::http, Outcome::bad_request);
+                text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+            }
+            Rejection::BodyTimeout => {
+                m.request(Protocol::http, Outcome::bad_request);
+                text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time\n",
+                )
+            }
+            Rejection::Upstream => {
+                m.request(Protocol::http, Outcome::upstream_error);
+                text(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
+            }
+            Rejection::UpstreamTimeout => {
+                m.request(Protocol::http, Outcome::upstream_error);
+                text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream did not answer in time\n",
+                )
+            }
+        }
+    }
+}
+
+fn retry_after_value(d: Duration) -> HeaderValue {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+/// A small plain-text response.
+pub fn text(status: StatusCode, body: &str) -> Response<OutBody> {
+    let mut r = Response::new(full(Bytes::copy_from_slice(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// A complete body.
+pub fn full(bytes: Bytes) -> OutBody {
+    Full::new(bytes)
+        .map_err(|never| -> BoxError { match never {} })
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> OutBody {
+    Empty::new()
+        .map_err(|never| -> BoxError { match never {} })
+        .boxed_unsync()
+}
+
+/// Parses `Authorization: Basic` into (name, password).
+fn basic_credentials(headers: &HeaderMap) -> Result<(String, Zeroizing<String>), Rejection> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(Rejection::MissingCredentials);
+    };
+    let malformed = Rejection::BadRequest("malformed Basic credentials");
+    let value = value.as_bytes();
+    if value.len() < 6 || !value[..6].eq_ignore_ascii_case(b"basic ") {
+        return Err(malformed);
+    }
+    let encoded = value[6..].trim_ascii();
+    let decoded = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| Rejection::BadRequest("malformed Basic credentials"))?,
+    );
+    let text = std::str::from_utf8(&decoded)
+        .map_err(|_| Rejection::BadRequest("malformed Basic credentials"))?;
+    let (name, password) = text
+        .split_once(':')
+        .ok_or(Rejection::BadRequest("malformed Basic credentials"))?;
+    if name.is_empty() {
+        return Err(Rejection::BadRequest("malformed Basic credentials"));
+    }
+    Ok((name.to_owned(), Zeroizing::new(password.to_owned())))
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// A body that yields already-read chunks, then the rest of the client's
+/// body, failing if the total exceeds `max`.
+struct PrefixedBody {
+    prefix: VecDeque<Bytes>,
+    rest: Incoming,
+    seen: usize,
+    max: usize,
+}
+
+fn limited(prefix: VecDeque<Bytes>, rest: Incoming, max: usize) -> OutBody {
+    let seen = prefix.iter().map(Bytes::len).sum();
+    PrefixedBody {
+        prefix,
+        rest,
+        seen,
+        max,
+    }
+    .boxed_unsync()
+}
+
+impl Body for PrefixedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        match Pin::new(&mut self.rest).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.seen += data.len();
+                    if self.seen > self.max {
+                        return Poll::Ready(Some(Err("request body too large".into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.rest.size_hint();
+        let pre: u64 = self.prefix.iter().map(|b| b.len() as u64).sum();
+        hint.set_lower(hint.lower() + pre);
+        if let Some(u) = hint.upper() {
+            hint.set_upper(u + pre);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+        m
+    }
+
+    #[test]
+    fn basic_parsing() {
+        let enc = base64::engine::general_purpose::STANDARD.encode("Alice:p:w");
+        let (n, p) = basic_credentials(&h(&format!("Basic {enc}"))).unwrap();
+        assert_eq!((n.as_str(), p.as_str()), ("Alice", "p:w"));
+        let (n, _) = basic_credentials(&h(&format!("basic  {enc} "))).unwrap();
+        assert_eq!(n, "Alice");
+        assert!(basic_credentials(&h("Bearer x")).is_err());
+        assert!(basic_credentials(&h("Basic !!!")).is_err());
+        let nocolon = base64::engine::general_purpose::STANDARD.encode("alice");
+        assert!(basic_credentials(&h(&format!("Basic {nocolon}"))).is_err());
+        assert!(matches!(
+            basic_credentials(&HeaderMap::new()),
+            Err(Rejection::MissingCredentials)
+        ));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut m = HeaderMap::new();
+        m.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        m.insert("x-private", HeaderValue::from_static("1"));
+        m.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        m.insert("soapaction", HeaderValue::from_static("x"));
+        strip_hop_by_hop(&mut m);
+        assert_eq!(m.len(), 1);
+        assert!(m.contains_key("soapaction"));
+    }
+}

@@ -1,0 +1,4 @@
+//! Protocol front ends. Each one turns a legacy login into an identity,
+//! obtains an access token from the engine and talks to the upstream with it.
+
+pub mod http;

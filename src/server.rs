@@ -1,0 +1,297 @@
+//! `serve`: binds the listeners, runs the accept loops with connection
+//! limits and timeouts, and shuts down gracefully (stop accepting, let
+//! in-flight requests finish within a bound).
+
+use crate::admin;
+use crate::app::{App, AppError};
+use crate::config::{parse_listen, Config, ConfigError};
+use crate::metrics::Protocol;
+use crate::proxy::http::{HttpProxy, UpstreamUrlError};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// Store, key or TLS problem.
+    #[error("{0}")]
+    App(#[from] AppError),
+    /// The upstream URL.
+    #[error("{0}")]
+    Upstream(#[from] UpstreamUrlError),
+    /// A listener could not be bound.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// Config key.
+        key: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Local TLS certificate or key.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// A running server.
+pub struct Server {
+    app: Arc<App>,
+    http_addr: Option<SocketAddr>,
+    admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("http", &self.http_addr)
+            .field("admin", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind(key: &'static str, value: &str) -> Result<TcpListener, ServeError> {
+    let addr = parse_listen(key, value)?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { key, addr, source })
+}
+
+impl Server {
+    /// Opens everything and starts serving. Listen ports may be 0.
+    pub async fn start(config: Config) -> Result<Server, ServeError> {
+        for missing in config.missing() {
+            tracing::warn!("{missing}");
+        }
+        let app = App::open(config).await?;
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let cfg = app.config.clone();
+
+        let admin_listener = bind("admin.listen", &cfg.admin.listen).await?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| ServeError::Bind {
+                key: "admin.listen",
+                addr: parse_listen("admin.listen", &cfg.admin.listen).expect("validated"),
+                source,
+            })?;
+        {
+            let app = app.clone();
+            let rx = rx.clone();
+            tasks.spawn(async move {
+                let service = move |_peer: SocketAddr| {
+                    let app = app.clone();
+                    service_fn(move |req| admin::handle(app.clone(), req))
+                };
+                accept_loop(
+                    admin_listener,
+                    None,
+                    service,
+                    64,
+                    Duration::from_secs(10),
+                    rx,
+                    None,
+                )
+                .await;
+            });
+        }
+
+        let mut http_addr = None;
+        if cfg.http.enabled {
+            let listener = bind("http.listen", &cfg.http.listen).await?;
+            http_addr = listener.local_addr().ok();
+            let proxy = HttpProxy::new(app.clone())?;
+            let tls = match (&cfg.http.tls_cert_file, &cfg.http.tls_key_file) {
+                (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+                    crate::tls::server_config(cert, key, &[b"h2", b"http/1.1"])?,
+                )),
+                _ => None,
+            };
+            let max_conn = cfg.http.max_connections;
+            let header_timeout = cfg.http.header_read_timeout;
+            let rx = rx.clone();
+            let metrics = app.metrics.clone();
+            let max_header = cfg.http.max_header_bytes.as_usize();
+            tasks.spawn(async move {
+                let service = move |peer: SocketAddr| {
+                    let proxy = proxy.clone();
+                    service_fn(move |req| {
+                        let proxy = proxy.clone();
+                        async move { proxy.handle(req, peer).await }
+                    })
+                };
+                let limits = Limits {
+                    max_header,
+                    metrics,
+                };
+                accept_loop(
+                    listener,
+                    tls,
+                    service,
+                    max_conn,
+                    header_timeout,
+                    rx,
+                    Some(limits),
+                )
+                .await;
+            });
+        }
+        tasks.spawn({
+            let handle = app.spawn_background(rx.clone());
+            async move {
+                let _ = handle.await;
+            }
+        });
+        tracing::info!(
+            admin = %admin_addr,
+            http = ?http_addr,
+            identities = app.directory.len(),
+            "authswap is serving"
+        );
+        Ok(Server {
+            app,
+            http_addr,
+            admin_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The application core (tests and embedding).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Address of the HTTP front end, if enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Address of the admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stops accepting, waits up to `grace` for in-flight requests, then stops.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("in-flight requests did not finish within {grace:?}; closing them");
+            self.tasks.abort_all();
+        }
+        tracing::info!("authswap stopped");
+    }
+}
+
+struct Limits {
+    max_header: usize,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+async fn accept_loop<F, S, B>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    make_service: F,
+    max_connections: usize,
+    header_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    limits: Option<Limits>,
+) where
+    F: Fn(SocketAddr) -> S + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(
+            limits
+                .as_ref()
+                .map_or(64 * 1024, |l| l.max_header.max(8192)),
+        )
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.as_ref().map_or(64 * 1024, |l| l.max_header as u32))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer): (TcpStream, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = make_service(peer);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let guard = limits
+            .as_ref()
+            .map(|l| l.metrics.connection(Protocol::http));
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _guard = guard;
+            match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

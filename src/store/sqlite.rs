@@ -1,0 +1,425 @@
+//! The embedded default store: one SQLite file (WAL, `synchronous=FULL` so a
+//! committed rotated refresh token survives a crash or power loss), migrated
+//! on open, shared safely between `serve` and concurrent CLI commands.
+
+use super::{name_key, now_unix, IdentityRecord, SealedToken, Status, Store, StoreError};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use std::path::Path;
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+const COLUMNS: &str = "id, name, mailbox, password_hash, status, last_error, last_success_at, \
+     last_failure_at, created_at, refresh_token IS NOT NULL AS has_token, token_generation";
+
+/// SQLite-backed [`Store`].
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing, mode 0600) and migrates the database.
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| StoreError::Io {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+        }
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| StoreError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        // BEGIN IMMEDIATE takes the write lock up front, so two writers (serve
+        // and a CLI command) never deadlock upgrading read locks.
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn record(row: &SqliteRow) -> Result<IdentityRecord, StoreError> {
+    let status: String = row.try_get("status")?;
+    Ok(IdentityRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        mailbox: row.try_get("mailbox")?,
+        password_hash: row.try_get("password_hash")?,
+        status: Status::parse(&status).unwrap_or(Status::Pending),
+        last_error: row.try_get("last_error")?,
+        last_success_at: row.try_get("last_success_at")?,
+        last_failure_at: row.try_get("last_failure_at")?,
+        created_at: row.try_get("created_at")?,
+        has_refresh_token: row.try_get("has_token")?,
+        token_generation: row.try_get("token_generation")?,
+    })
+}
+
+async fn bump(tx: &mut Transaction<'static, Sqlite>) -> Result<(), StoreError> {
+    sqlx::query("UPDATE meta SET v = v + 1 WHERE k = 'revision'")
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn list(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM identities ORDER BY name_key"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<IdentityRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM identities WHERE name_key = ?"
+        ))
+        .bind(name_key(name))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        mailbox: &str,
+        password_hash: &str,
+    ) -> Result<IdentityRecord, StoreError> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let res = sqlx::query(
+            "INSERT INTO identities (name, name_key, mailbox, password_hash, status, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+        )
+        .bind(name.trim())
+        .bind(name_key(name))
+        .bind(mailbox.trim())
+        .bind(password_hash)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::AlreadyExists(name.trim().to_owned()))
+            }
+            other => other?,
+        };
+        bump(&mut tx).await?;
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM identities WHERE name_key = ?"
+        ))
+        .bind(name_key(name))
+        .fetch_one(&mut *tx)
+        .await?;
+        let rec = record(&row)?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn set_password(&self, name: &str, password_hash: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE identities SET password_hash = ?, updated_at = ? WHERE name_key = ?",
+        )
+        .bind(password_hash)
+        .bind(now_unix())
+        .bind(name_key(name))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound(name.to_owned()));
+        }
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("DELETE FROM identities WHERE name_key = ?")
+            .bind(name_key(name))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound(name.to_owned()));
+        }
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        // Deleted rows may linger in free pages and the WAL: checkpoint and
+        // vacuum so the refresh token and personal data are really gone.
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("VACUUM").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn refresh_token(&self, id: i64) -> Result<Option<(SealedToken, i64)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT refresh_token, key_id, token_generation FROM identities WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let blob: Option<Vec<u8>> = row.try_get("refresh_token")?;
+        let key_id: Option<String> = row.try_get("key_id")?;
+        let generation: i64 = row.try_get("token_generation")?;
+        Ok(blob.map(|blob| {
+            (
+                SealedToken {
+                    key_id: key_id.unwrap_or_default(),
+                    blob,
+                },
+                generation,
+            )
+        }))
+    }
+
+    async fn link(&self, id: i64, token: &SealedToken) -> Result<(), StoreError> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE identities SET refresh_token = ?, key_id = ?, status = 'linked', \
+             last_error = NULL, token_generation = token_generation + 1, \
+             last_success_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&token.blob)
+        .bind(&token.key_id)
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("#{id}")));
+        }
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rotate(
+        &self,
+        id: i64,
+        generation: i64,
+        token: &SealedToken,
+        at: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT status, token_generation FROM identities WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((old, current_generation)) = row else {
+            return Err(StoreError::NotFound(format!("#{id}")));
+        };
+        if current_generation != generation {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE identities SET refresh_token = ?, key_id = ?, status = 'linked', \
+             last_error = NULL, last_success_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&token.blob)
+        .bind(&token.key_id)
+        .bind(at)
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if old != "linked" {
+            bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn record_success(&self, id: i64, at: i64) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let old: Option<String> = sqlx::query_scalar("SELECT status FROM identities WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(old) = old else {
+            return Err(StoreError::NotFound(format!("#{id}")));
+        };
+        sqlx::query(
+            "UPDATE identities SET status = 'linked', last_error = NULL, last_success_at = ?, \
+             updated_at = ? WHERE id = ?",
+        )
+        .bind(at)
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if old != "linked" {
+            bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_failure(
+        &self,
+        id: i64,
+        needs_reauth: bool,
+        error: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let n = if needs_reauth {
+            sqlx::query(
+                "UPDATE identities SET status = 'needs_reauth', last_error = ?, \
+                 last_failure_at = ?, updated_at = ? WHERE id = ?",
+            )
+        } else {
+            sqlx::query(
+                "UPDATE identities SET last_error = ?, last_failure_at = ?, updated_at = ? \
+                 WHERE id = ?",
+            )
+        }
+        .bind(error)
+        .bind(at)
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("#{id}")));
+        }
+        if needs_reauth {
+            bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn revision(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT v FROM meta WHERE k = 'revision'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::store::Sealer;
+
+    #[tokio::test]
+    async fn lifecycle_and_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db/a.db"))
+            .await
+            .unwrap();
+        let r0 = store.revision().await.unwrap();
+        let rec = store
+            .create("Alice", "alice@contoso.com", "$hash")
+            .await
+            .unwrap();
+        assert_eq!(rec.status, Status::Pending);
+        assert!(store.revision().await.unwrap() > r0);
+        assert!(matches!(
+            store.create("ALICE", "x", "y").await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        let sealer = Sealer::from_key(&[1; 32]);
+        let sealed = sealer.seal(rec.id, &Secret::new("rt-1"));
+        store.link(rec.id, &sealed).await.unwrap();
+        let got = store.get("alice").await.unwrap().unwrap();
+        assert_eq!(got.status, Status::Linked);
+        assert_eq!(got.token_generation, 1);
+        assert_eq!(
+            store.refresh_token(rec.id).await.unwrap().unwrap(),
+            (sealed.clone(), 1)
+        );
+
+        store
+            .record_failure(rec.id, true, "AADSTS70008", 5)
+            .await
+            .unwrap();
+        let got = store.get("alice").await.unwrap().unwrap();
+        assert_eq!(got.status, Status::NeedsReauth);
+        assert_eq!(got.last_error.as_deref(), Some("AADSTS70008"));
+
+        let r1 = store.revision().await.unwrap();
+        let sealed2 = sealer.seal(rec.id, &Secret::new("rt-2"));
+        assert!(store.rotate(rec.id, 1, &sealed2, 6).await.unwrap());
+        assert!(
+            !store.rotate(rec.id, 0, &sealed2, 6).await.unwrap(),
+            "stale generation"
+        );
+        assert!(
+            store.revision().await.unwrap() > r1,
+            "status change is visible"
+        );
+        let r2 = store.revision().await.unwrap();
+        store.rotate(rec.id, 1, &sealed, 7).await.unwrap();
+        assert_eq!(store.revision().await.unwrap(), r2, "plain rotation is not");
+
+        store.remove("Alice").await.unwrap();
+        assert!(store.get("alice").await.unwrap().is_none());
+        assert!(matches!(
+            store.remove("alice").await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn database_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        SqliteStore::open(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+    }
+}

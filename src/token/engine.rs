@@ -1,0 +1,558 @@
+//! The token engine: in-memory access tokens per (identity, scope set), one
+//! refresh per key at a time (concurrent callers wait on the same flight),
+//! refreshes of one identity serialised (so a rotated refresh token is always
+//! the one used next), refresh ahead of expiry, rotated refresh tokens
+//! committed before the access token is handed out, and the failure policy:
+//! needs-reauth is persisted and stops calls to the platform; transient
+//! failures back off with jitter, honouring `Retry-After`.
+
+use super::error::IdpError;
+use super::idp::IdpClient;
+use crate::config::TokenConfig;
+use crate::identity::Identity;
+use crate::metrics::{FailureReason, Metrics, Protocol, RefreshResult};
+use crate::secret::Secret;
+use crate::singleflight::SingleFlight;
+use crate::store::{now_unix, Sealer, Status, Store};
+use dashmap::DashMap;
+use rand::Rng;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A scope set, normalised (sorted, deduplicated) with a precomputed key.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Scopes {
+    key: Arc<str>,
+    list: Arc<[String]>,
+}
+
+impl Scopes {
+    /// Normalises `scopes`.
+    pub fn new<S: AsRef<str>>(scopes: &[S]) -> Scopes {
+        let mut list: Vec<String> = scopes.iter().map(|s| s.as_ref().to_owned()).collect();
+        list.sort();
+        list.dedup();
+        Scopes {
+            key: list.join(" ").into(),
+            list: list.into(),
+        }
+    }
+
+    /// The scopes.
+    pub fn list(&self) -> &[String] {
+        &self.list
+    }
+}
+
+impl fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scopes({})", self.key)
+    }
+}
+
+/// An access token held in memory. `Debug` never shows it.
+#[derive(Clone)]
+pub struct AccessToken {
+    id: u64,
+    secret: Arc<Secret>,
+    header: http::HeaderValue,
+    /// When it stops working.
+    pub expires_at: Instant,
+    refresh_at: Instant,
+    issued: Instant,
+    after_reject: bool,
+}
+
+impl AccessToken {
+    fn new(id: u64, secret: Secret, issued: Instant, lifetime: Duration, ahead: Duration) -> Self {
+        let mut header = http::HeaderValue::from_str(&format!("Bearer {}", secret.expose()))
+            .unwrap_or_else(|_| http::HeaderValue::from_static("Bearer invalid"));
+        header.set_sensitive(true);
+        // Refresh ahead of expiry, but never in the first half of the
+        // token's life (short-lived tokens would otherwise refresh constantly).
+        let ahead = ahead.min(lifetime / 2);
+        AccessToken {
+            id,
+            secret: Arc::new(secret),
+            header,
+            expires_at: issued + lifetime,
+            refresh_at: issued + lifetime - ahead,
+            issued,
+            after_reject: false,
+        }
+    }
+
+    /// The token itself (for XOAUTH2).
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// `Bearer <token>`, marked sensitive.
+    pub fn bearer_header(&self) -> &http::HeaderValue {
+        &self.header
+    }
+
+    fn usable(&self, now: Instant) -> bool {
+        now + Duration::from_secs(1) < self.expires_at
+    }
+
+    fn fresh(&self, now: Instant) -> bool {
+        now < self.refresh_at
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccessToken(#{}, <redacted>)", self.id)
+    }
+}
+
+/// Why no access token can be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// A person must sign in again (`authswap identity login NAME`).
+    #[error("identity {identity} needs re-authentication: {message}")]
+    ReauthRequired {
+        /// Identity name.
+        identity: String,
+        /// The platform's reason.
+        message: String,
+    },
+    /// Temporarily impossible; try again after `retry_after`.
+    #[error("no access token available for {identity} (retry in {retry_after:?}): {message}")]
+    Unavailable {
+        /// Identity name.
+        identity: String,
+        /// When to try again.
+        retry_after: Duration,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+type Key = (i64, Arc<str>);
+
+#[derive(Default)]
+struct Slot {
+    token: Option<AccessToken>,
+    backoff: Option<Backoff>,
+    /// The upstream refused the previous token of this slot.
+    rejected: bool,
+}
+
+/// A token obtained because the upstream refused its predecessor is not
+/// refused in turn (and refreshed again) before it is this old: an upstream
+/// that refuses every token (EWS disabled for the mailbox, missing
+/// permission) must not cause a refresh per request.
+const REJECT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+struct Backoff {
+    until: Instant,
+    failures: u32,
+    message: String,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    sealer: Sealer,
+    idp: IdpClient,
+    metrics: Arc<Metrics>,
+    config: TokenConfig,
+    slots: DashMap<Key, Slot>,
+    flights: SingleFlight<Key, Result<AccessToken, TokenError>>,
+    locks: DashMap<i64, Arc<tokio::sync::Mutex<()>>>,
+    next_id: AtomicU64,
+}
+
+/// Hands out access tokens; cheap to clone.
+#[derive(Clone)]
+pub struct TokenEngine {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TokenEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenEngine")
+            .field("cached", &self.inner.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Cached {
+    Fresh(AccessToken),
+    Ahead(AccessToken),
+    BackingOff(Duration, String),
+    Missing,
+}
+
+impl TokenEngine {
+    /// Creates an engine.
+    pub fn new(
+        store: Arc<dyn Store>,
+        sealer: Sealer,
+        idp: IdpClient,
+        metrics: Arc<Metrics>,
+        config: TokenConfig,
+    ) -> TokenEngine {
+        TokenEngine {
+            inner: Arc::new(Inner {
+                store,
+                sealer,
+                idp,
+                metrics,
+                config,
+                slots: DashMap::new(),
+                flights: SingleFlight::default(),
+                locks: DashMap::new(),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The identity-platform client (for logins).
+    pub fn idp(&self) -> &IdpClient {
+        &self.inner.idp
+    }
+
+    fn lookup(&self, key: &Key, now: Instant) -> Cached {
+        let Some(slot) = self.inner.slots.get(key) else {
+            return Cached::Missing;
+        };
+        let backoff = slot
+            .backoff
+            .as_ref()
+            .filter(|b| b.until > now)
+            .map(|b| (b.until - now, b.message.clone()));
+        match (&slot.token, backoff) {
+            (Some(t), _) if t.fresh(now) => Cached::Fresh(t.clone()),
+            // Within the refresh window: keep serving it while it works.
+            (Some(t), Some(_)) if t.usable(now) => Cached::Fresh(t.clone()),
+            (Some(t), None) if t.usable(now) => Cached::Ahead(t.clone()),
+            (_, Some((left, message))) => Cached::BackingOff(left, message),
+            _ => Cached::Missing,
+        }
+    }
+
+    /// An access token for `identity` with `scopes`: from memory when fresh,
+    /// otherwise from the (shared) refresh flight.
+    pub async fn access_token(
+        &self,
+        identity: &Arc<Identity>,
+        scopes: &Scopes,
+    ) -> Result<AccessToken, TokenError> {
+        let key: Key = (identity.id, scopes.key.clone());
+        let now = Instant::now();
+        match self.lookup(&key, now) {
+            Cached::Fresh(t) => return Ok(t),
+            Cached::Ahead(t) => {
+                if !self.inner.flights.is_flying(&key) {
+                    let engine = self.clone();
+                    let identity = identity.clone();
+                    let scopes = scopes.clone();
+                    tokio::spawn(async move {
+                        let _ = engine.flight(key, identity, scopes).await;
+                    });
+                }
+                return Ok(t);
+            }
+            Cached::BackingOff(left, message) => {
+                return Err(self.unavailable_or_reauth(identity, left, message))
+            }
+            Cached::Missing => {}
+        }
+        if identity.status() == Status::NeedsReauth {
+            return Err(reauth_error(identity));
+        }
+        self.flight(key, identity.clone(), scopes.clone()).await
+    }
+
+    fn unavailable_or_reauth(
+        &self,
+        identity: &Identity,
+        left: Duration,
+        message: String,
+    ) -> TokenError {
+        if identity.status() == Status::NeedsReauth {
+            return reauth_error(identity);
+        }
+        TokenError::Unavailable {
+            identity: identity.name.clone(),
+            retry_after: left,
+            message,
+        }
+    }
+
+    async fn flight(
+        &self,
+        key: Key,
+        identity: Arc<Identity>,
+        scopes: Scopes,
+    ) -> Result<AccessToken, TokenError> {
+        let engine = self.clone();
+        let k = key.clone();
+        self.inner
+            .flights
+            .run(key, move || async move {
+                engine.refresh(k, identity, scopes).await
+            })
+            .await
+    }
+
+    async fn refresh(
+        &self,
+        key: Key,
+        identity: Arc<Identity>,
+        scopes: Scopes,
+    ) -> Result<AccessToken, TokenError> {
+        let inner = &self.inner;
+        // Serialise refreshes of one identity across scope sets: each one
+        // must start from the refresh token the previous one stored.
+        let lock = inner
+            .locks
+            .entry(identity.id)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        let _guard = lock.lock().await;
+
+        // Somebody may have refreshed while we waited.
+        match self.lookup(&key, Instant::now()) {
+            Cached::Fresh(t) => return Ok(t),
+            Cached::BackingOff(left, message) => {
+                return Err(self.unavailable_or_reauth(&identity, left, message))
+            }
+            Cached::Ahead(_) | Cached::Missing => {}
+        }
+        if identity.status() == Status::NeedsReauth {
+            return Err(reauth_error(&identity));
+        }
+
+        let stored = match inner.store.refresh_token(identity.id).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(identity = %identity.name, error = %e, "cannot read refresh token");
+                return Err(self.transient(&key, &identity, None, format!("store: {e}"), false));
+            }
+        };
+        let Some((sealed, generation)) = stored else {
+            return Err(TokenError::ReauthRequired {
+                identity: identity.name.clone(),
+                message: format!(
+                    "not linked to a Microsoft account yet; run `authswap identity login {}`",
+                    identity.name
+                ),
+            });
+        };
+        let refresh_token = match inner.sealer.open(identity.id, &sealed) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(identity = %identity.name, error = %e, "cannot unseal refresh token");
+                return Err(self.transient(&key, &identity, None, e.to_string(), true));
+            }
+        };
+
+        let issued = Instant::now();
+        let result = inner.idp.refresh(&refresh_token, scopes.list()).await;
+        match result {
+            Ok(grant) => {
+                let at = now_unix();
+                match grant.refresh_token.filter(|new| new != &refresh_token) {
+                    Some(new) => {
+                        let sealed = inner.sealer.seal(identity.id, &new);
+                        match inner
+                            .store
+                            .rotate(identity.id, generation, &sealed, at)
+                            .await
+                        {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::info!(identity = %identity.name, "identity was re-linked during a refresh; discarding the result");
+                                return Err(TokenError::Unavailable {
+                                    identity: identity.name.clone(),
+                                    retry_after: Duration::from_secs(1),
+                                    message: "identity was re-linked during refresh".into(),
+                                });
+                            }
+                            Err(e) => {
+                                // Never rely on an access token whose rotated
+                                // refresh token is not durably stored.
+                                tracing::error!(identity = %identity.name, error = %e, "cannot store rotated refresh token; not using the new access token");
+                                return Err(self.transient(
+                                    &key,
+                                    &identity,
+                                    None,
+                                    format!("store: {e}"),
+                                    false,
+                                ));
+                            }
+                        }
+                    }
+                    None => {
+                        if let Err(e) = inner.store.record_success(identity.id, at).await {
+                            tracing::warn!(identity = %identity.name, error = %e, "cannot record refresh success");
+                        }
+                    }
+                }
+                let mut token = AccessToken::new(
+                    inner.next_id.fetch_add(1, Ordering::Relaxed),
+                    grant.access_token,
+                    issued,
+                    grant.expires_in,
+                    inner.config.refresh_ahead,
+                );
+                let mut slot = inner.slots.entry(key).or_default();
+                token.after_reject = std::mem::take(&mut slot.rejected);
+                slot.token = Some(token.clone());
+                slot.backoff = None;
+                drop(slot);
+                identity.set_status(Status::Linked, None);
+                inner
+                    .metrics
+                    .refresh(&identity.name, RefreshResult::success);
+                inner.metrics.set_reauth_required(&identity.name, false);
+                let expiry = SystemTime::now() + grant.expires_in;
+                let unix = expiry
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                inner.metrics.set_token_expiry(&identity.name, unix);
+                tracing::info!(identity = %identity.name, expires_in = ?grant.expires_in, "refreshed access token");
+                Ok(token)
+            }
+            Err(IdpError::Reauth { error, message }) => {
+                tracing::warn!(identity = %identity.name, %error, %message, "refresh token refused: identity needs re-authentication");
+                if let Err(e) = inner
+                    .store
+                    .record_failure(identity.id, true, &message, now_unix())
+                    .await
+                {
+                    tracing::error!(identity = %identity.name, error = %e, "cannot record re-authentication status");
+                }
+                identity.set_status(Status::NeedsReauth, Some(message.clone()));
+                if let Some(mut slot) = inner.slots.get_mut(&key) {
+                    slot.token = slot.token.take().filter(|t| t.usable(Instant::now()));
+                }
+                inner
+                    .metrics
+                    .refresh(&identity.name, RefreshResult::reauth_required);
+                inner.metrics.set_reauth_required(&identity.name, true);
+                Err(TokenError::ReauthRequired {
+                    identity: identity.name.clone(),
+                    message,
+                })
+            }
+            Err(IdpError::Transient {
+                message,
+                retry_after,
+            }) => {
+                tracing::warn!(identity = %identity.name, %message, "token refresh failed; will retry");
+                Err(self.transient(&key, &identity, retry_after, message, false))
+            }
+            Err(e @ (IdpError::Configuration { .. } | IdpError::NotConfigured)) => {
+                tracing::error!(identity = %identity.name, error = %e, "token refresh refused: fix the app registration or configuration");
+                Err(self.transient(&key, &identity, None, e.to_string(), true))
+            }
+        }
+    }
+
+    /// Records a transient failure: backoff (jittered exponential, at least
+    /// `retry_after`; the maximum when `slow`), metrics and the store.
+    fn transient(
+        &self,
+        key: &Key,
+        identity: &Identity,
+        retry_after: Option<Duration>,
+        message: String,
+        slow: bool,
+    ) -> TokenError {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let mut slot = inner.slots.entry(key.clone()).or_default();
+        let failures = slot.backoff.as_ref().map_or(0, |b| b.failures) + 1;
+        let delay = if slow {
+            cfg.retry_max
+        } else {
+            let exp = cfg
+                .retry_min
+                .saturating_mul(1u32 << (failures - 1).min(16))
+                .min(cfg.retry_max);
+            let jitter = rand::rng().random_range(0.5..=1.0);
+            exp.mul_f64(jitter).max(cfg.retry_min)
+        };
+        let delay = delay.max(retry_after.unwrap_or_default());
+        slot.backoff = Some(Backoff {
+            until: Instant::now() + delay,
+            failures,
+            message: message.clone(),
+        });
+        drop(slot);
+        inner
+            .metrics
+            .refresh(&identity.name, RefreshResult::transient_error);
+        let store = inner.store.clone();
+        let id = identity.id;
+        let msg = message.clone();
+        tokio::spawn(async move {
+            let _ = store.record_failure(id, false, &msg, now_unix()).await;
+        });
+        TokenError::Unavailable {
+            identity: identity.name.clone(),
+            retry_after: delay,
+            message,
+        }
+    }
+
+    /// The upstream refused `token`: forget it so the next call refreshes.
+    ///
+    /// Returns whether a retry with a new token is worthwhile: `false` when
+    /// `token` itself replaced a refused token less than a minute ago (the
+    /// upstream refuses every token; refreshing again would only hammer the
+    /// identity platform).
+    pub fn reject(
+        &self,
+        identity: &Identity,
+        scopes: &Scopes,
+        token: &AccessToken,
+        protocol: Protocol,
+    ) -> bool {
+        self.inner.metrics.auth_failure(
+            Some(&identity.name),
+            protocol,
+            FailureReason::token_rejected,
+        );
+        if token.after_reject && token.issued.elapsed() < REJECT_REFRESH_INTERVAL {
+            tracing::warn!(identity = %identity.name, ?protocol, "upstream refused a freshly refreshed access token too; not refreshing again yet (check the mailbox's permissions and protocol settings)");
+            return false;
+        }
+        let key: Key = (identity.id, scopes.key.clone());
+        if let Some(mut slot) = self.inner.slots.get_mut(&key) {
+            if slot.token.as_ref().is_some_and(|t| t.id == token.id) {
+                slot.token = None;
+                slot.rejected = true;
+            }
+        }
+        tracing::info!(identity = %identity.name, ?protocol, "upstream refused the access token; refreshing");
+        true
+    }
+
+    /// Drops everything cached for identity `id` (removed or re-linked).
+    pub fn forget(&self, id: i64) {
+        self.inner.slots.retain(|(i, _), _| *i != id);
+        self.inner.locks.remove(&id);
+    }
+
+    /// Number of cached (identity, scopes) slots.
+    pub fn cached(&self) -> usize {
+        self.inner.slots.len()
+    }
+}
+
+fn reauth_error(identity: &Identity) -> TokenError {
+    TokenError::ReauthRequired {
+        identity: identity.name.clone(),
+        message: identity
+            .last_error()
+            .unwrap_or_else(|| "the refresh token was refused".into()),
+    }
+}

@@ -1,0 +1,415 @@
+//! Identity-platform client: refresh-token and device-code grants through the
+//! `oauth2` crate, driven by authswap's own hyper + rustls client (one HTTP
+//! stack in the binary). Microsoft's error bodies (`error_codes`) and the
+//! HTTP status / `Retry-After` of each answer feed the classification in
+//! [`super::error`].
+
+use super::error::{classify, IdpError};
+use crate::config::IdpConfig;
+use crate::secret::Secret;
+use crate::tls::{BoxError, HttpsClient};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use oauth2::basic::{
+    BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenResponse,
+};
+use oauth2::{
+    AsyncHttpClient, AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl,
+    EndpointNotSet, EndpointSet, HttpRequest, HttpResponse, RefreshToken, RequestTokenError, Scope,
+    StandardDeviceAuthorizationResponse, StandardRevocableToken, TokenResponse, TokenUrl,
+};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Largest identity-platform response accepted.
+const MAX_RESPONSE: usize = 1024 * 1024;
+
+/// Microsoft's error body: the standard fields plus `error_codes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MsErrorResponse {
+    /// OAuth error code (`invalid_grant`, ...).
+    pub error: String,
+    /// Human-readable text (`AADSTS70008: ...`).
+    #[serde(default)]
+    pub error_description: Option<String>,
+    /// Numeric AADSTS codes.
+    #[serde(default)]
+    pub error_codes: Vec<u32>,
+}
+
+impl fmt::Display for MsErrorResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.error)?;
+        if let Some(d) = &self.error_description {
+            write!(f, ": {}", super::error::summarize(d))?;
+        }
+        Ok(())
+    }
+}
+
+impl oauth2::ErrorResponse for MsErrorResponse {}
+
+type MsClient = oauth2::Client<
+    MsErrorResponse,
+    BasicTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// Tokens returned by a successful grant.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    /// The access token.
+    pub access_token: Secret,
+    /// Its lifetime (`expires_in`).
+    pub expires_in: Duration,
+    /// A rotated refresh token, when the platform sent one.
+    pub refresh_token: Option<Secret>,
+}
+
+/// A device-code login in progress: show `verification_uri` and `user_code`.
+#[derive(Debug)]
+pub struct DeviceLogin {
+    details: StandardDeviceAuthorizationResponse,
+}
+
+impl DeviceLogin {
+    /// Where the person signs in.
+    pub fn verification_uri(&self) -> &str {
+        self.details.verification_uri().as_str()
+    }
+
+    /// The code the person types.
+    pub fn user_code(&self) -> &str {
+        self.details.user_code().secret()
+    }
+
+    /// How long the code is valid.
+    pub fn expires_in(&self) -> Duration {
+        self.details.expires_in()
+    }
+
+    /// Polling interval asked for by the platform.
+    pub fn interval(&self) -> Duration {
+        self.details.interval()
+    }
+}
+
+/// Transport failure of one identity-platform request.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Could not connect, TLS failed, or the connection broke.
+    #[error("cannot reach the identity platform: {0}")]
+    Connect(String),
+    /// No answer in time.
+    #[error("the identity platform did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Answer larger than allowed.
+    #[error("identity platform response too large")]
+    TooLarge,
+}
+
+/// One request's HTTP adapter for `oauth2`, remembering the last status and
+/// `Retry-After` (the crate does not expose them in its errors).
+struct Exchange<'a> {
+    http: &'a HttpsClient,
+    timeout: Duration,
+    last: Mutex<(Option<u16>, Option<Duration>)>,
+}
+
+impl<'a> Exchange<'a> {
+    fn new(http: &'a HttpsClient, timeout: Duration) -> Self {
+        Exchange {
+            http,
+            timeout,
+            last: Mutex::new((None, None)),
+        }
+    }
+
+    fn last(&self) -> (Option<u16>, Option<Duration>) {
+        self.last.lock().map(|g| *g).unwrap_or((None, None))
+    }
+
+    async fn send(&self, request: HttpRequest) -> Result<HttpResponse, TransportError> {
+        let (parts, body) = request.into_parts();
+        let body: crate::tls::OutBody = Full::new(Bytes::from(body))
+            .map_err(|never| -> BoxError { match never {} })
+            .boxed_unsync();
+        let request = http::Request::from_parts(parts, body);
+        let timeout = self.timeout;
+        let work = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| TransportError::Connect(error_chain(&e)))?;
+            let (parts, body) = response.into_parts();
+            let retry_after = parts
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            if let Ok(mut g) = self.last.lock() {
+                *g = (Some(parts.status.as_u16()), retry_after);
+            }
+            let bytes = Limited::new(body, MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        TransportError::TooLarge
+                    } else {
+                        TransportError::Connect(e.to_string())
+                    }
+                })?
+                .to_bytes();
+            Ok(http::Response::from_parts(parts, bytes.to_vec()))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| TransportError::Timeout(timeout))?
+    }
+}
+
+impl<'c> AsyncHttpClient<'c> for Exchange<'_> {
+    type Error = TransportError;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, TransportError>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(self.send(request))
+    }
+}
+
+/// Formats an error with its sources (hyper hides the cause otherwise).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+/// Client for the identity platform's token and device-code endpoints.
+pub struct IdpClient {
+    client: Option<MsClient>,
+    http: HttpsClient,
+    timeout: Duration,
+}
+
+impl fmt::Debug for IdpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdpClient")
+            .field("configured", &self.client.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdpClient {
+    /// Builds the client; with an empty `client_id` every call answers
+    /// [`IdpError::NotConfigured`].
+    pub fn new(config: &IdpConfig, http: HttpsClient) -> IdpClient {
+        let client = if config.client_id.trim().is_empty() {
+            None
+        } else {
+            // URLs were validated when the configuration was loaded.
+            let build = || -> Result<MsClient, url::ParseError> {
+                let mut c = oauth2::Client::new(ClientId::new(config.client_id.trim().to_owned()))
+                    .set_auth_uri(AuthUrl::new(config.authorize_url())?)
+                    .set_device_authorization_url(DeviceAuthorizationUrl::new(
+                        config.device_code_url(),
+                    )?)
+                    .set_token_uri(TokenUrl::new(config.token_url())?)
+                    .set_auth_type(AuthType::RequestBody);
+                if let Some(secret) = &config.client_secret {
+                    c = c.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
+                }
+                Ok(c)
+            };
+            build().ok()
+        };
+        IdpClient {
+            client,
+            http,
+            timeout: config.timeout,
+        }
+    }
+
+    fn client(&self) -> Result<&MsClient, IdpError> {
+        self.client.as_ref().ok_or(IdpError::NotConfigured)
+    }
+
+    /// Exchanges a refresh token for an access token (and usually a rotated
+    /// refresh token).
+    pub async fn refresh(
+        &self,
+        refresh_token: &Secret,
+        scopes: &[String],
+    ) -> Result<TokenGrant, IdpError> {
+        let client = self.client()?;
+        let exchange = Exchange::new(&self.http, self.timeout);
+        let rt = RefreshToken::new(refresh_token.expose().to_owned());
+        let result = client
+            .exchange_refresh_token(&rt)
+            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
+            .request_async(&exchange)
+            .await;
+        match result {
+            Ok(resp) => Ok(grant(&resp)),
+            Err(e) => Err(map_error(e, exchange.last(), |r: &MsErrorResponse| {
+                (
+                    r.error.clone(),
+                    r.error_description.clone().unwrap_or_default(),
+                    r.error_codes.clone(),
+                )
+            })),
+        }
+    }
+
+    /// Starts a device-code login for `scopes`.
+    pub async fn start_device_login(&self, scopes: &[String]) -> Result<DeviceLogin, IdpError> {
+        let client = self.client()?;
+        let exchange = Exchange::new(&self.http, self.timeout);
+        let result = client
+            .exchange_device_code()
+            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
+            .request_async(&exchange)
+            .await;
+        match result {
+            Ok(details) => Ok(DeviceLogin { details }),
+            Err(e) => Err(map_error(e, exchange.last(), |r: &MsErrorResponse| {
+                (
+                    r.error.clone(),
+                    r.error_description.clone().unwrap_or_default(),
+                    r.error_codes.clone(),
+                )
+            })),
+        }
+    }
+
+    /// Polls until the person has signed in (honouring the interval and
+    /// `slow_down`), the code expires, or the login is declined. `waiting`
+    /// is called before each pause with the time left on the code.
+    pub async fn finish_device_login(
+        &self,
+        login: &DeviceLogin,
+        waiting: impl Fn(Duration) + Send + Sync,
+    ) -> Result<TokenGrant, IdpError> {
+        let client = self.client()?;
+        let exchange = Exchange::new(&self.http, self.timeout);
+        let deadline = tokio::time::Instant::now() + login.expires_in();
+        let result = client
+            .exchange_device_access_token(&login.details)
+            .request_async(
+                &exchange,
+                |pause: Duration| {
+                    waiting(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                    tokio::time::sleep(pause)
+                },
+                None,
+            )
+            .await;
+        match result {
+            Ok(resp) => Ok(grant(&resp)),
+            Err(e) => Err(map_error(e, exchange.last(), |r| {
+                let error = match r.error() {
+                    oauth2::DeviceCodeErrorResponseType::ExpiredToken => "expired_token".to_owned(),
+                    oauth2::DeviceCodeErrorResponseType::AccessDenied => "access_denied".to_owned(),
+                    other => serde_json::to_value(other)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_else(|| format!("{other:?}")),
+                };
+                let description = r.error_description().cloned().unwrap_or_default();
+                (error, description, Vec::new())
+            }))
+            .map_err(|e| match e {
+                IdpError::Transient { message, .. } if message.contains("Device code expired") => {
+                    IdpError::Reauth {
+                        error: "expired_token".into(),
+                        message: "the code expired before sign-in finished".into(),
+                    }
+                }
+                other => other,
+            }),
+        }
+    }
+}
+
+fn grant(resp: &BasicTokenResponse) -> TokenGrant {
+    TokenGrant {
+        access_token: Secret::new(resp.access_token().secret().clone()),
+        expires_in: resp.expires_in().unwrap_or(Duration::from_secs(600)),
+        refresh_token: resp
+            .refresh_token()
+            .map(|t| Secret::new(t.secret().clone())),
+    }
+}
+
+fn map_error<T: oauth2::ErrorResponse>(
+    e: RequestTokenError<TransportError, T>,
+    last: (Option<u16>, Option<Duration>),
+    fields: impl Fn(&T) -> (String, String, Vec<u32>),
+) -> IdpError {
+    let (status, retry_after) = last;
+    match e {
+        RequestTokenError::ServerResponse(r) => {
+            let (error, description, codes) = fields(&r);
+            match error.as_str() {
+                // Device flow outcomes that are not about the refresh token.
+                "authorization_declined" | "access_denied" => IdpError::Reauth {
+                    error,
+                    message: "the sign-in was declined".into(),
+                },
+                "expired_token" => IdpError::Reauth {
+                    error,
+                    message: "the code expired before sign-in finished".into(),
+                },
+                "bad_verification_code" => IdpError::Reauth {
+                    error,
+                    message: "the identity platform did not recognise the device code".into(),
+                },
+                _ => classify(status, &error, &description, &codes, retry_after),
+            }
+        }
+        RequestTokenError::Request(t) => IdpError::Transient {
+            message: t.to_string(),
+            retry_after,
+        },
+        // Never include the body: a success body that failed to parse could
+        // hold tokens.
+        RequestTokenError::Parse(_, _) => match status {
+            Some(s) if s == 429 || s >= 500 => IdpError::Transient {
+                message: format!("identity platform answered HTTP {s}"),
+                retry_after,
+            },
+            Some(s) => {
+                IdpError::transient(format!("unexpected identity platform response (HTTP {s})"))
+            }
+            None => IdpError::transient("unexpected identity platform response"),
+        },
+        RequestTokenError::Other(msg) => match status {
+            Some(s) if s == 429 || s >= 500 => IdpError::Transient {
+                message: format!("identity platform answered HTTP {s}"),
+                retry_after,
+            },
+            _ => IdpError::Transient {
+                message: msg,
+                retry_after,
+            },
+        },
+    }
+}

@@ -1,0 +1,11 @@
+//! Access tokens: the engine that caches them per (identity, scopes) and
+//! refreshes them one flight at a time, the identity-platform client, and the
+//! classification of its errors.
+
+pub mod engine;
+pub mod error;
+pub mod idp;
+
+pub use engine::{AccessToken, Scopes, TokenEngine, TokenError};
+pub use error::IdpError;
+pub use idp::{DeviceLogin, IdpClient, TokenGrant};

@@ -1,0 +1,537 @@
+//! Self-test of the in-process test doubles in `tests/support/` (fake IdP,
+//! fake EWS, test PKI), driven by a plain hyper-util client. Does not use the
+//! `authswap` library.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use support::{pki, EwsOptions, FakeEws, FakeIdp, IdpOptions};
+
+const EWS_SCOPE: &str = "https://outlook.office365.com/EWS.AccessAsUser.All offline_access";
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn client(h2: bool) -> HttpsClient {
+    let cfg = (*pki().client_config_no_alpn()).clone();
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(cfg)
+        .https_only()
+        .enable_http1();
+    let conn = if h2 {
+        b.enable_http2().build()
+    } else {
+        b.build()
+    };
+    Client::builder(TokioExecutor::new()).build(conn)
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("json body")
+    }
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("missing header {name}"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+async fn send(c: &HttpsClient, req: Request<Full<Bytes>>) -> Resp {
+    let resp = tokio::time::timeout(Duration::from_secs(5), c.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("body").to_bytes(),
+    }
+}
+
+async fn post_form(
+    c: &HttpsClient,
+    url: &str,
+    pairs: &[(&str, &str)],
+    basic: Option<(&str, &str)>,
+) -> Resp {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    let mut req =
+        Request::post(url).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some((id, secret)) = basic {
+        let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let cred = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            enc(id),
+            enc(secret)
+        ));
+        req = req.header(header::AUTHORIZATION, format!("Basic {cred}"));
+    }
+    send(c, req.body(Full::new(Bytes::from(body))).unwrap()).await
+}
+
+async fn refresh(c: &HttpsClient, idp: &FakeIdp, rt: &str) -> Resp {
+    post_form(
+        c,
+        &idp.token_endpoint("contoso.onmicrosoft.com"),
+        &[
+            ("client_id", "test-client-id"),
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt),
+            ("scope", EWS_SCOPE),
+        ],
+        None,
+    )
+    .await
+}
+
+fn assert_ms_error(r: &Resp, status: u16, error: &str, code: u64) {
+    assert_eq!(r.status.as_u16(), status, "body: {:?}", r.body);
+    let j = r.json();
+    assert_eq!(j["error"], error, "{j}");
+    assert_eq!(j["error_codes"][0].as_u64(), Some(code), "{j}");
+    let desc = j["error_description"].as_str().unwrap();
+    assert!(desc.starts_with(&format!("AADSTS{code}: ")), "{desc}");
+    for k in ["timestamp", "trace_id", "correlation_id"] {
+        assert!(j[k].is_string(), "missing {k} in {j}");
+    }
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_old_token_still_works() {
+    let idp = FakeIdp::start().await;
+    let c = client(false);
+    let rt0 = idp.seed_refresh_token("alice@contoso.com");
+
+    let r1 = refresh(&c, &idp, &rt0).await;
+    assert_eq!(r1.status, StatusCode::OK);
+    let j1 = r1.json();
+    assert_eq!(j1["token_type"], "Bearer");
+    assert_eq!(
+        j1["scope"],
+        "https://outlook.office365.com/EWS.AccessAsUser.All"
+    );
+    assert_eq!(j1["expires_in"], 3600);
+    assert_eq!(j1["ext_expires_in"], 3600);
+    let at1 = j1["access_token"].as_str().unwrap().to_string();
+    let rt1 = j1["refresh_token"].as_str().unwrap().to_string();
+    assert!(at1.starts_with("at-") && rt1.starts_with("rt-"));
+    assert_ne!(rt1, rt0);
+    assert_eq!(
+        idp.is_access_token_valid(&at1).as_deref(),
+        Some("alice@contoso.com")
+    );
+
+    // The old refresh token stays valid (Microsoft behaviour).
+    idp.set_expires_in(120);
+    let j2 = refresh(&c, &idp, &rt0).await.json();
+    assert_eq!(j2["expires_in"], 120);
+    assert_ne!(j2["access_token"], j1["access_token"]);
+    assert_ne!(j2["refresh_token"], j1["refresh_token"]);
+    // And the rotated one works too.
+    assert_eq!(refresh(&c, &idp, &rt1).await.status, StatusCode::OK);
+
+    assert_eq!(idp.refresh_calls(), 3);
+    assert_eq!(idp.successful_refreshes(), 3);
+    assert_eq!(idp.token_requests(), 3);
+    assert_eq!(idp.requested_scopes(), vec![EWS_SCOPE.to_string(); 3]);
+    assert_eq!(idp.tenants()[0], "contoso.onmicrosoft.com");
+    assert_eq!(idp.issued_access_tokens().len(), 3);
+
+    idp.revoke_access_token(&at1);
+    assert_eq!(idp.is_access_token_valid(&at1), None);
+}
+
+#[tokio::test]
+async fn revoke_unknown_and_client_errors() {
+    let idp = FakeIdp::start().await;
+    let c = client(false);
+    let rt = idp.seed_refresh_token("bob@contoso.com");
+
+    assert_ms_error(
+        &refresh(&c, &idp, "rt-nope").await,
+        400,
+        "invalid_grant",
+        70008,
+    );
+
+    idp.revoke_user("bob@contoso.com");
+    assert_ms_error(&refresh(&c, &idp, &rt).await, 400, "invalid_grant", 50173);
+    // A fresh token for the same user works again.
+    let rt2 = idp.seed_refresh_token("bob@contoso.com");
+    assert_eq!(refresh(&c, &idp, &rt2).await.status, StatusCode::OK);
+    assert!(idp.revoke_refresh_token(&rt2));
+    assert_ms_error(&refresh(&c, &idp, &rt2).await, 400, "invalid_grant", 50173);
+    assert_eq!(idp.refresh_calls(), 4);
+    assert_eq!(idp.successful_refreshes(), 1);
+
+    let r = post_form(
+        &c,
+        &idp.token_endpoint("common"),
+        &[
+            ("client_id", "someone-else"),
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &rt),
+        ],
+        None,
+    )
+    .await;
+    assert_ms_error(&r, 400, "unauthorized_client", 700016);
+
+    // Confidential client: secret in the body or as Basic auth.
+    let idp2 = FakeIdp::start_with(IdpOptions {
+        client_secret: Some("s3cr:et+/=".to_string()),
+        revoke_on_rotation: true,
+        ..Default::default()
+    })
+    .await;
+    let rt = idp2.seed_refresh_token("carol@contoso.com");
+    let form = [("grant_type", "refresh_token"), ("refresh_token", &rt)];
+    let url = idp2.token_endpoint("common");
+    let r = post_form(&c, &url, &form, Some(("test-client-id", "wrong"))).await;
+    assert_ms_error(&r, 401, "invalid_client", 7000215);
+    let mut with_body = form.to_vec();
+    with_body.extend([("client_id", "test-client-id")]);
+    let r = post_form(&c, &url, &with_body, None).await;
+    assert_ms_error(&r, 401, "invalid_client", 7000215);
+    let r = post_form(&c, &url, &form, Some(("test-client-id", "s3cr:et+/="))).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    // revoke_on_rotation: the used token is now dead.
+    with_body.push(("client_secret", "s3cr:et+/="));
+    let r = post_form(&c, &url, &with_body, None).await;
+    assert_ms_error(&r, 400, "invalid_grant", 50173);
+    let recs = idp2.requests();
+    assert_eq!(recs[2].client_auth, support::ClientAuth::Basic);
+    assert_eq!(recs[3].client_auth, support::ClientAuth::Body);
+}
+
+#[tokio::test]
+async fn faults_and_http_errors() {
+    let idp = FakeIdp::start().await;
+    let c = client(false);
+    let rt = idp.seed_refresh_token("dave@contoso.com");
+
+    idp.set_unavailable(true);
+    let r = refresh(&c, &idp, &rt).await;
+    assert_ms_error(&r, 503, "temporarily_unavailable", 90006);
+    assert_eq!(r.header("retry-after"), "2");
+    idp.set_unavailable(false);
+
+    idp.set_throttled(true);
+    let r = refresh(&c, &idp, &rt).await;
+    assert_eq!(r.status.as_u16(), 429);
+    assert_eq!(r.header("retry-after"), "3");
+    idp.set_throttled(false);
+
+    idp.set_next_error(500, serde_json::json!({"error": "server_error"}));
+    let r = refresh(&c, &idp, &rt).await;
+    assert_eq!(r.status.as_u16(), 500);
+    assert_eq!(r.json()["error"], "server_error");
+    assert_eq!(refresh(&c, &idp, &rt).await.status, StatusCode::OK);
+    assert_eq!(idp.refresh_calls(), 4);
+    assert_eq!(idp.successful_refreshes(), 1);
+
+    let get = Request::get(idp.token_endpoint("common"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&c, get).await.status.as_u16(), 405);
+    let r = post_form(&c, &format!("{}/nope", idp.base_url()), &[], None).await;
+    assert_eq!(r.status.as_u16(), 404);
+    let big = Request::post(idp.token_endpoint("common"))
+        .body(Full::new(Bytes::from(vec![b'a'; 70 * 1024])))
+        .unwrap();
+    assert_eq!(send(&c, big).await.status.as_u16(), 413);
+
+    idp.set_delay(Duration::from_millis(150));
+    let t = std::time::Instant::now();
+    refresh(&c, &idp, &rt).await;
+    assert!(t.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn device_code_flow() {
+    let idp = Arc::new(
+        FakeIdp::start_with(IdpOptions {
+            interval: 2,
+            ..Default::default()
+        })
+        .await,
+    );
+    let c = client(false);
+
+    let waiter = {
+        let idp = idp.clone();
+        tokio::spawn(async move { idp.wait_for_device_code().await })
+    };
+    let r = new_device_code(&c, &idp).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let j = r.json();
+    let user_code = j["user_code"].as_str().unwrap().to_string();
+    let device_code = j["device_code"].as_str().unwrap().to_string();
+    assert_eq!(j["interval"], 2);
+    assert_eq!(j["expires_in"], 900);
+    assert_eq!(j["verification_uri"], "https://microsoft.com/devicelogin");
+    assert!(j["message"].as_str().unwrap().contains(&user_code));
+    assert_eq!(waiter.await.unwrap(), user_code);
+    assert_eq!(idp.last_user_code().as_deref(), Some(user_code.as_str()));
+
+    assert_ms_error(
+        &poll_device(&c, &idp, &device_code).await,
+        400,
+        "authorization_pending",
+        70016,
+    );
+    idp.slow_down_once();
+    assert_eq!(
+        poll_device(&c, &idp, &device_code).await.json()["error"],
+        "slow_down"
+    );
+    assert!(idp.approve_device(&user_code, "erin@contoso.com"));
+    let r = poll_device(&c, &idp, &device_code).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let j = r.json();
+    let at = j["access_token"].as_str().unwrap();
+    assert_eq!(
+        idp.is_access_token_valid(at).as_deref(),
+        Some("erin@contoso.com")
+    );
+    let rt = j["refresh_token"].as_str().unwrap();
+    assert_eq!(
+        idp.is_refresh_token_valid(rt).as_deref(),
+        Some("erin@contoso.com")
+    );
+    assert_eq!(
+        poll_device(&c, &idp, &device_code).await.json()["error"],
+        "invalid_grant"
+    );
+    assert_eq!(idp.device_polls(), 4);
+
+    // Declined / expired / unknown.
+    let j = new_device_code(&c, &idp).await.json();
+    assert!(idp.decline_device(j["user_code"].as_str().unwrap()));
+    let dc = j["device_code"].as_str().unwrap();
+    assert_ms_error(
+        &poll_device(&c, &idp, dc).await,
+        400,
+        "authorization_declined",
+        70000,
+    );
+    let j = new_device_code(&c, &idp).await.json();
+    assert_eq!(idp.wait_for_nth_device_code(3).await, j["user_code"]);
+    assert!(idp.expire_device(j["user_code"].as_str().unwrap()));
+    let dc = j["device_code"].as_str().unwrap();
+    assert_ms_error(
+        &poll_device(&c, &idp, dc).await,
+        400,
+        "expired_token",
+        70020,
+    );
+    assert_eq!(
+        poll_device(&c, &idp, "nope").await.json()["error"],
+        "bad_verification_code"
+    );
+}
+
+async fn new_device_code(c: &HttpsClient, idp: &FakeIdp) -> Resp {
+    post_form(
+        c,
+        &idp.device_code_endpoint("organizations"),
+        &[("client_id", "test-client-id"), ("scope", EWS_SCOPE)],
+        None,
+    )
+    .await
+}
+
+async fn poll_device(c: &HttpsClient, idp: &FakeIdp, device_code: &str) -> Resp {
+    post_form(
+        c,
+        &idp.token_endpoint("organizations"),
+        &[
+            ("client_id", "test-client-id"),
+            ("grant_type", support::idp::DEVICE_CODE_GRANT),
+            ("device_code", device_code),
+        ],
+        None,
+    )
+    .await
+}
+
+fn ews_request(url: &str, token: Option<&str>, body: &'static [u8]) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header(header::CONTENT_TYPE, "text/xml; charset=utf-8");
+    if let Some(t) = token {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    b.body(Full::new(Bytes::from_static(body))).unwrap()
+}
+
+const SOAP: &[u8] = b"<?xml version=\"1.0\" encoding=\"utf-8\"?>\r\n<soap:Envelope>\xc3\xa9\t  \r\n</soap:Envelope>\n";
+
+#[tokio::test]
+async fn ews_echo_401_and_h2() {
+    let idp = FakeIdp::start().await;
+    let ews = FakeEws::start(idp.validator()).await;
+    let at = idp.seed_access_token("frank@contoso.com");
+
+    for (h2, want) in [(true, "HTTP/2.0"), (false, "HTTP/1.1")] {
+        let c = client(h2);
+        let url = format!("{}?x=1", ews.ews_url());
+        let r = send(&c, ews_request(&url, Some(&at), SOAP)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&r.body[..], SOAP, "body must be echoed byte-for-byte");
+        assert_eq!(r.header("content-type"), "text/xml; charset=utf-8");
+        assert_eq!(r.header("x-echo-method"), "POST");
+        assert_eq!(r.header("x-echo-path-and-query"), "/EWS/Exchange.asmx?x=1");
+        assert_eq!(r.header("x-echo-mailbox"), "frank@contoso.com");
+        assert_eq!(r.header("x-echo-http-version"), want);
+        assert_eq!(r.header("x-echo-body-len"), SOAP.len().to_string());
+    }
+
+    // 401 shape: bad token, and missing token.
+    let c = client(true);
+    for token in [Some("at-0-forged"), None] {
+        let r = send(&c, ews_request(&ews.ews_url(), token, SOAP)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert!(r.body.is_empty());
+        let www = r.header("www-authenticate");
+        assert!(www.starts_with("Bearer client_id=\"00000002-0000-0ff1-ce00-000000000000\""));
+        assert!(www.contains("error=\"invalid_token\""));
+        assert!(r.header("x-ms-diagnostics").starts_with("2000003;"));
+    }
+    // Revoked token → 401.
+    idp.revoke_access_token(&at);
+    let r = send(&c, ews_request(&ews.ews_url(), Some(&at), SOAP)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    assert_eq!(ews.request_count(), 5);
+    assert_eq!(ews.accepted_count(), 2);
+    assert_eq!(ews.rejected_count(), 3);
+    let recs = ews.requests();
+    assert_eq!(recs[0].version_str(), "HTTP/2.0");
+    assert_eq!(recs[1].version_str(), "HTTP/1.1");
+    assert_eq!(&recs[1].body[..], SOAP);
+    assert_eq!(recs[1].bearer.as_deref(), Some(at.as_str()));
+    assert_eq!(recs[3].bearer, None);
+    ews.clear();
+    assert_eq!(ews.request_count(), 0);
+}
+
+#[tokio::test]
+async fn ews_faults_big_response_and_http1_only() {
+    let idp = FakeIdp::start().await;
+    let ews = FakeEws::start_with(EwsOptions {
+        http1_only: true,
+        ..EwsOptions::new(idp.validator())
+    })
+    .await;
+    let at = idp.seed_access_token("gina@contoso.com");
+    let c = client(true); // offers h2, server only speaks http/1.1
+
+    ews.reject_next(1);
+    let r = send(&c, ews_request(&ews.ews_url(), Some(&at), SOAP)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    ews.respond_next_canned(support::server_busy_response(1234));
+    ews.respond_next(503, &[("retry-after", "7")], "busy");
+    let r = send(&c, ews_request(&ews.ews_url(), Some(&at), SOAP)).await;
+    assert_eq!(r.status.as_u16(), 500);
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(text.contains("ErrorServerBusy") && text.contains(">1234</t:Value>"));
+    let r = send(&c, ews_request(&ews.ews_url(), Some(&at), SOAP)).await;
+    assert_eq!(r.status.as_u16(), 503);
+    assert_eq!(r.header("retry-after"), "7");
+    let r = send(&c, ews_request(&ews.ews_url(), Some(&at), SOAP)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-echo-http-version"), "HTTP/1.1");
+
+    let n = 200_000u64;
+    let req = Request::get(format!(
+        "{}/big-response?bytes={n}&chunk=7000",
+        ews.base_url()
+    ))
+    .header(header::AUTHORIZATION, format!("Bearer {at}"))
+    .body(Full::new(Bytes::new()))
+    .unwrap();
+    let r = send(&c, req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len() as u64, n);
+    assert_eq!(&r.body[..], &support::expected_big_response(n)[..]);
+
+    ews.set_delay(Duration::from_millis(100));
+    let t = std::time::Instant::now();
+    send(&c, ews_request(&ews.ews_url(), Some(&at), SOAP)).await;
+    assert!(t.elapsed() >= Duration::from_millis(100));
+    ews.wait_for_requests(6).await;
+    assert_eq!(ews.accepted_count(), 5);
+}
+
+#[tokio::test]
+async fn raw_tls_client_config_and_pem_files() {
+    let idp = FakeIdp::start().await;
+    let connector = tokio_rustls::TlsConnector::from(pki().client_config());
+    let tcp = tokio::net::TcpStream::connect(idp.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki().write_ca_file(dir.path());
+    let (cert, key) = pki().write_server_cert_files(dir.path());
+    let ca_pem = std::fs::read(&ca).unwrap();
+    assert_eq!(
+        rustls_pemfile::certs(&mut &ca_pem[..]).count(),
+        1,
+        "one CA cert"
+    );
+    assert!(
+        rustls_pemfile::private_key(&mut &std::fs::read(&key).unwrap()[..])
+            .unwrap()
+            .is_some()
+    );
+    assert!(std::fs::read_to_string(&cert)
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+}
+
+#[tokio::test]
+async fn servers_stop_when_dropped() {
+    let idp = FakeIdp::start().await;
+    let ews = FakeEws::start(idp.validator()).await;
+    let addrs = [idp.addr(), ews.addr()];
+    drop(ews);
+    drop(idp);
+    // Abort is asynchronous: allow the runtime a bounded moment to drop the listeners.
+    for addr in addrs {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr} still accepting"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+}

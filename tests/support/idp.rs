@@ -1,0 +1,1096 @@
+//! Fake Microsoft identity platform (Entra ID v2.0 endpoints) over TLS /
+//! HTTP/1.1: `/{tenant}/oauth2/v2.0/token` (refresh_token and device_code
+//! grants) and `/{tenant}/oauth2/v2.0/devicecode`, with Microsoft-shaped
+//! error bodies, fault switches, request records and a [`TokenValidator`]
+//! that the fake EWS uses to check the access tokens issued here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::server::{
+    full, lock, random_hex, random_uuid, read_body_limited, spawn_tls_server, utc_timestamp,
+    BodyError, HttpMode, RespBody, ServerHandle,
+};
+
+/// Largest accepted request body (bigger → 413).
+pub const IDP_MAX_BODY: usize = 64 * 1024;
+/// The `grant_type` value of the device authorization grant (RFC 8628).
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// Scope recorded on seeded refresh tokens when nothing else is known.
+pub const DEFAULT_EWS_SCOPE: &str = "https://outlook.office365.com/EWS.AccessAsUser.All";
+/// How long `wait_for_device_code` waits before panicking.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Start-up options for [`FakeIdp::start_with`].
+#[derive(Clone, Debug)]
+pub struct IdpOptions {
+    /// The only client id accepted (default `test-client-id`).
+    pub client_id: String,
+    /// If set, token requests must carry this secret (body or Basic auth).
+    pub client_secret: Option<String>,
+    /// If true, a refresh token is revoked as soon as it is used.
+    pub revoke_on_rotation: bool,
+    /// `interval` advertised by the devicecode endpoint (seconds, default 1).
+    pub interval: u64,
+    /// Access-token lifetime (`expires_in`, default 3600); see `set_expires_in`.
+    pub expires_in: u64,
+    /// Device code lifetime (`expires_in` of the devicecode answer, default 900).
+    pub device_code_expires_in: u64,
+}
+
+impl Default for IdpOptions {
+    fn default() -> Self {
+        IdpOptions {
+            client_id: "test-client-id".to_string(),
+            client_secret: None,
+            revoke_on_rotation: false,
+            interval: 1,
+            expires_in: 3600,
+            device_code_expires_in: 900,
+        }
+    }
+}
+
+/// How the client authenticated on a token/devicecode request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// No client id at all.
+    None,
+    /// `client_id` (and maybe `client_secret`) in the form body.
+    Body,
+    /// `Authorization: Basic` (RFC 6749 §2.3.1).
+    Basic,
+}
+
+/// Which endpoint a recorded request hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdpEndpoint {
+    Token,
+    DeviceCode,
+    /// Anything else (answered 404, or 503/429 while faulted).
+    Other,
+}
+
+/// One request received by the fake IdP.
+#[derive(Clone, Debug)]
+pub struct IdpRequestRecord {
+    pub method: Method,
+    pub path: String,
+    pub endpoint: IdpEndpoint,
+    /// Tenant segment of the path (empty for `Other`).
+    pub tenant: String,
+    pub headers: HeaderMap,
+    /// Decoded form fields, in order.
+    pub form: Vec<(String, String)>,
+    pub grant_type: Option<String>,
+    pub scope: Option<String>,
+    /// Client id as received (from Basic auth or the body).
+    pub client_id: Option<String>,
+    pub client_auth: ClientAuth,
+    /// Status code answered (0 while the request is still being handled).
+    pub status: u16,
+}
+
+impl IdpRequestRecord {
+    /// First value of form field `name`.
+    pub fn form_value(&self, name: &str) -> Option<&str> {
+        form_get(&self.form, name)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RefreshEntry {
+    mailbox: String,
+    scope: String,
+    revoked: bool,
+}
+
+#[derive(Clone, Debug)]
+struct AccessEntry {
+    mailbox: String,
+    expires_at: Instant,
+    revoked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum DeviceStatus {
+    Pending,
+    Approved(String),
+    Declined,
+    Redeemed,
+}
+
+#[derive(Clone, Debug)]
+struct DeviceEntry {
+    user_code: String,
+    scope: String,
+    status: DeviceStatus,
+    expires_at: Instant,
+}
+
+struct Inner {
+    opts: IdpOptions,
+    counter: u64,
+    refresh_tokens: HashMap<String, RefreshEntry>,
+    access_tokens: HashMap<String, AccessEntry>,
+    issued_access: Vec<String>,
+    issued_refresh: Vec<String>,
+    devices: HashMap<String, DeviceEntry>,
+    user_code_to_device: HashMap<String, String>,
+    user_codes: Vec<String>,
+    records: Vec<IdpRequestRecord>,
+    refresh_calls: usize,
+    successful_refreshes: usize,
+    device_polls: usize,
+    token_requests: usize,
+    unavailable: bool,
+    throttled: bool,
+    delay: Duration,
+    next_error: Option<(StatusCode, Value)>,
+    slow_down_once: bool,
+}
+
+struct IdpState {
+    inner: Mutex<Inner>,
+    device_codes_tx: watch::Sender<usize>,
+}
+
+impl IdpState {
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        lock(&self.inner)
+    }
+
+    fn validate(&self, token: &str) -> Option<String> {
+        let inner = self.inner();
+        let e = inner.access_tokens.get(token)?;
+        (!e.revoked && Instant::now() < e.expires_at).then(|| e.mailbox.clone())
+    }
+}
+
+/// Cheap cloneable handle that checks access tokens issued by a [`FakeIdp`].
+#[derive(Clone)]
+pub struct TokenValidator(Arc<IdpState>);
+
+impl TokenValidator {
+    /// Mailbox the token belongs to, if it was issued here, is unexpired and unrevoked.
+    pub fn validate(&self, access_token: &str) -> Option<String> {
+        self.0.validate(access_token)
+    }
+}
+
+impl std::fmt::Debug for TokenValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenValidator")
+    }
+}
+
+/// The running fake IdP. Shuts down when dropped.
+pub struct FakeIdp {
+    server: ServerHandle,
+    state: Arc<IdpState>,
+}
+
+impl FakeIdp {
+    /// Starts with default [`IdpOptions`].
+    pub async fn start() -> FakeIdp {
+        Self::start_with(IdpOptions::default()).await
+    }
+
+    /// Starts with the given options; the listener is bound on return.
+    pub async fn start_with(opts: IdpOptions) -> FakeIdp {
+        let (device_codes_tx, _) = watch::channel(0usize);
+        let state = Arc::new(IdpState {
+            inner: Mutex::new(Inner {
+                opts,
+                counter: 0,
+                refresh_tokens: HashMap::new(),
+                access_tokens: HashMap::new(),
+                issued_access: Vec::new(),
+                issued_refresh: Vec::new(),
+                devices: HashMap::new(),
+                user_code_to_device: HashMap::new(),
+                user_codes: Vec::new(),
+                records: Vec::new(),
+                refresh_calls: 0,
+                successful_refreshes: 0,
+                device_polls: 0,
+                token_requests: 0,
+                unavailable: false,
+                throttled: false,
+                delay: Duration::ZERO,
+                next_error: None,
+                slow_down_once: false,
+            }),
+            device_codes_tx,
+        });
+        let st = state.clone();
+        let server = spawn_tls_server(HttpMode::Http1Only, move |req| {
+            let st = st.clone();
+            async move { handle(st, req).await }
+        })
+        .await;
+        FakeIdp { server, state }
+    }
+
+    // ---- addresses -------------------------------------------------------
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr()
+    }
+
+    /// `https://127.0.0.1:PORT` (the authority; no trailing slash).
+    pub fn base_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr().port())
+    }
+
+    /// `https://localhost:PORT` (also valid for the test certificate).
+    pub fn localhost_url(&self) -> String {
+        format!("https://localhost:{}", self.addr().port())
+    }
+
+    /// `{base}/{tenant}/oauth2/v2.0/token`
+    pub fn token_endpoint(&self, tenant: &str) -> String {
+        format!("{}/{}/oauth2/v2.0/token", self.base_url(), tenant)
+    }
+
+    /// `{base}/{tenant}/oauth2/v2.0/devicecode`
+    pub fn device_code_endpoint(&self, tenant: &str) -> String {
+        format!("{}/{}/oauth2/v2.0/devicecode", self.base_url(), tenant)
+    }
+
+    /// Validator handle for [`super::ews::FakeEws`].
+    pub fn validator(&self) -> TokenValidator {
+        TokenValidator(self.state.clone())
+    }
+
+    // ---- settings --------------------------------------------------------
+
+    pub fn client_id(&self) -> String {
+        self.state.inner().opts.client_id.clone()
+    }
+
+    /// Lifetime (seconds) of access tokens issued from now on.
+    pub fn set_expires_in(&self, secs: u64) {
+        self.state.inner().opts.expires_in = secs;
+    }
+
+    /// Device-flow polling interval advertised from now on.
+    pub fn set_interval(&self, secs: u64) {
+        self.state.inner().opts.interval = secs;
+    }
+
+    pub fn set_revoke_on_rotation(&self, on: bool) {
+        self.state.inner().opts.revoke_on_rotation = on;
+    }
+
+    // ---- token seeding / validation ---------------------------------------
+
+    /// Creates a valid refresh token for `mailbox` (scope: [`DEFAULT_EWS_SCOPE`] + offline_access).
+    pub fn seed_refresh_token(&self, mailbox: &str) -> String {
+        self.seed_refresh_token_with_scope(mailbox, &format!("{DEFAULT_EWS_SCOPE} offline_access"))
+    }
+
+    /// Creates a valid refresh token for `mailbox` remembering `scope`
+    /// (used when a refresh request carries no `scope`).
+    pub fn seed_refresh_token_with_scope(&self, mailbox: &str, scope: &str) -> String {
+        let mut inner = self.state.inner();
+        let n = next_counter(&mut inner);
+        let rt = format!("rt-{n}-{}", random_hex(24));
+        inner.refresh_tokens.insert(
+            rt.clone(),
+            RefreshEntry {
+                mailbox: mailbox.to_string(),
+                scope: scope.to_string(),
+                revoked: false,
+            },
+        );
+        inner.issued_refresh.push(rt.clone());
+        rt
+    }
+
+    /// Issues an access token for `mailbox` directly (no HTTP round trip).
+    pub fn seed_access_token(&self, mailbox: &str) -> String {
+        let mut inner = self.state.inner();
+        let n = next_counter(&mut inner);
+        let at = format!("at-{n}-{}", random_hex(16));
+        let expires_at = Instant::now() + Duration::from_secs(inner.opts.expires_in);
+        inner.access_tokens.insert(
+            at.clone(),
+            AccessEntry {
+                mailbox: mailbox.to_string(),
+                expires_at,
+                revoked: false,
+            },
+        );
+        inner.issued_access.push(at.clone());
+        at
+    }
+
+    /// `Some(mailbox)` if `token` was issued here, is unexpired and not revoked.
+    pub fn is_access_token_valid(&self, token: &str) -> Option<String> {
+        self.state.validate(token)
+    }
+
+    /// `Some(mailbox)` if `rt` is a known, unrevoked refresh token.
+    pub fn is_refresh_token_valid(&self, rt: &str) -> Option<String> {
+        let inner = self.state.inner();
+        let e = inner.refresh_tokens.get(rt)?;
+        (!e.revoked).then(|| e.mailbox.clone())
+    }
+
+    /// Mailbox a refresh token (valid or not) belongs to.
+    pub fn refresh_token_owner(&self, rt: &str) -> Option<String> {
+        self.state
+            .inner()
+            .refresh_tokens
+            .get(rt)
+            .map(|e| e.mailbox.clone())
+    }
+
+    // ---- faults ------------------------------------------------------------
+
+    /// Revokes every refresh token currently held by `mailbox` (→ AADSTS50173).
+    /// Tokens seeded/issued afterwards are valid again. Access tokens are
+    /// left alone (as in Entra ID); use `revoke_user_access_tokens` for those.
+    pub fn revoke_user(&self, mailbox: &str) {
+        let mut inner = self.state.inner();
+        for e in inner.refresh_tokens.values_mut() {
+            if e.mailbox == mailbox {
+                e.revoked = true;
+            }
+        }
+    }
+
+    /// Revokes all access tokens of `mailbox`.
+    pub fn revoke_user_access_tokens(&self, mailbox: &str) {
+        let mut inner = self.state.inner();
+        for e in inner.access_tokens.values_mut() {
+            if e.mailbox == mailbox {
+                e.revoked = true;
+            }
+        }
+    }
+
+    /// Revokes a single refresh token (→ AADSTS50173). Returns false if unknown.
+    pub fn revoke_refresh_token(&self, rt: &str) -> bool {
+        match self.state.inner().refresh_tokens.get_mut(rt) {
+            Some(e) => {
+                e.revoked = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Makes an access token invalid for the EWS double. Returns false if unknown.
+    pub fn revoke_access_token(&self, token: &str) -> bool {
+        match self.state.inner().access_tokens.get_mut(token) {
+            Some(e) => {
+                e.revoked = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Revokes every access token issued so far.
+    pub fn revoke_all_access_tokens(&self) {
+        for e in self.state.inner().access_tokens.values_mut() {
+            e.revoked = true;
+        }
+    }
+
+    /// Marks an access token as already expired.
+    pub fn expire_access_token(&self, token: &str) -> bool {
+        match self.state.inner().access_tokens.get_mut(token) {
+            Some(e) => {
+                e.expires_at = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// While on, every request gets 503 + `Retry-After: 2` (AADSTS90006).
+    pub fn set_unavailable(&self, on: bool) {
+        self.state.inner().unavailable = on;
+    }
+
+    /// While on, every request gets 429 + `Retry-After: 3` (AADSTS90055).
+    pub fn set_throttled(&self, on: bool) {
+        self.state.inner().throttled = on;
+    }
+
+    /// Sleep this long before answering each request.
+    pub fn set_delay(&self, d: Duration) {
+        self.state.inner().delay = d;
+    }
+
+    /// The next request (any endpoint) gets exactly this status and JSON body.
+    pub fn set_next_error(&self, status: u16, body: Value) {
+        let status = StatusCode::from_u16(status).expect("valid status");
+        self.state.inner().next_error = Some((status, body));
+    }
+
+    /// The next device-code poll answers `slow_down`.
+    pub fn slow_down_once(&self) {
+        self.state.inner().slow_down_once = true;
+    }
+
+    // ---- device flow -------------------------------------------------------
+
+    /// Approves a pending device code for `mailbox`. False if unknown/not pending.
+    pub fn approve_device(&self, user_code: &str, mailbox: &str) -> bool {
+        self.set_device_status(user_code, DeviceStatus::Approved(mailbox.to_string()))
+    }
+
+    /// Declines a pending device code (→ `authorization_declined`).
+    pub fn decline_device(&self, user_code: &str) -> bool {
+        self.set_device_status(user_code, DeviceStatus::Declined)
+    }
+
+    /// Makes a device code expire now (→ `expired_token`).
+    pub fn expire_device(&self, user_code: &str) -> bool {
+        let mut inner = self.state.inner();
+        let Some(dc) = inner.user_code_to_device.get(user_code).cloned() else {
+            return false;
+        };
+        match inner.devices.get_mut(&dc) {
+            Some(d) => {
+                d.expires_at = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn set_device_status(&self, user_code: &str, status: DeviceStatus) -> bool {
+        let mut inner = self.state.inner();
+        let Some(dc) = inner.user_code_to_device.get(user_code).cloned() else {
+            return false;
+        };
+        match inner.devices.get_mut(&dc) {
+            Some(d) if d.status == DeviceStatus::Pending => {
+                d.status = status;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Most recently issued user code.
+    pub fn last_user_code(&self) -> Option<String> {
+        self.state.inner().user_codes.last().cloned()
+    }
+
+    /// All user codes issued, in order.
+    pub fn user_codes(&self) -> Vec<String> {
+        self.state.inner().user_codes.clone()
+    }
+
+    /// Waits (≤ 10 s, then panics) until at least one devicecode request was
+    /// answered and returns the latest user code.
+    pub async fn wait_for_device_code(&self) -> String {
+        self.wait_for_device_codes(1).await;
+        self.last_user_code().expect("user code present")
+    }
+
+    /// Waits (≤ 10 s, then panics) for the `n`-th (1-based) devicecode
+    /// answer and returns that user code.
+    pub async fn wait_for_nth_device_code(&self, n: usize) -> String {
+        assert!(n >= 1, "n is 1-based");
+        self.wait_for_device_codes(n).await;
+        self.state.inner().user_codes[n - 1].clone()
+    }
+
+    async fn wait_for_device_codes(&self, n: usize) {
+        let mut rx = self.state.device_codes_tx.subscribe();
+        tokio::time::timeout(WAIT_TIMEOUT, rx.wait_for(|c| *c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("no device code request #{n} within {WAIT_TIMEOUT:?}"))
+            .expect("watch sender alive");
+    }
+
+    // ---- counters and records ---------------------------------------------
+
+    /// Requests with `grant_type=refresh_token` (including failed/faulted ones).
+    pub fn refresh_calls(&self) -> usize {
+        self.state.inner().refresh_calls
+    }
+
+    /// Refresh grants answered with tokens.
+    pub fn successful_refreshes(&self) -> usize {
+        self.state.inner().successful_refreshes
+    }
+
+    /// Requests with the device_code grant type.
+    pub fn device_polls(&self) -> usize {
+        self.state.inner().device_polls
+    }
+
+    /// All requests to a token endpoint (any method, any grant).
+    pub fn token_requests(&self) -> usize {
+        self.state.inner().token_requests
+    }
+
+    /// Requests to a devicecode endpoint.
+    pub fn device_code_requests(&self) -> usize {
+        self.state
+            .inner()
+            .records
+            .iter()
+            .filter(|r| r.endpoint == IdpEndpoint::DeviceCode)
+            .count()
+    }
+
+    /// The `scope` parameter of each token-endpoint request, in order
+    /// (empty string when the request had no `scope`).
+    pub fn requested_scopes(&self) -> Vec<String> {
+        self.state
+            .inner()
+            .records
+            .iter()
+            .filter(|r| r.endpoint == IdpEndpoint::Token)
+            .map(|r| r.scope.clone().unwrap_or_default())
+            .collect()
+    }
+
+    /// Tenant path segment of every token/devicecode request, in order.
+    pub fn tenants(&self) -> Vec<String> {
+        self.state
+            .inner()
+            .records
+            .iter()
+            .filter(|r| r.endpoint != IdpEndpoint::Other)
+            .map(|r| r.tenant.clone())
+            .collect()
+    }
+
+    /// Every request received, in order.
+    pub fn requests(&self) -> Vec<IdpRequestRecord> {
+        self.state.inner().records.clone()
+    }
+
+    /// Access tokens issued so far (including seeded), in order.
+    pub fn issued_access_tokens(&self) -> Vec<String> {
+        self.state.inner().issued_access.clone()
+    }
+
+    /// Refresh tokens issued so far (including seeded), in order.
+    pub fn issued_refresh_tokens(&self) -> Vec<String> {
+        self.state.inner().issued_refresh.clone()
+    }
+}
+
+impl std::fmt::Debug for FakeIdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeIdp")
+            .field("addr", &self.addr())
+            .finish()
+    }
+}
+
+// ---- request handling -------------------------------------------------------
+
+fn next_counter(inner: &mut Inner) -> u64 {
+    inner.counter += 1;
+    inner.counter
+}
+
+fn form_get<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn parse_route(path: &str) -> (IdpEndpoint, String) {
+    let segs: Vec<&str> = path.split('/').collect();
+    if let ["", tenant, "oauth2", "v2.0", last] = segs.as_slice() {
+        if !tenant.is_empty() {
+            match *last {
+                "token" => return (IdpEndpoint::Token, tenant.to_string()),
+                "devicecode" => return (IdpEndpoint::DeviceCode, tenant.to_string()),
+                _ => {}
+            }
+        }
+    }
+    (IdpEndpoint::Other, String::new())
+}
+
+fn url_decode(s: &str) -> String {
+    // Reuse the form decoder: `+` → space, `%XX` → byte.
+    let encoded = format!("v={}", s.replace('&', "%26"));
+    url::form_urlencoded::parse(encoded.as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// (how, client_id, client_secret)
+fn client_credentials(
+    headers: &HeaderMap,
+    form: &[(String, String)],
+) -> (ClientAuth, Option<String>, Option<String>) {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.to_str().unwrap_or("");
+        if v.len() > 6 && v[..6].eq_ignore_ascii_case("basic ") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(v[6..].trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok());
+            return match decoded.as_deref().and_then(|d| d.split_once(':')) {
+                Some((id, secret)) => (
+                    ClientAuth::Basic,
+                    Some(url_decode(id)),
+                    Some(url_decode(secret)),
+                ),
+                None => (ClientAuth::Basic, None, None),
+            };
+        }
+    }
+    match form_get(form, "client_id") {
+        Some(id) => (
+            ClientAuth::Body,
+            Some(id.to_string()),
+            form_get(form, "client_secret").map(str::to_string),
+        ),
+        None => (ClientAuth::None, None, None),
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<RespBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store, no-cache")
+        .header(header::PRAGMA, "no-cache")
+        .header("x-ms-request-id", random_uuid())
+        .body(full(serde_json::to_vec(body).expect("json")))
+        .expect("response")
+}
+
+/// A Microsoft-shaped error body (`error`, `error_description` starting with
+/// `AADSTSnnnnn:`, `error_codes`, `timestamp`, `trace_id`, `correlation_id`, `error_uri`).
+pub fn ms_error_body(error: &str, code: u32, text: &str) -> Value {
+    let trace_id = random_uuid();
+    let correlation_id = random_uuid();
+    let timestamp = utc_timestamp();
+    json!({
+        "error": error,
+        "error_description": format!(
+            "AADSTS{code}: {text} Trace ID: {trace_id} Correlation ID: {correlation_id} Timestamp: {timestamp}"
+        ),
+        "error_codes": [code],
+        "timestamp": timestamp,
+        "trace_id": trace_id,
+        "correlation_id": correlation_id,
+        "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+    })
+}
+
+fn ms_error(status: StatusCode, error: &str, code: u32, text: &str) -> Response<RespBody> {
+    json_response(status, &ms_error_body(error, code, text))
+}
+
+fn missing_param(name: &str) -> Response<RespBody> {
+    ms_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        900144,
+        &format!("The request body must contain the following parameter: '{name}'."),
+    )
+}
+
+fn with_retry_after(mut resp: Response<RespBody>, secs: u32) -> Response<RespBody> {
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, http::HeaderValue::from(secs));
+    resp
+}
+
+async fn handle(state: Arc<IdpState>, req: Request<Incoming>) -> Response<RespBody> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let (endpoint, tenant) = parse_route(&path);
+    let body = read_body_limited(body, IDP_MAX_BODY).await;
+    let too_large = matches!(body, Err(BodyError::TooLarge));
+    let body = body.unwrap_or_default();
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(&body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let (client_auth, client_id, client_secret) = client_credentials(&parts.headers, &form);
+    let grant_type = form_get(&form, "grant_type").map(str::to_string);
+
+    // Record + count, then take the delay / fault snapshot.
+    let (idx, delay) = {
+        let mut inner = state.inner();
+        if endpoint == IdpEndpoint::Token {
+            inner.token_requests += 1;
+            match grant_type.as_deref() {
+                Some("refresh_token") => inner.refresh_calls += 1,
+                Some(DEVICE_CODE_GRANT) => inner.device_polls += 1,
+                _ => {}
+            }
+        }
+        inner.records.push(IdpRequestRecord {
+            method: parts.method.clone(),
+            path: path.clone(),
+            endpoint,
+            tenant: tenant.clone(),
+            headers: parts.headers.clone(),
+            form: form.clone(),
+            grant_type: grant_type.clone(),
+            scope: form_get(&form, "scope").map(str::to_string),
+            client_id: client_id.clone(),
+            client_auth,
+            status: 0,
+        });
+        (inner.records.len() - 1, inner.delay)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+
+    let resp = respond(
+        &state,
+        &parts.method,
+        endpoint,
+        &tenant,
+        too_large,
+        &form,
+        client_id,
+        client_secret,
+    );
+    state.inner().records[idx].status = resp.status().as_u16();
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    state: &IdpState,
+    method: &Method,
+    endpoint: IdpEndpoint,
+    tenant: &str,
+    too_large: bool,
+    form: &[(String, String)],
+    client_id: Option<String>,
+    client_secret: Option<String>,
+) -> Response<RespBody> {
+    // Global faults first: they apply to every path.
+    {
+        let mut inner = state.inner();
+        if inner.unavailable {
+            return with_retry_after(
+                ms_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    90006,
+                    "The server is temporarily unable to service your request. Please try again later.",
+                ),
+                2,
+            );
+        }
+        if inner.throttled {
+            return with_retry_after(
+                ms_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "temporarily_unavailable",
+                    90055,
+                    "TenantThrottlingError - There are too many incoming requests. Please try again later.",
+                ),
+                3,
+            );
+        }
+        if let Some((status, body)) = inner.next_error.take() {
+            return json_response(status, &body);
+        }
+    }
+
+    if endpoint == IdpEndpoint::Other {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not_found", "error_description": "unknown path"}),
+        );
+    }
+    if method != Method::POST {
+        let mut resp = ms_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            900561,
+            "The endpoint only accepts POST requests.",
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+        return resp;
+    }
+    if too_large {
+        return ms_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            90027,
+            "The request body is too large.",
+        );
+    }
+
+    // Client identification (both endpoints).
+    let mut inner = state.inner();
+    let Some(client_id) = client_id else {
+        return missing_param("client_id");
+    };
+    if client_id != inner.opts.client_id {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            &format!(
+                "Application with identifier '{client_id}' was not found in the directory '{tenant}'. \
+                 This can happen if the application has not been installed by the administrator of the \
+                 tenant or consented to by any user in the tenant. You may have sent your authentication \
+                 request to the wrong tenant."
+            ),
+        );
+    }
+
+    match endpoint {
+        IdpEndpoint::DeviceCode => {
+            let resp = device_code(&mut inner, form);
+            let n = inner.user_codes.len();
+            drop(inner);
+            state.device_codes_tx.send_modify(|c| *c = (*c).max(n));
+            resp
+        }
+        IdpEndpoint::Token => {
+            if let Some(expected) = inner.opts.client_secret.clone() {
+                if client_secret.as_deref() != Some(expected.as_str()) {
+                    return ms_error(
+                        StatusCode::UNAUTHORIZED,
+                        "invalid_client",
+                        7000215,
+                        &format!(
+                            "Invalid client secret provided. Ensure the secret being sent in the request \
+                             is the client secret value, not the client secret ID, for a secret added to \
+                             app '{client_id}'."
+                        ),
+                    );
+                }
+            }
+            match form_get(form, "grant_type") {
+                Some("refresh_token") => refresh_grant(&mut inner, form),
+                Some(DEVICE_CODE_GRANT) => device_grant(&mut inner, form),
+                Some(other) => ms_error(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_grant_type",
+                    70003,
+                    &format!("The app requested an unsupported grant type '{other}'."),
+                ),
+                None => missing_param("grant_type"),
+            }
+        }
+        IdpEndpoint::Other => unreachable!(),
+    }
+}
+
+fn strip_offline_access(scope: &str) -> String {
+    scope
+        .split_whitespace()
+        .filter(|s| !s.eq_ignore_ascii_case("offline_access"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn issue_tokens(inner: &mut Inner, mailbox: &str, scope: &str) -> Response<RespBody> {
+    let n = next_counter(inner);
+    let at = format!("at-{n}-{}", random_hex(16));
+    let rt = format!("rt-{n}-{}", random_hex(24));
+    let expires_in = inner.opts.expires_in;
+    inner.access_tokens.insert(
+        at.clone(),
+        AccessEntry {
+            mailbox: mailbox.to_string(),
+            expires_at: Instant::now() + Duration::from_secs(expires_in),
+            revoked: false,
+        },
+    );
+    inner.issued_access.push(at.clone());
+    inner.refresh_tokens.insert(
+        rt.clone(),
+        RefreshEntry {
+            mailbox: mailbox.to_string(),
+            scope: scope.to_string(),
+            revoked: false,
+        },
+    );
+    inner.issued_refresh.push(rt.clone());
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "token_type": "Bearer",
+            "scope": strip_offline_access(scope),
+            "expires_in": expires_in,
+            "ext_expires_in": expires_in,
+            "access_token": at,
+            "refresh_token": rt,
+        }),
+    )
+}
+
+fn refresh_grant(inner: &mut Inner, form: &[(String, String)]) -> Response<RespBody> {
+    let Some(rt) = form_get(form, "refresh_token") else {
+        return missing_param("refresh_token");
+    };
+    let revoke_on_rotation = inner.opts.revoke_on_rotation;
+    let (mailbox, scope) = match inner.refresh_tokens.get_mut(rt) {
+        None => {
+            return ms_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                70008,
+                "The provided authorization code or refresh token has expired due to inactivity. \
+                 Send a new interactive authorization request for this user and resource.",
+            )
+        }
+        Some(e) if e.revoked => {
+            return ms_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                50173,
+                "The provided grant has expired due to it being revoked, a fresh auth token is needed. \
+                 The user might have changed or reset their password.",
+            )
+        }
+        Some(e) => {
+            if revoke_on_rotation {
+                e.revoked = true;
+            }
+            let scope = form_get(form, "scope")
+                .map(str::to_string)
+                .unwrap_or_else(|| e.scope.clone());
+            (e.mailbox.clone(), scope)
+        }
+    };
+    inner.successful_refreshes += 1;
+    issue_tokens(inner, &mailbox, &scope)
+}
+
+fn device_grant(inner: &mut Inner, form: &[(String, String)]) -> Response<RespBody> {
+    let Some(dc) = form_get(form, "device_code").or_else(|| form_get(form, "code")) else {
+        return missing_param("device_code");
+    };
+    if std::mem::take(&mut inner.slow_down_once) {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "slow_down",
+            70016,
+            "OAuth 2.0 device flow error. The client is polling too quickly; increase the interval.",
+        );
+    }
+    let Some(dev) = inner.devices.get_mut(dc) else {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "bad_verification_code",
+            70019,
+            "The provided device_code is not valid.",
+        );
+    };
+    if dev.status != DeviceStatus::Redeemed && Instant::now() >= dev.expires_at {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "expired_token",
+            70020,
+            "The provided value for the input parameter 'device_code' is not valid. Device codes expire after 15 minutes.",
+        );
+    }
+    match dev.status.clone() {
+        DeviceStatus::Pending => ms_error(
+            StatusCode::BAD_REQUEST,
+            "authorization_pending",
+            70016,
+            "OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+        ),
+        DeviceStatus::Declined => ms_error(
+            StatusCode::BAD_REQUEST,
+            "authorization_declined",
+            70000,
+            "The user has denied access to the scope requested by the client application.",
+        ),
+        DeviceStatus::Redeemed => ms_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            54005,
+            "OAuth2 Authorization code was already redeemed, please retry with a new valid code or use an existing refresh token.",
+        ),
+        DeviceStatus::Approved(mailbox) => {
+            dev.status = DeviceStatus::Redeemed;
+            let scope = dev.scope.clone();
+            issue_tokens(inner, &mailbox, &scope)
+        }
+    }
+}
+
+fn device_code(inner: &mut Inner, form: &[(String, String)]) -> Response<RespBody> {
+    let Some(scope) = form_get(form, "scope") else {
+        return missing_param("scope");
+    };
+    let user_code = loop {
+        let code = random_user_code();
+        if !inner.user_code_to_device.contains_key(&code) {
+            break code;
+        }
+    };
+    let device_code = format!("DAQABAAEAAAD{}", random_hex(96));
+    let expires_in = inner.opts.device_code_expires_in;
+    inner.devices.insert(
+        device_code.clone(),
+        DeviceEntry {
+            user_code: user_code.clone(),
+            scope: scope.to_string(),
+            status: DeviceStatus::Pending,
+            expires_at: Instant::now() + Duration::from_secs(expires_in),
+        },
+    );
+    inner
+        .user_code_to_device
+        .insert(user_code.clone(), device_code.clone());
+    inner.user_codes.push(user_code.clone());
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "user_code": user_code,
+            "device_code": device_code,
+            "verification_uri": "https://microsoft.com/devicelogin",
+            "expires_in": expires_in,
+            "interval": inner.opts.interval,
+            "message": format!(
+                "To sign in, use a web browser to open the page https://microsoft.com/devicelogin \
+                 and enter the code {user_code} to authenticate."
+            ),
+        }),
+    )
+}
+
+fn random_user_code() -> String {
+    use rand::Rng;
+    const ALPHA: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ";
+    let mut rng = rand::rng();
+    let mut s = String::with_capacity(9);
+    for i in 0..8 {
+        if i == 4 {
+            s.push('-');
+        }
+        s.push(ALPHA[rng.random_range(0..ALPHA.len())] as char);
+    }
+    s
+}
+
+/// Convenience: body bytes of a token response parsed as JSON.
+pub fn parse_json(bytes: &Bytes) -> Value {
+    serde_json::from_slice(bytes).expect("JSON body")
+}
