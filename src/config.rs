@@ -281,7 +281,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             credential_cache_ttl: Duration::from_secs(300),
-            max_failures: 5,
+            max_failures: 10,
             lockout: Duration::from_secs(1),
             max_lockout: Duration::from_secs(300),
             // OWASP's argon2id recommendation (19 MiB, 2 iterations, 1 lane).

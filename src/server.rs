@@ -158,7 +158,7 @@ impl Server {
         });
         tracing::info!(
             admin = %admin_addr,
-            http = ?http_addr,
+            http = %http_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
             identities = app.directory.len(),
             "authswap is serving"
         );

@@ -75,7 +75,7 @@ pub fn load_certs(
     Ok(certs)
 }
 
-/// The client configuration: webpki roots + the extra CA file, ALPN h2 and http/1.1.
+/// The client configuration: webpki roots + the extra CA file.
 pub fn client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -89,12 +89,12 @@ pub fn client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, TlsError> 
             })?;
         }
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    // ALPN is left empty: the HTTPS connector sets h2 + http/1.1 itself,
+    // and mail connections need none.
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+        .with_no_client_auth())
 }
 
 /// A pooled client over `config`.

@@ -18,3 +18,4 @@ pub use ews::{
     CannedResponse, EwsOptions, FakeEws, RecordedRequest,
 };
 pub use idp::{ms_error_body, ClientAuth, FakeIdp, IdpOptions, IdpRequestRecord, TokenValidator};
+pub mod harness;

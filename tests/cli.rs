@@ -1,0 +1,368 @@
+//! The real `authswap` binary: device-code login end to end, `config check`,
+//! `serve` with trace logging (no secret may appear), graceful shutdown on
+//! SIGTERM, `healthcheck`, and the default configuration on a fresh machine.
+
+mod support;
+
+use http::StatusCode;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use support::harness::{basic, Env, HttpClient, SOAP};
+use support::IdpOptions;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_authswap"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn device_code_login_end_to_end_honours_slow_down() {
+    let env = Env::start().await;
+    let out = env.cli(
+        &["identity", "add", "Alice", "--mailbox", "alice@contoso.com", "--password-stdin"],
+        Some("alice-password-1\n"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("pending"));
+
+    let config = env.write_config();
+    let child = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["identity", "login", "alice"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    env.idp.slow_down_once();
+    let code = env.idp.wait_for_device_code().await;
+    // Let it poll (pending, then slow_down) before the person signs in.
+    let started = Instant::now();
+    while env.idp.device_polls() < 2 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(env.idp.approve_device(&code, "alice@contoso.com"));
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("login finishes")
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(&code), "{stdout}");
+    assert!(stdout.contains("https://microsoft.com/devicelogin"));
+    assert!(stdout.contains("linked"));
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "slow_down adds 5 s to the interval"
+    );
+    let asked: Vec<String> = env
+        .idp
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/devicecode"))
+        .filter_map(|r| r.scope.clone())
+        .collect();
+    assert_eq!(asked.len(), 1);
+    assert!(asked[0].contains("EWS.AccessAsUser.All") && asked[0].contains("offline_access"));
+    assert!(env.idp.tenants().iter().all(|t| t == "contoso-test"));
+
+    // The linked identity works through the proxy.
+    let server = env.serve().await;
+    let r = HttpClient::default()
+        .ews(server.http_addr().unwrap(), "alice", "alice-password-1", SOAP)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-echo-mailbox").as_deref(), Some("alice@contoso.com"));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn declined_login_and_bad_commands_fail_with_one_line() {
+    let env = Env::start().await;
+    let out = env.cli(
+        &["identity", "add", "bob", "--mailbox", "bob@contoso.com", "--password-stdin"],
+        Some("bob-password-12\n"),
+    );
+    assert!(out.status.success());
+    // Duplicate (case-insensitive).
+    let out = env.cli(
+        &["identity", "add", "BOB", "--mailbox", "bob@contoso.com", "--password-stdin"],
+        Some("x\n"),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // No terminal and no --password-stdin.
+    let out = env.cli(&["identity", "add", "carol", "--mailbox", "carol@contoso.com"], None);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--password-stdin"));
+    // Bad names and mailboxes.
+    let out = env.cli(
+        &["identity", "add", "a:b", "--mailbox", "x@y", "--password-stdin"],
+        Some("pw\n"),
+    );
+    assert!(!out.status.success());
+    // Unknown identity.
+    let out = env.cli(&["identity", "remove", "nobody"], None);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no identity named"));
+
+    // Declined sign-in.
+    let config = env.write_config();
+    let child = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["identity", "login", "bob"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let code = env.idp.wait_for_device_code().await;
+    assert!(env.idp.decline_device(&code));
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("declined"), "{err}");
+    let out = env.cli(&["identity", "list"], None);
+    assert!(text(&out.stdout).contains("pending"));
+}
+
+#[tokio::test]
+async fn config_check_redacts_secrets_and_names_bad_keys() {
+    let env = Env::start().await;
+    let config = env.write_config();
+    let out = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["config", "check"])
+        .env("AUTHSWAP_IDENTITY_PROVIDER__CLIENT_SECRET", "super-secret-value-42")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("super-secret-value-42"));
+    assert!(stdout.contains("client_secret = \"<redacted>\""), "{stdout}");
+    assert!(stdout.contains(&format!("{}/contoso-test/oauth2/v2.0/token", env.idp.base_url())));
+
+    let out = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["config", "check"])
+        .env("AUTHSWAP_HTTP__UPSTREAM", "http://outlook.office365.com")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.starts_with("authswap: error: http.upstream:"), "{err}");
+
+    let out = bin()
+        .args(["-c", "/nonexistent/authswap.toml", "config", "check"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("does not exist"));
+}
+
+/// Reads JSON log lines until the "serving" line; returns (admin, http).
+async fn wait_for_serving(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    log: &mut String,
+) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("log line")
+            .unwrap()
+            .expect("serve exited early");
+        log.push_str(&line);
+        log.push('\n');
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["message"] == "authswap is serving" {
+                return (
+                    v["admin"].as_str().unwrap().parse().unwrap(),
+                    v["http"].as_str().unwrap().parse().unwrap(),
+                );
+            }
+        }
+    }
+    panic!("serve did not start:\n{log}");
+}
+
+#[tokio::test]
+async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful() {
+    let client_secret = "client-secret-7f3a9-do-not-log";
+    let env = Env::start_with(IdpOptions {
+        client_secret: Some(client_secret.into()),
+        ..IdpOptions::default()
+    })
+    .await;
+    let password = "local-pass-Zq81-do-not-log";
+    let seeded = env.add_linked("alice", "alice@contoso.com", password).await;
+    env.add_linked("bob", "bob@contoso.com", "bob-pass-do-not-log").await;
+    env.idp.revoke_user("bob@contoso.com");
+
+    let config = env.write_config();
+    let mut child = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["--log-format", "json", "serve"])
+        .env("AUTHSWAP_LOG", "trace")
+        .env("AUTHSWAP_IDENTITY_PROVIDER__CLIENT_SECRET", client_secret)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut log = String::new();
+    let (admin, http) = wait_for_serving(&mut lines, &mut log).await;
+    // Keep draining the log in the background.
+    let drain = tokio::spawn(async move {
+        let mut rest = String::new();
+        let mut inner = lines.into_inner();
+        inner.read_to_string(&mut rest).await.unwrap();
+        rest
+    });
+
+    let client = HttpClient::default();
+    assert_eq!(client.ews(http, "alice", password, SOAP).await.status, StatusCode::OK);
+    env.ews.reject_next(1);
+    assert_eq!(client.ews(http, "alice", password, SOAP).await.status, StatusCode::OK);
+    assert_eq!(
+        client.ews(http, "alice", "wrong-pass-do-not-log", SOAP).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        client.ews(http, "bob", "bob-pass-do-not-log", SOAP).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(client.get(admin, "/metrics").await.status, StatusCode::OK);
+
+    // healthcheck against the running server.
+    let out = bin()
+        .args(["healthcheck", "--url", &format!("http://{admin}/healthz")])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A slow request is in flight when SIGTERM arrives: it completes.
+    env.ews.set_delay(Duration::from_millis(800));
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.ews(http, "alice", password, SOAP).await.status })
+    };
+    env.ews.wait_for_requests(env.ews.request_count() + 1).await;
+    signal(child.id().unwrap(), "TERM").await;
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    log.push_str(&drain.await.unwrap());
+
+    assert!(log.contains("refreshed access token"), "trace log captured");
+    let mut secrets: Vec<String> = vec![
+        client_secret.into(),
+        password.into(),
+        "wrong-pass-do-not-log".into(),
+        "bob-pass-do-not-log".into(),
+        seeded,
+        basic("alice", password)[6..].to_owned(),
+    ];
+    secrets.extend(env.idp.issued_access_tokens());
+    secrets.extend(env.idp.issued_refresh_tokens());
+    assert!(secrets.len() >= 8);
+    for s in &secrets {
+        assert!(!log.contains(s.as_str()), "secret {s:?} leaked into the log");
+    }
+    // After the stop the port is closed.
+    let out = bin()
+        .args(["healthcheck", "--url", &format!("http://{admin}/healthz")])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+async fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn shipped_configuration_works_on_a_fresh_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/authswap.toml");
+    let out = bin()
+        .args(["-c", shipped, "config", "check"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("identity_provider.client_id"));
+
+    // serve starts with no identity and no app registration; health and
+    // metrics answer. Only the addresses and data directory are moved.
+    let mut child = bin()
+        .args(["-c", shipped, "--log-format", "json", "serve"])
+        .env("AUTHSWAP_HTTP__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_STORE__PATH", dir.path().join("db/authswap.db"))
+        .env("AUTHSWAP_STORE__KEY_FILE", dir.path().join("db/authswap.key"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let (admin, http) = wait_for_serving(&mut lines, &mut log).await;
+    assert!(log.contains("identity_provider.client_id"), "logs what is missing: {log}");
+    let client = HttpClient::default();
+    assert_eq!(client.get(admin, "/healthz").await.status, StatusCode::OK);
+    let ready = client.get(admin, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert!(client.get(admin, "/metrics").await.text().contains("authswap_build_info"));
+    assert_eq!(
+        client.ews(http, "someone", "pw", SOAP).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("db/authswap.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    signal(child.id().unwrap(), "INT").await;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
