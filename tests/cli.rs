@@ -24,7 +24,14 @@ fn text(b: &[u8]) -> String {
 async fn device_code_login_end_to_end_honours_slow_down() {
     let env = Env::start().await;
     let out = env.cli(
-        &["identity", "add", "Alice", "--mailbox", "alice@contoso.com", "--password-stdin"],
+        &[
+            "identity",
+            "add",
+            "Alice",
+            "--mailbox",
+            "alice@contoso.com",
+            "--password-stdin",
+        ],
         Some("alice-password-1\n"),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -76,10 +83,18 @@ async fn device_code_login_end_to_end_honours_slow_down() {
     // The linked identity works through the proxy.
     let server = env.serve().await;
     let r = HttpClient::default()
-        .ews(server.http_addr().unwrap(), "alice", "alice-password-1", SOAP)
+        .ews(
+            server.http_addr().unwrap(),
+            "alice",
+            "alice-password-1",
+            SOAP,
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.header("x-echo-mailbox").as_deref(), Some("alice@contoso.com"));
+    assert_eq!(
+        r.header("x-echo-mailbox").as_deref(),
+        Some("alice@contoso.com")
+    );
     server.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -87,13 +102,27 @@ async fn device_code_login_end_to_end_honours_slow_down() {
 async fn declined_login_and_bad_commands_fail_with_one_line() {
     let env = Env::start().await;
     let out = env.cli(
-        &["identity", "add", "bob", "--mailbox", "bob@contoso.com", "--password-stdin"],
+        &[
+            "identity",
+            "add",
+            "bob",
+            "--mailbox",
+            "bob@contoso.com",
+            "--password-stdin",
+        ],
         Some("bob-password-12\n"),
     );
     assert!(out.status.success());
     // Duplicate (case-insensitive).
     let out = env.cli(
-        &["identity", "add", "BOB", "--mailbox", "bob@contoso.com", "--password-stdin"],
+        &[
+            "identity",
+            "add",
+            "BOB",
+            "--mailbox",
+            "bob@contoso.com",
+            "--password-stdin",
+        ],
         Some("x\n"),
     );
     assert!(!out.status.success());
@@ -101,12 +130,22 @@ async fn declined_login_and_bad_commands_fail_with_one_line() {
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     // No terminal and no --password-stdin.
-    let out = env.cli(&["identity", "add", "carol", "--mailbox", "carol@contoso.com"], None);
+    let out = env.cli(
+        &["identity", "add", "carol", "--mailbox", "carol@contoso.com"],
+        None,
+    );
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--password-stdin"));
     // Bad names and mailboxes.
     let out = env.cli(
-        &["identity", "add", "a:b", "--mailbox", "x@y", "--password-stdin"],
+        &[
+            "identity",
+            "add",
+            "a:b",
+            "--mailbox",
+            "x@y",
+            "--password-stdin",
+        ],
         Some("pw\n"),
     );
     assert!(!out.status.success());
@@ -148,15 +187,24 @@ async fn config_check_redacts_secrets_and_names_bad_keys() {
         .arg("-c")
         .arg(&config)
         .args(["config", "check"])
-        .env("AUTHSWAP_IDENTITY_PROVIDER__CLIENT_SECRET", "super-secret-value-42")
+        .env(
+            "AUTHSWAP_IDENTITY_PROVIDER__CLIENT_SECRET",
+            "super-secret-value-42",
+        )
         .output()
         .await
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(!stdout.contains("super-secret-value-42"));
-    assert!(stdout.contains("client_secret = \"<redacted>\""), "{stdout}");
-    assert!(stdout.contains(&format!("{}/contoso-test/oauth2/v2.0/token", env.idp.base_url())));
+    assert!(
+        stdout.contains("client_secret = \"<redacted>\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!(
+        "{}/contoso-test/oauth2/v2.0/token",
+        env.idp.base_url()
+    )));
 
     let out = bin()
         .arg("-c")
@@ -215,7 +263,8 @@ async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful
     .await;
     let password = "local-pass-Zq81-do-not-log";
     let seeded = env.add_linked("alice", "alice@contoso.com", password).await;
-    env.add_linked("bob", "bob@contoso.com", "bob-pass-do-not-log").await;
+    env.add_linked("bob", "bob@contoso.com", "bob-pass-do-not-log")
+        .await;
     env.idp.revoke_user("bob@contoso.com");
 
     let config = env.write_config();
@@ -244,15 +293,27 @@ async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful
     });
 
     let client = HttpClient::default();
-    assert_eq!(client.ews(http, "alice", password, SOAP).await.status, StatusCode::OK);
-    env.ews.reject_next(1);
-    assert_eq!(client.ews(http, "alice", password, SOAP).await.status, StatusCode::OK);
     assert_eq!(
-        client.ews(http, "alice", "wrong-pass-do-not-log", SOAP).await.status,
+        client.ews(http, "alice", password, SOAP).await.status,
+        StatusCode::OK
+    );
+    env.ews.reject_next(1);
+    assert_eq!(
+        client.ews(http, "alice", password, SOAP).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client
+            .ews(http, "alice", "wrong-pass-do-not-log", SOAP)
+            .await
+            .status,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        client.ews(http, "bob", "bob-pass-do-not-log", SOAP).await.status,
+        client
+            .ews(http, "bob", "bob-pass-do-not-log", SOAP)
+            .await
+            .status,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(client.get(admin, "/metrics").await.status, StatusCode::OK);
@@ -294,7 +355,10 @@ async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful
     secrets.extend(env.idp.issued_refresh_tokens());
     assert!(secrets.len() >= 8);
     for s in &secrets {
-        assert!(!log.contains(s.as_str()), "secret {s:?} leaked into the log");
+        assert!(
+            !log.contains(s.as_str()),
+            "secret {s:?} leaked into the log"
+        );
     }
     // After the stop the port is closed.
     let out = bin()
@@ -334,7 +398,10 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
         .env("AUTHSWAP_HTTP__LISTEN", "127.0.0.1:0")
         .env("AUTHSWAP_ADMIN__LISTEN", "127.0.0.1:0")
         .env("AUTHSWAP_STORE__PATH", dir.path().join("db/authswap.db"))
-        .env("AUTHSWAP_STORE__KEY_FILE", dir.path().join("db/authswap.key"))
+        .env(
+            "AUTHSWAP_STORE__KEY_FILE",
+            dir.path().join("db/authswap.key"),
+        )
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -343,12 +410,19 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = String::new();
     let (admin, http) = wait_for_serving(&mut lines, &mut log).await;
-    assert!(log.contains("identity_provider.client_id"), "logs what is missing: {log}");
+    assert!(
+        log.contains("identity_provider.client_id"),
+        "logs what is missing: {log}"
+    );
     let client = HttpClient::default();
     assert_eq!(client.get(admin, "/healthz").await.status, StatusCode::OK);
     let ready = client.get(admin, "/readyz").await;
     assert_eq!(ready.status, StatusCode::OK);
-    assert!(client.get(admin, "/metrics").await.text().contains("authswap_build_info"));
+    assert!(client
+        .get(admin, "/metrics")
+        .await
+        .text()
+        .contains("authswap_build_info"));
     assert_eq!(
         client.ews(http, "someone", "pw", SOAP).await.status,
         StatusCode::UNAUTHORIZED

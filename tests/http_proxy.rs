@@ -32,7 +32,10 @@ async fn basic_credentials_become_a_bearer_token_upstream() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.text(), SOAP, "body echoed through both hops");
-    assert_eq!(reply.header("x-echo-mailbox").as_deref(), Some("alice@contoso.com"));
+    assert_eq!(
+        reply.header("x-echo-mailbox").as_deref(),
+        Some("alice@contoso.com")
+    );
     assert_eq!(
         reply.header("x-echo-path-and-query").as_deref(),
         Some("/EWS/Exchange.asmx?x=1")
@@ -42,7 +45,10 @@ async fn basic_credentials_become_a_bearer_token_upstream() {
     let auth = seen.header("authorization").unwrap();
     assert!(auth.starts_with("Bearer at-"), "upstream got {auth:?}");
     assert!(env.idp.is_access_token_valid(&auth[7..]).is_some());
-    assert_eq!(seen.header("content-type").as_deref(), Some("text/xml; charset=utf-8"));
+    assert_eq!(
+        seen.header("content-type").as_deref(),
+        Some("text/xml; charset=utf-8")
+    );
     assert_eq!(env.idp.successful_refreshes(), 1);
     // The refresh asked for the EWS scope plus offline_access.
     let scopes = env.idp.requested_scopes();
@@ -55,15 +61,22 @@ async fn basic_credentials_become_a_bearer_token_upstream() {
     }
     assert_eq!(env.idp.refresh_calls(), 1);
     let m = client.get(server.admin_addr(), "/metrics").await.text();
-    assert_eq!(sample(&m, "authswap_credential_checks_total{result=\"verified\"}"), Some(1.0));
-    assert_eq!(sample(&m, "authswap_credential_checks_total{result=\"cache_hit\"}"), Some(5.0));
+    assert_eq!(
+        sample(&m, "authswap_credential_checks_total{result=\"verified\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "authswap_credential_checks_total{result=\"cache_hit\"}"),
+        Some(5.0)
+    );
     server.shutdown(GRACE).await;
 }
 
 #[tokio::test]
 async fn upstream_is_reached_over_http2_when_offered() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     let server = env.serve().await;
     let r = HttpClient::default()
         .ews(server.http_addr().unwrap(), "alice", "pw-alice-123", SOAP)
@@ -76,7 +89,8 @@ async fn upstream_is_reached_over_http2_when_offered() {
 #[tokio::test]
 async fn wrong_password_missing_or_malformed_credentials_get_401_and_nothing_goes_upstream() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "right-password").await;
+    env.add_linked("alice", "alice@contoso.com", "right-password")
+        .await;
     let server = env.serve().await;
     let addr = server.http_addr().unwrap();
     let client = HttpClient::default();
@@ -117,7 +131,8 @@ async fn wrong_password_missing_or_malformed_credentials_get_401_and_nothing_goe
 #[tokio::test]
 async fn unknown_names_get_401_and_create_no_metric_series() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "right-password").await;
+    env.add_linked("alice", "alice@contoso.com", "right-password")
+        .await;
     let server = env.serve().await;
     let addr = server.http_addr().unwrap();
     let client = HttpClient::default();
@@ -132,7 +147,10 @@ async fn unknown_names_get_401_and_create_no_metric_series() {
         assert_eq!(r.text(), "authentication failed\n");
     }
     let after = client.get(server.admin_addr(), "/metrics").await.text();
-    assert!(!after.contains("intruder"), "user-supplied names never become labels");
+    assert!(
+        !after.contains("intruder"),
+        "user-supplied names never become labels"
+    );
     // Checked and refused, or refused without checking once the source is
     // locked out: every attempt is counted under `_unknown`.
     let unknown = sample(
@@ -159,16 +177,22 @@ async fn unknown_names_get_401_and_create_no_metric_series() {
 #[tokio::test]
 async fn upstream_401_refreshes_once_and_replays_the_body_byte_identical() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     let server = env.serve().await;
     let addr = server.http_addr().unwrap();
     let client = HttpClient::default();
     // Warm up: the first token.
-    assert_eq!(client.ews(addr, "alice", "pw-alice-123", SOAP).await.status, StatusCode::OK);
+    assert_eq!(
+        client.ews(addr, "alice", "pw-alice-123", SOAP).await.status,
+        StatusCode::OK
+    );
     env.ews.clear();
 
     // 64 KiB of every byte value, not valid UTF-8.
-    let body: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(31) % 251) as u8).collect();
+    let body: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(31) % 251) as u8)
+        .collect();
     env.ews.reject_next(1);
     let r = client
         .send(
@@ -212,13 +236,20 @@ async fn upstream_401_refreshes_once_and_replays_the_body_byte_identical() {
 #[tokio::test]
 async fn bodies_over_the_replay_limit_stream_without_replay() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     let server = env.serve().await; // replay_buffer_limit = 1MiB in the test config
     let addr = server.http_addr().unwrap();
     let client = HttpClient::default();
     let body: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
     let r = client
-        .send(addr, Method::POST, "/upload", Some(&basic("alice", "pw-alice-123")), body.clone())
+        .send(
+            addr,
+            Method::POST,
+            "/upload",
+            Some(&basic("alice", "pw-alice-123")),
+            body.clone(),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body.len(), body.len());
@@ -227,9 +258,19 @@ async fn bodies_over_the_replay_limit_stream_without_replay() {
     env.ews.clear();
     env.ews.reject_next(1);
     let r = client
-        .send(addr, Method::POST, "/upload", Some(&basic("alice", "pw-alice-123")), body)
+        .send(
+            addr,
+            Method::POST,
+            "/upload",
+            Some(&basic("alice", "pw-alice-123")),
+            body,
+        )
         .await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "not replayable: the 401 passes through");
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "not replayable: the 401 passes through"
+    );
     assert_eq!(env.ews.request_count(), 1);
     // The next request uses a fresh token.
     let r = client.ews(addr, "alice", "pw-alice-123", SOAP).await;
@@ -240,12 +281,16 @@ async fn bodies_over_the_replay_limit_stream_without_replay() {
 #[tokio::test]
 async fn hundred_concurrent_requests_with_an_expired_token_cause_one_refresh() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     let server = env.serve().await;
     let addr = server.http_addr().unwrap();
     let client = HttpClient::default();
     env.idp.set_expires_in(2);
-    assert_eq!(client.ews(addr, "alice", "pw-alice-123", SOAP).await.status, StatusCode::OK);
+    assert_eq!(
+        client.ews(addr, "alice", "pw-alice-123", SOAP).await.status,
+        StatusCode::OK
+    );
     assert_eq!(env.idp.refresh_calls(), 1);
     env.idp.set_expires_in(3600);
     env.idp.set_delay(Duration::from_millis(200));
@@ -261,7 +306,11 @@ async fn hundred_concurrent_requests_with_an_expired_token_cause_one_refresh() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), StatusCode::OK);
     }
-    assert_eq!(env.idp.refresh_calls(), 2, "exactly one refresh for 100 requests");
+    assert_eq!(
+        env.idp.refresh_calls(),
+        2,
+        "exactly one refresh for 100 requests"
+    );
     assert_eq!(env.ews.accepted_count(), 101);
     server.shutdown(GRACE).await;
 }
@@ -269,7 +318,8 @@ async fn hundred_concurrent_requests_with_an_expired_token_cause_one_refresh() {
 #[tokio::test]
 async fn revoked_refresh_token_marks_the_identity_needs_reauth() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     env.idp.revoke_user("alice@contoso.com");
     let server = env.serve().await;
     let addr = server.http_addr().unwrap();
@@ -289,20 +339,33 @@ async fn revoked_refresh_token_marks_the_identity_needs_reauth() {
     assert_eq!(env.idp.refresh_calls(), 1);
 
     let out = env.cli(&["identity", "list", "--json"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["name"], "alice");
     assert_eq!(list[0]["status"], "needs_reauth");
-    assert!(list[0]["last_error"].as_str().unwrap().contains("AADSTS50173"));
+    assert!(list[0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("AADSTS50173"));
     let out = env.cli(&["identity", "list", "--status", "error"], None);
     assert!(String::from_utf8_lossy(&out.stdout).contains("needs_reauth"));
     let out = env.cli(&["identity", "list", "--status", "ok"], None);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("alice"));
 
     let m = client.get(server.admin_addr(), "/metrics").await.text();
-    assert_eq!(sample(&m, "authswap_identity_reauth_required{identity=\"alice\"}"), Some(1.0));
     assert_eq!(
-        sample(&m, "authswap_token_refreshes_total{identity=\"alice\",result=\"reauth_required\"}"),
+        sample(&m, "authswap_identity_reauth_required{identity=\"alice\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "authswap_token_refreshes_total{identity=\"alice\",result=\"reauth_required\"}"
+        ),
         Some(1.0)
     );
 
@@ -312,7 +375,11 @@ async fn revoked_refresh_token_marks_the_identity_needs_reauth() {
         &["identity", "import", "alice", "--refresh-token-stdin"],
         Some(&format!("{rt}\n")),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut ok = false;
     for _ in 0..50 {
         if client.ews(addr, "alice", "pw-alice-123", SOAP).await.status == StatusCode::OK {
@@ -323,14 +390,18 @@ async fn revoked_refresh_token_marks_the_identity_needs_reauth() {
     }
     assert!(ok, "re-linked identity works without a restart");
     let m = client.get(server.admin_addr(), "/metrics").await.text();
-    assert_eq!(sample(&m, "authswap_identity_reauth_required{identity=\"alice\"}"), Some(0.0));
+    assert_eq!(
+        sample(&m, "authswap_identity_reauth_required{identity=\"alice\"}"),
+        Some(0.0)
+    );
     server.shutdown(GRACE).await;
 }
 
 #[tokio::test]
 async fn identity_platform_down_answers_503_with_retry_after_and_backs_off() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     env.idp.set_unavailable(true);
     let server = env.serve().await;
     let addr = server.http_addr().unwrap();
@@ -352,7 +423,10 @@ async fn identity_platform_down_answers_503_with_retry_after_and_backs_off() {
     let out = env.cli(&["identity", "list", "--json"], None);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["status"], "linked");
-    assert!(list[0]["last_error"].as_str().unwrap().contains("AADSTS90006"));
+    assert!(list[0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("AADSTS90006"));
 
     env.idp.set_unavailable(false);
     let recovered = {
@@ -373,17 +447,29 @@ async fn identity_platform_down_answers_503_with_retry_after_and_backs_off() {
 #[tokio::test]
 async fn throttling_and_other_upstream_answers_pass_through_unchanged() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     let server = env.serve().await;
     let addr = server.http_addr().unwrap();
     let client = HttpClient::default();
-    assert_eq!(client.ews(addr, "alice", "pw-alice-123", SOAP).await.status, StatusCode::OK);
+    assert_eq!(
+        client.ews(addr, "alice", "pw-alice-123", SOAP).await.status,
+        StatusCode::OK
+    );
 
     env.ews.respond_next(503, &[("retry-after", "7")], "busy");
     let r = client.ews(addr, "alice", "pw-alice-123", SOAP).await;
-    assert_eq!((r.status, r.header("retry-after").as_deref(), r.text().as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("7"), "busy"));
+    assert_eq!(
+        (
+            r.status,
+            r.header("retry-after").as_deref(),
+            r.text().as_str()
+        ),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("7"), "busy")
+    );
 
-    env.ews.respond_next_canned(support::server_busy_response(5000));
+    env.ews
+        .respond_next_canned(support::server_busy_response(5000));
     let r = client.ews(addr, "alice", "pw-alice-123", SOAP).await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(r.text().contains("ErrorServerBusy"));
@@ -392,7 +478,11 @@ async fn throttling_and_other_upstream_answers_pass_through_unchanged() {
     let r = client.ews(addr, "alice", "pw-alice-123", SOAP).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
 
-    assert_eq!(env.idp.refresh_calls(), 1, "throttling is not an auth failure");
+    assert_eq!(
+        env.idp.refresh_calls(),
+        1,
+        "throttling is not an auth failure"
+    );
     let m = client.get(server.admin_addr(), "/metrics").await.text();
     assert!(!m.contains("reason=\"token_rejected\""));
     server.shutdown(GRACE).await;
@@ -406,7 +496,9 @@ async fn restart_keeps_working_with_the_rotated_refresh_token() {
         ..IdpOptions::default()
     })
     .await;
-    let original = env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    let original = env
+        .add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     let client = HttpClient::default();
     for round in 0..3 {
         let server = env.serve().await;
@@ -431,22 +523,38 @@ async fn restart_keeps_working_with_the_rotated_refresh_token() {
 #[tokio::test]
 async fn cli_changes_apply_to_the_running_server() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "first-password").await;
+    env.add_linked("alice", "alice@contoso.com", "first-password")
+        .await;
     let server = env.serve().await;
     let addr = server.http_addr().unwrap();
     let admin = server.admin_addr();
     let client = HttpClient::default();
-    assert_eq!(client.ews(addr, "alice", "first-password", SOAP).await.status, StatusCode::OK);
+    assert_eq!(
+        client
+            .ews(addr, "alice", "first-password", SOAP)
+            .await
+            .status,
+        StatusCode::OK
+    );
 
     // New password: the old one (cached!) stops working, the new one works.
     let out = env.cli(
         &["identity", "set-password", "alice", "--password-stdin"],
         Some("second-password\n"),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut switched = false;
     for _ in 0..50 {
-        if client.ews(addr, "alice", "second-password", SOAP).await.status == StatusCode::OK {
+        if client
+            .ews(addr, "alice", "second-password", SOAP)
+            .await
+            .status
+            == StatusCode::OK
+        {
             switched = true;
             break;
         }
@@ -454,24 +562,48 @@ async fn cli_changes_apply_to_the_running_server() {
     }
     assert!(switched);
     assert_eq!(
-        client.ews(addr, "alice", "first-password", SOAP).await.status,
+        client
+            .ews(addr, "alice", "first-password", SOAP)
+            .await
+            .status,
         StatusCode::UNAUTHORIZED
     );
 
     // A new identity added and imported while serving.
     let out = env.cli(
-        &["identity", "add", "bob", "--mailbox", "bob@contoso.com", "--password-stdin"],
+        &[
+            "identity",
+            "add",
+            "bob",
+            "--mailbox",
+            "bob@contoso.com",
+            "--password-stdin",
+        ],
         Some("bob-password-1\n"),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rt = env.idp.seed_refresh_token("bob@contoso.com");
-    let out = env.cli(&["identity", "import", "bob", "--refresh-token-stdin"], Some(&rt));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.cli(
+        &["identity", "import", "bob", "--refresh-token-stdin"],
+        Some(&rt),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut bob_ok = false;
     for _ in 0..50 {
         let r = client.ews(addr, "BOB", "bob-password-1", SOAP).await;
         if r.status == StatusCode::OK {
-            assert_eq!(r.header("x-echo-mailbox").as_deref(), Some("bob@contoso.com"));
+            assert_eq!(
+                r.header("x-echo-mailbox").as_deref(),
+                Some("bob@contoso.com")
+            );
             bob_ok = true;
             break;
         }
@@ -491,11 +623,17 @@ async fn cli_changes_apply_to_the_running_server() {
     .await;
     assert!(gone);
     assert_eq!(
-        client.ews(addr, "alice", "second-password", SOAP).await.status,
+        client
+            .ews(addr, "alice", "second-password", SOAP)
+            .await
+            .status,
         StatusCode::UNAUTHORIZED
     );
     let m = client.get(admin, "/metrics").await.text();
-    assert!(!m.contains("identity=\"alice\""), "series of a removed identity are gone");
+    assert!(
+        !m.contains("identity=\"alice\""),
+        "series of a removed identity are gone"
+    );
     let out = env.cli(&["identity", "list", "--json"], None);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
@@ -505,18 +643,33 @@ async fn cli_changes_apply_to_the_running_server() {
 #[tokio::test]
 async fn admin_endpoints_and_metrics_parse() {
     let env = Env::start().await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123").await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
     let server = env.serve().await;
     let client = HttpClient::default();
     let admin = server.admin_addr();
-    assert_eq!(client.ews(server.http_addr().unwrap(), "alice", "pw-alice-123", SOAP).await.status, StatusCode::OK);
-    let _ = client.ews(server.http_addr().unwrap(), "nobody", "x", SOAP).await;
+    assert_eq!(
+        client
+            .ews(server.http_addr().unwrap(), "alice", "pw-alice-123", SOAP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let _ = client
+        .ews(server.http_addr().unwrap(), "nobody", "x", SOAP)
+        .await;
 
     assert_eq!(client.get(admin, "/healthz").await.status, StatusCode::OK);
     assert_eq!(client.get(admin, "/readyz").await.status, StatusCode::OK);
-    assert_eq!(client.get(admin, "/nope").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        client.get(admin, "/nope").await.status,
+        StatusCode::NOT_FOUND
+    );
     let r = client.get(admin, "/metrics").await;
-    assert!(r.header("content-type").unwrap().starts_with("application/openmetrics-text"));
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
     let text = r.text();
     assert!(text.trim_end().ends_with("# EOF"));
     let lines = text.lines().map(|l| Ok(l.to_owned()));
@@ -552,5 +705,114 @@ async fn admin_endpoints_and_metrics_parse() {
     assert!(!text
         .lines()
         .any(|l| l.starts_with("authswap_upstream_request_duration") && l.contains("identity=")));
+    server.shutdown(GRACE).await;
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn oversized_heads_bodies_and_slow_clients_are_bounded() {
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let server = env
+        .serve_with(|c| {
+            c.http.header_read_timeout = Duration::from_millis(500);
+            c.http.max_header_bytes = authswap::config::ByteSize(16 * 1024);
+            c.http.max_body_bytes = authswap::config::ByteSize(100 * 1024);
+        })
+        .await;
+    let addr = server.http_addr().unwrap();
+
+    // A header larger than max_header_bytes.
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let answer = raw_exchange(addr, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.60}");
+
+    // Garbage instead of HTTP.
+    let answer = raw_exchange(addr, b"\x16\x03\x01garbage\r\n\r\n").await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer:.60}"
+    );
+
+    // A client that never finishes its head is cut off.
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(addr, b"POST /EWS/Exchange.asmx HTTP/1.1\r\nhost: x\r\n").await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer:.60}"
+    );
+
+    // A declared body over max_body_bytes.
+    let client = HttpClient::default();
+    let r = client
+        .send(
+            addr,
+            Method::POST,
+            "/EWS/Exchange.asmx",
+            Some(&basic("alice", "pw-alice-123")),
+            vec![b'x'; 200 * 1024],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(env.ews.request_count(), 0);
+
+    // The listener still serves well-behaved clients.
+    let r = client.ews(addr, "alice", "pw-alice-123", SOAP).await;
+    assert_eq!(r.status, StatusCode::OK);
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn local_https_listener_serves_legacy_clients_that_insist_on_tls() {
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let (cert, key) = support::pki().write_server_cert_files(env.dir.path());
+    let server = env
+        .serve_with(|c| {
+            c.http.tls_cert_file = Some(cert);
+            c.http.tls_key_file = Some(key);
+        })
+        .await;
+    let addr = server.http_addr().unwrap();
+    let tls = (*support::pki().client_config_no_alpn()).clone();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let req = http::Request::post(format!(
+        "https://localhost:{}/EWS/Exchange.asmx",
+        addr.port()
+    ))
+    .header("authorization", basic("alice", "pw-alice-123"))
+    .body(http_body_util::Full::new(Bytes::from_static(
+        SOAP.as_bytes(),
+    )))
+    .unwrap();
+    let res = client.request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    use http_body_util::BodyExt;
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, SOAP.as_bytes());
+    // Plain HTTP on the TLS port does not get through.
+    let answer = raw_exchange(addr, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(!answer.contains("200 OK"));
     server.shutdown(GRACE).await;
 }

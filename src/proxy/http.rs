@@ -418,26 +418,26 @@ fn basic_credentials(headers: &HeaderMap) -> Result<(String, Zeroizing<String>),
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(Rejection::MissingCredentials);
     };
-    let malformed = Rejection::BadRequest("malformed Basic credentials");
-    let value = value.as_bytes();
+    parse_basic(value.as_bytes()).ok_or(Rejection::BadRequest("malformed Basic credentials"))
+}
+
+/// Decodes an `Authorization: Basic` value (RFC 7617) into a non-empty name
+/// and the password (which may contain `:`). `None` when malformed.
+pub fn parse_basic(value: &[u8]) -> Option<(String, Zeroizing<String>)> {
     if value.len() < 6 || !value[..6].eq_ignore_ascii_case(b"basic ") {
-        return Err(malformed);
+        return None;
     }
-    let encoded = value[6..].trim_ascii();
     let decoded = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .map_err(|_| Rejection::BadRequest("malformed Basic credentials"))?,
+            .decode(value[6..].trim_ascii())
+            .ok()?,
     );
-    let text = std::str::from_utf8(&decoded)
-        .map_err(|_| Rejection::BadRequest("malformed Basic credentials"))?;
-    let (name, password) = text
-        .split_once(':')
-        .ok_or(Rejection::BadRequest("malformed Basic credentials"))?;
+    let text = std::str::from_utf8(&decoded).ok()?;
+    let (name, password) = text.split_once(':')?;
     if name.is_empty() {
-        return Err(Rejection::BadRequest("malformed Basic credentials"));
+        return None;
     }
-    Ok((name.to_owned(), Zeroizing::new(password.to_owned())))
+    Some((name.to_owned(), Zeroizing::new(password.to_owned())))
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
