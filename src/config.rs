@@ -663,6 +663,7 @@ mod tests {
         c.identity_provider.client_secret = Some(Secret::new("s3cr3t-value"));
         let out = c.to_redacted_toml();
         assert!(!out.contains("s3cr3t-value"));
+        assert!(!format!("{c:?}").contains("s3cr3t-value"));
         assert!(out.contains("<redacted>"));
     }
 

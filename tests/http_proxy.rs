@@ -816,3 +816,51 @@ async fn local_https_listener_serves_legacy_clients_that_insist_on_tls() {
     assert!(!answer.contains("200 OK"));
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn tokens_are_refreshed_ahead_of_expiry_without_making_clients_wait() {
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let server = env.serve().await;
+    let addr = server.http_addr().unwrap();
+    let client = HttpClient::default();
+    // A 4 s token: refreshed from its half-life on (refresh_ahead is 5m,
+    // capped at half the lifetime).
+    env.idp.set_expires_in(4);
+    assert_eq!(
+        client.ews(addr, "alice", "pw-alice-123", SOAP).await.status,
+        StatusCode::OK
+    );
+    let first = env.ews.last_request().unwrap().bearer;
+    env.idp.set_expires_in(3600);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    // Still valid: served at once with the old token, refresh in the background.
+    env.idp.set_delay(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    assert_eq!(
+        client.ews(addr, "alice", "pw-alice-123", SOAP).await.status,
+        StatusCode::OK
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "did not wait for the refresh"
+    );
+    assert_eq!(env.ews.last_request().unwrap().bearer, first);
+    assert!(
+        eventually(Duration::from_secs(5), || env.idp.successful_refreshes()
+            == 2)
+        .await
+    );
+    assert_eq!(
+        client.ews(addr, "alice", "pw-alice-123", SOAP).await.status,
+        StatusCode::OK
+    );
+    assert_ne!(
+        env.ews.last_request().unwrap().bearer,
+        first,
+        "the new token is used"
+    );
+    assert_eq!(env.idp.refresh_calls(), 2);
+    server.shutdown(GRACE).await;
+}

@@ -115,6 +115,9 @@ impl HttpProxy {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         headers.remove(header::AUTHORIZATION);
+        // The body is read (or streamed) by us; the upstream must not wait
+        // for a 100-continue handshake the client already had with us.
+        headers.remove(header::EXPECT);
         let method = parts.method;
 
         let body = self.read_body(body, &headers).await?;
@@ -432,7 +435,11 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, Zeroizing<String>)> {
             .decode(value[6..].trim_ascii())
             .ok()?,
     );
-    let text = std::str::from_utf8(&decoded).ok()?;
+    // RFC 7617 says UTF-8; many legacy Windows clients send ISO-8859-1.
+    let text: Zeroizing<String> = Zeroizing::new(match std::str::from_utf8(&decoded) {
+        Ok(s) => s.to_owned(),
+        Err(_) => decoded.iter().map(|&b| char::from(b)).collect(),
+    });
     let (name, password) = text.split_once(':')?;
     if name.is_empty() {
         return None;
@@ -549,6 +556,9 @@ mod tests {
         assert_eq!(n, "Alice");
         assert!(basic_credentials(&h("Bearer x")).is_err());
         assert!(basic_credentials(&h("Basic !!!")).is_err());
+        let latin1 = base64::engine::general_purpose::STANDARD.encode(b"ren\xe9:caf\xe9");
+        let (n, p) = basic_credentials(&h(&format!("Basic {latin1}"))).unwrap();
+        assert_eq!((n.as_str(), p.as_str()), ("ren\u{e9}", "caf\u{e9}"));
         let nocolon = base64::engine::general_purpose::STANDARD.encode("alice");
         assert!(basic_credentials(&h(&format!("Basic {nocolon}"))).is_err());
         assert!(matches!(

@@ -55,7 +55,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Deleted rows (tokens, personal data) are overwritten, not left
+            // in free pages.
+            .pragma("secure_delete", "ON");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
@@ -186,12 +189,11 @@ impl Store for SqliteStore {
         }
         bump(&mut tx).await?;
         tx.commit().await?;
-        // Deleted rows may linger in free pages and the WAL: checkpoint and
-        // vacuum so the refresh token and personal data are really gone.
+        // Earlier versions of the row live on in WAL frames until a
+        // checkpoint: copy the (zeroed) pages back and truncate the WAL.
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
             .execute(&self.pool)
             .await?;
-        sqlx::query("VACUUM").execute(&self.pool).await?;
         Ok(())
     }
 
@@ -407,6 +409,17 @@ mod tests {
 
         store.remove("Alice").await.unwrap();
         assert!(store.get("alice").await.unwrap().is_none());
+        // Nothing of the identity is left on disk.
+        let dir_path = dir.path().join("db");
+        for file in ["a.db", "a.db-wal"] {
+            let bytes = std::fs::read(dir_path.join(file)).unwrap_or_default();
+            for needle in [&b"alice@contoso.com"[..], &sealed.blob[..16]] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "{file} still holds identity data"
+                );
+            }
+        }
         assert!(matches!(
             store.remove("alice").await,
             Err(StoreError::NotFound(_))

@@ -556,3 +556,34 @@ fn reauth_error(identity: &Identity) -> TokenError {
             .unwrap_or_else(|| "the refresh token was refused".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_normalised() {
+        let a = Scopes::new(&["offline_access", "b", "a", "b"]);
+        let b = Scopes::new(&["a", "b", "offline_access"]);
+        assert_eq!(a, b);
+        assert_eq!(a.list(), ["a", "b", "offline_access"]);
+    }
+
+    #[test]
+    fn access_tokens_never_show_in_debug_and_refresh_at_half_life_at_most() {
+        let now = Instant::now();
+        let t = AccessToken::new(
+            1,
+            Secret::new("eyJ0eXAiOiJKV1Qi.secret"),
+            now,
+            Duration::from_secs(10),
+            Duration::from_secs(300),
+        );
+        assert!(!format!("{t:?}").contains("eyJ0"));
+        assert!(!format!("{:?}", t.bearer_header()).contains("eyJ0"));
+        assert!(t.fresh(now + Duration::from_secs(4)));
+        assert!(!t.fresh(now + Duration::from_secs(6)));
+        assert!(t.usable(now + Duration::from_secs(6)));
+        assert!(!t.usable(now + Duration::from_secs(10)));
+    }
+}

@@ -11,7 +11,7 @@ use crate::tls::{BoxError, HttpsClient};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use oauth2::basic::{
-    BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenResponse,
+    BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenType,
 };
 use oauth2::{
     AsyncHttpClient, AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl,
@@ -53,9 +53,77 @@ impl fmt::Display for MsErrorResponse {
 
 impl oauth2::ErrorResponse for MsErrorResponse {}
 
+/// A token response, lenient where real servers differ from RFC 6749:
+/// `expires_in` as a number or a string (v1 endpoints, ADFS), `token_type`
+/// in any case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MsTokenResponse {
+    access_token: oauth2::AccessToken,
+    #[serde(deserialize_with = "de_token_type", serialize_with = "ser_token_type")]
+    token_type: BasicTokenType,
+    #[serde(default, deserialize_with = "de_lenient_u64")]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    refresh_token: Option<oauth2::RefreshToken>,
+}
+
+impl TokenResponse for MsTokenResponse {
+    type TokenType = BasicTokenType;
+
+    fn access_token(&self) -> &oauth2::AccessToken {
+        &self.access_token
+    }
+
+    fn token_type(&self) -> &BasicTokenType {
+        &self.token_type
+    }
+
+    fn expires_in(&self) -> Option<Duration> {
+        self.expires_in.map(Duration::from_secs)
+    }
+
+    fn refresh_token(&self) -> Option<&oauth2::RefreshToken> {
+        self.refresh_token.as_ref()
+    }
+
+    fn scopes(&self) -> Option<&Vec<Scope>> {
+        None
+    }
+}
+
+fn de_token_type<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BasicTokenType, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "bearer" => BasicTokenType::Bearer,
+        "mac" => BasicTokenType::Mac,
+        _ => BasicTokenType::Extension(s),
+    })
+}
+
+fn ser_token_type<S: serde::Serializer>(t: &BasicTokenType, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.as_ref())
+}
+
+fn de_lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        F(f64),
+        S(String),
+    }
+    Ok(match Option::<Raw>::deserialize(d)? {
+        None => None,
+        Some(Raw::N(n)) => Some(n),
+        Some(Raw::F(f)) if f >= 0.0 => Some(f as u64),
+        Some(Raw::F(_)) => None,
+        Some(Raw::S(s)) => s.trim().parse().ok(),
+    })
+}
+
 type MsClient = oauth2::Client<
     MsErrorResponse,
-    BasicTokenResponse,
+    MsTokenResponse,
     BasicTokenIntrospectionResponse,
     StandardRevocableToken,
     BasicRevocationErrorResponse,
@@ -349,7 +417,7 @@ impl IdpClient {
     }
 }
 
-fn grant(resp: &BasicTokenResponse) -> TokenGrant {
+fn grant(resp: &MsTokenResponse) -> TokenGrant {
     TokenGrant {
         access_token: Secret::new(resp.access_token().secret().clone()),
         expires_in: resp.expires_in().unwrap_or(Duration::from_secs(600)),
@@ -411,5 +479,26 @@ fn map_error<T: oauth2::ErrorResponse>(
                 retry_after,
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_responses_are_parsed_leniently() {
+        let r: MsTokenResponse = serde_json::from_str(
+            r#"{"token_type":"bearer","expires_in":"3599","access_token":"a","refresh_token":"r","scope":"x y","foo":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.expires_in(), Some(Duration::from_secs(3599)));
+        assert_eq!(*r.token_type(), BasicTokenType::Bearer);
+        let r: MsTokenResponse =
+            serde_json::from_str(r#"{"token_type":"Bearer","expires_in":3600,"access_token":"a"}"#)
+                .unwrap();
+        assert_eq!(r.expires_in(), Some(Duration::from_secs(3600)));
+        assert!(r.refresh_token().is_none());
+        assert!(!format!("{r:?}").contains("\"a\""));
     }
 }
