@@ -148,15 +148,13 @@ impl Directory {
                 _ => false,
             };
             if !unchanged {
-                {
-                    let ident = Arc::new(Identity::from_record(r));
-                    if let Some(old) = self.by_key.insert(key, ident.clone()) {
-                        if old.id != ident.id {
-                            changes.removed.push(old);
-                        }
+                let ident = Arc::new(Identity::from_record(r));
+                if let Some(old) = self.by_key.insert(key, ident.clone()) {
+                    if old.id != ident.id {
+                        changes.removed.push(old);
                     }
-                    changes.replaced.push(ident);
                 }
+                changes.replaced.push(ident);
             }
         }
         let gone: Vec<String> = self
