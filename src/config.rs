@@ -56,7 +56,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Embedded store and its sealing key.
@@ -73,6 +73,227 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Token engine tuning.
     pub tokens: TokenConfig,
+    /// SMTP submission front end.
+    #[serde(deserialize_with = "smtp_de")]
+    pub smtp: MailConfig,
+    /// IMAP front end.
+    #[serde(deserialize_with = "imap_de")]
+    pub imap: MailConfig,
+    /// POP3 front end.
+    #[serde(deserialize_with = "pop3_de")]
+    pub pop3: MailConfig,
+}
+
+fn smtp_de<'de, D: Deserializer<'de>>(d: D) -> Result<MailConfig, D::Error> {
+    mail_section(d, MailConfig::smtp())
+}
+fn imap_de<'de, D: Deserializer<'de>>(d: D) -> Result<MailConfig, D::Error> {
+    mail_section(d, MailConfig::imap())
+}
+fn pop3_de<'de, D: Deserializer<'de>>(d: D) -> Result<MailConfig, D::Error> {
+    mail_section(d, MailConfig::pop3())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            store: StoreConfig::default(),
+            identity_provider: IdpConfig::default(),
+            tls: TlsConfig::default(),
+            http: HttpConfig::default(),
+            admin: AdminConfig::default(),
+            auth: AuthConfig::default(),
+            tokens: TokenConfig::default(),
+            smtp: MailConfig::smtp(),
+            imap: MailConfig::imap(),
+            pop3: MailConfig::pop3(),
+        }
+    }
+}
+
+/// How a mail front end reaches its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// Plain connection upgraded with STARTTLS / STLS (refused when not offered).
+    Starttls,
+    /// TLS from the first byte.
+    Implicit,
+}
+
+/// SMTP submission scope.
+pub const SMTP_SCOPE: &str = "https://outlook.office.com/SMTP.Send";
+/// IMAP scope.
+pub const IMAP_SCOPE: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
+/// POP3 scope.
+pub const POP_SCOPE: &str = "https://outlook.office.com/POP.AccessAsUser.All";
+
+/// `[smtp]`, `[imap]`, `[pop3]`: a mail front end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailConfig {
+    /// Serve this front end.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Local listen address.
+    pub listen: String,
+    /// Upstream `host:port`.
+    pub upstream: String,
+    /// `starttls` or `implicit`.
+    pub upstream_tls: UpstreamTls,
+    /// Scopes requested for this protocol's tokens.
+    #[serde(deserialize_with = "scopes_de")]
+    pub scopes: Vec<String>,
+    /// Certificate chain (PEM) to offer STARTTLS (or implicit TLS) to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) for `tls_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// With a certificate: TLS from the first byte (SMTPS/IMAPS/POP3S) instead of STARTTLS.
+    #[serde(default)]
+    pub implicit_tls: bool,
+    /// Name in greetings.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Longest accepted command line before login, in bytes.
+    #[serde(default = "default_max_line")]
+    pub max_line: ByteSize,
+    /// A client silent this long before login is disconnected.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time limit for connecting and logging in upstream.
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    /// Concurrent client connections.
+    #[serde(default = "default_mail_connections")]
+    pub max_connections: usize,
+}
+
+fn default_hostname() -> String {
+    "authswap".into()
+}
+fn default_max_line() -> ByteSize {
+    ByteSize(4096)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_mail_connections() -> usize {
+    512
+}
+
+impl MailConfig {
+    fn base(listen: &str, upstream: &str, tls: UpstreamTls, scope: &str) -> MailConfig {
+        MailConfig {
+            enabled: true,
+            listen: listen.into(),
+            upstream: upstream.into(),
+            upstream_tls: tls,
+            scopes: vec![scope.into(), OFFLINE_ACCESS.into()],
+            tls_cert_file: None,
+            tls_key_file: None,
+            implicit_tls: false,
+            hostname: default_hostname(),
+            max_line: default_max_line(),
+            idle_timeout: default_idle(),
+            upstream_timeout: default_upstream_timeout(),
+            max_connections: default_mail_connections(),
+        }
+    }
+
+    /// Defaults of `[smtp]`.
+    pub fn smtp() -> MailConfig {
+        Self::base(
+            "127.0.0.1:2525",
+            "smtp.office365.com:587",
+            UpstreamTls::Starttls,
+            SMTP_SCOPE,
+        )
+    }
+
+    /// Defaults of `[imap]`.
+    pub fn imap() -> MailConfig {
+        Self::base(
+            "127.0.0.1:1143",
+            "outlook.office365.com:993",
+            UpstreamTls::Implicit,
+            IMAP_SCOPE,
+        )
+    }
+
+    /// Defaults of `[pop3]`.
+    pub fn pop3() -> MailConfig {
+        Self::base(
+            "127.0.0.1:1110",
+            "outlook.office365.com:995",
+            UpstreamTls::Implicit,
+            POP_SCOPE,
+        )
+    }
+
+    /// Upstream host and port.
+    pub fn upstream_host_port(&self) -> Option<(String, u16)> {
+        let (host, port) = self.upstream.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return None;
+        }
+        Some((host.to_owned(), port.parse().ok()?))
+    }
+
+    fn validate(&self, section: &'static str, keys: [&'static str; 5]) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        parse_listen(keys[0], &self.listen)?;
+        if self.upstream_host_port().is_none() {
+            return Err(invalid(
+                keys[1],
+                format!(
+                    "`{}` is not host:port (e.g. smtp.office365.com:587)",
+                    self.upstream
+                ),
+            ));
+        }
+        if self.scopes.is_empty() {
+            return Err(invalid(keys[2], "at least one scope is required"));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(invalid(
+                keys[3],
+                "tls_cert_file and tls_key_file must be set together",
+            ));
+        }
+        if self.implicit_tls && self.tls_cert_file.is_none() {
+            return Err(invalid(
+                keys[4],
+                "implicit_tls needs tls_cert_file and tls_key_file",
+            ));
+        }
+        if self.max_line.0 < 512 {
+            return Err(invalid(section, "max_line must be at least 512 bytes"));
+        }
+        Ok(())
+    }
+}
+
+fn mail_section<'de, D: Deserializer<'de>>(
+    d: D,
+    defaults: MailConfig,
+) -> Result<MailConfig, D::Error> {
+    // Missing keys take the protocol's defaults.
+    let mut value = serde_json::to_value(&defaults).map_err(serde::de::Error::custom)?;
+    let given = serde_json::Value::deserialize(d)?;
+    if let (Some(base), Some(over)) = (value.as_object_mut(), given.as_object()) {
+        for (k, v) in over {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    MailConfig::deserialize(value).map_err(serde::de::Error::custom)
 }
 
 /// `[store]`
@@ -127,6 +348,18 @@ pub struct IdpConfig {
     /// Time limit for one request to the identity platform.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Scopes asked for (and consented to) at `identity login`; default:
+    /// the scopes of every enabled front end.
+    #[serde(
+        default,
+        deserialize_with = "opt_scopes_de",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub login_scopes: Option<Vec<String>>,
+}
+
+fn opt_scopes_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    scopes_de(d).map(Some)
 }
 
 impl Default for IdpConfig {
@@ -141,6 +374,7 @@ impl Default for IdpConfig {
             device_code_endpoint: None,
             authorize_endpoint: None,
             timeout: Duration::from_secs(30),
+            login_scopes: None,
         }
     }
 }
@@ -505,6 +739,36 @@ impl Config {
                 "retry_min must be above zero and retry_max at least retry_min",
             ));
         }
+        self.smtp.validate(
+            "smtp",
+            [
+                "smtp.listen",
+                "smtp.upstream",
+                "smtp.scopes",
+                "smtp.tls_cert_file",
+                "smtp.implicit_tls",
+            ],
+        )?;
+        self.imap.validate(
+            "imap",
+            [
+                "imap.listen",
+                "imap.upstream",
+                "imap.scopes",
+                "imap.tls_cert_file",
+                "imap.implicit_tls",
+            ],
+        )?;
+        self.pop3.validate(
+            "pop3",
+            [
+                "pop3.listen",
+                "pop3.upstream",
+                "pop3.scopes",
+                "pop3.tls_cert_file",
+                "pop3.implicit_tls",
+            ],
+        )?;
         if self.auth.max_failures == 0 {
             return Err(invalid("auth.max_failures", "must be at least 1"));
         }
@@ -521,6 +785,32 @@ impl Config {
             )
         })?;
         Ok(())
+    }
+
+    /// Scopes requested by `identity login`: `identity_provider.login_scopes`,
+    /// or the union of the enabled front ends' scopes (with `offline_access`).
+    pub fn login_scopes(&self) -> Vec<String> {
+        let mut scopes: Vec<String> = match &self.identity_provider.login_scopes {
+            Some(s) => s.clone(),
+            None => {
+                let mut all = Vec::new();
+                if self.http.enabled {
+                    all.extend(self.http.scopes.iter().cloned());
+                }
+                for mail in [&self.smtp, &self.imap, &self.pop3] {
+                    if mail.enabled {
+                        all.extend(mail.scopes.iter().cloned());
+                    }
+                }
+                all
+            }
+        };
+        if !scopes.iter().any(|s| s == OFFLINE_ACCESS) {
+            scopes.push(OFFLINE_ACCESS.into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        scopes.retain(|s| seen.insert(s.clone()));
+        scopes
     }
 
     /// What is still missing for authswap to do its job; `serve` logs these
@@ -665,6 +955,27 @@ mod tests {
         assert!(!out.contains("s3cr3t-value"));
         assert!(!format!("{c:?}").contains("s3cr3t-value"));
         assert!(out.contains("<redacted>"));
+    }
+
+    #[test]
+    fn mail_sections_keep_protocol_defaults() {
+        let c = load_str(
+            "[smtp]\nlisten = \"127.0.0.1:2526\"\n[pop3]\nenabled = false\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.smtp.listen, "127.0.0.1:2526");
+        assert_eq!(c.smtp.upstream, "smtp.office365.com:587");
+        assert_eq!(c.smtp.upstream_tls, UpstreamTls::Starttls);
+        assert_eq!(c.smtp.scopes[0], SMTP_SCOPE);
+        assert_eq!(c.imap.upstream_tls, UpstreamTls::Implicit);
+        assert!(c.imap.enabled);
+        assert!(!c.pop3.enabled);
+        assert_eq!(c.pop3.upstream, "outlook.office365.com:995");
+        let err = load_str("[smtp]\nupstream = \"nohost\"\n", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("smtp.upstream:"), "{err}");
+        let err = load_str("[imap]\nlisten_on = 1\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("listen_on"), "{err}");
     }
 
     #[test]

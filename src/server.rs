@@ -7,6 +7,10 @@ use crate::app::{App, AppError};
 use crate::config::{parse_listen, Config, ConfigError};
 use crate::metrics::Protocol;
 use crate::proxy::http::{HttpProxy, UpstreamUrlError};
+use crate::proxy::imap::Imap;
+use crate::proxy::mail::{MailFrontEnd, MailSetupError};
+use crate::proxy::pop3::Pop3;
+use crate::proxy::smtp::Smtp;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -43,6 +47,9 @@ pub enum ServeError {
     /// Local TLS certificate or key.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// A mail front end.
+    #[error("{0}")]
+    Mail(#[from] MailSetupError),
 }
 
 /// A running server.
@@ -50,6 +57,9 @@ pub struct Server {
     app: Arc<App>,
     http_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
+    smtp_addr: Option<SocketAddr>,
+    imap_addr: Option<SocketAddr>,
+    pop3_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -150,6 +160,60 @@ impl Server {
                 .await;
             });
         }
+        let mut smtp_addr = None;
+        if cfg.smtp.enabled {
+            let listener = bind("smtp.listen", &cfg.smtp.listen).await?;
+            smtp_addr = listener.local_addr().ok();
+            let front = Arc::new(MailFrontEnd::new(
+                app.clone(),
+                cfg.smtp.clone(),
+                Protocol::smtp,
+                "smtp.upstream",
+            )?);
+            let smtp = Smtp::new(front.clone());
+            tasks.spawn(crate::proxy::mail::accept_loop(
+                listener,
+                front,
+                move |_front, io, peer, tls| smtp.clone().session(io, peer, tls),
+                rx.clone(),
+            ));
+        }
+        let mut imap_addr = None;
+        if cfg.imap.enabled {
+            let listener = bind("imap.listen", &cfg.imap.listen).await?;
+            imap_addr = listener.local_addr().ok();
+            let front = Arc::new(MailFrontEnd::new(
+                app.clone(),
+                cfg.imap.clone(),
+                Protocol::imap,
+                "imap.upstream",
+            )?);
+            let imap = Imap::new(front.clone());
+            tasks.spawn(crate::proxy::mail::accept_loop(
+                listener,
+                front,
+                move |_front, io, peer, tls| imap.clone().session(io, peer, tls),
+                rx.clone(),
+            ));
+        }
+        let mut pop3_addr = None;
+        if cfg.pop3.enabled {
+            let listener = bind("pop3.listen", &cfg.pop3.listen).await?;
+            pop3_addr = listener.local_addr().ok();
+            let front = Arc::new(MailFrontEnd::new(
+                app.clone(),
+                cfg.pop3.clone(),
+                Protocol::pop3,
+                "pop3.upstream",
+            )?);
+            let pop3 = Pop3::new(front.clone());
+            tasks.spawn(crate::proxy::mail::accept_loop(
+                listener,
+                front,
+                move |_front, io, peer, tls| pop3.clone().session(io, peer, tls),
+                rx.clone(),
+            ));
+        }
         tasks.spawn({
             let handle = app.spawn_background(rx.clone());
             async move {
@@ -159,6 +223,9 @@ impl Server {
         tracing::info!(
             admin = %admin_addr,
             http = %http_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
+            smtp = %smtp_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
+            imap = %imap_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
+            pop3 = %pop3_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
             identities = app.directory.len(),
             "authswap is serving"
         );
@@ -166,6 +233,9 @@ impl Server {
             app,
             http_addr,
             admin_addr,
+            smtp_addr,
+            imap_addr,
+            pop3_addr,
             shutdown,
             tasks,
         })
@@ -179,6 +249,21 @@ impl Server {
     /// Address of the HTTP front end, if enabled.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// Address of the SMTP front end, if enabled.
+    pub fn smtp_addr(&self) -> Option<SocketAddr> {
+        self.smtp_addr
+    }
+
+    /// Address of the IMAP front end, if enabled.
+    pub fn imap_addr(&self) -> Option<SocketAddr> {
+        self.imap_addr
+    }
+
+    /// Address of the POP3 front end, if enabled.
+    pub fn pop3_addr(&self) -> Option<SocketAddr> {
+        self.pop3_addr
     }
 
     /// Address of the admin listener.

@@ -148,13 +148,9 @@ fn idp(config: &Config) -> anyhow::Result<IdpClient> {
     Ok(IdpClient::new(&config.identity_provider, client))
 }
 
-/// Scopes requested at login: those of every enabled front end.
+/// Scopes requested at login.
 fn login_scopes(config: &Config) -> Vec<String> {
-    let mut scopes = config.http.scopes.clone();
-    if !scopes.iter().any(|s| s == crate::config::OFFLINE_ACCESS) {
-        scopes.push(crate::config::OFFLINE_ACCESS.into());
-    }
-    scopes
+    config.login_scopes()
 }
 
 fn format_left(d: Duration) -> String {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 #[command(name = "authswap", version, about, long_about = None)]
 pub struct Cli {
     /// Configuration file.
-    #[arg(short = 'c', long = "config", global = true, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    #[arg(short = 'c', long = "config", global = true, env = "AUTHSWAP_CONFIG", default_value = crate::config::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
     /// Log format: `auto` is human on a terminal, else human without colour.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]

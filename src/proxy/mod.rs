@@ -2,3 +2,9 @@
 //! obtains an access token from the engine and talks to the upstream with it.
 
 pub mod http;
+pub mod imap;
+pub mod line;
+pub mod mail;
+pub mod pop3;
+pub mod sasl;
+pub mod smtp;

@@ -89,6 +89,18 @@ argon2_memory_kib = 256
 argon2_iterations = 1
 argon2_parallelism = 1
 
+[smtp]
+enabled = false
+listen = "127.0.0.1:0"
+
+[imap]
+enabled = false
+listen = "127.0.0.1:0"
+
+[pop3]
+enabled = false
+listen = "127.0.0.1:0"
+
 [tokens]
 reload_interval = "100ms"
 retry_min = "1s"

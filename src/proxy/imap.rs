@@ -1,0 +1,477 @@
+//! The IMAP front end. Before authentication authswap answers CAPABILITY
+//! (`AUTH=PLAIN`, never `LOGINDISABLED`), NOOP, ID, LOGOUT, STARTTLS (with a
+//! certificate), LOGIN (atoms, quoted strings and `{n}` / `{n+}` literals)
+//! and AUTHENTICATE PLAIN; it then logs in upstream (implicit TLS or
+//! STARTTLS, AUTHENTICATE XOAUTH2 with SASL-IR when advertised) and splices
+//! the streams, so IDLE, APPEND literals and everything else pass through.
+
+use super::line::{BoxIo, LineError, LineIo};
+use super::mail::{splice, LoginFailure, MailFrontEnd, UpstreamLogin};
+use super::sasl::{self, Credentials};
+use crate::secret::Secret;
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Protocol errors tolerated before the connection is closed.
+const MAX_ERRORS: u32 = 10;
+
+/// The IMAP front end.
+pub struct Imap {
+    front: Arc<MailFrontEnd>,
+}
+
+/// Successful upstream login: the connection, untagged lines received
+/// during it, and the text of the tagged OK.
+struct Upstream {
+    io: LineIo<BoxIo>,
+    untagged: Vec<Bytes>,
+    ok_text: String,
+}
+
+async fn read(io: &mut LineIo<BoxIo>, t: Duration) -> Result<Bytes, UpstreamLogin> {
+    tokio::time::timeout(t, io.read_line())
+        .await
+        .map_err(|_| UpstreamLogin::Failed("upstream did not answer in time".into()))?
+        .map_err(|e| UpstreamLogin::Failed(format!("reading upstream: {e}")))?
+        .ok_or_else(|| UpstreamLogin::Failed("upstream closed the connection".into()))
+}
+
+async fn write(io: &mut LineIo<BoxIo>, data: &[u8]) -> Result<(), UpstreamLogin> {
+    io.send(data)
+        .await
+        .map_err(|e| UpstreamLogin::Failed(format!("writing to upstream: {e}")))
+}
+
+/// Reads until the tagged answer to `tag`; returns (status, text, untagged).
+async fn tagged(
+    io: &mut LineIo<BoxIo>,
+    tag: &str,
+    t: Duration,
+) -> Result<(String, String, Vec<Bytes>), UpstreamLogin> {
+    let mut untagged = Vec::new();
+    loop {
+        let line = read(io, t).await?;
+        let text = String::from_utf8_lossy(&line);
+        if let Some(rest) = text.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) {
+            let (status, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+            return Ok((status.to_ascii_uppercase(), msg.to_owned(), untagged));
+        }
+        if untagged.len() > 1000 {
+            return Err(UpstreamLogin::Failed(
+                "upstream sent too much before answering".into(),
+            ));
+        }
+        untagged.push(line);
+    }
+}
+
+fn caps_of(lines: &[Bytes]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).to_ascii_uppercase())
+        .filter_map(|l| l.strip_prefix("* CAPABILITY ").map(str::to_owned))
+        .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+/// Parses IMAP astrings from `rest`, reading literals from the client as
+/// needed. Returns the arguments, or `Err(msg)` for a BAD answer;
+/// `Ok(None)` when the connection is gone.
+async fn read_args(
+    io: &mut LineIo<BoxIo>,
+    mut rest: Vec<u8>,
+    max: usize,
+    timeout: Duration,
+) -> Result<Option<Vec<Secret>>, &'static str> {
+    let mut args = Vec::new();
+    loop {
+        let mut i = 0;
+        while i < rest.len() && rest[i] == b' ' {
+            i += 1;
+        }
+        if i >= rest.len() {
+            return Ok(Some(args));
+        }
+        if args.len() >= 8 {
+            return Err("too many arguments");
+        }
+        match rest[i] {
+            b'"' => {
+                let mut s = Vec::new();
+                let mut j = i + 1;
+                loop {
+                    match rest.get(j) {
+                        None => return Err("unterminated quoted string"),
+                        Some(b'\\') => {
+                            s.push(*rest.get(j + 1).ok_or("bad escape")?);
+                            j += 2;
+                        }
+                        Some(b'"') => break,
+                        Some(&c) => {
+                            s.push(c);
+                            j += 1;
+                        }
+                    }
+                }
+                args.push(Secret::new(String::from_utf8_lossy(&s).into_owned()));
+                rest.drain(..=j);
+            }
+            b'{' => {
+                let close = rest[i..]
+                    .iter()
+                    .position(|&c| c == b'}')
+                    .ok_or("bad literal")?
+                    + i;
+                if close + 1 != rest.len() {
+                    return Err("literal must end the line");
+                }
+                let spec = std::str::from_utf8(&rest[i + 1..close]).map_err(|_| "bad literal")?;
+                let (num, sync) = match spec.strip_suffix('+') {
+                    Some(n) => (n, false),
+                    None => (spec, true),
+                };
+                let n: usize = num.parse().map_err(|_| "bad literal")?;
+                if n > max {
+                    return Err("literal too large");
+                }
+                if sync && io.send(b"+ Ready for literal data\r\n").await.is_err() {
+                    return Ok(None);
+                }
+                let data = match tokio::time::timeout(timeout, io.read_exact(n)).await {
+                    Ok(Ok(d)) => d,
+                    _ => return Ok(None),
+                };
+                args.push(Secret::new(String::from_utf8_lossy(&data).into_owned()));
+                rest = match tokio::time::timeout(timeout, io.read_line()).await {
+                    Ok(Ok(Some(l))) => l.to_vec(),
+                    Ok(Err(LineError::TooLong)) => return Err("line too long"),
+                    _ => return Ok(None),
+                };
+            }
+            _ => {
+                let end = rest[i..]
+                    .iter()
+                    .position(|&c| c == b' ')
+                    .map_or(rest.len(), |p| p + i);
+                let atom = &rest[i..end];
+                if atom.iter().any(|&c| {
+                    matches!(c, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\') || c < 0x20
+                }) {
+                    return Err("bad atom");
+                }
+                args.push(Secret::new(String::from_utf8_lossy(atom).into_owned()));
+                rest.drain(..end);
+            }
+        }
+    }
+}
+
+impl Imap {
+    /// Wraps the shared front end.
+    pub fn new(front: Arc<MailFrontEnd>) -> Arc<Imap> {
+        Arc::new(Imap { front })
+    }
+
+    fn capability(&self, tls: bool) -> String {
+        let mut caps = String::from("IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID");
+        if self.front.acceptor.is_some() && !tls {
+            caps.push_str(" STARTTLS");
+        }
+        caps
+    }
+
+    async fn upstream_login(
+        &self,
+        mailbox: &str,
+        token: &Secret,
+    ) -> Result<Upstream, UpstreamLogin> {
+        let t = self.front.cfg.upstream_timeout;
+        let (mut up, tls) = self.front.connect_upstream().await?;
+        let greeting = read(&mut up, t).await?;
+        if !greeting.starts_with(b"* OK") {
+            return Err(UpstreamLogin::Failed(format!(
+                "upstream greeting: {}",
+                String::from_utf8_lossy(&greeting)
+            )));
+        }
+        if !tls {
+            write(&mut up, b"A0 STARTTLS\r\n").await?;
+            let (status, msg, _) = tagged(&mut up, "A0", t).await?;
+            if status != "OK" {
+                return Err(UpstreamLogin::Failed(format!(
+                    "upstream refused STARTTLS ({status} {msg}); refusing to send a token in the clear"
+                )));
+            }
+            up = self.front.upgrade_upstream(up).await?;
+        }
+        write(&mut up, b"A1 CAPABILITY\r\n").await?;
+        let (status, _, untagged) = tagged(&mut up, "A1", t).await?;
+        let caps = caps_of(&untagged);
+        if status != "OK" {
+            return Err(UpstreamLogin::Failed("upstream refused CAPABILITY".into()));
+        }
+        let ir = sasl::xoauth2(mailbox, token);
+        if caps.iter().any(|c| c == "SASL-IR") {
+            write(
+                &mut up,
+                format!("A2 AUTHENTICATE XOAUTH2 {}\r\n", ir.expose()).as_bytes(),
+            )
+            .await?;
+        } else {
+            write(&mut up, b"A2 AUTHENTICATE XOAUTH2\r\n").await?;
+            let cont = read(&mut up, t).await?;
+            if !cont.starts_with(b"+") {
+                return Err(UpstreamLogin::Rejected);
+            }
+            write(&mut up, format!("{}\r\n", ir.expose()).as_bytes()).await?;
+        }
+        let mut untagged = Vec::new();
+        loop {
+            let line = read(&mut up, t).await?;
+            if line.starts_with(b"+") {
+                // Error details as a challenge: answer with an empty line.
+                write(&mut up, b"\r\n").await?;
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            if let Some(rest) = text.strip_prefix("A2 ") {
+                let (status, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+                return match status.to_ascii_uppercase().as_str() {
+                    "OK" => Ok(Upstream {
+                        io: up,
+                        untagged,
+                        ok_text: msg.to_owned(),
+                    }),
+                    "NO" if msg.to_ascii_uppercase().contains("[UNAVAILABLE]") => {
+                        Err(UpstreamLogin::Temporary(msg.to_owned()))
+                    }
+                    "NO" => Err(UpstreamLogin::Rejected),
+                    _ => Err(UpstreamLogin::Failed(format!("upstream answered {text}"))),
+                };
+            }
+            if untagged.len() > 100 {
+                return Err(UpstreamLogin::Failed("upstream sent too much".into()));
+            }
+            untagged.push(line);
+        }
+    }
+
+    /// Serves one client connection.
+    pub async fn session(self: Arc<Self>, mut io: LineIo<BoxIo>, peer: SocketAddr, mut tls: bool) {
+        let cfg = &self.front.cfg;
+        let host = cfg.hostname.clone();
+        let max = cfg.max_line.as_usize();
+        let greeting = format!(
+            "* OK [CAPABILITY {}] {host} authswap IMAP ready\r\n",
+            self.capability(tls)
+        );
+        if io.send(greeting.as_bytes()).await.is_err() {
+            return;
+        }
+        let mut errors = 0u32;
+        loop {
+            let line = match tokio::time::timeout(cfg.idle_timeout, io.read_line()).await {
+                Err(_) => {
+                    let _ = io.send(b"* BYE Idle timeout, closing connection\r\n").await;
+                    return;
+                }
+                Ok(Ok(Some(l))) => l,
+                Ok(Ok(None)) | Ok(Err(LineError::Io(_))) => return,
+                Ok(Err(LineError::TooLong)) => {
+                    errors += 1;
+                    if self.bad(&mut io, "*", "Line too long", errors).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut parts = line.splitn(3, |&b| b == b' ');
+            let tag = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+            let cmd =
+                String::from_utf8_lossy(parts.next().unwrap_or_default()).to_ascii_uppercase();
+            let rest = parts.next().unwrap_or_default().to_vec();
+            if tag.is_empty()
+                || cmd.is_empty()
+                || tag
+                    .bytes()
+                    .any(|c| matches!(c, b'*' | b'+' | b'{' | b'(' | b'"') || c < 0x21)
+            {
+                errors += 1;
+                if self
+                    .bad(&mut io, "*", "Invalid tag or command", errors)
+                    .await
+                {
+                    return;
+                }
+                continue;
+            }
+            let reply = match cmd.as_str() {
+                "CAPABILITY" => format!(
+                    "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
+                    self.capability(tls)
+                ),
+                "NOOP" => format!("{tag} OK NOOP completed\r\n"),
+                "ID" => format!("* ID NIL\r\n{tag} OK ID completed\r\n"),
+                "LOGOUT" => {
+                    let _ = io
+                        .send(
+                            format!("* BYE authswap signing off\r\n{tag} OK LOGOUT completed\r\n")
+                                .as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
+                "STARTTLS" if self.front.acceptor.is_some() && !tls => {
+                    if io
+                        .send(format!("{tag} OK Begin TLS negotiation now\r\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    match self.front.upgrade_client(io).await {
+                        Some(upgraded) => {
+                            io = upgraded;
+                            tls = true;
+                            continue;
+                        }
+                        None => return,
+                    }
+                }
+                "LOGIN" => match read_args(&mut io, rest, max, cfg.idle_timeout).await {
+                    Ok(None) => return,
+                    Err(why) => format!("{tag} BAD {why}\r\n"),
+                    Ok(Some(args)) if args.len() == 2 && !args[0].is_empty() => {
+                        let creds = Credentials {
+                            name: args[0].expose().to_owned(),
+                            password: args[1].clone(),
+                        };
+                        match self.authenticate(&mut io, &tag, &creds, peer).await {
+                            Ok(Some(up)) => return splice(io, up).await,
+                            Ok(None) => continue,
+                            Err(()) => return,
+                        }
+                    }
+                    Ok(Some(_)) => format!("{tag} BAD LOGIN needs a user name and a password\r\n"),
+                },
+                "AUTHENTICATE" => {
+                    let text = String::from_utf8_lossy(&rest).into_owned();
+                    let mut words = text.split_whitespace();
+                    let mech = words.next().unwrap_or("").to_ascii_uppercase();
+                    if mech != "PLAIN" {
+                        format!("{tag} NO Unsupported authentication mechanism; use PLAIN\r\n")
+                    } else {
+                        let response = match words.next() {
+                            Some(ir) if ir != "=" => Bytes::from(ir.as_bytes().to_vec()),
+                            _ => {
+                                if io.send(b"+ \r\n").await.is_err() {
+                                    return;
+                                }
+                                match tokio::time::timeout(cfg.idle_timeout, io.read_line()).await {
+                                    Ok(Ok(Some(l))) => l,
+                                    _ => return,
+                                }
+                            }
+                        };
+                        if response.trim_ascii() == b"*" {
+                            format!("{tag} BAD AUTHENTICATE cancelled\r\n")
+                        } else {
+                            match sasl::decode_plain(&response) {
+                                None => format!(
+                                    "{tag} BAD Cannot decode the authentication response\r\n"
+                                ),
+                                Some(creds) => {
+                                    match self.authenticate(&mut io, &tag, &creds, peer).await {
+                                        Ok(Some(up)) => return splice(io, up).await,
+                                        Ok(None) => continue,
+                                        Err(()) => return,
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                "STARTTLS" => format!("{tag} BAD STARTTLS not available\r\n"),
+                _ => {
+                    errors += 1;
+                    if self
+                        .bad(
+                            &mut io,
+                            &tag,
+                            "Command unknown or not allowed before authentication",
+                            errors,
+                        )
+                        .await
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if io.send(reply.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn bad(&self, io: &mut LineIo<BoxIo>, tag: &str, msg: &str, errors: u32) -> bool {
+        if errors >= MAX_ERRORS {
+            let _ = io
+                .send(b"* BYE Too many errors, closing connection\r\n")
+                .await;
+            return true;
+        }
+        io.send(format!("{tag} BAD {msg}\r\n").as_bytes())
+            .await
+            .is_err()
+    }
+
+    async fn authenticate(
+        &self,
+        io: &mut LineIo<BoxIo>,
+        tag: &str,
+        creds: &Credentials,
+        peer: SocketAddr,
+    ) -> Result<Option<LineIo<BoxIo>>, ()> {
+        let result = self
+            .front
+            .login(creds, peer, |identity, token| async move {
+                self.upstream_login(&identity.mailbox, token.secret()).await
+            })
+            .await;
+        let reply = match result {
+            Ok((_, up)) => {
+                let mut out = Vec::new();
+                for l in &up.untagged {
+                    out.extend_from_slice(l);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(format!("{tag} OK {}\r\n", up.ok_text).as_bytes());
+                io.send(&out).await.map_err(|_| ())?;
+                return Ok(Some(up.io));
+            }
+            Err(LoginFailure::BadCredentials | LoginFailure::Locked) => {
+                format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n")
+            }
+            Err(LoginFailure::Reauth { identity }) => format!(
+                "{tag} NO [AUTHENTICATIONFAILED] Identity {identity} needs re-authentication: an administrator must run authswap identity login {identity}\r\n"
+            ),
+            Err(LoginFailure::Refused) => format!(
+                "{tag} NO [AUTHENTICATIONFAILED] The mail server refused the access token\r\n"
+            ),
+            Err(LoginFailure::Unavailable | LoginFailure::UpstreamTemporary) => {
+                format!("{tag} NO [UNAVAILABLE] Temporary authentication failure, try again later\r\n")
+            }
+            Err(LoginFailure::UpstreamFailed) => {
+                let _ = io
+                    .send(b"* BYE [UNAVAILABLE] Mail server unreachable, closing connection\r\n")
+                    .await;
+                return Err(());
+            }
+        };
+        io.send(reply.as_bytes()).await.map_err(|_| ())?;
+        Ok(None)
+    }
+}

@@ -1,0 +1,354 @@
+//! What the SMTP, IMAP and POP3 front ends share: the listener (connection
+//! limit, optional implicit TLS), upstream connections (implicit TLS or a
+//! STARTTLS upgrade, certificates verified), the login path (local password →
+//! access token → upstream XOAUTH2, one refresh and retry when the upstream
+//! refuses the token) and the final splice of the two streams.
+
+use super::line::{BoxIo, LineIo};
+use super::sasl::Credentials;
+use crate::app::App;
+use crate::config::{MailConfig, UpstreamTls};
+use crate::identity::{AuthError, Identity};
+use crate::metrics::{FailureReason, Outcome, Protocol};
+use crate::token::{AccessToken, Scopes, TokenError};
+use rustls::pki_types::ServerName;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+/// Largest upstream reply line accepted.
+pub const UPSTREAM_MAX_LINE: usize = 64 * 1024;
+
+/// Settings and clients of one mail front end.
+pub struct MailFrontEnd {
+    /// Application core.
+    pub app: Arc<App>,
+    /// Section of the configuration.
+    pub cfg: MailConfig,
+    /// Which protocol (metrics, logs).
+    pub protocol: Protocol,
+    /// Token scopes.
+    pub scopes: Scopes,
+    /// Local TLS (STARTTLS or implicit) when a certificate is configured.
+    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    connector: tokio_rustls::TlsConnector,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+/// Why a mail front end cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum MailSetupError {
+    /// Bad upstream.
+    #[error("{key}: `{value}` is not a usable host:port")]
+    Upstream {
+        /// Config key.
+        key: &'static str,
+        /// Value.
+        value: String,
+    },
+    /// Certificates.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// How an upstream login attempt ended.
+#[derive(Debug)]
+pub enum UpstreamLogin {
+    /// The upstream refused the access token.
+    Rejected,
+    /// A temporary upstream condition (4xx).
+    Temporary(String),
+    /// Unreachable, TLS failure, protocol violation.
+    Failed(String),
+}
+
+/// Why a client login failed (the protocol chooses the words).
+#[derive(Debug)]
+pub enum LoginFailure {
+    /// Unknown name or wrong password.
+    BadCredentials,
+    /// Too many failures.
+    Locked,
+    /// The identity needs a person to sign in again.
+    Reauth {
+        /// Identity name.
+        identity: String,
+    },
+    /// No token could be had; try later.
+    Unavailable,
+    /// The upstream refused even a fresh token.
+    Refused,
+    /// The upstream answered with a temporary failure.
+    UpstreamTemporary,
+    /// The upstream is unreachable or misbehaved.
+    UpstreamFailed,
+}
+
+impl MailFrontEnd {
+    /// Builds the front end for `cfg`.
+    pub fn new(
+        app: Arc<App>,
+        cfg: MailConfig,
+        protocol: Protocol,
+        section: &'static str,
+    ) -> Result<MailFrontEnd, MailSetupError> {
+        let bad = || MailSetupError::Upstream {
+            key: section,
+            value: cfg.upstream.clone(),
+        };
+        let (host, port) = cfg.upstream_host_port().ok_or_else(bad)?;
+        let server_name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+        let client_config = crate::tls::client_config(&app.config.tls)?;
+        let acceptor = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(cert, key, &[])?,
+            )),
+            _ => None,
+        };
+        Ok(MailFrontEnd {
+            scopes: Scopes::new(&cfg.scopes),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client_config)),
+            app,
+            cfg,
+            protocol,
+            acceptor,
+            host,
+            port,
+            server_name,
+        })
+    }
+
+    /// Connects to the upstream; with implicit TLS the handshake is done.
+    /// Returns the stream and whether it is already TLS.
+    pub async fn connect_upstream(&self) -> Result<(LineIo<BoxIo>, bool), UpstreamLogin> {
+        let timeout = self.cfg.upstream_timeout;
+        let tcp =
+            tokio::time::timeout(timeout, TcpStream::connect((self.host.as_str(), self.port)))
+                .await
+                .map_err(|_| {
+                    UpstreamLogin::Failed(format!("connecting to {} timed out", self.cfg.upstream))
+                })?
+                .map_err(|e| {
+                    UpstreamLogin::Failed(format!("cannot connect to {}: {e}", self.cfg.upstream))
+                })?;
+        let _ = tcp.set_nodelay(true);
+        match self.cfg.upstream_tls {
+            UpstreamTls::Implicit => {
+                let tls = self.tls_connect(tcp).await?;
+                Ok((LineIo::new(tls, UPSTREAM_MAX_LINE), true))
+            }
+            UpstreamTls::Starttls => Ok((LineIo::new(Box::new(tcp), UPSTREAM_MAX_LINE), false)),
+        }
+    }
+
+    async fn tls_connect<S: super::line::Io + 'static>(
+        &self,
+        io: S,
+    ) -> Result<BoxIo, UpstreamLogin> {
+        let tls = tokio::time::timeout(
+            self.cfg.upstream_timeout,
+            self.connector.connect(self.server_name.clone(), io),
+        )
+        .await
+        .map_err(|_| UpstreamLogin::Failed("upstream TLS handshake timed out".into()))?
+        .map_err(|e| {
+            UpstreamLogin::Failed(format!(
+                "upstream TLS handshake with {} failed: {e}",
+                self.cfg.upstream
+            ))
+        })?;
+        Ok(Box::new(tls))
+    }
+
+    /// Upgrades an upstream connection after its STARTTLS/STLS was accepted.
+    pub async fn upgrade_upstream(
+        &self,
+        io: LineIo<BoxIo>,
+    ) -> Result<LineIo<BoxIo>, UpstreamLogin> {
+        let (io, buffered) = io.into_parts();
+        if !buffered.is_empty() {
+            return Err(UpstreamLogin::Failed(
+                "upstream sent data after agreeing to start TLS".into(),
+            ));
+        }
+        let tls = self.tls_connect(io).await?;
+        Ok(LineIo::new(tls, UPSTREAM_MAX_LINE))
+    }
+
+    /// Upgrades a client connection after we agreed to STARTTLS/STLS. Bytes
+    /// the client sent ahead of the handshake are discarded (command
+    /// injection defence).
+    pub async fn upgrade_client(&self, io: LineIo<BoxIo>) -> Option<LineIo<BoxIo>> {
+        let acceptor = self.acceptor.clone()?;
+        let (io, _) = io.into_parts();
+        let tls = tokio::time::timeout(self.cfg.idle_timeout, acceptor.accept(io))
+            .await
+            .ok()?
+            .ok()?;
+        Some(LineIo::new(Box::new(tls), self.cfg.max_line.as_usize()))
+    }
+
+    /// Runs the shared login path: local password, access token, then
+    /// `attempt` (a fresh upstream login with that token); on `Rejected` the
+    /// token is refused, refreshed once and `attempt` runs once more.
+    pub async fn login<U, F, Fut>(
+        &self,
+        creds: &Credentials,
+        peer: SocketAddr,
+        attempt: F,
+    ) -> Result<(Arc<Identity>, U), LoginFailure>
+    where
+        F: Fn(Arc<Identity>, AccessToken) -> Fut,
+        Fut: Future<Output = Result<U, UpstreamLogin>>,
+    {
+        let app = &self.app;
+        let m = &app.metrics;
+        let p = self.protocol;
+        let identity = match app
+            .auth
+            .authenticate(
+                &creds.name,
+                creds.password.expose().as_bytes(),
+                peer.ip(),
+                p,
+            )
+            .await
+        {
+            Ok(i) => i,
+            Err(AuthError::Locked(_)) => {
+                m.request(p, Outcome::unauthorized);
+                return Err(LoginFailure::Locked);
+            }
+            Err(_) => {
+                m.request(p, Outcome::unauthorized);
+                return Err(LoginFailure::BadCredentials);
+            }
+        };
+        let mut retried = false;
+        loop {
+            let token = match app.tokens.access_token(&identity, &self.scopes).await {
+                Ok(t) => t,
+                Err(TokenError::ReauthRequired { identity: name, .. }) => {
+                    m.request(p, Outcome::reauth_required);
+                    m.auth_failure(Some(&name), p, FailureReason::reauth_required);
+                    return Err(LoginFailure::Reauth { identity: name });
+                }
+                Err(TokenError::Unavailable { identity: name, .. }) => {
+                    m.request(p, Outcome::unavailable);
+                    m.auth_failure(Some(&name), p, FailureReason::refresh_failed);
+                    return Err(LoginFailure::Unavailable);
+                }
+            };
+            let started = Instant::now();
+            let result = attempt(identity.clone(), token.clone()).await;
+            m.upstream_duration(p, started.elapsed().as_secs_f64());
+            match result {
+                Ok(u) => {
+                    m.request(p, Outcome::forwarded);
+                    tracing::info!(identity = %identity.name, protocol = ?p, "logged in upstream");
+                    return Ok((identity, u));
+                }
+                Err(UpstreamLogin::Rejected) => {
+                    let again = app.tokens.reject(&identity, &self.scopes, &token, p);
+                    if retried || !again {
+                        m.request(p, Outcome::unauthorized);
+                        return Err(LoginFailure::Refused);
+                    }
+                    retried = true;
+                }
+                Err(UpstreamLogin::Temporary(msg)) => {
+                    tracing::warn!(identity = %identity.name, protocol = ?p, %msg, "upstream refused the login temporarily");
+                    m.request(p, Outcome::upstream_error);
+                    return Err(LoginFailure::UpstreamTemporary);
+                }
+                Err(UpstreamLogin::Failed(msg)) => {
+                    tracing::warn!(identity = %identity.name, protocol = ?p, %msg, "upstream login failed");
+                    m.request(p, Outcome::upstream_error);
+                    return Err(LoginFailure::UpstreamFailed);
+                }
+            }
+        }
+    }
+}
+
+/// Hands the session over: what each side sent ahead goes across first,
+/// then bytes flow both ways unchanged until either side closes.
+pub async fn splice(client: LineIo<BoxIo>, upstream: LineIo<BoxIo>) {
+    let (mut c, c_buf) = client.into_parts();
+    let (mut u, u_buf) = upstream.into_parts();
+    if !c_buf.is_empty() && u.write_all(&c_buf).await.is_err() {
+        return;
+    }
+    if !u_buf.is_empty() && c.write_all(&u_buf).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, 64 * 1024, 64 * 1024).await;
+}
+
+/// Accepts connections for a mail front end until `shutdown`, running
+/// `session` for each (after the implicit-TLS handshake when configured).
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    front: Arc<MailFrontEnd>,
+    session: F,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    F: Fn(Arc<MailFrontEnd>, LineIo<BoxIo>, SocketAddr, bool) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(front.cfg.max_connections));
+    let session = Arc::new(session);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        while tasks.try_join_next().is_some() {}
+        let _ = stream.set_nodelay(true);
+        let front = front.clone();
+        let session = session.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let _guard = front.app.metrics.connection(front.protocol);
+            let max = front.cfg.max_line.as_usize();
+            let (io, tls): (BoxIo, bool) = match (&front.acceptor, front.cfg.implicit_tls) {
+                (Some(acceptor), true) => {
+                    match tokio::time::timeout(front.cfg.idle_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => (Box::new(s), true),
+                        _ => return,
+                    }
+                }
+                _ => (Box::new(stream), false),
+            };
+            session(front, LineIo::new(io, max), peer, tls).await;
+        });
+    }
+    drop(listener);
+    // Sessions already spliced run until their peers close; give logins in
+    // progress a moment, then stop.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+}
