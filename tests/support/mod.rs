@@ -19,3 +19,4 @@ pub use ews::{
 };
 pub use idp::{ms_error_body, ClientAuth, FakeIdp, IdpOptions, IdpRequestRecord, TokenValidator};
 pub mod harness;
+pub mod mail;

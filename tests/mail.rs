@@ -1,0 +1,661 @@
+//! Behaviour of the SMTP, IMAP and POP3 front ends against in-process
+//! upstream doubles (STARTTLS and implicit TLS with a generated CA, XOAUTH2
+//! validated against the identity-platform double), driven by real client
+//! libraries (lettre for SMTP, async-imap for IMAP) and raw sockets for the
+//! edge cases.
+
+mod support;
+
+use authswap::config::UpstreamTls;
+use authswap::server::Server;
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::harness::Env;
+use support::mail::{FakeImap, FakePop3, FakeSmtp, ImapOptions, Pop3Options, SmtpOptions, TlsMode};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const GRACE: Duration = Duration::from_secs(5);
+
+struct Mail {
+    env: Env,
+    server: Server,
+    smtp: FakeSmtp,
+    imap: FakeImap,
+    pop3: FakePop3,
+}
+
+async fn start(smtp: SmtpOptions, imap: ImapOptions, pop3: Pop3Options) -> Mail {
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pw-123")
+        .await;
+    let v = env.idp.validator();
+    let smtp_tls = smtp.tls;
+    let imap_tls = imap.tls;
+    let pop3_tls = pop3.tls;
+    let smtp = FakeSmtp::start(v.clone(), smtp).await;
+    let imap = FakeImap::start(v.clone(), imap).await;
+    let pop3 = FakePop3::start(v, pop3).await;
+    let mode = |t: TlsMode| match t {
+        TlsMode::Implicit => UpstreamTls::Implicit,
+        TlsMode::StartTls => UpstreamTls::Starttls,
+    };
+    let (sp, ip, pp) = (smtp.port(), imap.port(), pop3.port());
+    let server = env
+        .serve_with(move |c| {
+            c.smtp.enabled = true;
+            c.smtp.upstream = format!("localhost:{sp}");
+            c.smtp.upstream_tls = mode(smtp_tls);
+            c.imap.enabled = true;
+            c.imap.upstream = format!("localhost:{ip}");
+            c.imap.upstream_tls = mode(imap_tls);
+            c.pop3.enabled = true;
+            c.pop3.upstream = format!("localhost:{pp}");
+            c.pop3.upstream_tls = mode(pop3_tls);
+            for m in [&mut c.smtp, &mut c.imap, &mut c.pop3] {
+                m.idle_timeout = Duration::from_secs(3);
+                m.upstream_timeout = Duration::from_secs(5);
+            }
+        })
+        .await;
+    Mail {
+        env,
+        server,
+        smtp,
+        imap,
+        pop3,
+    }
+}
+
+async fn default_mail() -> Mail {
+    start(
+        SmtpOptions::default(),
+        ImapOptions::default(),
+        Pop3Options::default(),
+    )
+    .await
+}
+
+/// A line-oriented raw client.
+struct Raw {
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
+        Raw {
+            r: BufReader::new(r),
+            w,
+        }
+    }
+
+    async fn line(&mut self) -> String {
+        let mut s = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), self.r.read_line(&mut s))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        if n == 0 {
+            return String::new();
+        }
+        s
+    }
+
+    /// Reads an SMTP reply (all lines), returning the last.
+    async fn reply(&mut self) -> String {
+        loop {
+            let l = self.line().await;
+            if l.len() < 4 || l.as_bytes()[3] != b'-' {
+                return l;
+            }
+        }
+    }
+
+    async fn send(&mut self, s: &[u8]) {
+        self.w.write_all(s).await.unwrap();
+    }
+
+    async fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), self.r.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+fn b64(s: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn lettre_mailer(
+    addr: SocketAddr,
+    user: &str,
+    pw: &str,
+    mech: lettre::transport::smtp::authentication::Mechanism,
+) -> lettre::AsyncSmtpTransport<lettre::Tokio1Executor> {
+    use lettre::transport::smtp::authentication::Credentials;
+    lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(addr.ip().to_string())
+        .port(addr.port())
+        .credentials(Credentials::new(user.into(), pw.into()))
+        .authentication(vec![mech])
+        .timeout(Some(Duration::from_secs(20)))
+        .build()
+}
+
+fn message(body: &str) -> lettre::Message {
+    lettre::Message::builder()
+        .from("alice@contoso.com".parse().unwrap())
+        .to("bob@example.com".parse().unwrap())
+        .subject("quarterly report")
+        .body(body.to_owned())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn smtp_lettre_sends_through_authswap_with_xoauth2_upstream() {
+    use lettre::transport::smtp::authentication::Mechanism;
+    use lettre::AsyncTransport;
+    let m = default_mail().await;
+    let addr = m.server.smtp_addr().unwrap();
+    for mech in [Mechanism::Plain, Mechanism::Login] {
+        let mailer = lettre_mailer(addr, "Alice", "alice-pw-123", mech);
+        let body = "Hello,\r\n.leading dot line\r\n..two dots\r\nbye\r\n";
+        mailer.send(message(body)).await.expect("sent");
+    }
+    let msgs = m.smtp.wait_for_messages(2).await;
+    assert_eq!(msgs[0].authenticated_as.to_lowercase(), "alice@contoso.com");
+    assert_eq!(msgs[0].rcpt_to, vec!["bob@example.com"]);
+    let text = String::from_utf8_lossy(&msgs[0].message);
+    assert!(
+        text.contains("\r\n.leading dot line\r\n..two dots\r\n"),
+        "{text}"
+    );
+    // Upstream saw XOAUTH2 only, over TLS; never a password.
+    assert_eq!(m.smtp.non_xoauth2_auth_attempts(), 0);
+    assert_eq!(m.smtp.auth_without_tls(), 0);
+    assert!(m.smtp.starttls_count() >= 2);
+    for line in m.smtp.command_lines() {
+        assert!(!line.contains(&b64(b"\0Alice\0alice-pw-123")));
+    }
+    assert_eq!(m.env.idp.refresh_calls(), 1, "one token for both sessions");
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn smtp_ehlo_relays_upstream_extensions_and_requires_auth() {
+    let m = default_mail().await;
+    let mut c = Raw::connect(m.server.smtp_addr().unwrap()).await;
+    assert!(c.line().await.starts_with("220 "));
+    c.send(b"MAIL FROM:<a@b.c>\r\n").await;
+    assert!(c.reply().await.starts_with("530 5.7.0"));
+    c.send(b"EHLO scanner.local\r\n").await;
+    let mut lines = Vec::new();
+    loop {
+        let l = c.line().await;
+        let last = l.as_bytes()[3] == b' ';
+        lines.push(l);
+        if last {
+            break;
+        }
+    }
+    let all = lines.join("");
+    for ext in [
+        "AUTH LOGIN PLAIN",
+        "SIZE",
+        "8BITMIME",
+        "PIPELINING",
+        "SMTPUTF8",
+        "CHUNKING",
+    ] {
+        assert!(all.contains(ext), "{ext} missing in {all}");
+    }
+    assert!(!all.contains("XOAUTH2"));
+    c.send(b"AUTH CRAM-MD5\r\n").await;
+    assert!(c.reply().await.starts_with("504"));
+    c.send(b"QUIT\r\n").await;
+    assert!(c.reply().await.starts_with("221"));
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn smtp_wrong_password_never_reaches_upstream_auth() {
+    use lettre::transport::smtp::authentication::Mechanism;
+    use lettre::AsyncTransport;
+    let m = default_mail().await;
+    let addr = m.server.smtp_addr().unwrap();
+    let err = lettre_mailer(addr, "alice", "wrong", Mechanism::Plain)
+        .send(message("x"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("5.7.8") || err.is_permanent(),
+        "{err}"
+    );
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"EHLO x\r\n").await;
+    c.reply().await;
+    c.send(format!("AUTH PLAIN {}\r\n", b64(b"\0nobody\0pw")).as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("535 5.7.8"));
+    c.send(format!("AUTH LOGIN {}\r\n", b64(b"alice")).as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("334 UGFzc3dvcmQ6"));
+    c.send(format!("{}\r\n", b64(b"bad")).as_bytes()).await;
+    assert!(c.reply().await.starts_with("535 5.7.8"));
+    c.send(b"AUTH PLAIN\r\n").await;
+    assert!(c.reply().await.starts_with("334"));
+    c.send(b"*\r\n").await;
+    assert!(c.reply().await.starts_with("501"));
+    assert_eq!(m.smtp.auth_attempts(), 0, "upstream never saw AUTH");
+    assert_eq!(m.env.idp.token_requests(), 0);
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn smtp_refreshes_once_when_upstream_refuses_the_token() {
+    use lettre::transport::smtp::authentication::Mechanism;
+    use lettre::AsyncTransport;
+    for google in [false, true] {
+        let m = start(
+            SmtpOptions {
+                google_style_failure: google,
+                ..SmtpOptions::default()
+            },
+            ImapOptions::default(),
+            Pop3Options::default(),
+        )
+        .await;
+        m.smtp.reject_auth_next(1);
+        lettre_mailer(
+            m.server.smtp_addr().unwrap(),
+            "alice",
+            "alice-pw-123",
+            Mechanism::Plain,
+        )
+        .send(message("after refresh"))
+        .await
+        .expect("sent after one refresh");
+        assert_eq!(m.smtp.auth_attempts(), 2);
+        assert_eq!(m.smtp.auth_successes(), 1);
+        assert_eq!(m.env.idp.successful_refreshes(), 2, "google={google}");
+        let metrics = m.server.app().metrics.encode();
+        assert!(metrics.contains(
+            "authswap_auth_failures_total{identity=\"alice\",protocol=\"smtp\",reason=\"token_rejected\"} 1"
+        ));
+        m.server.shutdown(GRACE).await;
+    }
+}
+
+#[tokio::test]
+async fn smtp_temporary_and_fatal_failures_use_the_right_codes() {
+    // Identity platform down: 454 so senders queue and retry.
+    let m = default_mail().await;
+    m.env.idp.set_unavailable(true);
+    let addr = m.server.smtp_addr().unwrap();
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"EHLO x\r\n").await;
+    c.reply().await;
+    c.send(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("454 4.7.0"));
+    m.env.idp.set_unavailable(false);
+
+    // Needs re-authentication: 535 with a text that says so.
+    m.env.idp.revoke_user("alice@contoso.com");
+    tokio::time::sleep(Duration::from_millis(2100)).await; // backoff from the 503 expires
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"EHLO x\r\n").await;
+    c.reply().await;
+    c.send(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    let r = c.reply().await;
+    assert!(
+        r.starts_with("535 5.7.8") && r.contains("re-authentication"),
+        "{r}"
+    );
+    m.server.shutdown(GRACE).await;
+
+    // Upstream that does not offer STARTTLS: refused, 421 4.4.2, no AUTH sent.
+    let m = start(
+        SmtpOptions {
+            offer_starttls: false,
+            ..SmtpOptions::default()
+        },
+        ImapOptions::default(),
+        Pop3Options::default(),
+    )
+    .await;
+    let mut c = Raw::connect(m.server.smtp_addr().unwrap()).await;
+    c.line().await;
+    c.send(b"EHLO x\r\n").await;
+    c.reply().await;
+    c.send(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("421 4.4.2"));
+    assert!(c.closed().await);
+    assert_eq!(m.smtp.auth_attempts(), 0);
+    assert_eq!(m.smtp.auth_without_tls(), 0);
+    m.server.shutdown(GRACE).await;
+
+    // Upstream unreachable.
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pw-123")
+        .await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let server = env
+        .serve_with(|c| {
+            c.smtp.enabled = true;
+            c.smtp.upstream = format!("127.0.0.1:{port}");
+        })
+        .await;
+    let mut c = Raw::connect(server.smtp_addr().unwrap()).await;
+    c.line().await;
+    c.send(b"EHLO x\r\n").await;
+    c.reply().await;
+    c.send(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("421 4.4.2"));
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn smtp_relays_a_10_mb_message_byte_identical_with_pipelining() {
+    let m = default_mail().await;
+    let mut c = Raw::connect(m.server.smtp_addr().unwrap()).await;
+    c.line().await;
+    c.send(b"EHLO x\r\n").await;
+    c.reply().await;
+    c.send(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("235"));
+    // 10 MB of lines, many starting with '.', already dot-stuffed by us.
+    let mut body = Vec::with_capacity(10 * 1024 * 1024 + 1024);
+    body.extend_from_slice(b"Subject: big\r\n\r\n");
+    let mut i = 0u64;
+    while body.len() < 10 * 1024 * 1024 {
+        if i % 3 == 0 {
+            body.extend_from_slice(b"..stuffed line ");
+        } else {
+            body.extend_from_slice(b"plain line ");
+        }
+        body.extend_from_slice(format!("{i:08} {}\r\n", "x".repeat(60)).as_bytes());
+        i += 1;
+    }
+    // Pipelined envelope and DATA in one write.
+    c.send(b"MAIL FROM:<alice@contoso.com>\r\nRCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n").await;
+    for expect in ["250", "250", "250", "354"] {
+        let r = c.reply().await;
+        assert!(r.starts_with(expect), "{r}");
+    }
+    c.send(&body).await;
+    c.send(b".\r\n").await;
+    assert!(c.reply().await.starts_with("250"));
+    c.send(b"QUIT\r\n").await;
+    assert!(c.reply().await.starts_with("221"));
+    let msgs = m.smtp.wait_for_messages(1).await;
+    assert_eq!(msgs[0].raw_data.len(), body.len());
+    assert!(
+        msgs[0].raw_data == body,
+        "byte-identical, dot-stuffing untouched"
+    );
+    assert_eq!(msgs[0].rcpt_to.len(), 2);
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn smtp_oversize_lines_garbage_and_idle_clients_are_handled() {
+    let m = default_mail().await;
+    let addr = m.server.smtp_addr().unwrap();
+    let mut bad = Raw::connect(addr).await;
+    bad.line().await;
+    bad.send(&vec![b'A'; 100_000]).await;
+    bad.send(b"\r\n").await;
+    assert!(bad.reply().await.starts_with("500 5.5.6"));
+    bad.send(b"\x00\x01\x02 garbage\r\n").await;
+    assert!(bad.reply().await.starts_with("500"));
+    // Others are served meanwhile.
+    let mut good = Raw::connect(addr).await;
+    assert!(good.line().await.starts_with("220"));
+    good.send(b"EHLO ok\r\n").await;
+    assert!(good.reply().await.starts_with("250 "));
+    // Too many errors close the connection with 421.
+    let mut last = String::new();
+    for _ in 0..12 {
+        bad.send(b"FOO\r\n").await;
+        last = bad.reply().await;
+        if last.starts_with("421") {
+            break;
+        }
+    }
+    assert!(last.starts_with("421"), "{last}");
+    // An idle client is closed with 421 after idle_timeout (3 s here).
+    let mut idle = Raw::connect(addr).await;
+    idle.line().await;
+    let r = idle.reply().await;
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn imap_async_imap_client_logs_in_and_appends_through_authswap() {
+    let m = default_mail().await;
+    let addr = m.server.imap_addr().unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut client = async_imap::Client::new(tcp);
+    let _greeting = client.read_response().await.unwrap().unwrap();
+    let mut session = client
+        .login("alice", "alice-pw-123")
+        .await
+        .map_err(|(e, _)| e)
+        .expect("login");
+    let mbox = session.select("INBOX").await.unwrap();
+    assert_eq!(mbox.exists, 3);
+    let big: Vec<u8> = {
+        let mut v = b"Subject: big\r\n\r\n".to_vec();
+        while v.len() < 10 * 1024 * 1024 {
+            v.extend_from_slice(b".line starting with a dot and some text\r\n");
+        }
+        v
+    };
+    session.append("INBOX", None, None, &big).await.unwrap();
+    session.logout().await.unwrap();
+    let appended = m.imap.appended();
+    assert_eq!(appended.len(), 1);
+    assert!(appended[0] == big, "10 MB literal relayed byte-identical");
+    assert_eq!(m.imap.authenticated_mailboxes(), vec!["alice@contoso.com"]);
+    assert_eq!(m.imap.non_xoauth2_auth_attempts(), 0);
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn imap_login_forms_capability_failures_and_refresh() {
+    let m = start(
+        SmtpOptions::default(),
+        ImapOptions {
+            tls: TlsMode::StartTls,
+            ..ImapOptions::default()
+        },
+        Pop3Options::default(),
+    )
+    .await;
+    let addr = m.server.imap_addr().unwrap();
+    let mut c = Raw::connect(addr).await;
+    let greeting = c.line().await;
+    assert!(greeting.contains("AUTH=PLAIN") && !greeting.contains("LOGINDISABLED"));
+    c.send(b"a1 CAPABILITY\r\n").await;
+    let caps = c.line().await;
+    assert!(caps.starts_with("* CAPABILITY") && caps.contains("AUTH=PLAIN"));
+    assert!(c.line().await.starts_with("a1 OK"));
+    c.send(b"a2 LOGIN alice wrong\r\n").await;
+    assert!(c.line().await.starts_with("a2 NO [AUTHENTICATIONFAILED]"));
+    c.send(b"a3 SELECT INBOX\r\n").await;
+    assert!(c.line().await.starts_with("a3 BAD"));
+    // Literal user name and quoted password with an escaped quote? Here:
+    // literal name, quoted password.
+    c.send(b"a4 LOGIN {5}\r\n").await;
+    assert!(c.line().await.starts_with("+ "));
+    c.send(b"alice \"alice-pw-123\"\r\n").await;
+    let ok = c.line().await;
+    assert!(ok.starts_with("a4 OK"), "{ok}");
+    // Spliced: the upstream answers from now on.
+    c.send(b"a5 SELECT INBOX\r\n").await;
+    let mut seen = String::new();
+    loop {
+        let l = c.line().await;
+        seen.push_str(&l);
+        if l.starts_with("a5 ") {
+            break;
+        }
+    }
+    assert!(seen.contains("EXISTS") && seen.contains("a5 OK"), "{seen}");
+    assert_eq!(m.imap.starttls_count(), 1);
+    assert_eq!(m.imap.auth_without_tls(), 0);
+
+    // AUTHENTICATE PLAIN with SASL-IR, after the upstream refuses once.
+    m.imap.reject_auth_next(1);
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(
+        format!(
+            "t1 AUTHENTICATE PLAIN {}\r\n",
+            b64(b"\0alice\0alice-pw-123")
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(c.line().await.starts_with("t1 OK"));
+    assert_eq!(m.env.idp.successful_refreshes(), 2);
+
+    // Non-synchronising literal and continuation-style AUTHENTICATE.
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"t2 LOGIN {5+}\r\nalice {12+}\r\nalice-pw-123\r\n")
+        .await;
+    assert!(c.line().await.starts_with("t2 OK"));
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"t3 AUTHENTICATE PLAIN\r\n").await;
+    assert!(c.line().await.starts_with("+"));
+    c.send(format!("{}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    assert!(c.line().await.starts_with("t3 OK"));
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn imap_identity_platform_down_and_garbage() {
+    let m = default_mail().await;
+    m.env.idp.set_unavailable(true);
+    let addr = m.server.imap_addr().unwrap();
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"x LOGIN alice alice-pw-123\r\n").await;
+    assert!(c.line().await.starts_with("x NO [UNAVAILABLE]"));
+    c.send(&vec![b'z'; 50_000]).await;
+    c.send(b"\r\n").await;
+    assert!(c.line().await.starts_with("* BAD"));
+    c.send(b"\r\n").await;
+    assert!(c.line().await.contains("BAD"));
+    let mut other = Raw::connect(addr).await;
+    assert!(other.line().await.starts_with("* OK"));
+    assert_eq!(m.imap.auth_attempts(), 0);
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn pop3_user_pass_and_auth_plain_relay_retr_byte_identical() {
+    let big: Vec<u8> = {
+        let mut v = b"Subject: big\r\n\r\n".to_vec();
+        while v.len() < 10 * 1024 * 1024 {
+            v.extend_from_slice(b".dot line in a pop3 message\r\nplain line\r\n");
+        }
+        v
+    };
+    let m = start(
+        SmtpOptions::default(),
+        ImapOptions::default(),
+        Pop3Options {
+            tls: TlsMode::StartTls,
+            ..Pop3Options::default()
+        },
+    )
+    .await;
+    m.pop3.set_mailbox(vec![big.clone()]);
+    let addr = m.server.pop3_addr().unwrap();
+    let mut c = Raw::connect(addr).await;
+    assert!(c.line().await.starts_with("+OK"));
+    c.send(b"CAPA\r\n").await;
+    let mut capa = String::new();
+    loop {
+        let l = c.line().await;
+        if l == ".\r\n" {
+            break;
+        }
+        capa.push_str(&l);
+    }
+    assert!(capa.contains("USER") && capa.contains("SASL PLAIN") && !capa.contains("XOAUTH2"));
+    c.send(b"USER alice\r\nPASS wrong\r\n").await;
+    assert!(c.line().await.starts_with("+OK"));
+    assert!(c.line().await.starts_with("-ERR [AUTH]"));
+    c.send(b"USER alice\r\n").await;
+    c.line().await;
+    c.send(b"PASS alice-pw-123\r\n").await;
+    assert!(c.line().await.starts_with("+OK"));
+    // Pipelined after login: STAT and RETR in one write.
+    c.send(b"STAT\r\nRETR 1\r\n").await;
+    assert!(c.line().await.starts_with("+OK 1"));
+    assert!(c.line().await.starts_with("+OK"));
+    let mut got = Vec::new();
+    loop {
+        let mut l = String::new();
+        c.r.read_line(&mut l).await.unwrap();
+        if l == ".\r\n" {
+            break;
+        }
+        got.extend_from_slice(l.strip_prefix('.').unwrap_or(&l).as_bytes());
+    }
+    assert!(got == big, "10 MB RETR relayed byte-identical");
+    c.send(b"QUIT\r\n").await;
+    assert!(c.line().await.starts_with("+OK"));
+    assert_eq!(m.pop3.starttls_count(), 1);
+    assert_eq!(m.pop3.auth_without_tls(), 0);
+    assert_eq!(m.pop3.non_xoauth2_auth_attempts(), 0);
+
+    // AUTH PLAIN, refreshed once after a refusal.
+    m.pop3.reject_auth_next(1);
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"AUTH PLAIN\r\n").await;
+    assert!(c.line().await.starts_with("+"));
+    c.send(format!("{}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    assert!(c.line().await.starts_with("+OK"));
+    assert_eq!(m.env.idp.successful_refreshes(), 2);
+
+    m.server.shutdown(GRACE).await;
+
+    // Identity platform down (no token cached yet).
+    let m = default_mail().await;
+    m.env.idp.set_unavailable(true);
+    let mut c = Raw::connect(m.server.pop3_addr().unwrap()).await;
+    c.line().await;
+    c.send(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    assert!(c.line().await.starts_with("-ERR [SYS/TEMP]"));
+    // Garbage and oversize lines.
+    c.send(&vec![b'q'; 20_000]).await;
+    c.send(b"\r\n").await;
+    assert!(c.line().await.starts_with("-ERR"));
+    c.send(b"RETR 1\r\n").await;
+    assert!(c.line().await.starts_with("-ERR"));
+    m.server.shutdown(GRACE).await;
+}
