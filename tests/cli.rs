@@ -232,6 +232,17 @@ async fn wait_for_serving(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
     log: &mut String,
 ) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let v = wait_for_serving_json(lines, log).await;
+    (
+        v["admin"].as_str().unwrap().parse().unwrap(),
+        v["http"].as_str().unwrap().parse().unwrap(),
+    )
+}
+
+async fn wait_for_serving_json(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    log: &mut String,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
@@ -243,10 +254,7 @@ async fn wait_for_serving(
         log.push('\n');
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
             if v["message"] == "authswap is serving" {
-                return (
-                    v["admin"].as_str().unwrap().parse().unwrap(),
-                    v["http"].as_str().unwrap().parse().unwrap(),
-                );
+                return v;
             }
         }
     }
@@ -266,6 +274,9 @@ async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful
     env.add_linked("bob", "bob@contoso.com", "bob-pass-do-not-log")
         .await;
     env.idp.revoke_user("bob@contoso.com");
+    let smtp =
+        support::mail::FakeSmtp::start(env.idp.validator(), support::mail::SmtpOptions::default())
+            .await;
 
     let config = env.write_config();
     let mut child = bin()
@@ -274,6 +285,11 @@ async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful
         .args(["--log-format", "json", "serve"])
         .env("AUTHSWAP_LOG", "trace")
         .env("AUTHSWAP_IDENTITY_PROVIDER__CLIENT_SECRET", client_secret)
+        .env("AUTHSWAP_SMTP__ENABLED", "true")
+        .env(
+            "AUTHSWAP_SMTP__UPSTREAM",
+            format!("localhost:{}", smtp.port()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -283,7 +299,10 @@ async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let mut log = String::new();
-    let (admin, http) = wait_for_serving(&mut lines, &mut log).await;
+    let serving = wait_for_serving_json(&mut lines, &mut log).await;
+    let admin: std::net::SocketAddr = serving["admin"].as_str().unwrap().parse().unwrap();
+    let http: std::net::SocketAddr = serving["http"].as_str().unwrap().parse().unwrap();
+    let smtp_addr: std::net::SocketAddr = serving["smtp"].as_str().unwrap().parse().unwrap();
     // Keep draining the log in the background.
     let drain = tokio::spawn(async move {
         let mut rest = String::new();
@@ -318,6 +337,37 @@ async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful
     );
     assert_eq!(client.get(admin, "/metrics").await.status, StatusCode::OK);
 
+    // An SMTP session with AUTH PLAIN, a message and QUIT.
+    let plain = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("\0alice\0{password}"))
+    };
+    {
+        use tokio::io::AsyncWriteExt;
+        let (r, mut w) = tokio::net::TcpStream::connect(smtp_addr)
+            .await
+            .unwrap()
+            .into_split();
+        let mut r = BufReader::new(r);
+        let mut transcript = String::new();
+        w.write_all(format!("EHLO x\r\nAUTH PLAIN {plain}\r\n").as_bytes())
+            .await
+            .unwrap();
+        w.write_all(b"MAIL FROM:<alice@contoso.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        w.write_all(b"Subject: t\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), r.read_to_string(&mut transcript))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(transcript.contains("235 "), "{transcript}");
+        assert!(transcript.contains("221"), "{transcript}");
+    }
+    assert_eq!(smtp.message_count(), 1);
+
     // healthcheck against the running server.
     let out = bin()
         .args(["healthcheck", "--url", &format!("http://{admin}/healthz")])
@@ -350,7 +400,9 @@ async fn serve_logs_at_trace_level_never_contain_secrets_and_sigterm_is_graceful
         "bob-pass-do-not-log".into(),
         seeded,
         basic("alice", password)[6..].to_owned(),
+        plain,
     ];
+    secrets.extend(smtp.xoauth2_attempts().into_iter().map(|a| a.blob));
     secrets.extend(env.idp.issued_access_tokens());
     secrets.extend(env.idp.issued_refresh_tokens());
     assert!(secrets.len() >= 8);

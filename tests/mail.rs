@@ -659,3 +659,96 @@ async fn pop3_user_pass_and_auth_plain_relay_retr_byte_identical() {
     assert!(c.line().await.starts_with("-ERR"));
     m.server.shutdown(GRACE).await;
 }
+
+async fn tls_connect(
+    addr: SocketAddr,
+    tcp: TcpStream,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let _ = addr;
+    let connector = tokio_rustls::TlsConnector::from(support::pki().client_config_no_alpn());
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector
+        .connect(name, tcp)
+        .await
+        .expect("TLS with authswap")
+}
+
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> String {
+    let mut s = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut s))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    s
+}
+
+#[tokio::test]
+async fn local_starttls_and_implicit_tls_for_clients_that_insist() {
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pw-123")
+        .await;
+    let v = env.idp.validator();
+    let smtp = FakeSmtp::start(v.clone(), SmtpOptions::default()).await;
+    let imap = FakeImap::start(v, ImapOptions::default()).await;
+    let (cert, key) = support::pki().write_server_cert_files(env.dir.path());
+    let (sp, ip) = (smtp.port(), imap.port());
+    let server = env
+        .serve_with(move |c| {
+            c.smtp.enabled = true;
+            c.smtp.upstream = format!("localhost:{sp}");
+            c.smtp.tls_cert_file = Some(cert.clone());
+            c.smtp.tls_key_file = Some(key.clone());
+            c.imap.enabled = true;
+            c.imap.upstream = format!("localhost:{ip}");
+            c.imap.tls_cert_file = Some(cert);
+            c.imap.tls_key_file = Some(key);
+            c.imap.implicit_tls = true;
+        })
+        .await;
+
+    // SMTP: STARTTLS offered, then AUTH over TLS.
+    let addr = server.smtp_addr().unwrap();
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"EHLO x\r\n").await;
+    let mut ehlo = String::new();
+    loop {
+        let l = c.line().await;
+        ehlo.push_str(&l);
+        if l.as_bytes()[3] == b' ' {
+            break;
+        }
+    }
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    c.send(b"STARTTLS\r\n").await;
+    assert!(c.reply().await.starts_with("220"));
+    let tcp = c.r.into_inner().reunite(c.w).unwrap();
+    let tls = tls_connect(addr, tcp).await;
+    let (r, mut w) = tokio::io::split(tls);
+    let mut r = BufReader::new(r);
+    w.write_all(b"EHLO x\r\n").await.unwrap();
+    loop {
+        let l = read_line(&mut r).await;
+        assert!(!l.contains("STARTTLS"), "not offered twice");
+        if l.as_bytes()[3] == b' ' {
+            break;
+        }
+    }
+    w.write_all(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await
+        .unwrap();
+    assert!(read_line(&mut r).await.starts_with("235"));
+
+    // IMAP: TLS from the first byte.
+    let addr = server.imap_addr().unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tls_connect(addr, tcp).await;
+    let (r, mut w) = tokio::io::split(tls);
+    let mut r = BufReader::new(r);
+    assert!(read_line(&mut r).await.starts_with("* OK"));
+    w.write_all(b"a LOGIN alice alice-pw-123\r\n")
+        .await
+        .unwrap();
+    assert!(read_line(&mut r).await.starts_with("a OK"));
+    server.shutdown(GRACE).await;
+}
