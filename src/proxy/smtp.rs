@@ -28,6 +28,9 @@ const RELAYED_EXTENSIONS: &[&str] = &[
 const DEFAULT_EXTENSIONS: &[&str] = &["SIZE", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"];
 /// How long a learned extension list is trusted.
 const EXTENSIONS_TTL: Duration = Duration::from_secs(600);
+/// After a failed probe of the upstream's extensions, wait this long
+/// before probing again (EHLO answers use the safe set meanwhile).
+const PROBE_RETRY: Duration = Duration::from_secs(60);
 /// Protocol errors tolerated before the connection is closed.
 const MAX_ERRORS: u32 = 10;
 
@@ -97,6 +100,7 @@ async fn step(io: &mut LineIo<BoxIo>, prompt: &str, timeout: Duration) -> Result
 pub struct Smtp {
     front: Arc<MailFrontEnd>,
     learned: Mutex<Option<(Instant, Vec<String>)>>,
+    probe_failed: Mutex<Option<Instant>>,
 }
 
 impl Smtp {
@@ -105,6 +109,7 @@ impl Smtp {
         Arc::new(Smtp {
             front,
             learned: Mutex::new(None),
+            probe_failed: Mutex::new(None),
         })
     }
 
@@ -205,8 +210,15 @@ impl Smtp {
             .and_then(|g| g.clone())
             .filter(|(at, _)| at.elapsed() < EXTENSIONS_TTL)
             .map(|(_, e)| e);
+        let recently_failed = self
+            .probe_failed
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .is_some_and(|at| at.elapsed() < PROBE_RETRY);
         let ext = match fresh {
             Some(e) => Some(e),
+            None if recently_failed => None,
             None => {
                 // Learn them once, quickly; fall back to a safe set.
                 let probe = async {
@@ -214,10 +226,16 @@ impl Smtp {
                     let _ = up.send(b"QUIT\r\n").await;
                     Ok::<_, UpstreamLogin>(ext)
                 };
-                tokio::time::timeout(Duration::from_secs(5), probe)
+                let learned = tokio::time::timeout(Duration::from_secs(5), probe)
                     .await
                     .ok()
-                    .and_then(Result::ok)
+                    .and_then(Result::ok);
+                if learned.is_none() {
+                    if let Ok(mut g) = self.probe_failed.lock() {
+                        *g = Some(Instant::now());
+                    }
+                }
+                learned
             }
         };
         match ext {
