@@ -542,6 +542,9 @@ pub struct TokenConfig {
     /// How often `serve` looks for identity changes made by the CLI.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// Refreshes in flight against the identity platform at once (across
+    /// identities); more wait their turn.
+    pub max_concurrent_refreshes: usize,
 }
 
 impl Default for TokenConfig {
@@ -551,6 +554,7 @@ impl Default for TokenConfig {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             reload_interval: Duration::from_secs(1),
+            max_concurrent_refreshes: 64,
         }
     }
 }
@@ -769,6 +773,9 @@ impl Config {
                 "pop3.implicit_tls",
             ],
         )?;
+        if self.tokens.max_concurrent_refreshes == 0 {
+            return Err(invalid("tokens.max_concurrent_refreshes", "must be at least 1"));
+        }
         if self.auth.max_failures == 0 {
             return Err(invalid("auth.max_failures", "must be at least 1"));
         }

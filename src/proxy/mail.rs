@@ -288,7 +288,8 @@ pub async fn splice(client: LineIo<BoxIo>, upstream: LineIo<BoxIo>) {
     if !u_buf.is_empty() && c.write_all(&u_buf).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, 64 * 1024, 64 * 1024).await;
+    // 16 KiB per direction: a full TLS record, little memory per idle session.
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, 16 * 1024, 16 * 1024).await;
 }
 
 /// Accepts connections for a mail front end until `shutdown`, running

@@ -163,6 +163,7 @@ struct Inner {
     slots: DashMap<Key, Slot>,
     flights: SingleFlight<Key, Result<AccessToken, TokenError>>,
     locks: DashMap<i64, Arc<tokio::sync::Mutex<()>>>,
+    refresh_permits: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
 }
 
@@ -196,6 +197,7 @@ impl TokenEngine {
         metrics: Arc<Metrics>,
         config: TokenConfig,
     ) -> TokenEngine {
+        let permits = config.max_concurrent_refreshes.max(1);
         TokenEngine {
             inner: Arc::new(Inner {
                 store,
@@ -206,6 +208,7 @@ impl TokenEngine {
                 slots: DashMap::new(),
                 flights: SingleFlight::default(),
                 locks: DashMap::new(),
+                refresh_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -352,6 +355,7 @@ impl TokenEngine {
             }
         };
 
+        let _permit = inner.refresh_permits.acquire().await;
         let issued = Instant::now();
         let result = inner.idp.refresh(&refresh_token, scopes.list()).await;
         match result {
