@@ -89,6 +89,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("store: {0}")]
     Database(#[from] sqlx::Error),
+    /// A batched write failed (the message of the database error).
+    #[error("store: {0}")]
+    Batch(String),
     /// Migrations failed.
     #[error("store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
