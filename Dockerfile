@@ -2,7 +2,7 @@
 #
 #   docker build -t authswap .
 #   docker run -d --name authswap \
-#     -p 127.0.0.1:8080:8080 -p 127.0.0.1:9090:9090 \
+#     -p 127.0.0.1:8080:8080 -p 127.0.0.1:9090:9090 -p 127.0.0.1:2525:2525 \
 #     -v authswap-data:/var/lib/authswap \
 #     -e AUTHSWAP_IDENTITY_PROVIDER__CLIENT_ID=<application id> \
 #     -e AUTHSWAP_IDENTITY_PROVIDER__TENANT=<tenant id or domain> \

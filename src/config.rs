@@ -245,7 +245,7 @@ impl MailConfig {
         Some((host.to_owned(), port.parse().ok()?))
     }
 
-    fn validate(&self, section: &'static str, keys: [&'static str; 5]) -> Result<(), ConfigError> {
+    fn validate(&self, keys: [&'static str; 7]) -> Result<(), ConfigError> {
         if !self.enabled {
             return Ok(());
         }
@@ -275,7 +275,10 @@ impl MailConfig {
             ));
         }
         if self.max_line.0 < 512 {
-            return Err(invalid(section, "max_line must be at least 512 bytes"));
+            return Err(invalid(keys[5], "must be at least 512 bytes"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid(keys[6], "must be at least 1"));
         }
         Ok(())
     }
@@ -743,38 +746,38 @@ impl Config {
                 "retry_min must be above zero and retry_max at least retry_min",
             ));
         }
-        self.smtp.validate(
-            "smtp",
-            [
-                "smtp.listen",
-                "smtp.upstream",
-                "smtp.scopes",
-                "smtp.tls_cert_file",
-                "smtp.implicit_tls",
-            ],
-        )?;
-        self.imap.validate(
-            "imap",
-            [
-                "imap.listen",
-                "imap.upstream",
-                "imap.scopes",
-                "imap.tls_cert_file",
-                "imap.implicit_tls",
-            ],
-        )?;
-        self.pop3.validate(
-            "pop3",
-            [
-                "pop3.listen",
-                "pop3.upstream",
-                "pop3.scopes",
-                "pop3.tls_cert_file",
-                "pop3.implicit_tls",
-            ],
-        )?;
+        self.smtp.validate([
+            "smtp.listen",
+            "smtp.upstream",
+            "smtp.scopes",
+            "smtp.tls_cert_file",
+            "smtp.implicit_tls",
+            "smtp.max_line",
+            "smtp.max_connections",
+        ])?;
+        self.imap.validate([
+            "imap.listen",
+            "imap.upstream",
+            "imap.scopes",
+            "imap.tls_cert_file",
+            "imap.implicit_tls",
+            "imap.max_line",
+            "imap.max_connections",
+        ])?;
+        self.pop3.validate([
+            "pop3.listen",
+            "pop3.upstream",
+            "pop3.scopes",
+            "pop3.tls_cert_file",
+            "pop3.implicit_tls",
+            "pop3.max_line",
+            "pop3.max_connections",
+        ])?;
         if self.tokens.max_concurrent_refreshes == 0 {
-            return Err(invalid("tokens.max_concurrent_refreshes", "must be at least 1"));
+            return Err(invalid(
+                "tokens.max_concurrent_refreshes",
+                "must be at least 1",
+            ));
         }
         if self.auth.max_failures == 0 {
             return Err(invalid("auth.max_failures", "must be at least 1"));

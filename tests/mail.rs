@@ -497,6 +497,7 @@ async fn imap_login_forms_capability_failures_and_refresh() {
     assert!(c.line().await.starts_with("a1 OK"));
     c.send(b"a2 LOGIN alice wrong\r\n").await;
     assert!(c.line().await.starts_with("a2 NO [AUTHENTICATIONFAILED]"));
+    assert_eq!(m.imap.auth_attempts(), 0, "upstream never saw AUTHENTICATE");
     c.send(b"a3 SELECT INBOX\r\n").await;
     assert!(c.line().await.starts_with("a3 BAD"));
     // Literal user name and quoted password with an escaped quote? Here:
@@ -606,6 +607,12 @@ async fn pop3_user_pass_and_auth_plain_relay_retr_byte_identical() {
     c.send(b"USER alice\r\nPASS wrong\r\n").await;
     assert!(c.line().await.starts_with("+OK"));
     assert!(c.line().await.starts_with("-ERR [AUTH]"));
+    assert_eq!(m.pop3.auth_attempts(), 0, "upstream never saw AUTH");
+    let mut other = Raw::connect(addr).await;
+    assert!(
+        other.line().await.starts_with("+OK"),
+        "listener serves others"
+    );
     c.send(b"USER alice\r\n").await;
     c.line().await;
     c.send(b"PASS alice-pw-123\r\n").await;

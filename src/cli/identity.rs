@@ -197,7 +197,7 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
         other => anyhow!("login failed: {other}"),
     })?;
     let refresh = grant.refresh_token.ok_or_else(|| {
-        anyhow!("the identity platform returned no refresh token; include offline_access in http.scopes")
+        anyhow!("the identity platform returned no refresh token; include offline_access in identity_provider.login_scopes")
     })?;
     store.link(rec.id, &sealer.seal(rec.id, &refresh)).await?;
     println!("identity {} linked to {}", rec.name, rec.mailbox);

@@ -40,7 +40,7 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy (HTTP front end and admin listener) until SIGTERM/SIGINT.
+    /// Run the proxy (HTTP, SMTP, IMAP, POP3 front ends and the admin listener) until SIGTERM/SIGINT.
     Serve,
     /// Manage identities.
     #[command(subcommand)]

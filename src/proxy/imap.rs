@@ -223,7 +223,10 @@ impl Imap {
             write(&mut up, b"A2 AUTHENTICATE XOAUTH2\r\n").await?;
             let cont = read(&mut up, t).await?;
             if !cont.starts_with(b"+") {
-                return Err(UpstreamLogin::Rejected);
+                return Err(UpstreamLogin::Failed(format!(
+                    "upstream refused AUTHENTICATE XOAUTH2: {}",
+                    String::from_utf8_lossy(&cont)
+                )));
             }
             write(&mut up, format!("{}\r\n", ir.expose()).as_bytes()).await?;
         }
@@ -379,9 +382,12 @@ impl Imap {
                             format!("{tag} BAD AUTHENTICATE cancelled\r\n")
                         } else {
                             match sasl::decode_plain(&response) {
-                                None => format!(
-                                    "{tag} BAD Cannot decode the authentication response\r\n"
-                                ),
+                                None => {
+                                    self.front.undecodable();
+                                    format!(
+                                        "{tag} BAD Cannot decode the authentication response\r\n"
+                                    )
+                                }
                                 Some(creds) => {
                                     match self.authenticate(&mut io, &tag, &creds, peer).await {
                                         Ok(Some(up)) => return splice(io, up).await,

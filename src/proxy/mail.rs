@@ -194,6 +194,16 @@ impl MailFrontEnd {
         Some(LineIo::new(Box::new(tls), self.cfg.max_line.as_usize()))
     }
 
+    /// Counts an authentication response that could not be decoded.
+    pub fn undecodable(&self) {
+        self.app
+            .metrics
+            .request(self.protocol, Outcome::bad_request);
+        self.app
+            .metrics
+            .auth_failure(None, self.protocol, FailureReason::bad_request);
+    }
+
     /// Runs the shared login path: local password, access token, then
     /// `attempt` (a fresh upstream login with that token); on `Rejected` the
     /// token is refused, refreshed once and `attempt` runs once more.
@@ -345,8 +355,8 @@ pub async fn accept_loop<F, Fut>(
         });
     }
     drop(listener);
-    // Sessions already spliced run until their peers close; give logins in
-    // progress a moment, then stop.
+    // Give sessions (logins in progress and spliced sessions) a moment to
+    // finish, then close them.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}
     })

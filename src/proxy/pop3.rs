@@ -177,7 +177,10 @@ impl Pop3 {
                             "-ERR Authentication cancelled\r\n".into()
                         } else {
                             match sasl::decode_plain(&response) {
-                                None => "-ERR Cannot decode the authentication response\r\n".into(),
+                                None => {
+                                    self.front.undecodable();
+                                    "-ERR Cannot decode the authentication response\r\n".into()
+                                }
                                 Some(creds) => match self.authenticate(&mut io, &creds, peer).await
                                 {
                                     Ok(Some(up)) => return splice(io, up).await,

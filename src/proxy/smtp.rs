@@ -92,6 +92,12 @@ async fn step(io: &mut LineIo<BoxIo>, prompt: &str, timeout: Duration) -> Result
     io.send(prompt.as_bytes()).await.map_err(|_| ())?;
     match tokio::time::timeout(timeout, io.read_line()).await {
         Ok(Ok(Some(l))) => Ok(l),
+        Err(_) => {
+            let _ = io
+                .send(b"421 4.4.2 Timeout waiting for the authentication response, closing connection\r\n")
+                .await;
+            Err(())
+        }
         _ => Err(()),
     }
 }
@@ -463,11 +469,7 @@ impl Smtp {
         match creds {
             Some(c) => Ok(Some(c)),
             None => {
-                self.front.app.metrics.auth_failure(
-                    None,
-                    crate::metrics::Protocol::smtp,
-                    crate::metrics::FailureReason::bad_request,
-                );
+                self.front.undecodable();
                 io.send(b"501 5.5.2 Cannot decode the authentication response\r\n")
                     .await
                     .map_err(|_| ())?;
