@@ -112,12 +112,7 @@ impl HttpProxy {
         let (parts, body) = req.into_parts();
         let uri = self.upstream_uri(&parts.uri)?;
         let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
-        headers.remove(header::AUTHORIZATION);
-        // The body is read (or streamed) by us; the upstream must not wait
-        // for a 100-continue handshake the client already had with us.
-        headers.remove(header::EXPECT);
+        prepare_upstream_headers(&mut headers);
         let method = parts.method;
 
         let body = self.read_body(body, &headers).await?;
@@ -445,6 +440,18 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, Zeroizing<String>)> {
         return None;
     }
     Some((name.to_owned(), Zeroizing::new(password.to_owned())))
+}
+
+/// Turns the client's request headers into the upstream's, minus the
+/// credentials: hop-by-hop headers, `Host` (set from the upstream URI),
+/// `Authorization` (replaced by the Bearer token) and `Expect` (the body is
+/// read or streamed by authswap; the upstream must not wait for a
+/// 100-continue the client already had) are removed.
+pub fn prepare_upstream_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::EXPECT);
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
