@@ -1,6 +1,10 @@
 //! Micro-benchmarks of the per-request hot path: the verified-credential
 //! cache (no argon2 in steady state, compared with one argon2 verification
-//! as the baseline) and Basic header parsing.
+//! as the baseline), the access-token lookup, the header rewrite and the
+//! mail line codec.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use authswap::config::AuthConfig;
 use authswap::identity::{hash_password, Authenticator, Directory};
@@ -83,5 +87,102 @@ fn basic_header(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, credentials, basic_header);
+fn token_lookup(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_env, app) = rt.block_on(async {
+        let env = support::harness::Env::start().await;
+        env.add_linked("alice", "alice@contoso.com", "pw").await;
+        let app = authswap::app::App::open(env.config()).await.unwrap();
+        (env, app)
+    });
+    let identity = app.directory.get("alice").unwrap();
+    let scopes = authswap::token::Scopes::new(&app.config.http.scopes);
+    rt.block_on(app.tokens.access_token(&identity, &scopes))
+        .unwrap();
+    c.bench_function("access_token_cache_hit", |b| {
+        b.iter(|| {
+            rt.block_on(app.tokens.access_token(black_box(&identity), &scopes))
+                .unwrap()
+        })
+    });
+}
+
+fn header_rewrite(c: &mut Criterion) {
+    use http::header::{HeaderMap, HeaderValue};
+    let mut template = HeaderMap::new();
+    for (k, v) in [
+        ("host", "127.0.0.1:8080"),
+        (
+            "authorization",
+            "Basic dXNlcjQyOmNvcnJlY3QgaG9yc2UgYmF0dGVyeQ==",
+        ),
+        ("content-type", "text/xml; charset=utf-8"),
+        (
+            "soapaction",
+            "\"http://schemas.microsoft.com/exchange/services/2006/messages/FindItem\"",
+        ),
+        ("user-agent", "ExchangeServicesClient/15.00.0913.015"),
+        ("accept", "text/xml"),
+        ("connection", "keep-alive"),
+        ("expect", "100-continue"),
+        ("content-length", "1024"),
+    ] {
+        template.insert(k, HeaderValue::from_static(v));
+    }
+    let mut bearer =
+        HeaderValue::from_static("Bearer eyJ0eXAiOiJKV1QiLCJub25jZSI6IjEyMyJ9.payload.sig");
+    bearer.set_sensitive(true);
+    c.bench_function("header_rewrite_basic_to_bearer", |b| {
+        b.iter(|| {
+            let mut h = template.clone();
+            let creds = parse_basic(h.get("authorization").unwrap().as_bytes()).unwrap();
+            authswap::proxy::http::prepare_upstream_headers(&mut h);
+            h.insert("authorization", bearer.clone());
+            black_box((creds, h))
+        })
+    });
+}
+
+fn line_codec(c: &mut Criterion) {
+    use authswap::proxy::line::LineIo;
+    use tokio::io::AsyncWriteExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let lines: Vec<u8> = (0..1000)
+        .flat_map(|i| format!("RCPT TO:<user{i}@example.com>\r\n").into_bytes())
+        .collect();
+    let mut group = c.benchmark_group("line_codec");
+    group.throughput(criterion::Throughput::Elements(1000));
+    group.bench_function("read_1000_pipelined_lines", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let (a, mut w) = tokio::io::duplex(1 << 20);
+                w.write_all(&lines).await.unwrap();
+                drop(w);
+                let mut io = LineIo::new(a, 4096);
+                let mut n = 0;
+                while let Some(l) = io.read_line().await.unwrap() {
+                    n += l.len();
+                }
+                black_box(n)
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    credentials,
+    basic_header,
+    token_lookup,
+    header_rewrite,
+    line_codec
+);
 criterion_main!(benches);
