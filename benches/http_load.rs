@@ -14,7 +14,7 @@ mod common;
 mod support;
 
 use bytes::Bytes;
-use common::{duration, quick_mode, ratio, Authswap, Latencies, Table};
+use common::{cpu_time, duration, quick_mode, ratio, Authswap, Latencies, Table};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -83,6 +83,8 @@ struct Target {
 struct Measured {
     rps: f64,
     lat: Latencies,
+    /// Requests answered during the whole call, warm-up included.
+    all: u64,
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -124,6 +126,8 @@ async fn load(t: &Target, conns: usize, measure: Duration) -> Measured {
             let mut sender = connect(&t).await;
             let mut lat = Latencies::default();
             let mut n = 0u64;
+            let mut all = 0u64;
+            let mut reconnects = 0u32;
             // Bounded: by time, and by count as a safety net.
             for _ in 0..50_000_000u64 {
                 let now = Instant::now();
@@ -136,27 +140,55 @@ async fn load(t: &Target, conns: usize, measure: Duration) -> Measured {
                     .header("content-type", "text/xml; charset=utf-8")
                     .body(Full::new(Bytes::from_static(b"<soap/>")))
                     .unwrap();
+                // A server may close a keep-alive connection (nginx does
+                // after keepalive_requests): reconnect, bounded.
+                if sender.ready().await.is_err() {
+                    reconnects += 1;
+                    assert!(reconnects < 1000, "too many reconnects");
+                    sender = connect(&t).await;
+                }
                 let res = sender.send_request(req).await.expect("response");
                 assert!(res.status().is_success(), "status {}", res.status());
                 let _ = res.into_body().collect().await.unwrap();
+                all += 1;
                 if now >= start {
                     lat.record(now.elapsed());
                     n += 1;
                 }
             }
-            (n, lat)
+            (n, all, lat)
         }));
     }
     let mut total = 0;
+    let mut all = 0;
     let mut lat = Latencies::default();
     for t in tasks {
-        let (n, l) = t.await.unwrap();
+        let (n, a, l) = t.await.unwrap();
         total += n;
+        all += a;
         lat.add(&l);
     }
     Measured {
         rps: total as f64 / measure.as_secs_f64(),
         lat,
+        all,
+    }
+}
+
+/// One path at one level, over all rounds.
+#[derive(Default)]
+struct Cell {
+    rps: Vec<f64>,
+    lat: Latencies,
+    cpu: Duration,
+    requests: u64,
+}
+
+impl Cell {
+    fn median_rps(&self) -> f64 {
+        let mut v = self.rps.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
     }
 }
 
@@ -176,8 +208,35 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // SIGTERM makes the master stop its workers; SIGKILL would orphan
+        // them (still listening, still scheduled).
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.child.id()];
+        let children = format!("/proc/{0}/task/{0}/children", self.child.id());
+        if let Ok(list) = std::fs::read_to_string(children) {
+            pids.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        pids
     }
 }
 
@@ -203,13 +262,15 @@ error_log {d}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 75s;
   client_body_temp_path {d}/nx-body;
   proxy_temp_path {d}/nx-proxy;
   fastcgi_temp_path {d}/nx-fcgi;
   uwsgi_temp_path {d}/nx-uwsgi;
   scgi_temp_path {d}/nx-scgi;
-  upstream origin_plain {{ server {plain}; keepalive 128; }}
-  upstream origin_tls {{ server {tls}; keepalive 128; }}
+  upstream origin_plain {{ server {plain}; keepalive 128; keepalive_requests 100000000; }}
+  upstream origin_tls {{ server {tls}; keepalive 128; keepalive_requests 100000000; }}
   server {{
     listen 127.0.0.1:{np};
     location / {{
@@ -298,11 +359,14 @@ async fn run() {
             "p50 µs",
             "p99 µs",
             "p99.9 µs",
+            "proxy CPU µs/req",
             "req/s vs direct",
             "req/s vs nginx",
+            "CPU/req vs nginx",
         ],
     );
-    let measure = duration(Duration::from_secs(3));
+    let measure = duration(Duration::from_secs(2));
+    let rounds = if quick_mode() { 1 } else { 3 };
     let conn_levels: &[usize] = if quick_mode() { &[1, 4] } else { &[1, 16, 64] };
     let mut added_p99_at_1 = Vec::new();
     let mut vs_nginx = Vec::new();
@@ -321,69 +385,107 @@ async fn run() {
         let path = env.dir.path().join(format!("bench-{kind}.toml"));
         std::fs::write(&path, toml).unwrap();
         let proxy = Authswap::start(&path).await;
-        let direct = Target {
-            addr: origin,
-            tls,
-            authorization: BEARER.into(),
-        };
-        let via_authswap = Target {
-            addr: proxy.addr("http"),
-            tls: false,
-            authorization: basic("bench", "bench-password-1"),
-        };
+        let proxy_pid = proxy.child.id().expect("authswap pid");
+        let mut paths = vec![
+            (
+                "direct",
+                Target {
+                    addr: origin,
+                    tls,
+                    authorization: BEARER.into(),
+                },
+                Vec::new(),
+            ),
+            (
+                "authswap",
+                Target {
+                    addr: proxy.addr("http"),
+                    tls: false,
+                    authorization: basic("bench", "bench-password-1"),
+                },
+                vec![proxy_pid],
+            ),
+        ];
+        if let Some(nx) = &nginx {
+            paths.push((
+                "nginx",
+                Target {
+                    addr: if tls { nx.tls } else { nx.plain },
+                    tls: false,
+                    authorization: "Basic ignored".into(),
+                },
+                nx.pids(),
+            ));
+        }
         for &conns in conn_levels {
-            let d = load(&direct, conns, measure).await;
-            let a = load(&via_authswap, conns, measure).await;
-            let n = match &nginx {
-                Some(nx) => Some(
-                    load(
-                        &Target {
-                            addr: if tls { nx.tls } else { nx.plain },
-                            tls: false,
-                            authorization: "Basic ignored".into(),
-                        },
-                        conns,
-                        measure,
-                    )
-                    .await,
-                ),
-                None => None,
-            };
-            let row = |name: &str, m: &Measured, vs_d: String, vs_n: String| {
-                vec![
+            // Rounds with the order rotated, so a slow phase of the machine
+            // does not land on one path only; req/s is the median round.
+            let mut results: Vec<Cell> = paths.iter().map(|_| Cell::default()).collect();
+            for round in 0..rounds {
+                for i in 0..paths.len() {
+                    let k = (i + round) % paths.len();
+                    let (_, target, pids) = &paths[k];
+                    let cpu_before: Duration = pids.iter().map(|&p| cpu_time(p)).sum();
+                    let m = load(target, conns, measure).await;
+                    let cpu: Duration =
+                        pids.iter().map(|&p| cpu_time(p)).sum::<Duration>() - cpu_before;
+                    let cell = &mut results[k];
+                    cell.rps.push(m.rps);
+                    cell.lat.add(&m.lat);
+                    cell.cpu += cpu;
+                    cell.requests += m.all;
+                }
+            }
+            let rps: Vec<f64> = results.iter().map(Cell::median_rps).collect();
+            let cpu: Vec<Option<f64>> = paths
+                .iter()
+                .zip(&results)
+                .map(|((_, _, pids), c)| {
+                    (!pids.is_empty()).then(|| c.cpu.as_secs_f64() * 1e6 / c.requests.max(1) as f64)
+                })
+                .collect();
+            let nginx_at = paths.iter().position(|(n, _, _)| *n == "nginx");
+            for (k, (name, _, _)) in paths.iter().enumerate() {
+                let c = &results[k];
+                let vs_n = nginx_at.map_or("-".into(), |n| ratio(rps[k], rps[n]));
+                let cpu_vs_n = match (nginx_at, cpu[k]) {
+                    (Some(n), Some(mine)) if *name != "direct" => {
+                        ratio(mine, cpu[n].unwrap_or(0.0))
+                    }
+                    _ => "-".into(),
+                };
+                table.row(vec![
                     kind.to_owned(),
                     conns.to_string(),
-                    name.to_owned(),
-                    format!("{:.0}", m.rps),
-                    us(m.lat.quantile_us(0.50)),
-                    us(m.lat.quantile_us(0.99)),
-                    us(m.lat.quantile_us(0.999)),
-                    vs_d,
-                    vs_n,
-                ]
-            };
-            table.row(row("direct", &d, "1.00".into(), "-".into()));
-            if let Some(n) = &n {
-                table.row(row("nginx", n, ratio(n.rps, d.rps), "1.00".into()));
-            }
-            let an = n.as_ref().map_or("-".into(), |n| ratio(a.rps, n.rps));
-            table.row(row("authswap", &a, ratio(a.rps, d.rps), an.clone()));
-            if conns == 1 {
-                added_p99_at_1.push(format!(
-                    "{kind}: authswap adds {} µs to direct p99 at 1 connection",
-                    a.lat.quantile_us(0.99) as i64 - d.lat.quantile_us(0.99) as i64
-                ));
-            }
-            if conns >= 16 {
-                vs_nginx.push(format!("{kind}/{conns}: {an}"));
+                    name.to_string(),
+                    format!("{:.0}", rps[k]),
+                    us(c.lat.quantile_us(0.50)),
+                    us(c.lat.quantile_us(0.99)),
+                    us(c.lat.quantile_us(0.999)),
+                    cpu[k].map_or("-".into(), |v| format!("{v:.1}")),
+                    ratio(rps[k], rps[0]),
+                    vs_n.clone(),
+                    cpu_vs_n,
+                ]);
+                if *name == "authswap" {
+                    if conns == 1 {
+                        added_p99_at_1.push(format!(
+                            "{kind}: authswap adds {} µs to direct p99 at 1 connection (target < 100 µs)",
+                            c.lat.quantile_us(0.99) as i64 - results[0].lat.quantile_us(0.99) as i64
+                        ));
+                    }
+                    if conns >= 16 {
+                        vs_nginx.push(format!("{kind}/{conns}: {vs_n}"));
+                    }
+                }
             }
         }
         proxy.stop().await;
     }
     table.note(format!(
-        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {}s per cell after a warm-up; load generator, origin, authswap{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column.",
+        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. Load generator (2 threads), origin (1 thread), authswap{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",
         measure.as_secs_f64(),
-        if nginx.is_some() { " and nginx" } else { "" },
+        if nginx.is_some() { " and nginx (1 worker)" } else { "" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     ));
     if nginx.is_none() {

@@ -24,7 +24,7 @@ mod common;
 mod support;
 
 use base64::Engine as _;
-use common::{quick_mode, ratio, Authswap, Latencies, Table};
+use common::{cpu_time, quick_mode, ratio, Authswap, Latencies, Table};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -329,19 +329,6 @@ fn message(size: usize) -> Vec<u8> {
     assert_eq!(m.len(), size);
     assert!(m.ends_with(b"\r\n"));
     dot_stuff(&m)
-}
-
-/// CPU time (user + system) of a process so far, from /proc (Linux).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the ")".
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10) // USER_HZ = 100
 }
 
 /// CPU time used by the whole machine so far (all CPUs, /proc/stat; steal
