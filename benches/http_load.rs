@@ -367,10 +367,20 @@ async fn run() {
     );
     let measure = duration(Duration::from_secs(2));
     let rounds = if quick_mode() { 1 } else { 3 };
-    let conn_levels: &[usize] = if quick_mode() { &[1, 4] } else { &[1, 16, 64] };
+    // HTTP_LOAD_CONNS=16,64 and HTTP_LOAD_UPSTREAMS=http narrow a run down
+    // (for profiling one case); the default is the whole table.
+    let conn_levels: Vec<usize> = match std::env::var("HTTP_LOAD_CONNS") {
+        Ok(v) => v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
+        Err(_) if quick_mode() => vec![1, 4],
+        Err(_) => vec![1, 16, 64],
+    };
+    let upstreams = std::env::var("HTTP_LOAD_UPSTREAMS").unwrap_or_else(|_| "http,https".into());
     let mut added_p99_at_1 = Vec::new();
     let mut vs_nginx = Vec::new();
     for (kind, origin, tls) in [("http", origin_plain, false), ("https", origin_tls, true)] {
+        if !upstreams.split(',').any(|u| u.trim() == kind) {
+            continue;
+        }
         // authswap in front of this origin (a fresh process per upstream kind).
         let mut toml = env.config_toml();
         let scheme = if tls {
@@ -417,7 +427,7 @@ async fn run() {
                 nx.pids(),
             ));
         }
-        for &conns in conn_levels {
+        for &conns in &conn_levels {
             // Rounds with the order rotated, so a slow phase of the machine
             // does not land on one path only; req/s is the median round.
             let mut results: Vec<Cell> = paths.iter().map(|_| Cell::default()).collect();

@@ -82,6 +82,25 @@ pub struct Config {
     /// POP3 front end.
     #[serde(deserialize_with = "pop3_de")]
     pub pop3: MailConfig,
+    /// The async runtime.
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`: how many threads serve connections.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that run the listeners and connections; 0 = one per CPU.
+    /// One is the default, as for a service-mesh sidecar: on a host shared
+    /// with the application, a second worker mostly adds cross-thread
+    /// wake-ups (see docs/benchmarks.md). argon2 runs on its own pool.
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { worker_threads: 1 }
+    }
 }
 
 fn smtp_de<'de, D: Deserializer<'de>>(d: D) -> Result<MailConfig, D::Error> {
@@ -107,6 +126,7 @@ impl Default for Config {
             smtp: MailConfig::smtp(),
             imap: MailConfig::imap(),
             pop3: MailConfig::pop3(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -706,6 +726,12 @@ impl Config {
 
     /// Checks every value that figment cannot check by type.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.runtime.worker_threads > 1024 {
+            return Err(invalid(
+                "runtime.worker_threads",
+                "must be between 0 (one per CPU) and 1024",
+            ));
+        }
         parse_listen("admin.listen", &self.admin.listen)?;
         if self.http.enabled {
             parse_listen("http.listen", &self.http.listen)?;
@@ -945,6 +971,18 @@ mod tests {
         assert!(err.to_string().contains("max_connections"), "{err}");
         let err = load_str("[admin]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
         assert!(err.to_string().starts_with("admin.listen:"), "{err}");
+    }
+
+    #[test]
+    fn runtime_worker_threads_default_to_one_and_are_bounded() {
+        assert_eq!(Config::default().runtime.worker_threads, 1);
+        let c = load_str("[runtime]\nworker_threads = 0\n", &[]).unwrap();
+        assert_eq!(c.runtime.worker_threads, 0);
+        let err = load_str("[runtime]\nworker_threads = 5000\n", &[]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("runtime.worker_threads:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -38,6 +38,19 @@ pub struct Identity {
     password_hash: String,
     status: AtomicU8,
     last_error: Mutex<Option<String>>,
+    /// The credential-cache MAC with this identity's id and password hash
+    /// already absorbed, so a cache lookup hashes only the password.
+    cache_prefix: MacPrefix,
+}
+
+/// A keyed BLAKE2b state, computed on first use (never printed).
+#[derive(Default)]
+struct MacPrefix(std::sync::OnceLock<Blake2bMac<U32>>);
+
+impl std::fmt::Debug for MacPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MacPrefix(..)")
+    }
 }
 
 impl Identity {
@@ -50,6 +63,7 @@ impl Identity {
             password_hash: r.password_hash.clone(),
             status: AtomicU8::new(status_code(r.status)),
             last_error: Mutex::new(r.last_error.clone()),
+            cache_prefix: MacPrefix::default(),
         }
     }
 
@@ -277,11 +291,18 @@ impl Authenticator {
     }
 
     fn cache_key(&self, identity: &Identity, password: &[u8]) -> CacheKey {
-        let mut mac = <Blake2bMac<U32> as Mac>::new_from_slice(&self.mac_key)
-            .expect("32-byte key is valid for BLAKE2b");
-        mac.update(&identity.id.to_le_bytes());
-        mac.update(identity.password_hash.as_bytes());
-        mac.update(&[0]);
+        let mut mac = identity
+            .cache_prefix
+            .0
+            .get_or_init(|| {
+                let mut mac = <Blake2bMac<U32> as Mac>::new_from_slice(&self.mac_key)
+                    .expect("32-byte key is valid for BLAKE2b");
+                mac.update(&identity.id.to_le_bytes());
+                mac.update(identity.password_hash.as_bytes());
+                mac.update(&[0]);
+                mac
+            })
+            .clone();
         mac.update(password);
         mac.finalize().into_bytes().into()
     }

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::OnceLock;
 
 /// Identity label value for names that are not configured identities.
 pub const UNKNOWN_IDENTITY: &str = "_unknown";
@@ -109,6 +110,11 @@ pub enum Outcome {
     bad_request,
 }
 
+impl Outcome {
+    /// Number of outcomes.
+    pub const COUNT: usize = 6;
+}
+
 /// Outcome of a local password check.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -184,6 +190,17 @@ pub struct Metrics {
     credential_checks: Family<CheckLabels, Counter>,
     identities: Family<StatusLabels, Gauge>,
     connections: Family<ProtocolLabels, Gauge>,
+    /// Handles of the per-request series, resolved once: the families hash
+    /// their labels and take a lock on every lookup, which the hot path
+    /// would otherwise pay two or three times per request.
+    hot: HotHandles,
+}
+
+#[derive(Default)]
+struct HotHandles {
+    requests: [[OnceLock<Counter>; Outcome::COUNT]; Protocol::ALL.len()],
+    upstream: [OnceLock<Histogram>; Protocol::ALL.len()],
+    checks: [OnceLock<Counter>; 3],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -279,6 +296,7 @@ impl Metrics {
             credential_checks,
             identities,
             connections,
+            hot: HotHandles::default(),
         }
     }
 
@@ -306,15 +324,23 @@ impl Metrics {
 
     /// Counts a finished client request.
     pub fn request(&self, protocol: Protocol, outcome: Outcome) {
-        self.requests
-            .get_or_create(&RequestLabels { protocol, outcome })
+        self.hot.requests[protocol as usize][outcome as usize]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels { protocol, outcome })
+                    .clone()
+            })
             .inc();
     }
 
     /// Records an upstream round trip.
     pub fn upstream_duration(&self, protocol: Protocol, seconds: f64) {
-        self.upstream_duration
-            .get_or_create(&ProtocolLabels { protocol })
+        self.hot.upstream[protocol as usize]
+            .get_or_init(|| {
+                self.upstream_duration
+                    .get_or_create(&ProtocolLabels { protocol })
+                    .clone()
+            })
             .observe(seconds);
     }
 
@@ -338,8 +364,12 @@ impl Metrics {
 
     /// Counts a local password check.
     pub fn credential_check(&self, result: CredentialCheck) {
-        self.credential_checks
-            .get_or_create(&CheckLabels { result })
+        self.hot.checks[result as usize]
+            .get_or_init(|| {
+                self.credential_checks
+                    .get_or_create(&CheckLabels { result })
+                    .clone()
+            })
             .inc();
     }
 

@@ -156,7 +156,13 @@ impl Authswap {
     /// configuration file `config`, waiting until it serves.
     pub async fn start(config: &std::path::Path) -> Authswap {
         let started = std::time::Instant::now();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_authswap"))
+        // AUTHSWAP_BENCH_WRAPPER="valgrind --tool=callgrind" runs the proxy
+        // under a profiler (the figures are then meaningless, the profile is not).
+        let wrapper = std::env::var("AUTHSWAP_BENCH_WRAPPER").unwrap_or_default();
+        let mut argv: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
+        argv.push(env!("CARGO_BIN_EXE_authswap").to_owned());
+        let mut child = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
             .arg("-c")
             .arg(config)
             .args(["--log-format", "json", "serve"])

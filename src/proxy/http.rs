@@ -41,6 +41,10 @@ struct Upstream {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     base_path: String,
+    /// `Host` for HTTP/1.1 requests, computed once (host, plus the port
+    /// when it is not the scheme's default), as the pooled client would on
+    /// every request otherwise. Over HTTP/2 it equals `:authority`.
+    host: HeaderValue,
 }
 
 /// Why the HTTP front end cannot start.
@@ -56,8 +60,10 @@ impl HttpProxy {
             .upstream
             .parse()
             .map_err(|_| UpstreamUrlError(cfg.upstream.clone()))?;
+        let host = host_header(&uri).ok_or_else(|| UpstreamUrlError(cfg.upstream.clone()))?;
         let parts = uri.into_parts();
         let upstream = Upstream {
+            host,
             scheme: parts
                 .scheme
                 .ok_or_else(|| UpstreamUrlError(cfg.upstream.clone()))?,
@@ -123,6 +129,8 @@ impl HttpProxy {
             *r.headers_mut() = headers.clone();
             r.headers_mut()
                 .insert(header::AUTHORIZATION, token.bearer_header().clone());
+            r.headers_mut()
+                .insert(header::HOST, self.upstream.host.clone());
             r
         };
 
@@ -172,15 +180,22 @@ impl HttpProxy {
     }
 
     fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Rejection> {
-        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let pq = if pq.starts_with('/') { pq } else { "/" };
-        let joined = format!("{}{}", self.upstream.base_path, pq);
-        Uri::builder()
-            .scheme(self.upstream.scheme.clone())
-            .authority(self.upstream.authority.clone())
-            .path_and_query(joined)
-            .build()
-            .map_err(|_| Rejection::BadRequest("invalid request target"))
+        let pq = match uri.path_and_query() {
+            Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+            _ => http::uri::PathAndQuery::from_static("/"),
+        };
+        let pq = if self.upstream.base_path.is_empty() {
+            pq
+        } else {
+            format!("{}{}", self.upstream.base_path, pq)
+                .parse()
+                .map_err(|_| Rejection::BadRequest("invalid request target"))?
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.upstream.scheme.clone());
+        parts.authority = Some(self.upstream.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|_| Rejection::BadRequest("invalid request target"))
     }
 
     async fn read_body(
@@ -449,9 +464,17 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, Zeroizing<String>)> {
 /// 100-continue the client already had) are removed.
 pub fn prepare_upstream_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::EXPECT);
+    let mut found: [Option<HeaderName>; 3] = [None, None, None];
+    for (slot, name) in found.iter_mut().zip(
+        headers
+            .keys()
+            .filter(|n| [header::HOST, header::AUTHORIZATION, header::EXPECT].contains(n)),
+    ) {
+        *slot = Some(name.clone());
+    }
+    for name in found.into_iter().flatten() {
+        headers.remove(name);
+    }
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -465,8 +488,36 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// `Host` as an HTTP/1.1 client sends it for `uri`: the host, and the port
+/// when it is not the scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    };
+    let value = match uri.port_u16() {
+        Some(port) if Some(port) != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+///
+/// One pass over the names present (a request carries a handful), instead
+/// of a hashed removal for every name that might be there.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if HOP_BY_HOP.contains(name) {
+            found.push(name.clone());
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -474,10 +525,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    for name in named.into_iter().chain(found) {
         headers.remove(name);
     }
 }
@@ -587,5 +635,46 @@ mod tests {
         strip_hop_by_hop(&mut m);
         assert_eq!(m.len(), 1);
         assert!(m.contains_key("soapaction"));
+
+        // No hop-by-hop header at all: nothing is touched.
+        let mut m = HeaderMap::new();
+        m.insert("x-private", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut m);
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn upstream_headers_lose_credentials_host_expect_and_hop_by_hop() {
+        let mut m = h("Basic YTpi");
+        m.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic second"),
+        );
+        m.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        m.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        m.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        m.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
+        prepare_upstream_headers(&mut m);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!(m.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn host_header_omits_default_ports() {
+        let host = |u: &str| host_header(&u.parse().unwrap()).unwrap();
+        assert_eq!(
+            host("https://outlook.office365.com"),
+            "outlook.office365.com"
+        );
+        assert_eq!(
+            host("https://outlook.office365.com:443/ews"),
+            "outlook.office365.com"
+        );
+        assert_eq!(host("https://localhost:8443"), "localhost:8443");
+        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
+        assert_eq!(host("http://[::1]:9000"), "[::1]:9000");
     }
 }
