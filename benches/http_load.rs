@@ -377,6 +377,7 @@ async fn run() {
     let upstreams = std::env::var("HTTP_LOAD_UPSTREAMS").unwrap_or_else(|_| "http,https".into());
     let mut added_p99_at_1 = Vec::new();
     let mut vs_nginx = Vec::new();
+    let mut argon2_notes = Vec::new();
     for (kind, origin, tls) in [("http", origin_plain, false), ("https", origin_tls, true)] {
         if !upstreams.split(',').any(|u| u.trim() == kind) {
             continue;
@@ -490,6 +491,18 @@ async fn run() {
                 }
             }
         }
+        // No argon2 on the steady-state path: one verification for the
+        // first request, the cache for every other one.
+        let verified = proxy
+            .metric("authswap_credential_checks_total{result=\"verified\"}")
+            .await;
+        let hits = proxy
+            .metric("authswap_credential_checks_total{result=\"cache_hit\"}")
+            .await;
+        assert_eq!(verified, 1.0, "argon2 ran more than once under load");
+        argon2_notes.push(format!(
+            "{kind}: authswap_credential_checks_total over the run: verified (argon2) = {verified}, cache_hit = {hits}"
+        ));
         proxy.stop().await;
     }
     table.note(format!(
@@ -500,6 +513,9 @@ async fn run() {
     ));
     if nginx.is_none() {
         table.note("nginx not measured (quick mode, or nginx not installed: run benches/run.sh).");
+    }
+    for n in argon2_notes {
+        table.note(n);
     }
     for n in added_p99_at_1 {
         table.note(n);

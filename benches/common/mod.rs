@@ -204,6 +204,24 @@ impl Authswap {
             .unwrap_or_else(|| panic!("{which} listener not in {}", self.serving))
     }
 
+    /// The value of one series in the admin listener's `/metrics`
+    /// (`name{labels}` exactly as exposed), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.addr("admin"))
+            .await
+            .expect("admin listener");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
+            .await
+            .expect("metrics in time")
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Resident memory in KiB.
     pub fn rss_kib(&self) -> u64 {
         self.child.id().and_then(rss_kib).unwrap_or(0)
