@@ -419,14 +419,25 @@ async fn identity_platform_down_answers_503_with_retry_after_and_backs_off() {
     assert_eq!(env.idp.refresh_calls(), 1, "backing off, not hammering");
     assert_eq!(env.ews.request_count(), 0);
 
-    // The identity is not marked as needing re-authentication.
-    let out = env.cli(&["identity", "list", "--json"], None);
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The identity is not marked as needing re-authentication, and the
+    // platform's error is recorded (written in the background, so that the
+    // client's 503 does not wait for the database: poll for it).
+    let mut list = serde_json::Value::Null;
+    for _ in 0..100 {
+        let out = env.cli(&["identity", "list", "--json"], None);
+        list = serde_json::from_slice(&out.stdout).unwrap();
+        if list[0]["last_error"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(list[0]["status"], "linked");
-    assert!(list[0]["last_error"]
-        .as_str()
-        .unwrap()
-        .contains("AADSTS90006"));
+    assert!(
+        list[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("AADSTS90006")),
+        "{list}"
+    );
 
     env.idp.set_unavailable(false);
     let recovered = {
