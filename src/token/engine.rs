@@ -21,11 +21,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// A scope set, normalised (sorted, deduplicated) with a precomputed key.
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// A scope set, normalised (sorted, deduplicated) with a precomputed key
+/// and a small id: equal sets get the same id in a process, so the token
+/// cache hashes a number per request instead of the scope string.
+#[derive(Clone)]
 pub struct Scopes {
+    id: u32,
     key: Arc<str>,
     list: Arc<[String]>,
+}
+
+impl PartialEq for Scopes {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Scopes {}
+
+impl std::hash::Hash for Scopes {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+/// Ids of the scope sets seen by this process (a handful: one per front end).
+fn scope_id(key: &str) -> u32 {
+    static IDS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, u32>>> =
+        std::sync::OnceLock::new();
+    let mut ids = IDS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let next = u32::try_from(ids.len()).expect("fewer than 2^32 scope sets");
+    *ids.entry(key.to_owned()).or_insert(next)
 }
 
 impl Scopes {
@@ -34,8 +63,10 @@ impl Scopes {
         let mut list: Vec<String> = scopes.iter().map(|s| s.as_ref().to_owned()).collect();
         list.sort();
         list.dedup();
+        let key = list.join(" ");
         Scopes {
-            key: list.join(" ").into(),
+            id: scope_id(&key),
+            key: key.into(),
             list: list.into(),
         }
     }
@@ -132,7 +163,8 @@ pub enum TokenError {
     },
 }
 
-type Key = (i64, Arc<str>);
+/// (identity id, scope-set id).
+type Key = (i64, u32);
 
 #[derive(Default)]
 struct Slot {
@@ -245,7 +277,7 @@ impl TokenEngine {
         identity: &Arc<Identity>,
         scopes: &Scopes,
     ) -> Result<AccessToken, TokenError> {
-        let key: Key = (identity.id, scopes.key.clone());
+        let key: Key = (identity.id, scopes.id);
         let now = Instant::now();
         match self.lookup(&key, now) {
             Cached::Fresh(t) => return Ok(t),
@@ -529,7 +561,7 @@ impl TokenEngine {
             tracing::warn!(identity = %identity.name, ?protocol, "upstream refused a freshly refreshed access token too; not refreshing again yet (check the mailbox's permissions and protocol settings)");
             return false;
         }
-        let key: Key = (identity.id, scopes.key.clone());
+        let key: Key = (identity.id, scopes.id);
         if let Some(mut slot) = self.inner.slots.get_mut(&key) {
             if slot.token.as_ref().is_some_and(|t| t.id == token.id) {
                 slot.token = None;
@@ -570,7 +602,11 @@ mod tests {
         let a = Scopes::new(&["offline_access", "b", "a", "b"]);
         let b = Scopes::new(&["a", "b", "offline_access"]);
         assert_eq!(a, b);
+        assert_eq!(a.id, b.id);
         assert_eq!(a.list(), ["a", "b", "offline_access"]);
+        let c = Scopes::new(&["a", "offline_access"]);
+        assert_ne!(a, c, "different sets have different ids");
+        assert_ne!(a.id, c.id);
     }
 
     #[test]
