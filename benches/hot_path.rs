@@ -63,7 +63,9 @@ fn credentials(c: &mut Criterion) {
                 src,
                 Protocol::http,
             ));
-            match call.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            match call.poll(&mut std::task::Context::from_waker(
+                futures_util::task::noop_waker_ref(),
+            )) {
                 std::task::Poll::Ready(identity) => identity.unwrap(),
                 std::task::Poll::Pending => panic!("a cache hit needs no waiting"),
             }
@@ -118,7 +120,9 @@ fn token_lookup(c: &mut Criterion) {
     c.bench_function("access_token_cache_hit", |b| {
         b.iter(|| {
             let call = std::pin::pin!(app.tokens.access_token(black_box(&identity), &scopes));
-            match call.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            match call.poll(&mut std::task::Context::from_waker(
+                futures_util::task::noop_waker_ref(),
+            )) {
                 std::task::Poll::Ready(token) => token.unwrap(),
                 std::task::Poll::Pending => panic!("a cached token needs no waiting"),
             }

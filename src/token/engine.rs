@@ -326,7 +326,7 @@ impl TokenEngine {
         scopes: Scopes,
     ) -> Result<AccessToken, TokenError> {
         let engine = self.clone();
-        let k = key.clone();
+        let k = key;
         self.inner
             .flights
             .run(key, move || async move {
@@ -504,7 +504,7 @@ impl TokenEngine {
     ) -> TokenError {
         let inner = &self.inner;
         let cfg = &inner.config;
-        let mut slot = inner.slots.entry(key.clone()).or_default();
+        let mut slot = inner.slots.entry(*key).or_default();
         let failures = slot.backoff.as_ref().map_or(0, |b| b.failures) + 1;
         let delay = if slow {
             cfg.retry_max
