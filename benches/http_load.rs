@@ -328,7 +328,102 @@ fn us(v: u64) -> String {
     format!("{v}")
 }
 
+/// The floor for a hyper-based proxy: the same pooled client authswap uses
+/// (hyper-util's, over the same rustls connector), a plain hyper HTTP/1.1
+/// server, and nothing else per request but swapping whatever
+/// `Authorization` came in for a static Bearer and rewriting the URI.
+/// Runs as a separate process (this binary re-executed with
+/// `HTTP_LOAD_NAIVE_UPSTREAM=<url>` and `HTTP_LOAD_NAIVE_CA=<pem>`), one
+/// worker thread like authswap's default, so its CPU time is its own.
+/// Prints its port on stdout.
+fn naive_proxy(upstream: String) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tls = authswap::config::TlsConfig {
+            extra_ca_file: std::env::var_os("HTTP_LOAD_NAIVE_CA").map(Into::into),
+        };
+        let client = authswap::tls::https_client(
+            authswap::tls::client_config(&tls).unwrap(),
+            Duration::from_secs(10),
+        );
+        let base: hyper::Uri = upstream.parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap().port());
+        let bearer = hyper::header::HeaderValue::from_static(BEARER);
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                break;
+            };
+            let _ = stream.set_nodelay(true);
+            let (client, base, bearer) = (client.clone(), base.clone(), bearer.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (client, base, bearer) = (client.clone(), base.clone(), bearer.clone());
+                    async move {
+                        let (mut parts, body) = req.into_parts();
+                        let mut uri = base.into_parts();
+                        uri.path_and_query = parts.uri.path_and_query().cloned();
+                        parts.uri = hyper::Uri::from_parts(uri).unwrap();
+                        parts.headers.remove(hyper::header::HOST);
+                        parts.headers.insert(hyper::header::AUTHORIZATION, bearer);
+                        let body = body
+                            .map_err(|e| -> authswap::tls::BoxError { Box::new(e) })
+                            .boxed_unsync();
+                        client.request(Request::from_parts(parts, body)).await
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A running naive proxy process.
+struct Naive {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Naive {
+    fn start(upstream: &str, ca: &std::path::Path) -> Naive {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("HTTP_LOAD_NAIVE_UPSTREAM", upstream)
+            .env("HTTP_LOAD_NAIVE_CA", ca)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("naive proxy");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("naive proxy port");
+        Naive {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for Naive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn main() {
+    if let Ok(upstream) = std::env::var("HTTP_LOAD_NAIVE_UPSTREAM") {
+        naive_proxy(upstream);
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -378,6 +473,7 @@ async fn run() {
     let mut added_p99_at_1 = Vec::new();
     let mut vs_nginx = Vec::new();
     let mut argon2_notes = Vec::new();
+    let mut vs_naive = Vec::new();
     for (kind, origin, tls) in [("http", origin_plain, false), ("https", origin_tls, true)] {
         if !upstreams.split(',').any(|u| u.trim() == kind) {
             continue;
@@ -397,6 +493,7 @@ async fn run() {
         std::fs::write(&path, toml).unwrap();
         let proxy = Authswap::start(&path).await;
         let proxy_pid = proxy.child.id().expect("authswap pid");
+        let naive = Naive::start(&format!("{scheme}:{}", origin.port()), &env.ca_file);
         let mut paths = vec![
             (
                 "direct",
@@ -417,6 +514,15 @@ async fn run() {
                 vec![proxy_pid],
             ),
         ];
+        paths.push((
+            "hyper-naive",
+            Target {
+                addr: naive.addr,
+                tls: false,
+                authorization: "Basic ignored".into(),
+            },
+            vec![naive.child.id()],
+        ));
         if let Some(nx) = &nginx {
             paths.push((
                 "nginx",
@@ -456,6 +562,18 @@ async fn run() {
                 })
                 .collect();
             let nginx_at = paths.iter().position(|(n, _, _)| *n == "nginx");
+            let naive_at = paths.iter().position(|(n, _, _)| *n == "hyper-naive");
+            let authswap_at = paths.iter().position(|(n, _, _)| *n == "authswap");
+            if let (Some(a), Some(h)) = (authswap_at, naive_at) {
+                vs_naive.push(format!(
+                    "{kind}/{conns}: req/s {}, CPU/req {}",
+                    ratio(rps[a], rps[h]),
+                    match (cpu[a], cpu[h]) {
+                        (Some(x), Some(y)) => ratio(x, y),
+                        _ => "-".into(),
+                    }
+                ));
+            }
             for (k, (name, _, _)) in paths.iter().enumerate() {
                 let c = &results[k];
                 let vs_n = nginx_at.map_or("-".into(), |n| ratio(rps[k], rps[n]));
@@ -504,9 +622,10 @@ async fn run() {
             "{kind}: authswap_credential_checks_total over the run: verified (argon2) = {verified}, cache_hit = {hits}"
         ));
         proxy.stop().await;
+        drop(naive);
     }
     table.note(format!(
-        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. Load generator (2 threads), origin (1 thread), authswap{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",
+        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. hyper-naive = the floor for a hyper-based proxy: the pooled client authswap uses and a plain hyper HTTP/1.1 server in their own process (one worker thread), swapping in a static Bearer and nothing else. Load generator (2 threads), origin (1 thread), authswap, hyper-naive{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",
         measure.as_secs_f64(),
         if nginx.is_some() { " and nginx (1 worker)" } else { "" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -514,6 +633,10 @@ async fn run() {
     if nginx.is_none() {
         table.note("nginx not measured (quick mode, or nginx not installed: run benches/run.sh).");
     }
+    table.note(format!(
+        "authswap / hyper-naive (what authswap's own work costs on top of the hyper stack): {}",
+        vs_naive.join("; ")
+    ));
     for n in argon2_notes {
         table.note(n);
     }
