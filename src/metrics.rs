@@ -196,6 +196,10 @@ pub struct Metrics {
     hot: HotHandles,
 }
 
+// The handle arrays are indexed by these enums' discriminants.
+const _: () = assert!(Outcome::bad_request as usize + 1 == Outcome::COUNT);
+const _: () = assert!(CredentialCheck::rejected as usize == 2);
+
 #[derive(Default)]
 struct HotHandles {
     requests: [[OnceLock<Counter>; Outcome::COUNT]; Protocol::ALL.len()],
