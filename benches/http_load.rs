@@ -1,7 +1,10 @@
 //! HTTP overhead, side by side in one run: the same minimal hyper origin
 //! (plain HTTP and TLS) reached (a) directly with a Bearer token, (b) through
 //! authswap with Basic credentials, (c) through nginx injecting a static
-//! `Authorization: Bearer` header. Closed-loop keep-alive load at 1, 16 and
+//! `Authorization: Bearer` header, and two bare hyper proxies that show
+//! what the stack itself costs: hyper-naive (the pooled client authswap
+//! uses) and hyper-affinity (one upstream connection per client connection,
+//! in the same task). Closed-loop keep-alive load at 1, 16 and
 //! 64 connections from a small hyper load generator; req/s, p50, p99, p99.9
 //! and the ratios authswap/direct and authswap/nginx.
 //!
@@ -20,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::harness::{basic, Env};
 use tokio::net::{TcpListener, TcpStream};
@@ -336,6 +340,11 @@ fn us(v: u64) -> String {
 /// `HTTP_LOAD_NAIVE_UPSTREAM=<url>` and `HTTP_LOAD_NAIVE_CA=<pem>`), one
 /// worker thread like authswap's default, so its CPU time is its own.
 /// Prints its port on stdout.
+///
+/// With `HTTP_LOAD_NAIVE_AFFINITY` set it is **hyper-affinity** instead: no
+/// pool; each client connection gets its own upstream HTTP/1.1 connection,
+/// driven in the client connection's task (one task per request path, as
+/// nginx has one event loop). It measures the headroom of that design.
 fn naive_proxy(upstream: String) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -354,11 +363,76 @@ fn naive_proxy(upstream: String) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", listener.local_addr().unwrap().port());
         let bearer = hyper::header::HeaderValue::from_static(BEARER);
+        let affinity = std::env::var("HTTP_LOAD_NAIVE_AFFINITY").is_ok();
+        let rustls_cfg = Arc::new(authswap::tls::client_config(&tls).unwrap());
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 break;
             };
             let _ = stream.set_nodelay(true);
+            if affinity {
+                let (base, bearer, rustls_cfg) = (base.clone(), bearer.clone(), rustls_cfg.clone());
+                tokio::spawn(async move {
+                    let port = base.port_u16().unwrap();
+                    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                    let _ = tcp.set_nodelay(true);
+                    type B = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+                    let (tx, conn): (
+                        hyper::client::conn::http1::SendRequest<B>,
+                        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+                    ) = if base.scheme_str() == Some("https") {
+                        let c = tokio_rustls::TlsConnector::from(rustls_cfg);
+                        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                        let tls = c.connect(name, tcp).await.unwrap();
+                        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                            .await
+                            .unwrap();
+                        (
+                            tx,
+                            Box::pin(async move {
+                                let _ = conn.await;
+                            }),
+                        )
+                    } else {
+                        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                            .await
+                            .unwrap();
+                        (
+                            tx,
+                            Box::pin(async move {
+                                let _ = conn.await;
+                            }),
+                        )
+                    };
+                    let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (tx, base, bearer) = (tx.clone(), base.clone(), bearer.clone());
+                        async move {
+                            let (mut parts, body) = req.into_parts();
+                            let mut uri = base.into_parts();
+                            uri.scheme = None;
+                            uri.authority = None;
+                            uri.path_and_query = parts.uri.path_and_query().cloned();
+                            parts.uri = hyper::Uri::from_parts(uri).unwrap();
+                            parts.headers.insert(
+                                hyper::header::HOST,
+                                hyper::header::HeaderValue::from_static("localhost"),
+                            );
+                            parts.headers.insert(hyper::header::AUTHORIZATION, bearer);
+                            let mut sender = tx.lock().unwrap().take().unwrap();
+                            let res = sender
+                                .send_request(Request::from_parts(parts, body.boxed_unsync()))
+                                .await;
+                            *tx.lock().unwrap() = Some(sender);
+                            res
+                        }
+                    });
+                    let server = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::select! { _ = server => {}, _ = conn => {} }
+                });
+                continue;
+            }
             let (client, base, bearer) = (client.clone(), base.clone(), bearer.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -392,8 +466,16 @@ struct Naive {
 
 impl Naive {
     fn start(upstream: &str, ca: &std::path::Path) -> Naive {
+        Self::start_mode(upstream, ca, false)
+    }
+
+    fn start_mode(upstream: &str, ca: &std::path::Path, affinity: bool) -> Naive {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        if affinity {
+            cmd.env("HTTP_LOAD_NAIVE_AFFINITY", "1");
+        }
+        let mut child = cmd
             .env("HTTP_LOAD_NAIVE_UPSTREAM", upstream)
             .env("HTTP_LOAD_NAIVE_CA", ca)
             .stdin(std::process::Stdio::null())
@@ -494,6 +576,7 @@ async fn run() {
         let proxy = Authswap::start(&path).await;
         let proxy_pid = proxy.child.id().expect("authswap pid");
         let naive = Naive::start(&format!("{scheme}:{}", origin.port()), &env.ca_file);
+        let aff = Naive::start_mode(&format!("{scheme}:{}", origin.port()), &env.ca_file, true);
         let mut paths = vec![
             (
                 "direct",
@@ -522,6 +605,15 @@ async fn run() {
                 authorization: "Basic ignored".into(),
             },
             vec![naive.child.id()],
+        ));
+        paths.push((
+            "hyper-affinity",
+            Target {
+                addr: aff.addr,
+                tls: false,
+                authorization: "Basic ignored".into(),
+            },
+            vec![aff.child.id()],
         ));
         if let Some(nx) = &nginx {
             paths.push((
@@ -625,7 +717,7 @@ async fn run() {
         drop(naive);
     }
     table.note(format!(
-        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. hyper-naive = the floor for a hyper-based proxy: the pooled client authswap uses and a plain hyper HTTP/1.1 server in their own process (one worker thread), swapping in a static Bearer and nothing else. Load generator (2 threads), origin (1 thread), authswap, hyper-naive{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",
+        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. hyper-naive = the floor for a hyper-based proxy: the pooled client authswap uses and a plain hyper HTTP/1.1 server in their own process (one worker thread), swapping in a static Bearer and nothing else. hyper-affinity = the same without the pool: one upstream connection per client connection, driven in the client connection's task. Load generator (2 threads), origin (1 thread), authswap, hyper-naive, hyper-affinity{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",
         measure.as_secs_f64(),
         if nginx.is_some() { " and nginx (1 worker)" } else { "" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
