@@ -352,15 +352,30 @@ impl Authenticator {
                 let hash: Arc<str> = identity.password_hash.as_str().into();
                 let pw = zeroize::Zeroizing::new(password.to_vec());
                 let sem = self.hashing.clone();
+                // Only the request that starts the flight runs argon2 and
+                // counts its result; those that join it count as `shared`.
+                let metrics = self.metrics.clone();
+                let led = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let leader = led.clone();
                 let ok = self
                     .flights
                     .run(key, move || async move {
+                        leader.store(true, Ordering::Relaxed);
                         let _permit = sem.acquire_owned().await;
-                        tokio::task::spawn_blocking(move || verify_hash(&hash, &pw))
+                        let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &pw))
                             .await
-                            .unwrap_or(false)
+                            .unwrap_or(false);
+                        metrics.credential_check(if ok {
+                            CredentialCheck::verified
+                        } else {
+                            CredentialCheck::rejected
+                        });
+                        ok
                     })
                     .await;
+                if !led.load(Ordering::Relaxed) {
+                    self.metrics.credential_check(CredentialCheck::shared);
+                }
                 if ok {
                     self.remember(key);
                 }
@@ -372,6 +387,7 @@ impl Authenticator {
                 let pw = zeroize::Zeroizing::new(password.to_vec());
                 let _permit = self.hashing.clone().acquire_owned().await;
                 let _ = tokio::task::spawn_blocking(move || verify_hash(&hash, &pw)).await;
+                self.metrics.credential_check(CredentialCheck::rejected);
                 false
             }
         };
@@ -379,10 +395,8 @@ impl Authenticator {
         if ok {
             let identity = identity.expect("ok implies a known identity");
             self.failures.remove(&FailKey::Identity(identity.id));
-            self.metrics.credential_check(CredentialCheck::verified);
             return Ok(identity);
         }
-        self.metrics.credential_check(CredentialCheck::rejected);
         match identity {
             Some(identity) => {
                 self.record_failure(FailKey::Identity(identity.id));
@@ -511,6 +525,40 @@ mod tests {
         }
         assert_eq!(m.credential_check_count(CredentialCheck::verified), 1);
         assert_eq!(m.credential_check_count(CredentialCheck::cache_hit), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_requests_share_one_argon2_run() {
+        let (_d, m, a) = setup();
+        let a = Arc::new(a);
+        // Hold every argon2 permit so the first check cannot finish before
+        // the other fifteen requests have arrived.
+        let permits = a.hashing.available_permits() as u32;
+        let held = a.hashing.clone().acquire_many_owned(permits).await.unwrap();
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(held);
+        for c in calls {
+            assert!(c.await.unwrap());
+        }
+        assert_eq!(m.credential_check_count(CredentialCheck::verified), 1);
+        assert_eq!(m.credential_check_count(CredentialCheck::shared), 15);
+        assert_eq!(m.credential_check_count(CredentialCheck::cache_hit), 0);
+        // The next one is served from the cache.
+        a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
+            .await
+            .unwrap();
+        assert_eq!(m.credential_check_count(CredentialCheck::cache_hit), 1);
+        assert_eq!(m.credential_check_count(CredentialCheck::verified), 1);
     }
 
     #[tokio::test]

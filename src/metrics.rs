@@ -125,6 +125,9 @@ pub enum CredentialCheck {
     verified,
     /// argon2id ran and the password did not match (or the name is unknown).
     rejected,
+    /// Waited for an argon2id check of the same name and password that
+    /// another request had already started (one run serves both).
+    shared,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -198,13 +201,13 @@ pub struct Metrics {
 
 // The handle arrays are indexed by these enums' discriminants.
 const _: () = assert!(Outcome::bad_request as usize + 1 == Outcome::COUNT);
-const _: () = assert!(CredentialCheck::rejected as usize == 2);
+const _: () = assert!(CredentialCheck::shared as usize == 3);
 
 #[derive(Default)]
 struct HotHandles {
     requests: [[OnceLock<Counter>; Outcome::COUNT]; Protocol::ALL.len()],
     upstream: [OnceLock<Histogram>; Protocol::ALL.len()],
-    checks: [OnceLock<Counter>; 3],
+    checks: [OnceLock<Counter>; 4],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -267,7 +270,7 @@ impl Metrics {
         let credential_checks = Family::<CheckLabels, Counter>::default();
         registry.register(
             "credential_checks",
-            "Local password checks: cache_hit (no argon2), verified or rejected (argon2 ran)",
+            "Local password checks: cache_hit (no argon2), verified or rejected (one argon2 run each), shared (waited for a concurrent argon2 run of the same credentials)",
             credential_checks.clone(),
         );
         let identities = Family::<StatusLabels, Gauge>::default();
