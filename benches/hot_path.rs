@@ -12,7 +12,6 @@ use authswap::metrics::{Metrics, Protocol};
 use authswap::proxy::http::parse_basic;
 use authswap::store::{IdentityRecord, Status};
 use criterion::{criterion_group, criterion_main, Criterion};
-use std::future::Future as _;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -30,6 +29,18 @@ fn record(id: i64, name: &str, hash: &str) -> IdentityRecord {
         created_at: 0,
         has_refresh_token: true,
         token_generation: 1,
+    }
+}
+
+/// Polls a call that completes without waiting (a cache hit) once, with a
+/// no-op waker, inside the caller's runtime context: the figure is the call,
+/// not `block_on`'s own cost. Panics if it would wait.
+fn ready<F: std::future::Future>(call: F) -> F::Output {
+    let call = std::pin::pin!(call);
+    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    match call.poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("a cache hit needs no waiting"),
     }
 }
 
@@ -52,23 +63,16 @@ fn credentials(c: &mut Criterion) {
         .unwrap();
 
     let mut group = c.benchmark_group("credential_check");
-    // A cache hit completes without awaiting: poll once with a no-op waker
-    // (in the runtime's context), so `block_on` is not part of the figure.
     let context = rt.enter();
     group.bench_function("cache_hit_10k_identities", |b| {
         b.iter(|| {
-            let call = std::pin::pin!(auth.authenticate(
+            ready(auth.authenticate(
                 black_box("user42"),
                 black_box(b"correct horse battery"),
                 src,
                 Protocol::http,
-            ));
-            match call.poll(&mut std::task::Context::from_waker(
-                futures_util::task::noop_waker_ref(),
-            )) {
-                std::task::Poll::Ready(identity) => identity.unwrap(),
-                std::task::Poll::Pending => panic!("a cache hit needs no waiting"),
-            }
+            ))
+            .unwrap()
         })
     });
     drop(context);
@@ -113,20 +117,9 @@ fn token_lookup(c: &mut Criterion) {
     let scopes = authswap::token::Scopes::new(&app.config.http.scopes);
     rt.block_on(app.tokens.access_token(&identity, &scopes))
         .unwrap();
-    // A cached token is returned without awaiting anything: poll the call
-    // once with a no-op waker (inside the runtime's context), so the figure
-    // is the lookup and not `block_on`'s own cost.
     let _context = rt.enter();
     c.bench_function("access_token_cache_hit", |b| {
-        b.iter(|| {
-            let call = std::pin::pin!(app.tokens.access_token(black_box(&identity), &scopes));
-            match call.poll(&mut std::task::Context::from_waker(
-                futures_util::task::noop_waker_ref(),
-            )) {
-                std::task::Poll::Ready(token) => token.unwrap(),
-                std::task::Poll::Pending => panic!("a cached token needs no waiting"),
-            }
-        })
+        b.iter(|| ready(app.tokens.access_token(black_box(&identity), &scopes)).unwrap())
     });
 }
 

@@ -93,25 +93,32 @@ struct Measured {
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(t: &Target) -> Sender {
-    let tcp = TcpStream::connect(t.addr).await.unwrap();
+/// A byte stream, plain or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Connects to `addr`, over TLS (as `localhost`) when `tls` is given.
+async fn dial(addr: SocketAddr, tls: Option<Arc<rustls::ClientConfig>>) -> Box<dyn Stream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
     let _ = tcp.set_nodelay(true);
-    if t.tls {
-        let connector = tokio_rustls::TlsConnector::from(support::pki().client_config_no_alpn());
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = connector.connect(name, tcp).await.unwrap();
-        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        s
-    } else {
-        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        s
+    match tls {
+        None => Box::new(tcp),
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let connector = tokio_rustls::TlsConnector::from(config);
+            Box::new(connector.connect(name, tcp).await.unwrap())
+        }
     }
+}
+
+async fn connect(t: &Target) -> Sender {
+    let tls = t.tls.then(|| support::pki().client_config_no_alpn());
+    let io = dial(t.addr, tls).await;
+    let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    s
 }
 
 /// Closed loop on `conns` keep-alive connections for `measure` after a warm-up.
@@ -355,55 +362,30 @@ fn naive_proxy(upstream: String) {
         let tls = authswap::config::TlsConfig {
             extra_ca_file: std::env::var_os("HTTP_LOAD_NAIVE_CA").map(Into::into),
         };
-        let client = authswap::tls::https_client(
-            authswap::tls::client_config(&tls).unwrap(),
-            Duration::from_secs(10),
-        );
+        let client_config = authswap::tls::client_config(&tls).unwrap();
+        let client = authswap::tls::https_client(client_config.clone(), Duration::from_secs(10));
         let base: hyper::Uri = upstream.parse().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", listener.local_addr().unwrap().port());
         let bearer = hyper::header::HeaderValue::from_static(BEARER);
         let affinity = std::env::var("HTTP_LOAD_NAIVE_AFFINITY").is_ok();
-        let rustls_cfg = Arc::new(authswap::tls::client_config(&tls).unwrap());
+        let upstream_tls = (base.scheme_str() == Some("https")).then(|| Arc::new(client_config));
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 break;
             };
             let _ = stream.set_nodelay(true);
             if affinity {
-                let (base, bearer, rustls_cfg) = (base.clone(), bearer.clone(), rustls_cfg.clone());
+                let (base, bearer, upstream_tls) =
+                    (base.clone(), bearer.clone(), upstream_tls.clone());
                 tokio::spawn(async move {
-                    let port = base.port_u16().unwrap();
-                    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-                    let _ = tcp.set_nodelay(true);
+                    let addr = SocketAddr::from(([127, 0, 0, 1], base.port_u16().unwrap()));
+                    let io = dial(addr, upstream_tls).await;
                     type B = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
-                    let (tx, conn): (
-                        hyper::client::conn::http1::SendRequest<B>,
-                        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-                    ) = if base.scheme_str() == Some("https") {
-                        let c = tokio_rustls::TlsConnector::from(rustls_cfg);
-                        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-                        let tls = c.connect(name, tcp).await.unwrap();
-                        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    let (tx, conn) =
+                        hyper::client::conn::http1::handshake::<_, B>(TokioIo::new(io))
                             .await
                             .unwrap();
-                        (
-                            tx,
-                            Box::pin(async move {
-                                let _ = conn.await;
-                            }),
-                        )
-                    } else {
-                        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                            .await
-                            .unwrap();
-                        (
-                            tx,
-                            Box::pin(async move {
-                                let _ = conn.await;
-                            }),
-                        )
-                    };
                     let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (tx, base, bearer) = (tx.clone(), base.clone(), bearer.clone());
@@ -465,11 +447,8 @@ struct Naive {
 }
 
 impl Naive {
-    fn start(upstream: &str, ca: &std::path::Path) -> Naive {
-        Self::start_mode(upstream, ca, false)
-    }
-
-    fn start_mode(upstream: &str, ca: &std::path::Path, affinity: bool) -> Naive {
+    /// Starts hyper-naive, or hyper-affinity when `affinity`.
+    fn start(upstream: &str, ca: &std::path::Path, affinity: bool) -> Naive {
         use std::io::BufRead;
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
         if affinity {
@@ -490,6 +469,15 @@ impl Naive {
         Naive {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// The load generator's target: plain HTTP, any credentials.
+    fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            tls: false,
+            authorization: "Basic ignored".into(),
         }
     }
 }
@@ -575,8 +563,9 @@ async fn run() {
         std::fs::write(&path, toml).unwrap();
         let proxy = Authswap::start(&path).await;
         let proxy_pid = proxy.child.id().expect("authswap pid");
-        let naive = Naive::start(&format!("{scheme}:{}", origin.port()), &env.ca_file);
-        let aff = Naive::start_mode(&format!("{scheme}:{}", origin.port()), &env.ca_file, true);
+        let upstream_url = format!("{scheme}:{}", origin.port());
+        let naive = Naive::start(&upstream_url, &env.ca_file, false);
+        let affinity = Naive::start(&upstream_url, &env.ca_file, true);
         let mut paths = vec![
             (
                 "direct",
@@ -596,25 +585,13 @@ async fn run() {
                 },
                 vec![proxy_pid],
             ),
+            ("hyper-naive", naive.target(), vec![naive.child.id()]),
+            (
+                "hyper-affinity",
+                affinity.target(),
+                vec![affinity.child.id()],
+            ),
         ];
-        paths.push((
-            "hyper-naive",
-            Target {
-                addr: naive.addr,
-                tls: false,
-                authorization: "Basic ignored".into(),
-            },
-            vec![naive.child.id()],
-        ));
-        paths.push((
-            "hyper-affinity",
-            Target {
-                addr: aff.addr,
-                tls: false,
-                authorization: "Basic ignored".into(),
-            },
-            vec![aff.child.id()],
-        ));
         if let Some(nx) = &nginx {
             paths.push((
                 "nginx",
@@ -714,7 +691,6 @@ async fn run() {
             "{kind}: authswap_credential_checks_total over the run: verified (argon2) = {verified}, cache_hit = {hits}"
         ));
         proxy.stop().await;
-        drop(naive);
     }
     table.note(format!(
         "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. hyper-naive = the floor for a hyper-based proxy: the pooled client authswap uses and a plain hyper HTTP/1.1 server in their own process (one worker thread), swapping in a static Bearer and nothing else. hyper-affinity = the same without the pool: one upstream connection per client connection, driven in the client connection's task. Load generator (2 threads), origin (1 thread), authswap, hyper-naive, hyper-affinity{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",

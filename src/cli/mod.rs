@@ -159,14 +159,28 @@ pub fn init_logging(cli: &Cli) {
     let _ = result;
 }
 
-/// Runs the parsed command.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the parsed command to completion on its own runtime. `serve` loads
+/// the configuration first, so that its runtime has `[runtime]
+/// worker_threads`; the other commands are short and use one worker.
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve => serve::run(&cli.config).await,
-        Command::Identity(cmd) => identity::run(&cli.config, cmd).await,
+        Command::Serve => {
+            let config = load_config(&cli.config)?;
+            runtime(config.runtime.worker_threads)?.block_on(serve::run(config))
+        }
+        Command::Identity(cmd) => runtime(1)?.block_on(identity::run(&cli.config, cmd)),
         Command::Config(ConfigCommand::Check) => config_cmd::check(&cli.config),
-        Command::Healthcheck(args) => healthcheck::run(&cli.config, args).await,
+        Command::Healthcheck(args) => runtime(1)?.block_on(healthcheck::run(&cli.config, args)),
     }
+}
+
+/// A multi-thread runtime with `threads` workers (0 = one per CPU).
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    anyhow::Context::context(builder.enable_all().build(), "cannot start the runtime")
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> {

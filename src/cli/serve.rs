@@ -1,14 +1,13 @@
 //! `authswap serve`: start the server and stop it gracefully on SIGTERM/SIGINT.
 
+use crate::config::Config;
 use crate::server::Server;
-use std::path::Path;
 use std::time::Duration;
 
 /// How long in-flight requests may take to finish after a stop signal.
 const GRACE: Duration = Duration::from_secs(30);
 
-pub(super) async fn run(path: &Path) -> anyhow::Result<()> {
-    let config = super::load_config(path)?;
+pub(super) async fn run(config: Config) -> anyhow::Result<()> {
     let server = Server::start(config).await?;
     wait_for_signal().await?;
     tracing::info!("stop signal received; finishing in-flight requests");

@@ -463,18 +463,10 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, Zeroizing<String>)> {
 /// read or streamed by authswap; the upstream must not wait for a
 /// 100-continue the client already had) are removed.
 pub fn prepare_upstream_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    let mut found: [Option<HeaderName>; 3] = [None, None, None];
-    for (slot, name) in found.iter_mut().zip(
-        headers
-            .keys()
-            .filter(|n| [header::HOST, header::AUTHORIZATION, header::EXPECT].contains(n)),
-    ) {
-        *slot = Some(name.clone());
-    }
-    for name in found.into_iter().flatten() {
-        headers.remove(name);
-    }
+    strip_headers(
+        headers,
+        &[header::HOST, header::AUTHORIZATION, header::EXPECT],
+    );
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -509,12 +501,17 @@ fn host_header(uri: &Uri) -> Option<HeaderValue> {
 /// One pass over the names present (a request carries a handful), instead
 /// of a hashed removal for every name that might be there.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut found: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        if HOP_BY_HOP.contains(name) {
-            found.push(name.clone());
-        }
-    }
+    strip_headers(headers, &[]);
+}
+
+/// Removes the hop-by-hop headers and `also`, scanning the names present
+/// once.
+fn strip_headers(headers: &mut HeaderMap, also: &[HeaderName]) {
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| HOP_BY_HOP.contains(n) || also.contains(n))
+        .cloned()
+        .collect();
     if found.is_empty() {
         return;
     }
