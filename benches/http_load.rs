@@ -450,7 +450,13 @@ impl Naive {
     /// Starts hyper-naive, or hyper-affinity when `affinity`.
     fn start(upstream: &str, ca: &std::path::Path, affinity: bool) -> Naive {
         use std::io::BufRead;
-        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        // HTTP_LOAD_NAIVE_WRAPPER="valgrind --tool=callgrind" profiles the
+        // bare proxies as AUTHSWAP_BENCH_WRAPPER profiles authswap.
+        let wrapper = std::env::var("HTTP_LOAD_NAIVE_WRAPPER").unwrap_or_default();
+        let mut argv: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
+        argv.push(std::env::current_exe().unwrap().display().to_string());
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         if affinity {
             cmd.env("HTTP_LOAD_NAIVE_AFFINITY", "1");
         }
@@ -484,6 +490,16 @@ impl Naive {
 
 impl Drop for Naive {
     fn drop(&mut self) {
+        // SIGTERM first, so that a profiler wrapping the proxy writes its output.
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

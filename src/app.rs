@@ -45,6 +45,9 @@ pub struct App {
     pub tokens: TokenEngine,
     /// Pooled outbound HTTPS client.
     pub client: HttpsClient,
+    /// The TLS client configuration behind `client` (roots + extra CA),
+    /// for front ends that open their own upstream connections.
+    pub client_tls: rustls::ClientConfig,
     revision: AtomicI64,
 }
 
@@ -63,7 +66,7 @@ impl App {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path).await?);
         let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file)?;
         let client_config = crate::tls::client_config(&config.tls)?;
-        let client = crate::tls::https_client(client_config, Duration::from_secs(10));
+        let client = crate::tls::https_client(client_config.clone(), Duration::from_secs(10));
         let idp = IdpClient::new(&config.identity_provider, client.clone());
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(Directory::default());
@@ -84,6 +87,7 @@ impl App {
             auth,
             tokens,
             client,
+            client_tls: client_config,
             revision: AtomicI64::new(-1),
         });
         app.reload().await?;

@@ -327,6 +327,18 @@ impl Authenticator {
                 }
             }
         }
+        // The slow path (lockout, argon2) is boxed so the futures of every
+        // request stay small: they are moved on each request.
+        Box::pin(self.verify(identity, password, source, protocol)).await
+    }
+
+    async fn verify(
+        &self,
+        identity: Option<Arc<Identity>>,
+        password: &[u8],
+        source: IpAddr,
+        protocol: Protocol,
+    ) -> Result<Arc<Identity>, AuthError> {
         let now = Instant::now();
         let locked = [
             identity.as_ref().map(|i| FailKey::Identity(i.id)),

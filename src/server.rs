@@ -11,6 +11,7 @@ use crate::proxy::imap::Imap;
 use crate::proxy::mail::{MailFrontEnd, MailSetupError};
 use crate::proxy::pop3::Pop3;
 use crate::proxy::smtp::Smtp;
+use futures_util::future::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -105,7 +106,8 @@ impl Server {
             tasks.spawn(async move {
                 let service = move |_peer: SocketAddr| {
                     let app = app.clone();
-                    service_fn(move |req| admin::handle(app.clone(), req))
+                    let service = service_fn(move |req| admin::handle(app.clone(), req));
+                    (service, std::future::pending::<()>())
                 };
                 accept_loop(
                     admin_listener,
@@ -137,12 +139,16 @@ impl Server {
             let metrics = app.metrics.clone();
             let max_header = cfg.http.max_header_bytes.as_usize();
             tasks.spawn(async move {
+                // Each client connection drives its own upstream lane.
                 let service = move |peer: SocketAddr| {
                     let proxy = proxy.clone();
-                    service_fn(move |req| {
-                        let proxy = proxy.clone();
-                        async move { proxy.handle(req, peer).await }
-                    })
+                    let lane = proxy.lane();
+                    let driver = lane.clone().drive();
+                    let service = service_fn(move |req| {
+                        let (proxy, lane) = (proxy.clone(), lane.clone());
+                        async move { proxy.handle(req, peer, &lane).await }
+                    });
+                    (service, driver)
                 };
                 let limits = Limits {
                     max_header,
@@ -288,7 +294,11 @@ struct Limits {
     metrics: Arc<crate::metrics::Metrics>,
 }
 
-async fn accept_loop<F, S, B>(
+/// Serves connections from `listener`. `make_service` gives, per client
+/// connection, the request service and a companion future that runs in the
+/// connection's task until the connection ends (the HTTP front end's
+/// upstream lane); it must not complete.
+async fn accept_loop<F, S, B, D>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     make_service: F,
@@ -297,7 +307,8 @@ async fn accept_loop<F, S, B>(
     mut shutdown: watch::Receiver<bool>,
     limits: Option<Limits>,
 ) where
-    F: Fn(SocketAddr) -> S + Send + 'static,
+    F: Fn(SocketAddr) -> (S, D) + Send + 'static,
+    D: std::future::Future<Output = ()> + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<B>,
@@ -346,7 +357,7 @@ async fn accept_loop<F, S, B>(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
+        let (service, companion) = make_service(peer);
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
@@ -356,10 +367,10 @@ async fn accept_loop<F, S, B>(
         tokio::spawn(async move {
             let _permit = permit;
             let _guard = guard;
-            match tls {
+            let served = match tls {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    Either::Left(watcher.watch(conn.into_owned()))
                 }
                 Some(acceptor) => {
                     let stream =
@@ -372,8 +383,13 @@ async fn accept_loop<F, S, B>(
                             Err(_) => return,
                         };
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    Either::Right(watcher.watch(conn.into_owned()))
                 }
+            };
+            tokio::select! {
+                biased;
+                _ = served => {}
+                () = companion => {}
             }
         });
     }

@@ -3,7 +3,11 @@
 //! up to `replay_buffer_limit` are buffered so a request refused with 401 can
 //! be replayed byte-identical once after a refresh; larger bodies stream.
 //! Every other upstream answer (throttling included) passes through.
+//! HTTP/1.1 client connections reach an HTTP/1.1 upstream through their own
+//! [`Lane`] (see [`super::upstream`]); HTTP/2 clients, and every client when
+//! the upstream chose HTTP/2, go through the shared pooled client.
 
+use super::upstream::{Lane, SendError, Upstreams};
 use crate::app::App;
 use crate::identity::AuthError;
 use crate::metrics::{FailureReason, Outcome, Protocol};
@@ -11,6 +15,7 @@ use crate::tls::{BoxError, OutBody};
 use crate::token::{AccessToken, Scopes, TokenError};
 use base64::Engine as _;
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
@@ -23,6 +28,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
+/// Time limit for opening an upstream connection (TCP and TLS, each).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Realm in our `WWW-Authenticate: Basic` challenge.
 pub const REALM: &str = "authswap";
 
@@ -31,6 +39,7 @@ pub const REALM: &str = "authswap";
 pub struct HttpProxy {
     app: Arc<App>,
     upstream: Arc<Upstream>,
+    upstreams: Arc<Upstreams>,
     scopes: Scopes,
     replay_limit: usize,
     max_body: usize,
@@ -60,7 +69,17 @@ impl HttpProxy {
             .upstream
             .parse()
             .map_err(|_| UpstreamUrlError(cfg.upstream.clone()))?;
-        let host = host_header(&uri).ok_or_else(|| UpstreamUrlError(cfg.upstream.clone()))?;
+        let bad = || UpstreamUrlError(cfg.upstream.clone());
+        let host = host_header(&uri).ok_or_else(bad)?;
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let upstreams = Upstreams::new(
+            uri.host().ok_or_else(bad)?,
+            port,
+            https.then(|| app.client_tls.clone()),
+            CONNECT_TIMEOUT,
+        )
+        .map_err(|_| bad())?;
         let parts = uri.into_parts();
         let upstream = Upstream {
             host,
@@ -84,17 +103,30 @@ impl HttpProxy {
             },
             upstream_timeout: cfg.upstream_timeout,
             upstream: Arc::new(upstream),
+            upstreams: Arc::new(upstreams),
             app,
         })
     }
 
-    /// Handles one client request.
+    /// The upstream side of a new client connection. Poll
+    /// [`Lane::drive`] beside the connection.
+    pub fn lane(&self) -> Arc<Lane> {
+        Lane::new(self.upstreams.clone())
+    }
+
+    /// The upstream connections (for tests and diagnostics).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    /// Handles one client request arriving on the connection of `lane`.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        lane: &Lane,
     ) -> Result<Response<OutBody>, std::convert::Infallible> {
-        let response = match self.proxy(req, peer).await {
+        let response = match self.proxy(req, peer, lane).await {
             Ok(r) => r,
             Err(rejection) => rejection.into_response(&self.app),
         };
@@ -105,18 +137,27 @@ impl HttpProxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        lane: &Lane,
     ) -> Result<Response<OutBody>, Rejection> {
         let app = &self.app;
-        let (name, password) = basic_credentials(req.headers())?;
+        // An HTTP/2 client multiplexes requests: they share the pooled client.
+        let lane = (req.version() < http::Version::HTTP_2).then_some(lane);
+        let credentials = basic_credentials(req.headers())?;
         let identity = app
             .auth
-            .authenticate(&name, password.as_bytes(), peer.ip(), Protocol::http)
+            .authenticate(
+                credentials.name(),
+                credentials.password(),
+                peer.ip(),
+                Protocol::http,
+            )
             .await
             .map_err(Rejection::Auth)?;
+        drop(credentials);
         let token = self.token(&identity).await?;
 
         let (parts, body) = req.into_parts();
-        let uri = self.upstream_uri(&parts.uri)?;
+        let uri = self.upstream_path(&parts.uri)?;
         let mut headers = parts.headers;
         prepare_upstream_headers(&mut headers);
         let method = parts.method;
@@ -125,7 +166,7 @@ impl HttpProxy {
         let build = |token: &AccessToken, body: OutBody| {
             let mut r = Request::new(body);
             *r.method_mut() = method.clone();
-            *r.uri_mut() = uri.clone();
+            *r.uri_mut() = Uri::from(uri.clone());
             *r.headers_mut() = headers.clone();
             r.headers_mut()
                 .insert(header::AUTHORIZATION, token.bearer_header().clone());
@@ -136,7 +177,16 @@ impl HttpProxy {
 
         match body {
             RequestBody::Buffered(bytes) => {
-                let response = self.send(build(&token, full(bytes.clone()))).await?;
+                // A request lost on a reused connection is sent again only
+                // when repeating it is harmless (RFC 9110 §9.2.2).
+                let send = |token: &AccessToken| {
+                    let request = build(token, full(bytes.clone()));
+                    let again = method
+                        .is_idempotent()
+                        .then(|| build(token, full(bytes.clone())));
+                    self.send(lane, request, again)
+                };
+                let response = send(&token).await?;
                 if response.status() != StatusCode::UNAUTHORIZED {
                     return Ok(self.respond(response));
                 }
@@ -149,7 +199,7 @@ impl HttpProxy {
                 // Drain the refused answer so the connection can be reused.
                 drop(response);
                 let token = self.token(&identity).await?;
-                let response = self.send(build(&token, full(bytes))).await?;
+                let response = send(&token).await?;
                 if response.status() == StatusCode::UNAUTHORIZED {
                     app.tokens
                         .reject(&identity, &self.scopes, &token, Protocol::http);
@@ -157,7 +207,7 @@ impl HttpProxy {
                 Ok(self.respond(response))
             }
             RequestBody::Streaming(body) => {
-                let response = self.send(build(&token, body)).await?;
+                let response = self.send(lane, build(&token, body), None).await?;
                 if response.status() == StatusCode::UNAUTHORIZED {
                     // Too large to replay: report, refresh for next time.
                     app.tokens
@@ -179,23 +229,18 @@ impl HttpProxy {
             .map_err(Rejection::Token)
     }
 
-    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, Rejection> {
+    /// The upstream request target (origin-form) for the client's.
+    fn upstream_path(&self, uri: &Uri) -> Result<http::uri::PathAndQuery, Rejection> {
         let pq = match uri.path_and_query() {
             Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
             _ => http::uri::PathAndQuery::from_static("/"),
         };
-        let pq = if self.upstream.base_path.is_empty() {
-            pq
-        } else {
-            format!("{}{}", self.upstream.base_path, pq)
-                .parse()
-                .map_err(|_| Rejection::BadRequest("invalid request target"))?
-        };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.upstream.scheme.clone());
-        parts.authority = Some(self.upstream.authority.clone());
-        parts.path_and_query = Some(pq);
-        Uri::from_parts(parts).map_err(|_| Rejection::BadRequest("invalid request target"))
+        if self.upstream.base_path.is_empty() {
+            return Ok(pq);
+        }
+        format!("{}{}", self.upstream.base_path, pq)
+            .parse()
+            .map_err(|_| Rejection::BadRequest("invalid request target"))
     }
 
     async fn read_body(
@@ -224,11 +269,18 @@ impl HttpProxy {
         let mut total = 0usize;
         let idle = self.app.config.http.header_read_timeout;
         loop {
-            let frame = match tokio::time::timeout(idle, body.frame()).await {
-                Err(_) => return Err(Rejection::BodyTimeout),
-                Ok(None) => break,
-                Ok(Some(Err(_))) => return Err(Rejection::BadRequest("request body broken off")),
-                Ok(Some(Ok(frame))) => frame,
+            // A small body has usually arrived with the head: take it
+            // without arming a timer.
+            let frame = match body.frame().now_or_never() {
+                Some(frame) => frame,
+                None => tokio::time::timeout(idle, body.frame())
+                    .await
+                    .map_err(|_| Rejection::BodyTimeout)?,
+            };
+            let frame = match frame {
+                None => break,
+                Some(Err(_)) => return Err(Rejection::BadRequest("request body broken off")),
+                Some(Ok(frame)) => frame,
             };
             if let Ok(data) = frame.into_data() {
                 total += data.len();
@@ -253,21 +305,64 @@ impl HttpProxy {
         Ok(RequestBody::Buffered(bytes))
     }
 
-    async fn send(&self, req: Request<OutBody>) -> Result<Response<Incoming>, Rejection> {
+    /// Sends `req` upstream within `http.upstream_timeout`: on the client
+    /// connection's lane when there is one and the upstream speaks
+    /// HTTP/1.1, else through the shared pooled client. `again` is sent
+    /// when `req` was lost on a reused connection after it was written.
+    async fn send(
+        &self,
+        lane: Option<&Lane>,
+        req: Request<OutBody>,
+        again: Option<Request<OutBody>>,
+    ) -> Result<Response<Incoming>, Rejection> {
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(self.upstream_timeout, self.app.client.request(req)).await;
+        let attempt = async {
+            let Some(lane) = lane.filter(|_| !self.upstreams.speaks_http2()) else {
+                return self.send_shared(req).await;
+            };
+            match lane.send(req).await {
+                Ok(response) => Ok(response),
+                Err(SendError::Http2(req)) => self.send_shared(*req).await,
+                Err(SendError::Failed {
+                    reused: true,
+                    error,
+                }) => {
+                    let Some(again) = again else {
+                        return Err(error.into());
+                    };
+                    tracing::debug!(error = %crate::token::idp::error_chain(&error), "reused upstream connection lost the request; sending it again");
+                    match lane.send(again).await {
+                        Err(SendError::Http2(req)) => self.send_shared(*req).await,
+                        other => other.map_err(SendError::into_boxed),
+                    }
+                }
+                Err(e) => Err(e.into_boxed()),
+            }
+        };
+        let result = tokio::time::timeout(self.upstream_timeout, attempt).await;
         self.app
             .metrics
             .upstream_duration(Protocol::http, started.elapsed().as_secs_f64());
         match result {
             Err(_) => Err(Rejection::UpstreamTimeout),
             Ok(Err(e)) => {
-                tracing::warn!(error = %crate::token::idp::error_chain(&e), "upstream request failed");
+                tracing::warn!(error = %crate::token::idp::error_chain(&*e), "upstream request failed");
                 Err(Rejection::Upstream)
             }
             Ok(Ok(r)) => Ok(r),
         }
+    }
+
+    /// Sends through the shared pooled client (absolute-form URI). The
+    /// client's future is large: it is boxed so that it is not part of
+    /// every request's future.
+    async fn send_shared(&self, mut req: Request<OutBody>) -> Result<Response<Incoming>, BoxError> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.upstream.scheme.clone());
+        parts.authority = Some(self.upstream.authority.clone());
+        parts.path_and_query = req.uri().path_and_query().cloned();
+        *req.uri_mut() = Uri::from_parts(parts)?;
+        Ok(Box::pin(self.app.client.request(req)).await?)
     }
 
     fn respond(&self, response: Response<Incoming>) -> Response<OutBody> {
@@ -427,34 +522,62 @@ pub fn empty() -> OutBody {
 }
 
 /// Parses `Authorization: Basic` into (name, password).
-fn basic_credentials(headers: &HeaderMap) -> Result<(String, Zeroizing<String>), Rejection> {
+fn basic_credentials(headers: &HeaderMap) -> Result<BasicCredentials, Rejection> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(Rejection::MissingCredentials);
     };
     parse_basic(value.as_bytes()).ok_or(Rejection::BadRequest("malformed Basic credentials"))
 }
 
+/// Decoded `Authorization: Basic` credentials: one buffer, wiped on drop.
+pub struct BasicCredentials {
+    /// `name:password`, UTF-8.
+    decoded: Zeroizing<Vec<u8>>,
+    colon: usize,
+}
+
+impl BasicCredentials {
+    /// The name (non-empty).
+    pub fn name(&self) -> &str {
+        std::str::from_utf8(&self.decoded[..self.colon]).unwrap_or_default()
+    }
+
+    /// The password (may contain `:`).
+    pub fn password(&self) -> &[u8] {
+        &self.decoded[self.colon + 1..]
+    }
+}
+
+impl std::fmt::Debug for BasicCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BasicCredentials")
+            .field("name", &self.name())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Decodes an `Authorization: Basic` value (RFC 7617) into a non-empty name
 /// and the password (which may contain `:`). `None` when malformed.
-pub fn parse_basic(value: &[u8]) -> Option<(String, Zeroizing<String>)> {
+pub fn parse_basic(value: &[u8]) -> Option<BasicCredentials> {
     if value.len() < 6 || !value[..6].eq_ignore_ascii_case(b"basic ") {
         return None;
     }
-    let decoded = Zeroizing::new(
-        base64::engine::general_purpose::STANDARD
-            .decode(value[6..].trim_ascii())
-            .ok()?,
-    );
+    let encoded = value[6..].trim_ascii();
+    // Sized up front so decoding never reallocates (and leaves no copy).
+    let mut decoded = Zeroizing::new(Vec::with_capacity(encoded.len() / 4 * 3 + 3));
+    base64::engine::general_purpose::STANDARD
+        .decode_vec(encoded, &mut decoded)
+        .ok()?;
     // RFC 7617 says UTF-8; many legacy Windows clients send ISO-8859-1.
-    let text: Zeroizing<String> = Zeroizing::new(match std::str::from_utf8(&decoded) {
-        Ok(s) => s.to_owned(),
-        Err(_) => decoded.iter().map(|&b| char::from(b)).collect(),
-    });
-    let (name, password) = text.split_once(':')?;
-    if name.is_empty() {
+    if std::str::from_utf8(&decoded).is_err() {
+        let latin1: String = decoded.iter().map(|&b| char::from(b)).collect();
+        decoded = Zeroizing::new(latin1.into_bytes());
+    }
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    if colon == 0 {
         return None;
     }
-    Some((name.to_owned(), Zeroizing::new(password.to_owned())))
+    Some(BasicCredentials { decoded, colon })
 }
 
 /// Turns the client's request headers into the upstream's, minus the
@@ -463,10 +586,11 @@ pub fn parse_basic(value: &[u8]) -> Option<(String, Zeroizing<String>)> {
 /// read or streamed by authswap; the upstream must not wait for a
 /// 100-continue the client already had) are removed.
 pub fn prepare_upstream_headers(headers: &mut HeaderMap) {
-    strip_headers(
-        headers,
-        &[header::HOST, header::AUTHORIZATION, header::EXPECT],
-    );
+    // Always present: removed directly, so that the scan below usually
+    // finds nothing and allocates nothing.
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::HOST);
+    strip_headers(headers, &[header::EXPECT]);
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -507,14 +631,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Removes the hop-by-hop headers and `also`, scanning the names present
 /// once.
 fn strip_headers(headers: &mut HeaderMap, also: &[HeaderName]) {
-    let found: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| HOP_BY_HOP.contains(n) || also.contains(n))
-        .cloned()
-        .collect();
-    if found.is_empty() {
+    let doomed = |n: &HeaderName| HOP_BY_HOP.contains(n) || also.contains(n);
+    if !headers.keys().any(doomed) {
         return;
     }
+    let found: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -602,15 +723,21 @@ mod tests {
     #[test]
     fn basic_parsing() {
         let enc = base64::engine::general_purpose::STANDARD.encode("Alice:p:w");
-        let (n, p) = basic_credentials(&h(&format!("Basic {enc}"))).unwrap();
-        assert_eq!((n.as_str(), p.as_str()), ("Alice", "p:w"));
-        let (n, _) = basic_credentials(&h(&format!("basic  {enc} "))).unwrap();
-        assert_eq!(n, "Alice");
+        let c = basic_credentials(&h(&format!("Basic {enc}"))).unwrap();
+        assert_eq!((c.name(), c.password()), ("Alice", &b"p:w"[..]));
+        assert!(!format!("{c:?}").contains("p:w"), "Debug shows no password");
+        let c = basic_credentials(&h(&format!("basic  {enc} "))).unwrap();
+        assert_eq!(c.name(), "Alice");
         assert!(basic_credentials(&h("Bearer x")).is_err());
         assert!(basic_credentials(&h("Basic !!!")).is_err());
         let latin1 = base64::engine::general_purpose::STANDARD.encode(b"ren\xe9:caf\xe9");
-        let (n, p) = basic_credentials(&h(&format!("Basic {latin1}"))).unwrap();
-        assert_eq!((n.as_str(), p.as_str()), ("ren\u{e9}", "caf\u{e9}"));
+        let c = basic_credentials(&h(&format!("Basic {latin1}"))).unwrap();
+        assert_eq!(
+            (c.name(), c.password()),
+            ("ren\u{e9}", "caf\u{e9}".as_bytes())
+        );
+        let empty_name = base64::engine::general_purpose::STANDARD.encode(":pw");
+        assert!(basic_credentials(&h(&format!("Basic {empty_name}"))).is_err());
         let nocolon = base64::engine::general_purpose::STANDARD.encode("alice");
         assert!(basic_credentials(&h(&format!("Basic {nocolon}"))).is_err());
         assert!(matches!(

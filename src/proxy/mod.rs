@@ -8,3 +8,4 @@ pub mod mail;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;
+pub mod upstream;

@@ -300,7 +300,9 @@ impl TokenEngine {
         if identity.status() == Status::NeedsReauth {
             return Err(reauth_error(identity));
         }
-        self.flight(key, identity.clone(), scopes.clone()).await
+        // Boxed: the refresh path is rare, and every request's future
+        // would otherwise carry its state.
+        Box::pin(self.flight(key, identity.clone(), scopes.clone())).await
     }
 
     fn unavailable_or_reauth(

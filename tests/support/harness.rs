@@ -44,9 +44,22 @@ impl Env {
 
     /// Starts the doubles with `opts` for the identity platform.
     pub async fn start_with(opts: IdpOptions) -> Env {
+        Env::start_full(opts, false).await
+    }
+
+    /// Starts the doubles, the EWS one speaking only HTTP/1.1.
+    pub async fn start_http1() -> Env {
+        Env::start_full(IdpOptions::default(), true).await
+    }
+
+    async fn start_full(opts: IdpOptions, http1_only: bool) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let idp = FakeIdp::start_with(opts).await;
-        let ews = FakeEws::start(idp.validator()).await;
+        let ews = FakeEws::start_with(super::EwsOptions {
+            http1_only,
+            ..super::EwsOptions::new(idp.validator())
+        })
+        .await;
         let ca_file = pki().write_ca_file(dir.path());
         Env {
             dir,

@@ -9,6 +9,7 @@
 
 pub mod certs;
 pub mod ews;
+pub mod h1;
 pub mod idp;
 pub mod server;
 

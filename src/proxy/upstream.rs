@@ -1,0 +1,405 @@
+//! Upstream HTTP/1.1 connections of the HTTP front end, with client
+//! affinity. Each client connection has a [`Lane`]: the upstream connection
+//! it last used, driven inside the client connection's own task (no pool
+//! task in between and no cross-task wake-up per request, the way nginx
+//! serves both sides from one event loop). When the client connection ends,
+//! a live idle upstream connection is parked in a shared LIFO so the next
+//! client connection (legacy clients often reconnect per request) starts
+//! warm. A request that meets an upstream connection closed while idle is
+//! re-sent on another one when hyper hands it back unsent. An upstream
+//! that picks HTTP/2 by ALPN is left to the shared pooled client, which
+//! multiplexes every client over one connection.
+
+use crate::tls::{BoxError, OutBody};
+use futures_util::task::noop_waker_ref;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Idle upstream connections parked between client connections.
+pub const MAX_IDLE: usize = 256;
+/// A parked connection idle longer than this is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Connections tried for one request when they turn out closed before the
+/// request could be written.
+const MAX_ATTEMPTS: usize = 3;
+
+type Driver = Pin<Box<http1::Connection<TokioIo<Stream>, OutBody>>>;
+type Sender = http1::SendRequest<OutBody>;
+
+/// One upstream HTTP/1.1 connection: the handle to send on and the
+/// connection future that must be polled for anything to happen.
+struct Conn {
+    sender: Sender,
+    driver: Driver,
+}
+
+impl Conn {
+    /// Polls the connection once without a task to wake: reads a close the
+    /// upstream already sent and lets an idle connection report itself
+    /// ready. The next real poll (in a lane) registers the right waker.
+    fn alive(&mut self) -> bool {
+        let mut cx = Context::from_waker(noop_waker_ref());
+        if self.driver.as_mut().poll(&mut cx).is_ready() {
+            return false;
+        }
+        !self.sender.is_closed() && self.sender.is_ready()
+    }
+}
+
+/// Where the upstream is and how to reach it, plus the parked connections.
+pub struct Upstreams {
+    host: String,
+    port: u16,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+    http2: AtomicBool,
+    idle: Mutex<Vec<(Instant, Conn)>>,
+    sweeping: AtomicBool,
+}
+
+/// Why a request could not be sent on an upstream HTTP/1.1 connection.
+#[derive(Debug)]
+pub enum SendError {
+    /// The upstream chose HTTP/2: send through the shared client.
+    Http2(Box<Request<OutBody>>),
+    /// No connection could be opened.
+    Connect(BoxError),
+    /// The request failed after it was written (or may have been).
+    Failed {
+        /// What hyper reported.
+        error: hyper::Error,
+        /// The connection had served requests before, so the failure may
+        /// be the upstream closing it while idle as this one was sent.
+        reused: bool,
+    },
+}
+
+impl SendError {
+    /// The error for logs.
+    pub fn into_boxed(self) -> BoxError {
+        match self {
+            SendError::Http2(_) => "the upstream chose HTTP/2".into(),
+            SendError::Connect(e) => format!("connecting to the upstream: {e}").into(),
+            SendError::Failed { error, .. } => Box::new(error),
+        }
+    }
+}
+
+enum Dialed {
+    Http1(Conn),
+    Http2,
+}
+
+impl Upstreams {
+    /// Upstream at `host:port`, over TLS when `tls` is set. `alpn` in the
+    /// TLS configuration is replaced by `h2, http/1.1`.
+    pub fn new(
+        host: &str,
+        port: u16,
+        tls: Option<rustls::ClientConfig>,
+        connect_timeout: Duration,
+    ) -> Result<Upstreams, rustls::pki_types::InvalidDnsNameError> {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = match tls {
+            None => None,
+            Some(mut config) => {
+                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                let name = ServerName::try_from(host.clone())?;
+                Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+            }
+        };
+        Ok(Upstreams {
+            host,
+            port,
+            tls,
+            connect_timeout,
+            http2: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
+            sweeping: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the upstream answered ALPN with `h2`.
+    pub fn speaks_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+
+    /// Parked connections (for tests and diagnostics).
+    pub fn idle_count(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    async fn dial(&self) -> Result<Dialed, BoxError> {
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| timed_out())??;
+        tcp.set_nodelay(true)?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+        let stream = match &self.tls {
+            None => Stream::Plain(tcp),
+            Some((connector, name)) => {
+                let tls = tokio::time::timeout(
+                    self.connect_timeout,
+                    connector.connect(name.clone(), tcp),
+                )
+                .await
+                .map_err(|_| timed_out())??;
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    self.http2.store(true, Ordering::Relaxed);
+                    return Ok(Dialed::Http2);
+                }
+                Stream::Tls(Box::new(tls))
+            }
+        };
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        Ok(Dialed::Http1(Conn {
+            sender,
+            driver: Box::pin(conn),
+        }))
+    }
+
+    /// The most recently parked live connection.
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = lock(&self.idle);
+        while let Some((since, mut conn)) = idle.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && conn.alive() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(self: &Arc<Self>, mut conn: Conn) {
+        if !conn.alive() {
+            return;
+        }
+        {
+            let mut idle = lock(&self.idle);
+            if idle.len() >= MAX_IDLE {
+                idle.remove(0);
+            }
+            idle.push((Instant::now(), conn));
+        }
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(sweep(Arc::downgrade(self)));
+            }
+        }
+    }
+}
+
+/// Closes parked connections that timed out or that the upstream closed,
+/// until the upstream set is gone.
+async fn sweep(upstreams: Weak<Upstreams>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(upstreams) = upstreams.upgrade() else {
+            return;
+        };
+        lock(&upstreams.idle)
+            .retain_mut(|(since, conn)| since.elapsed() < IDLE_TIMEOUT && conn.alive());
+    }
+}
+
+/// The upstream connection of one client connection. [`Lane::drive`] must
+/// be polled in the client connection's task for as long as the lane is
+/// used: it is what moves the upstream connection's bytes.
+pub struct Lane {
+    upstreams: Arc<Upstreams>,
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    sender: Option<Sender>,
+    driver: Option<Driver>,
+    waker: Option<Waker>,
+}
+
+impl Lane {
+    /// An empty lane; it connects (or takes a parked connection) on first use.
+    pub fn new(upstreams: Arc<Upstreams>) -> Arc<Lane> {
+        Arc::new(Lane {
+            upstreams,
+            slot: Mutex::new(Slot::default()),
+        })
+    }
+
+    /// Drives the lane's upstream connection. Never completes: run it
+    /// beside the client connection and drop it with it.
+    pub fn drive(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
+        std::future::poll_fn(move |cx| {
+            let mut slot = lock(&self.slot);
+            if let Some(driver) = slot.driver.as_mut() {
+                if driver.as_mut().poll(cx).is_ready() {
+                    slot.driver = None;
+                    slot.sender = None;
+                }
+            }
+            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                slot.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) on the lane's connection,
+    /// a parked one or a new one.
+    pub async fn send(&self, mut req: Request<OutBody>) -> Result<Response<Incoming>, SendError> {
+        let mut last: Option<hyper::Error> = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let taken = lock(&self.slot).sender.take();
+            let (mut sender, reused) = match taken {
+                Some(sender) => (sender, true),
+                None => match self.upstreams.checkout() {
+                    Some(conn) => (self.install(conn), true),
+                    None => match self.upstreams.dial().await.map_err(SendError::Connect)? {
+                        Dialed::Http2 => return Err(SendError::Http2(Box::new(req))),
+                        Dialed::Http1(conn) => (self.install(conn), false),
+                    },
+                },
+            };
+            if let Err(e) = sender.ready().await {
+                // Closed while idle; the driver clears itself.
+                last = Some(e);
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    lock(&self.slot).sender = Some(sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => {
+                        req = unsent;
+                        last = Some(e.into_error());
+                    }
+                    None => {
+                        return Err(SendError::Failed {
+                            error: e.into_error(),
+                            reused,
+                        })
+                    }
+                },
+            }
+        }
+        Err(match last {
+            Some(error) => SendError::Failed {
+                error,
+                reused: true,
+            },
+            None => SendError::Connect("no upstream connection".into()),
+        })
+    }
+
+    /// Makes `conn` the lane's connection and wakes the driver for it.
+    fn install(&self, conn: Conn) -> Sender {
+        let mut slot = lock(&self.slot);
+        slot.driver = Some(conn.driver);
+        slot.sender = None;
+        if let Some(waker) = &slot.waker {
+            waker.wake_by_ref();
+        }
+        conn.sender
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let slot = self.slot.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let (Some(sender), Some(driver)) = (slot.sender.take(), slot.driver.take()) {
+            self.upstreams.checkin(Conn { sender, driver });
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A plain or TLS upstream stream.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
