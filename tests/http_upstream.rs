@@ -312,3 +312,49 @@ async fn unreachable_and_slow_upstreams_answer_502_and_504() {
     assert_eq!(body, SOAP);
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn chunked_bodies_below_and_above_the_replay_limit_arrive_intact_and_in_order() {
+    let env = Env::start_http1().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let server = env
+        .serve_with(|c| c.http.replay_buffer_limit = authswap::config::ByteSize(2500))
+        .await;
+    let addr = server.http_addr().unwrap();
+    for parts in [1usize, 2, 6] {
+        // Chunks of 1000 distinct bytes: 1 and 2 are buffered (replayable),
+        // 6 cross the limit on the third and stream.
+        let chunks: Vec<Vec<u8>> = (0..parts).map(|p| vec![b'a' + p as u8; 1000]).collect();
+        let mut req = format!(
+            "POST /EWS/Exchange.asmx HTTP/1.1\r\nhost: legacy\r\nauthorization: {}\r\n\
+             transfer-encoding: chunked\r\n\r\n",
+            basic("alice", "pw-alice-123")
+        )
+        .into_bytes();
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&req).await.unwrap();
+        req.clear();
+        for c in &chunks {
+            stream
+                .write_all(format!("{:x}\r\n", c.len()).as_bytes())
+                .await
+                .unwrap();
+            stream.write_all(c).await.unwrap();
+            stream.write_all(b"\r\n").await.unwrap();
+            stream.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stream.write_all(b"0\r\n\r\n").await.unwrap();
+        let mut client = RawClient {
+            stream,
+            buf: Vec::new(),
+        };
+        let (status, body) = tokio::time::timeout(Duration::from_secs(20), client.read_response())
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{parts} chunks: {body}");
+        assert_eq!(body.into_bytes(), chunks.concat(), "{parts} chunks");
+    }
+    server.shutdown(GRACE).await;
+}

@@ -265,7 +265,10 @@ impl HttpProxy {
                 self.max_body,
             )));
         }
-        let mut chunks: VecDeque<Bytes> = VecDeque::new();
+        // The first chunk is held apart: most bodies are one chunk, and an
+        // empty VecDeque does not allocate.
+        let mut first: Option<Bytes> = None;
+        let mut more: VecDeque<Bytes> = VecDeque::new();
         let mut total = 0usize;
         let idle = self.app.config.http.header_read_timeout;
         loop {
@@ -287,20 +290,28 @@ impl HttpProxy {
                 if total > self.max_body {
                     return Err(Rejection::TooLarge);
                 }
-                chunks.push_back(data);
+                match first {
+                    None => first = Some(data),
+                    Some(_) => more.push_back(data),
+                }
                 if total > self.replay_limit {
-                    return Ok(RequestBody::Streaming(limited(chunks, body, self.max_body)));
+                    more.extend(first.take());
+                    more.rotate_right(1);
+                    return Ok(RequestBody::Streaming(limited(more, body, self.max_body)));
                 }
             }
         }
-        let bytes = if chunks.len() == 1 {
-            chunks.pop_front().unwrap_or_default()
-        } else {
-            let mut buf = Vec::with_capacity(total);
-            for c in chunks {
-                buf.extend_from_slice(&c);
+        let bytes = match (first, more.is_empty()) {
+            (None, _) => Bytes::new(),
+            (Some(only), true) => only,
+            (Some(head), false) => {
+                let mut buf = Vec::with_capacity(total);
+                buf.extend_from_slice(&head);
+                for c in more {
+                    buf.extend_from_slice(&c);
+                }
+                Bytes::from(buf)
             }
-            Bytes::from(buf)
         };
         Ok(RequestBody::Buffered(bytes))
     }

@@ -276,7 +276,12 @@ impl Lane {
                 Some(sender) => (sender, true),
                 None => match self.upstreams.checkout() {
                     Some(conn) => (self.install(conn), true),
-                    None => match self.upstreams.dial().await.map_err(SendError::Connect)? {
+                    // Boxed: the TLS handshake's state would otherwise
+                    // make every request's future larger.
+                    None => match Box::pin(self.upstreams.dial())
+                        .await
+                        .map_err(SendError::Connect)?
+                    {
                         Dialed::Http2 => return Err(SendError::Http2(Box::new(req))),
                         Dialed::Http1(conn) => (self.install(conn), false),
                     },
