@@ -4,9 +4,10 @@
 //! CLI changes something). [`Authenticator`] checks a client's (name,
 //! password): argon2id on first sight, then a verified-credential cache keyed
 //! by a keyed BLAKE2b MAC (per-process random key, short TTL) so steady-state
-//! requests never run argon2. Failures are counted per identity and per
-//! source address with exponential lockout; unknown names cost the same
-//! argon2 run as known ones and fail the same way.
+//! requests never run argon2. A [`ConnectionMemo`] lets a keep-alive client
+//! that resends the same header skip even that lookup. Failures are counted
+//! per identity and per source address with exponential lockout; unknown
+//! names cost the same argon2 run as known ones and fail the same way.
 
 use crate::config::AuthConfig;
 use crate::metrics::{CredentialCheck, FailureReason, Metrics, Protocol};
@@ -41,6 +42,9 @@ pub struct Identity {
     /// The credential-cache MAC with this identity's id and password hash
     /// already absorbed, so a cache lookup hashes only the password.
     cache_prefix: MacPrefix,
+    /// Set when the directory replaced or removed this object: whatever
+    /// was proved against it no longer holds.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// A keyed BLAKE2b state, computed on first use (never printed).
@@ -64,7 +68,17 @@ impl Identity {
             status: AtomicU8::new(status_code(r.status)),
             last_error: Mutex::new(r.last_error.clone()),
             cache_prefix: MacPrefix::default(),
+            retired: Default::default(),
         }
+    }
+
+    /// Whether the directory replaced or removed this object.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
     }
 
     /// Current link state.
@@ -164,6 +178,7 @@ impl Directory {
             if !unchanged {
                 let ident = Arc::new(Identity::from_record(r));
                 if let Some(old) = self.by_key.insert(key, ident.clone()) {
+                    old.retire();
                     if old.id != ident.id {
                         changes.removed.push(old);
                     }
@@ -179,6 +194,7 @@ impl Directory {
             .collect();
         for key in gone {
             if let Some((_, old)) = self.by_key.remove(&key) {
+                old.retire();
                 changes.removed.push(old);
             }
         }
@@ -216,6 +232,33 @@ struct FailState {
 
 type CacheKey = [u8; 32];
 
+/// What one client connection last proved, so that a keep-alive client
+/// resending the same credentials on every request costs one short keyed
+/// hash and a comparison instead of decoding, a BLAKE2b MAC and a shared
+/// map lookup. It holds a 64-bit SipHash of the raw credentials under a
+/// per-process random key (never the credentials), the identity, and a
+/// deadline one `credential_cache_ttl` after the proof. Only the client
+/// that owns the connection can ever present a header to it. Invalid once
+/// the identity is replaced or removed (password change, unlink, delete).
+#[derive(Default)]
+pub struct ConnectionMemo(Mutex<Option<Memo>>);
+
+struct Memo {
+    tag: u64,
+    identity: Arc<Identity>,
+    until: Instant,
+}
+
+impl std::fmt::Debug for ConnectionMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionMemo(..)")
+    }
+}
+
+/// The memo's hash of raw credentials (see [`ConnectionMemo`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoTag(u64);
+
 /// Upper bound on cached verified credentials (memory bound).
 const CACHE_CAP: usize = 100_000;
 
@@ -229,6 +272,7 @@ pub struct Authenticator {
     flights: SingleFlight<CacheKey, bool>,
     hashing: Arc<Semaphore>,
     dummy_hash: Arc<str>,
+    memo_key: std::collections::hash_map::RandomState,
     config: AuthConfig,
 }
 
@@ -286,6 +330,7 @@ impl Authenticator {
             flights: SingleFlight::default(),
             hashing: Arc::new(Semaphore::new(lanes)),
             dummy_hash: dummy_hash.into(),
+            memo_key: Default::default(),
             config,
         }
     }
@@ -305,6 +350,36 @@ impl Authenticator {
             .clone();
         mac.update(password);
         mac.finalize().into_bytes().into()
+    }
+
+    /// The memo tag of raw credentials as the client sent them (the whole
+    /// header value or SASL response).
+    pub fn memo_tag(&self, raw: &[u8]) -> MemoTag {
+        use std::hash::BuildHasher;
+        MemoTag(self.memo_key.hash_one(raw))
+    }
+
+    /// The identity `memo` proved with the credentials of `tag`, when it
+    /// still holds; counted as a cache hit.
+    pub fn recall(&self, memo: &ConnectionMemo, tag: MemoTag) -> Option<Arc<Identity>> {
+        let guard = memo.0.lock().ok()?;
+        let m = guard.as_ref()?;
+        if m.tag != tag.0 || m.identity.is_retired() || m.until <= Instant::now() {
+            return None;
+        }
+        self.metrics.credential_check(CredentialCheck::cache_hit);
+        Some(m.identity.clone())
+    }
+
+    /// Records that the credentials of `tag` proved `identity` just now.
+    pub fn memorize(&self, memo: &ConnectionMemo, tag: MemoTag, identity: &Arc<Identity>) {
+        if let Ok(mut guard) = memo.0.lock() {
+            *guard = Some(Memo {
+                tag: tag.0,
+                identity: identity.clone(),
+                until: Instant::now() + self.config.credential_cache_ttl,
+            });
+        }
     }
 
     /// Checks `name`/`password` from a client at `source`.
@@ -600,6 +675,68 @@ mod tests {
         a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_memo_serves_its_own_credentials_until_they_change() {
+        let (d, m, a) = setup();
+        let memo = ConnectionMemo::default();
+        let tag = a.memo_tag(b"Basic alice:pw-alice");
+        assert!(a.recall(&memo, tag).is_none(), "empty memo");
+        let alice = a
+            .authenticate("alice", b"pw-alice", SRC, Protocol::http)
+            .await
+            .unwrap();
+        a.memorize(&memo, tag, &alice);
+        assert_eq!(a.recall(&memo, tag).unwrap().id, 1);
+        assert_eq!(m.credential_check_count(CredentialCheck::cache_hit), 1);
+        // Other credentials on the same connection are not recalled.
+        assert!(a.recall(&memo, a.memo_tag(b"Basic alice:other")).is_none());
+        assert!(!format!("{memo:?}").contains("alice"));
+        // Same credentials, unchanged identity (status update in place): still valid.
+        let rec = |hash: String| IdentityRecord {
+            id: 1,
+            name: "Alice".into(),
+            mailbox: "alice@contoso.com".into(),
+            password_hash: hash,
+            status: Status::NeedsReauth,
+            last_error: None,
+            last_success_at: None,
+            last_failure_at: None,
+            created_at: 0,
+            has_refresh_token: true,
+            token_generation: 1,
+        };
+        d.apply(&[rec(alice.password_hash.clone())]);
+        assert!(a.recall(&memo, tag).is_some());
+        // A password change retires the identity the memo holds.
+        d.apply(&[rec(hash_password("new-pw", &cheap()).unwrap())]);
+        assert!(alice.is_retired());
+        assert!(a.recall(&memo, tag).is_none());
+        // And a memo expires with the credential cache's TTL.
+        let short = Authenticator::new(
+            d.clone(),
+            m.clone(),
+            AuthConfig {
+                credential_cache_ttl: Duration::from_millis(50),
+                ..cheap()
+            },
+        );
+        let current = d.get("alice").unwrap();
+        let tag = short.memo_tag(b"Basic alice:pw-alice");
+        assert_ne!(
+            tag,
+            a.memo_tag(b"Basic alice:pw-alice"),
+            "keyed per process"
+        );
+        short.memorize(&memo, tag, &current);
+        assert!(short.recall(&memo, tag).is_some());
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(short.recall(&memo, tag).is_none());
+        // Deleting the identity retires it too.
+        short.memorize(&memo, tag, &current);
+        d.apply(&[]);
+        assert!(short.recall(&memo, tag).is_none());
     }
 
     #[tokio::test]

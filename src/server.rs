@@ -142,11 +142,10 @@ impl Server {
                 // Each client connection drives its own upstream lane.
                 let service = move |peer: SocketAddr| {
                     let proxy = proxy.clone();
-                    let lane = proxy.lane();
-                    let driver = lane.clone().drive();
+                    let (conn, driver) = proxy.connection();
                     let service = service_fn(move |req| {
-                        let (proxy, lane) = (proxy.clone(), lane.clone());
-                        async move { proxy.handle(req, peer, &lane).await }
+                        let (proxy, conn) = (proxy.clone(), conn.clone());
+                        async move { proxy.handle(req, peer, &conn).await }
                     });
                     (service, driver)
                 };

@@ -31,9 +31,20 @@ impl RawClient {
         }
     }
 
-    /// Sends one request and reads the answer (`Content-Length` bodies).
+    /// Sends one request as alice and reads the answer.
     async fn request(&mut self, method: &str, path: &str, body: &str) -> (u16, String) {
         let auth = basic("alice", "pw-alice-123");
+        self.request_with(&auth, method, path, body).await
+    }
+
+    /// Sends one request with `auth` and reads the answer (`Content-Length` bodies).
+    async fn request_with(
+        &mut self,
+        auth: &str,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, String) {
         let req = format!(
             "{method} {path} HTTP/1.1\r\nhost: legacy\r\nauthorization: {auth}\r\n\
              content-type: text/xml\r\ncontent-length: {}\r\n\r\n{body}",
@@ -357,4 +368,52 @@ async fn chunked_bodies_below_and_above_the_replay_limit_arrive_intact_and_in_or
         assert_eq!(body.into_bytes(), chunks.concat(), "{parts} chunks");
     }
     server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn a_connection_that_proved_a_password_loses_it_when_the_password_changes() {
+    let env = Env::start_http1().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let server = env.serve().await;
+    let mut client = RawClient::connect(server.http_addr().unwrap()).await;
+    let old = basic("alice", "pw-alice-123");
+    assert_eq!(post(&mut client, &old).await, 200);
+    assert_eq!(post(&mut client, &old).await, 200);
+    // Other credentials on the same connection are checked, not recalled.
+    assert_eq!(post(&mut client, &basic("alice", "wrong")).await, 401);
+    assert_eq!(post(&mut client, &old).await, 200);
+
+    let out = env.cli(
+        &["identity", "set-password", "alice", "--password-stdin"],
+        Some("pw-alice-456\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Within the reload interval the same connection's old password stops
+    // working (it is not kept for the credential cache's TTL).
+    let mut refused = false;
+    for _ in 0..100 {
+        if post(&mut client, &old).await == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the old password still works on this connection");
+    assert_eq!(
+        post(&mut client, &basic("alice", "pw-alice-456")).await,
+        200
+    );
+    server.shutdown(GRACE).await;
+}
+
+async fn post(client: &mut RawClient, auth: &str) -> u16 {
+    client
+        .request_with(auth, "POST", "/EWS/Exchange.asmx", SOAP)
+        .await
+        .0
 }

@@ -9,7 +9,7 @@
 
 use super::upstream::{Lane, SendError, Upstreams};
 use crate::app::App;
-use crate::identity::AuthError;
+use crate::identity::{AuthError, ConnectionMemo};
 use crate::metrics::{FailureReason, Outcome, Protocol};
 use crate::tls::{BoxError, OutBody};
 use crate::token::{AccessToken, Scopes, TokenError};
@@ -108,10 +108,16 @@ impl HttpProxy {
         })
     }
 
-    /// The upstream side of a new client connection. Poll
-    /// [`Lane::drive`] beside the connection.
-    pub fn lane(&self) -> Arc<Lane> {
-        Lane::new(self.upstreams.clone())
+    /// The state of a new client connection, and the future that drives
+    /// its upstream connection: poll it beside the client connection.
+    pub fn connection(&self) -> (Arc<Connection>, impl std::future::Future<Output = ()>) {
+        let lane = Lane::new(self.upstreams.clone());
+        let driver = lane.clone().drive();
+        let conn = Connection {
+            lane,
+            memo: ConnectionMemo::default(),
+        };
+        (Arc::new(conn), driver)
     }
 
     /// The upstream connections (for tests and diagnostics).
@@ -119,14 +125,14 @@ impl HttpProxy {
         &self.upstreams
     }
 
-    /// Handles one client request arriving on the connection of `lane`.
+    /// Handles one client request arriving on `conn`.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        lane: &Lane,
+        conn: &Connection,
     ) -> Result<Response<OutBody>, std::convert::Infallible> {
-        let response = match self.proxy(req, peer, lane).await {
+        let response = match self.proxy(req, peer, conn).await {
             Ok(r) => r,
             Err(rejection) => rejection.into_response(&self.app),
         };
@@ -137,23 +143,12 @@ impl HttpProxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        lane: &Lane,
+        conn: &Connection,
     ) -> Result<Response<OutBody>, Rejection> {
         let app = &self.app;
         // An HTTP/2 client multiplexes requests: they share the pooled client.
-        let lane = (req.version() < http::Version::HTTP_2).then_some(lane);
-        let credentials = basic_credentials(req.headers())?;
-        let identity = app
-            .auth
-            .authenticate(
-                credentials.name(),
-                credentials.password(),
-                peer.ip(),
-                Protocol::http,
-            )
-            .await
-            .map_err(Rejection::Auth)?;
-        drop(credentials);
+        let lane = (req.version() < http::Version::HTTP_2).then_some(&*conn.lane);
+        let identity = self.identify(req.headers(), peer, &conn.memo).await?;
         let token = self.token(&identity).await?;
 
         let (parts, body) = req.into_parts();
@@ -216,6 +211,37 @@ impl HttpProxy {
                 Ok(self.respond(response))
             }
         }
+    }
+
+    /// The identity the request's Basic credentials prove: from the
+    /// connection's memo when the client resent what it proved last.
+    async fn identify(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+        memo: &ConnectionMemo,
+    ) -> Result<Arc<crate::identity::Identity>, Rejection> {
+        let auth = &self.app.auth;
+        let tag = headers
+            .get(header::AUTHORIZATION)
+            .map(|v| auth.memo_tag(v.as_bytes()));
+        if let Some(identity) = tag.and_then(|t| auth.recall(memo, t)) {
+            return Ok(identity);
+        }
+        let credentials = basic_credentials(headers)?;
+        let identity = auth
+            .authenticate(
+                credentials.name(),
+                credentials.password(),
+                peer.ip(),
+                Protocol::http,
+            )
+            .await
+            .map_err(Rejection::Auth)?;
+        if let Some(tag) = tag {
+            auth.memorize(memo, tag, &identity);
+        }
+        Ok(identity)
     }
 
     async fn token(
@@ -385,6 +411,13 @@ impl HttpProxy {
             body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
         )
     }
+}
+
+/// What authswap keeps per client connection: its upstream lane and the
+/// credentials it proved last.
+pub struct Connection {
+    lane: Arc<Lane>,
+    memo: ConnectionMemo,
 }
 
 enum RequestBody {
