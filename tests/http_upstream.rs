@@ -313,9 +313,23 @@ async fn unreachable_and_slow_upstreams_answer_502_and_504() {
         .serve_with(|c| c.http.upstream_timeout = Duration::from_millis(300))
         .await;
     let mut client = RawClient::connect(server.http_addr().unwrap()).await;
+    // A first request arms the connection's timer for its own due time...
+    assert_eq!(
+        client.request("POST", "/EWS/Exchange.asmx", SOAP).await.0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...so for this one it fires early and must move to this one's due
+    // time rather than end it before its 300 ms.
     env.ews.set_delay(Duration::from_secs(2));
+    let started = std::time::Instant::now();
     let (status, body) = client.request("POST", "/EWS/Exchange.asmx", SOAP).await;
+    let took = started.elapsed();
     assert_eq!(status, 504, "{body}");
+    assert!(
+        took >= Duration::from_millis(295) && took < Duration::from_millis(1500),
+        "504 after {took:?}"
+    );
     // The abandoned upstream connection is not reused; a new one answers.
     env.ews.set_delay(Duration::ZERO);
     let (status, body) = client.request("POST", "/EWS/Exchange.asmx", SOAP).await;

@@ -21,6 +21,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -116,6 +117,7 @@ impl HttpProxy {
         let conn = Connection {
             lane,
             memo: ConnectionMemo::default(),
+            deadline: Deadline::default(),
         };
         (Arc::new(conn), driver)
     }
@@ -147,7 +149,7 @@ impl HttpProxy {
     ) -> Result<Response<OutBody>, Rejection> {
         let app = &self.app;
         // An HTTP/2 client multiplexes requests: they share the pooled client.
-        let lane = (req.version() < http::Version::HTTP_2).then_some(&*conn.lane);
+        let h1 = (req.version() < http::Version::HTTP_2).then_some(conn);
         let identity = self.identify(req.headers(), peer, &conn.memo).await?;
         let token = self.token(&identity).await?;
 
@@ -179,7 +181,7 @@ impl HttpProxy {
                     let again = method
                         .is_idempotent()
                         .then(|| build(token, full(bytes.clone())));
-                    self.send(lane, request, again)
+                    self.send(h1, request, again)
                 };
                 let response = send(&token).await?;
                 if response.status() != StatusCode::UNAUTHORIZED {
@@ -202,7 +204,7 @@ impl HttpProxy {
                 Ok(self.respond(response))
             }
             RequestBody::Streaming(body) => {
-                let response = self.send(lane, build(&token, body), None).await?;
+                let response = self.send(h1, build(&token, body), None).await?;
                 if response.status() == StatusCode::UNAUTHORIZED {
                     // Too large to replay: report, refresh for next time.
                     app.tokens
@@ -342,17 +344,18 @@ impl HttpProxy {
         Ok(RequestBody::Buffered(bytes))
     }
 
-    /// Sends `req` upstream within `http.upstream_timeout`: on the client
-    /// connection's lane when there is one and the upstream speaks
-    /// HTTP/1.1, else through the shared pooled client. `again` is sent
-    /// when `req` was lost on a reused connection after it was written.
+    /// Sends `req` upstream within `http.upstream_timeout`: on the lane of
+    /// `h1` (the HTTP/1.1 client connection it came on) when the upstream
+    /// speaks HTTP/1.1, else through the shared pooled client. `again` is
+    /// sent when `req` was lost on a reused connection after it was written.
     async fn send(
         &self,
-        lane: Option<&Lane>,
+        h1: Option<&Connection>,
         req: Request<OutBody>,
         again: Option<Request<OutBody>>,
     ) -> Result<Response<Incoming>, Rejection> {
         let started = Instant::now();
+        let lane = h1.map(|c| &*c.lane);
         let attempt = async {
             let Some(lane) = lane.filter(|_| !self.upstreams.speaks_http2()) else {
                 return self.send_shared(req).await;
@@ -376,17 +379,26 @@ impl HttpProxy {
                 Err(e) => Err(e.into_boxed()),
             }
         };
-        let result = tokio::time::timeout(self.upstream_timeout, attempt).await;
+        let result = match h1 {
+            Some(conn) => {
+                conn.deadline
+                    .within(started, self.upstream_timeout, attempt)
+                    .await
+            }
+            None => tokio::time::timeout(self.upstream_timeout, attempt)
+                .await
+                .ok(),
+        };
         self.app
             .metrics
             .upstream_duration(Protocol::http, started.elapsed().as_secs_f64());
         match result {
-            Err(_) => Err(Rejection::UpstreamTimeout),
-            Ok(Err(e)) => {
+            None => Err(Rejection::UpstreamTimeout),
+            Some(Err(e)) => {
                 tracing::warn!(error = %crate::token::idp::error_chain(&*e), "upstream request failed");
                 Err(Rejection::Upstream)
             }
-            Ok(Ok(r)) => Ok(r),
+            Some(Ok(r)) => Ok(r),
         }
     }
 
@@ -413,11 +425,51 @@ impl HttpProxy {
     }
 }
 
-/// What authswap keeps per client connection: its upstream lane and the
-/// credentials it proved last.
+/// What authswap keeps per client connection: its upstream lane, the
+/// credentials it proved last and its upstream-timeout timer.
 pub struct Connection {
     lane: Arc<Lane>,
     memo: ConnectionMemo,
+    deadline: Deadline,
+}
+
+/// `http.upstream_timeout` for the requests of one HTTP/1.1 client
+/// connection, which come one at a time: a single timer, armed at the first
+/// request's due time. When it fires it either ends the request that has
+/// run too long or moves to that request's due time, so a request costs a
+/// clock read instead of inserting and removing a timer. (HTTP/2 requests
+/// run concurrently in their own tasks and use a timer each.)
+#[derive(Default)]
+struct Deadline(std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>);
+
+impl Deadline {
+    /// `work`, or `None` once `limit` has passed since `started`.
+    async fn within<T>(
+        &self,
+        started: Instant,
+        limit: Duration,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let due = tokio::time::Instant::from_std(started + limit);
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            // Armed for an earlier request's due time (never a later one:
+            // requests are sequential): re-arm when it fires early.
+            while sleep.as_mut().poll(cx).is_ready() {
+                if tokio::time::Instant::now() >= due {
+                    return Poll::Ready(None);
+                }
+                sleep.as_mut().reset(due);
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 enum RequestBody {
