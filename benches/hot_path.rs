@@ -57,7 +57,7 @@ fn credentials(c: &mut Criterion) {
         .collect();
     directory.apply(&records);
     let metrics = Arc::new(Metrics::new());
-    let auth = Authenticator::new(directory, metrics.clone(), config);
+    let auth = Authenticator::new(directory.clone(), metrics.clone(), config);
     let src = IpAddr::V4(Ipv4Addr::LOCALHOST);
     rt.block_on(auth.authenticate("user42", b"correct horse battery", src, Protocol::http))
         .unwrap();
@@ -73,6 +73,17 @@ fn credentials(c: &mut Criterion) {
                 Protocol::http,
             ))
             .unwrap()
+        })
+    });
+    // A keep-alive HTTP client resending its header: the connection memo.
+    let memo = authswap::identity::ConnectionMemo::default();
+    let header = b"Basic dXNlcjQyOmNvcnJlY3QgaG9yc2UgYmF0dGVyeQ==";
+    let user42 = directory.get("user42").unwrap();
+    auth.memorize(&memo, auth.memo_tag(header), &user42);
+    group.bench_function("connection_memo_hit", |b| {
+        b.iter(|| {
+            let tag = auth.memo_tag(black_box(header));
+            auth.recall(&memo, tag).unwrap()
         })
     });
     drop(context);
