@@ -577,22 +577,27 @@ mod tests {
         }
     }
 
-    fn setup() -> (Arc<Directory>, Arc<Metrics>, Authenticator) {
-        let dir = Arc::new(Directory::default());
-        let hash = hash_password("pw-alice", &cheap()).unwrap();
-        dir.apply(&[IdentityRecord {
+    /// Identity 1, "Alice", with `password_hash` and `status`.
+    fn alice_record(password_hash: String, status: Status) -> IdentityRecord {
+        IdentityRecord {
             id: 1,
             name: "Alice".into(),
             mailbox: "alice@contoso.com".into(),
-            password_hash: hash,
-            status: Status::Linked,
+            password_hash,
+            status,
             last_error: None,
             last_success_at: None,
             last_failure_at: None,
             created_at: 0,
             has_refresh_token: true,
             token_generation: 1,
-        }]);
+        }
+    }
+
+    fn setup() -> (Arc<Directory>, Arc<Metrics>, Authenticator) {
+        let dir = Arc::new(Directory::default());
+        let hash = hash_password("pw-alice", &cheap()).unwrap();
+        dir.apply(&[alice_record(hash, Status::Linked)]);
         let metrics = Arc::new(Metrics::new());
         let auth = Authenticator::new(dir.clone(), metrics.clone(), cheap());
         (dir, metrics, auth)
@@ -694,19 +699,7 @@ mod tests {
         assert!(a.recall(&memo, a.memo_tag(b"Basic alice:other")).is_none());
         assert!(!format!("{memo:?}").contains("alice"));
         // Same credentials, unchanged identity (status update in place): still valid.
-        let rec = |hash: String| IdentityRecord {
-            id: 1,
-            name: "Alice".into(),
-            mailbox: "alice@contoso.com".into(),
-            password_hash: hash,
-            status: Status::NeedsReauth,
-            last_error: None,
-            last_success_at: None,
-            last_failure_at: None,
-            created_at: 0,
-            has_refresh_token: true,
-            token_generation: 1,
-        };
+        let rec = |hash: String| alice_record(hash, Status::NeedsReauth);
         d.apply(&[rec(alice.password_hash.clone())]);
         assert!(a.recall(&memo, tag).is_some());
         // A password change retires the identity the memo holds.
@@ -745,19 +738,7 @@ mod tests {
         a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
             .await
             .unwrap();
-        let mut rec = IdentityRecord {
-            id: 1,
-            name: "Alice".into(),
-            mailbox: "alice@contoso.com".into(),
-            password_hash: hash_password("new-pw", &cheap()).unwrap(),
-            status: Status::Linked,
-            last_error: None,
-            last_success_at: None,
-            last_failure_at: None,
-            created_at: 0,
-            has_refresh_token: true,
-            token_generation: 1,
-        };
+        let mut rec = alice_record(hash_password("new-pw", &cheap()).unwrap(), Status::Linked);
         let ch = d.apply(std::slice::from_ref(&rec));
         assert_eq!(ch.replaced.len(), 1);
         assert!(a

@@ -10,6 +10,7 @@
 //! that picks HTTP/2 by ALPN is left to the shared pooled client, which
 //! multiplexes every client over one connection.
 
+use super::line::BoxIo;
 use crate::tls::{BoxError, OutBody};
 use futures_util::task::noop_waker_ref;
 use http::{Request, Response};
@@ -24,7 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Idle upstream connections parked between client connections.
@@ -36,7 +36,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// request could be written.
 const MAX_ATTEMPTS: usize = 3;
 
-type Driver = Pin<Box<http1::Connection<TokioIo<Stream>, OutBody>>>;
+type Driver = Pin<Box<http1::Connection<TokioIo<BoxIo>, OutBody>>>;
 type Sender = http1::SendRequest<OutBody>;
 
 /// One upstream HTTP/1.1 connection: the handle to send on and the
@@ -156,8 +156,8 @@ impl Upstreams {
         tcp.set_nodelay(true)?;
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        let stream = match &self.tls {
-            None => Stream::Plain(tcp),
+        let stream: BoxIo = match &self.tls {
+            None => Box::new(tcp),
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(
                     self.connect_timeout,
@@ -169,7 +169,7 @@ impl Upstreams {
                     self.http2.store(true, Ordering::Relaxed);
                     return Ok(Dialed::Http2);
                 }
-                Stream::Tls(Box::new(tls))
+                Box::new(tls)
             }
         };
         let (sender, conn) = http1::Builder::new()
@@ -343,68 +343,4 @@ impl Drop for Lane {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A plain or TLS upstream stream.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
 }
