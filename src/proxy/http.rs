@@ -122,11 +122,6 @@ impl HttpProxy {
         (Arc::new(conn), driver)
     }
 
-    /// The upstream connections (for tests and diagnostics).
-    pub fn upstreams(&self) -> &Upstreams {
-        &self.upstreams
-    }
-
     /// Handles one client request arriving on `conn`.
     pub async fn handle(
         &self,

@@ -140,11 +140,6 @@ impl Upstreams {
         self.http2.load(Ordering::Relaxed)
     }
 
-    /// Parked connections (for tests and diagnostics).
-    pub fn idle_count(&self) -> usize {
-        lock(&self.idle).len()
-    }
-
     async fn dial(&self) -> Result<Dialed, BoxError> {
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
         let tcp = tokio::time::timeout(
