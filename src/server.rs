@@ -295,8 +295,8 @@ struct Limits {
 
 /// Serves connections from `listener`. `make_service` gives, per client
 /// connection, the request service and a companion future that runs in the
-/// connection's task until the connection ends (the HTTP front end's
-/// upstream lane); it must not complete.
+/// connection's task: the HTTP front end's upstream lane and idle watchdog.
+/// The connection is closed when the companion completes.
 async fn accept_loop<F, S, B, D>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -325,7 +325,13 @@ async fn accept_loop<F, S, B, D>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        // The HTTP front end times heads and idle connections itself (see
+        // `proxy::http::Connection`), without a timer per request.
+        .header_read_timeout(if limits.is_some() {
+            None
+        } else {
+            Some(header_timeout)
+        })
         .max_buf_size(
             limits
                 .as_ref()

@@ -431,3 +431,66 @@ async fn post(client: &mut RawClient, auth: &str) -> u16 {
         .await
         .0
 }
+
+#[tokio::test]
+async fn idle_connections_close_after_the_header_timeout_but_busy_ones_do_not() {
+    let env = Env::start_http1().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let server = env
+        .serve_with(|c| c.http.header_read_timeout = Duration::from_millis(300))
+        .await;
+    let addr = server.http_addr().unwrap();
+
+    // Requests with short pauses keep a connection open well past the limit.
+    let mut client = RawClient::connect(addr).await;
+    for _ in 0..8 {
+        assert_eq!(
+            client.request("POST", "/EWS/Exchange.asmx", SOAP).await.0,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    // A slow upstream answer is not an idle connection.
+    env.ews.set_delay(Duration::from_millis(700));
+    assert_eq!(
+        client.request("POST", "/EWS/Exchange.asmx", SOAP).await.0,
+        200
+    );
+    env.ews.set_delay(Duration::ZERO);
+    // Idle for longer than the limit: authswap closes the connection.
+    let idle = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), client.stream.read(&mut byte))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "EOF");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        idle.elapsed()
+    );
+
+    // Neither is a long answer streamed to the client (8 chunks, 100 ms apart).
+    let r = HttpClient::default()
+        .send(
+            addr,
+            Method::GET,
+            "/big-response?bytes=80000&chunk=10000&chunk_delay_ms=100",
+            Some(&basic("alice", "pw-alice-123")),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body == support::expected_big_response(80_000));
+
+    // A connection that never sends a request is closed too.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut byte))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    server.shutdown(GRACE).await;
+}

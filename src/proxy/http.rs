@@ -109,17 +109,28 @@ impl HttpProxy {
         })
     }
 
-    /// The state of a new client connection, and the future that drives
-    /// its upstream connection: poll it beside the client connection.
+    /// The state of a new client connection, and its companion future: run
+    /// it beside the client connection, which must end when it completes.
+    /// It drives the connection's upstream lane and completes when the
+    /// client has been idle, or slow to send a request head, for
+    /// `http.header_read_timeout`.
     pub fn connection(&self) -> (Arc<Connection>, impl std::future::Future<Output = ()>) {
-        let lane = Lane::new(self.upstreams.clone());
-        let driver = lane.clone().drive();
-        let conn = Connection {
-            lane,
+        let limit = self.app.config.http.header_read_timeout;
+        let conn = Arc::new(Connection {
+            lane: Lane::new(self.upstreams.clone()),
             memo: ConnectionMemo::default(),
             deadline: Deadline::default(),
+            activity: Activity::new(),
+        });
+        let mut watchdog = Box::pin(tokio::time::sleep(limit));
+        let companion = {
+            let conn = conn.clone();
+            std::future::poll_fn(move |cx| {
+                conn.lane.poll_drive(cx);
+                conn.activity.poll_watch(watchdog.as_mut(), limit, cx)
+            })
         };
-        (Arc::new(conn), driver)
+        (conn, companion)
     }
 
     /// Handles one client request arriving on `conn`.
@@ -127,11 +138,16 @@ impl HttpProxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        conn: &Connection,
+        conn: &Arc<Connection>,
     ) -> Result<Response<OutBody>, std::convert::Infallible> {
+        conn.activity.begin(req.version());
         let response = match self.proxy(req, peer, conn).await {
             Ok(r) => r,
-            Err(rejection) => rejection.into_response(&self.app),
+            Err(rejection) => {
+                // A short local answer: the connection counts as idle from now.
+                conn.activity.end();
+                rejection.into_response(&self.app)
+            }
         };
         Ok(response)
     }
@@ -140,11 +156,11 @@ impl HttpProxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        conn: &Connection,
+        conn: &Arc<Connection>,
     ) -> Result<Response<OutBody>, Rejection> {
         let app = &self.app;
         // An HTTP/2 client multiplexes requests: they share the pooled client.
-        let h1 = (req.version() < http::Version::HTTP_2).then_some(conn);
+        let h1 = (req.version() < http::Version::HTTP_2).then_some(&**conn);
         let identity = self.identify(req.headers(), peer, &conn.memo).await?;
         let token = self.token(&identity).await?;
 
@@ -180,13 +196,13 @@ impl HttpProxy {
                 };
                 let response = send(&token).await?;
                 if response.status() != StatusCode::UNAUTHORIZED {
-                    return Ok(self.respond(response));
+                    return Ok(self.respond(response, conn));
                 }
                 if !app
                     .tokens
                     .reject(&identity, &self.scopes, &token, Protocol::http)
                 {
-                    return Ok(self.respond(response));
+                    return Ok(self.respond(response, conn));
                 }
                 // Drain the refused answer so the connection can be reused.
                 drop(response);
@@ -196,7 +212,7 @@ impl HttpProxy {
                     app.tokens
                         .reject(&identity, &self.scopes, &token, Protocol::http);
                 }
-                Ok(self.respond(response))
+                Ok(self.respond(response, conn))
             }
             RequestBody::Streaming(body) => {
                 let response = self.send(h1, build(&token, body), None).await?;
@@ -205,7 +221,7 @@ impl HttpProxy {
                     app.tokens
                         .reject(&identity, &self.scopes, &token, Protocol::http);
                 }
-                Ok(self.respond(response))
+                Ok(self.respond(response, conn))
             }
         }
     }
@@ -409,23 +425,129 @@ impl HttpProxy {
         Ok(Box::pin(self.app.client.request(req)).await?)
     }
 
-    fn respond(&self, response: Response<Incoming>) -> Response<OutBody> {
+    fn respond(&self, response: Response<Incoming>, conn: &Arc<Connection>) -> Response<OutBody> {
         self.app.metrics.request(Protocol::http, Outcome::forwarded);
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(
-            parts,
-            body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
-        )
+        let body = Relayed {
+            body,
+            conn: conn.clone(),
+        };
+        Response::from_parts(parts, body.boxed_unsync())
     }
 }
 
 /// What authswap keeps per client connection: its upstream lane, the
-/// credentials it proved last and its upstream-timeout timer.
+/// credentials it proved last, its upstream-timeout timer and whether a
+/// request is in progress.
 pub struct Connection {
     lane: Arc<Lane>,
     memo: ConnectionMemo,
     deadline: Deadline,
+    activity: Activity,
+}
+
+/// `http.header_read_timeout` for an HTTP/1.1 connection, in place of
+/// hyper's, which allocates and registers a timer for every request head:
+/// the connection is closed once it has been without a request in progress
+/// (idle, or receiving a head that is not complete yet) for the limit. A
+/// request is in progress from its head until its response body is done.
+/// One lazily re-armed timer per connection. HTTP/2 connections are left
+/// alone (their streams are not sequential; hyper's own settings apply).
+struct Activity {
+    born: Instant,
+    busy: std::sync::atomic::AtomicBool,
+    http2: std::sync::atomic::AtomicBool,
+    /// Nanoseconds after `born` when the connection last became idle.
+    idle_since: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            born: Instant::now(),
+            busy: Default::default(),
+            http2: Default::default(),
+            idle_since: Default::default(),
+        }
+    }
+
+    fn begin(&self, version: http::Version) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if version >= http::Version::HTTP_2 {
+            self.http2.store(true, Relaxed);
+        }
+        self.busy.store(true, Relaxed);
+    }
+
+    fn end(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ns = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.idle_since.store(ns, Relaxed);
+        self.busy.store(false, Relaxed);
+    }
+
+    /// Ready when the connection must close.
+    fn poll_watch(
+        &self,
+        mut timer: Pin<&mut tokio::time::Sleep>,
+        limit: Duration,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        while timer.as_mut().poll(cx).is_ready() {
+            if self.http2.load(Relaxed) {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let due = if self.busy.load(Relaxed) {
+                now + limit
+            } else {
+                let since = self.born + Duration::from_nanos(self.idle_since.load(Relaxed));
+                if now >= since + limit {
+                    return Poll::Ready(());
+                }
+                since + limit
+            };
+            timer.as_mut().reset(tokio::time::Instant::from_std(due));
+        }
+        Poll::Pending
+    }
+}
+
+/// An upstream response body on its way to the client; the connection's
+/// request ends when it is done (or dropped).
+struct Relayed {
+    body: Incoming,
+    conn: Arc<Connection>,
+}
+
+impl Body for Relayed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body)
+            .poll_frame(cx)
+            .map_err(|e| -> BoxError { Box::new(e) })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        self.conn.activity.end();
+    }
 }
 
 /// `http.upstream_timeout` for the requests of one HTTP/1.1 client

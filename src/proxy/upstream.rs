@@ -247,18 +247,24 @@ impl Lane {
     /// beside the client connection and drop it with it.
     pub fn drive(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         std::future::poll_fn(move |cx| {
-            let mut slot = lock(&self.slot);
-            if let Some(driver) = slot.driver.as_mut() {
-                if driver.as_mut().poll(cx).is_ready() {
-                    slot.driver = None;
-                    slot.sender = None;
-                }
-            }
-            if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                slot.waker = Some(cx.waker().clone());
-            }
+            self.poll_drive(cx);
             Poll::Pending
         })
+    }
+
+    /// One step of [`Lane::drive`], for callers that drive the lane inside
+    /// a future of their own.
+    pub fn poll_drive(&self, cx: &mut Context<'_>) {
+        let mut slot = lock(&self.slot);
+        if let Some(driver) = slot.driver.as_mut() {
+            if driver.as_mut().poll(cx).is_ready() {
+                slot.driver = None;
+                slot.sender = None;
+            }
+        }
+        if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            slot.waker = Some(cx.waker().clone());
+        }
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on the lane's connection,
