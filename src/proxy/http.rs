@@ -122,12 +122,12 @@ impl HttpProxy {
             deadline: Deadline::default(),
             activity: Activity::new(),
         });
-        let mut watchdog = Box::pin(tokio::time::sleep(limit));
+        let mut watchdog = LazyTimer::new(tokio::time::Instant::now() + limit);
         let companion = {
             let conn = conn.clone();
             std::future::poll_fn(move |cx| {
                 conn.lane.poll_drive(cx);
-                conn.activity.poll_watch(watchdog.as_mut(), limit, cx)
+                conn.activity.poll_watch(&mut watchdog, limit, cx)
             })
         };
         (conn, companion)
@@ -488,14 +488,9 @@ impl Activity {
     }
 
     /// Ready when the connection must close.
-    fn poll_watch(
-        &self,
-        mut timer: Pin<&mut tokio::time::Sleep>,
-        limit: Duration,
-        cx: &mut Context<'_>,
-    ) -> Poll<()> {
+    fn poll_watch(&self, timer: &mut LazyTimer, limit: Duration, cx: &mut Context<'_>) -> Poll<()> {
         use std::sync::atomic::Ordering::Relaxed;
-        while timer.as_mut().poll(cx).is_ready() {
+        while timer.fired(cx) {
             if self.http2.load(Relaxed) {
                 return Poll::Pending;
             }
@@ -509,7 +504,7 @@ impl Activity {
                 }
                 since + limit
             };
-            timer.as_mut().reset(tokio::time::Instant::from_std(due));
+            timer.reset(tokio::time::Instant::from_std(due));
         }
         Poll::Pending
     }
@@ -557,7 +552,7 @@ impl Drop for Relayed {
 /// clock read instead of inserting and removing a timer. (HTTP/2 requests
 /// run concurrently in their own tasks and use a timer each.)
 #[derive(Default)]
-struct Deadline(std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>);
+struct Deadline(std::sync::Mutex<Option<LazyTimer>>);
 
 impl Deadline {
     /// `work`, or `None` once `limit` has passed since `started`.
@@ -574,18 +569,51 @@ impl Deadline {
                 return Poll::Ready(Some(v));
             }
             let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            let timer = slot.get_or_insert_with(|| LazyTimer::new(due));
             // Armed for an earlier request's due time (never a later one:
             // requests are sequential): re-arm when it fires early.
-            while sleep.as_mut().poll(cx).is_ready() {
+            while timer.fired(cx) {
                 if tokio::time::Instant::now() >= due {
                     return Poll::Ready(None);
                 }
-                sleep.as_mut().reset(due);
+                timer.reset(due);
             }
             Poll::Pending
         })
         .await
+    }
+}
+
+/// A timer owned by one task, polled only when that is needed: once after
+/// it is set (to register the task's waker) and when it has fired. A
+/// connection's futures are polled on every wake-up of its task; polling
+/// the timer each time would cost more than the timer saves.
+struct LazyTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    registered: bool,
+}
+
+impl LazyTimer {
+    fn new(deadline: tokio::time::Instant) -> LazyTimer {
+        LazyTimer {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            registered: false,
+        }
+    }
+
+    /// Whether the deadline has passed.
+    fn fired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.registered && !self.sleep.is_elapsed() {
+            return false;
+        }
+        self.registered = true;
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+
+    /// Sets a new deadline (the next [`LazyTimer::fired`] registers it).
+    fn reset(&mut self, deadline: tokio::time::Instant) {
+        self.sleep.as_mut().reset(deadline);
+        self.registered = false;
     }
 }
 
@@ -931,6 +959,29 @@ mod tests {
         let mut m = HeaderMap::new();
         m.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
         m
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lazy_timer_still_wakes_its_task_after_a_reset() {
+        let start = tokio::time::Instant::now();
+        let mut timer = LazyTimer::new(start + Duration::from_millis(100));
+        let mut resets = 0;
+        let fired_twice = std::future::poll_fn(|cx| {
+            while timer.fired(cx) {
+                if resets == 1 {
+                    return Poll::Ready(());
+                }
+                resets += 1;
+                timer.reset(tokio::time::Instant::now() + Duration::from_millis(100));
+            }
+            Poll::Pending
+        });
+        // Nothing else wakes this task: only the timer's own wake-up can.
+        tokio::time::timeout(Duration::from_secs(10), fired_twice)
+            .await
+            .expect("woken by the re-armed timer");
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        assert!(start.elapsed() < Duration::from_secs(10));
     }
 
     #[test]
