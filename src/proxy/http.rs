@@ -5,7 +5,11 @@
 //! Every other upstream answer (throttling included) passes through.
 //! HTTP/1.1 client connections reach an HTTP/1.1 upstream through their own
 //! [`Lane`] (see [`super::upstream`]); HTTP/2 clients, and every client when
-//! the upstream chose HTTP/2, go through the shared pooled client.
+//! the upstream chose HTTP/2, go through the shared pooled client. Each
+//! client [`Connection`] also keeps what it last proved (a keyed hash, so a
+//! keep-alive client's repeated header skips the credential check) and its
+//! own lazily re-armed timers for the upstream timeout and for request
+//! heads and idleness.
 
 use super::upstream::{Lane, SendError, Upstreams};
 use crate::app::App;
