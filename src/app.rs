@@ -11,7 +11,6 @@ use crate::tls::{HttpsClient, TlsError};
 use crate::token::{IdpClient, TokenEngine};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Why the application could not be assembled.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +65,7 @@ impl App {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path).await?);
         let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file)?;
         let client_config = crate::tls::client_config(&config.tls)?;
-        let client = crate::tls::https_client(client_config.clone(), Duration::from_secs(10));
+        let client = crate::tls::https_client(client_config.clone(), crate::tls::CONNECT_TIMEOUT);
         let idp = IdpClient::new(&config.identity_provider, client.clone());
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(Directory::default());

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Time limit for opening an outbound connection (TCP, then TLS).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Boxed error for streaming bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every outbound request.

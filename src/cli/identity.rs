@@ -144,7 +144,7 @@ fn idp(config: &Config) -> anyhow::Result<IdpClient> {
         bail!("identity_provider.client_id is not set: register an app in Entra ID and configure it first");
     }
     let tls = crate::tls::client_config(&config.tls)?;
-    let client = crate::tls::https_client(tls, Duration::from_secs(10));
+    let client = crate::tls::https_client(tls, crate::tls::CONNECT_TIMEOUT);
     Ok(IdpClient::new(&config.identity_provider, client))
 }
 

@@ -33,9 +33,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
-/// Time limit for opening an upstream connection (TCP and TLS, each).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Realm in our `WWW-Authenticate: Basic` challenge.
 pub const REALM: &str = "authswap";
 
@@ -70,11 +67,8 @@ impl HttpProxy {
     /// Builds the front end from the application's configuration.
     pub fn new(app: Arc<App>) -> Result<HttpProxy, UpstreamUrlError> {
         let cfg = &app.config.http;
-        let uri: Uri = cfg
-            .upstream
-            .parse()
-            .map_err(|_| UpstreamUrlError(cfg.upstream.clone()))?;
         let bad = || UpstreamUrlError(cfg.upstream.clone());
+        let uri: Uri = cfg.upstream.parse().map_err(|_| bad())?;
         let host = host_header(&uri).ok_or_else(bad)?;
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -82,18 +76,14 @@ impl HttpProxy {
             uri.host().ok_or_else(bad)?,
             port,
             https.then(|| app.client_tls.clone()),
-            CONNECT_TIMEOUT,
+            crate::tls::CONNECT_TIMEOUT,
         )
         .map_err(|_| bad())?;
         let parts = uri.into_parts();
         let upstream = Upstream {
             host,
-            scheme: parts
-                .scheme
-                .ok_or_else(|| UpstreamUrlError(cfg.upstream.clone()))?,
-            authority: parts
-                .authority
-                .ok_or_else(|| UpstreamUrlError(cfg.upstream.clone()))?,
+            scheme: parts.scheme.ok_or_else(bad)?,
+            authority: parts.authority.ok_or_else(bad)?,
             base_path: parts
                 .path_and_query
                 .map(|p| p.path().trim_end_matches('/').to_owned())
@@ -370,7 +360,7 @@ impl HttpProxy {
         again: Option<Request<OutBody>>,
     ) -> Result<Response<Incoming>, Rejection> {
         let started = Instant::now();
-        let lane = h1.map(|c| &*c.lane);
+        let lane = h1.map(|c| &c.lane);
         let attempt = async {
             let Some(lane) = lane.filter(|_| !self.upstreams.speaks_http2()) else {
                 return self.send_shared(req).await;
@@ -445,7 +435,7 @@ impl HttpProxy {
 /// credentials it proved last, its upstream-timeout timer and whether a
 /// request is in progress.
 pub struct Connection {
-    lane: Arc<Lane>,
+    lane: Lane,
     memo: ConnectionMemo,
     deadline: Deadline,
     activity: Activity,

@@ -23,7 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -219,9 +219,9 @@ async fn sweep(upstreams: Weak<Upstreams>) {
     }
 }
 
-/// The upstream connection of one client connection. [`Lane::drive`] must
-/// be polled in the client connection's task for as long as the lane is
-/// used: it is what moves the upstream connection's bytes.
+/// The upstream connection of one client connection. [`Lane::poll_drive`]
+/// must be polled in the client connection's task for as long as the lane
+/// is used: it is what moves the upstream connection's bytes.
 pub struct Lane {
     upstreams: Arc<Upstreams>,
     slot: Mutex<Slot>,
@@ -236,24 +236,15 @@ struct Slot {
 
 impl Lane {
     /// An empty lane; it connects (or takes a parked connection) on first use.
-    pub fn new(upstreams: Arc<Upstreams>) -> Arc<Lane> {
-        Arc::new(Lane {
+    pub fn new(upstreams: Arc<Upstreams>) -> Lane {
+        Lane {
             upstreams,
             slot: Mutex::new(Slot::default()),
-        })
+        }
     }
 
-    /// Drives the lane's upstream connection. Never completes: run it
-    /// beside the client connection and drop it with it.
-    pub fn drive(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
-        std::future::poll_fn(move |cx| {
-            self.poll_drive(cx);
-            Poll::Pending
-        })
-    }
-
-    /// One step of [`Lane::drive`], for callers that drive the lane inside
-    /// a future of their own.
+    /// Moves the lane's upstream connection along (never completes; call it
+    /// from a future polled beside the client connection).
     pub fn poll_drive(&self, cx: &mut Context<'_>) {
         let mut slot = lock(&self.slot);
         if let Some(driver) = slot.driver.as_mut() {
