@@ -289,6 +289,28 @@ impl HttpClient {
     pub async fn get(&self, addr: SocketAddr, path: &str) -> Reply {
         self.send(addr, Method::GET, path, None, Bytes::new()).await
     }
+
+    /// Scrapes `/metrics` on the admin listener every 20 ms until `cond`
+    /// holds for the text (at most `limit`); returns the last scrape and
+    /// whether it held. For state that authswap updates in the background.
+    pub async fn metrics_until(
+        &self,
+        admin: SocketAddr,
+        limit: Duration,
+        mut cond: impl FnMut(&str) -> bool,
+    ) -> (String, bool) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let m = self.get(admin, "/metrics").await.text();
+            if cond(&m) {
+                return (m, true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return (m, false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// A SOAP-ish body for requests.

@@ -162,6 +162,8 @@ struct Inner {
 struct IdpState {
     inner: Mutex<Inner>,
     device_codes_tx: watch::Sender<usize>,
+    /// While true, requests wait before they are answered.
+    held: watch::Sender<bool>,
 }
 
 impl IdpState {
@@ -231,6 +233,7 @@ impl FakeIdp {
                 slow_down_once: false,
             }),
             device_codes_tx,
+            held: watch::channel(false).0,
         });
         let st = state.clone();
         let server = spawn_tls_server(HttpMode::Http1Only, move |req| {
@@ -433,6 +436,13 @@ impl FakeIdp {
     /// Sleep this long before answering each request.
     pub fn set_delay(&self, d: Duration) {
         self.state.inner().delay = d;
+    }
+
+    /// While on, every request is recorded and counted (`refresh_calls`)
+    /// but not answered until it is turned off: a refresh that is provably
+    /// still in flight, whatever the machine's load.
+    pub fn set_held(&self, on: bool) {
+        self.state.held.send_replace(on);
     }
 
     /// The next request (any endpoint) gets exactly this status and JSON body.
@@ -758,6 +768,7 @@ async fn handle(state: Arc<IdpState>, req: Request<Incoming>) -> Response<RespBo
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    let _ = state.held.subscribe().wait_for(|held| !*held).await;
 
     let resp = respond(
         &state,
