@@ -468,6 +468,9 @@ pub struct HttpConfig {
     /// Upstream must answer (response head) within this time.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
+    /// Serve plain HTTP/1.1 requests with authswap's own relay (the fast
+    /// path); `false` sends every connection through hyper.
+    pub native_http1: bool,
     /// Certificate chain (PEM) to serve HTTPS locally instead of plain HTTP.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
@@ -489,6 +492,7 @@ impl Default for HttpConfig {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(300),
+            native_http1: true,
             tls_cert_file: None,
             tls_key_file: None,
         }

@@ -6,12 +6,12 @@ use crate::admin;
 use crate::app::{App, AppError};
 use crate::config::{parse_listen, Config, ConfigError};
 use crate::metrics::Protocol;
-use crate::proxy::http::{HttpProxy, UpstreamUrlError};
+use crate::proxy::http::{HttpProxy, Served, UpstreamUrlError};
 use crate::proxy::imap::Imap;
+use crate::proxy::line::BoxIo;
 use crate::proxy::mail::{MailFrontEnd, MailSetupError};
 use crate::proxy::pop3::Pop3;
 use crate::proxy::smtp::Smtp;
-use futures_util::future::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -117,6 +117,7 @@ impl Server {
                     Duration::from_secs(10),
                     rx,
                     None,
+                    None,
                 )
                 .await;
             });
@@ -138,6 +139,7 @@ impl Server {
             let rx = rx.clone();
             let metrics = app.metrics.clone();
             let max_header = cfg.http.max_header_bytes.as_usize();
+            let native = proxy.clone();
             tasks.spawn(async move {
                 // Each client connection drives its own upstream lane.
                 let service = move |peer: SocketAddr| {
@@ -161,6 +163,7 @@ impl Server {
                     header_timeout,
                     rx,
                     Some(limits),
+                    Some(native),
                 )
                 .await;
             });
@@ -296,7 +299,10 @@ struct Limits {
 /// Serves connections from `listener`. `make_service` gives, per client
 /// connection, the request service and a companion future that runs in the
 /// connection's task: the HTTP front end's upstream lane and idle watchdog.
-/// The connection is closed when the companion completes.
+/// The connection is closed when the companion completes. With `native`,
+/// HTTP/1 connections start on the HTTP front end's native path and come
+/// to hyper only if it hands them over.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<F, S, B, D>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -305,8 +311,9 @@ async fn accept_loop<F, S, B, D>(
     header_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
     limits: Option<Limits>,
+    native: Option<HttpProxy>,
 ) where
-    F: Fn(SocketAddr) -> (S, D) + Send + 'static,
+    F: Fn(SocketAddr) -> (S, D) + Send + Sync + 'static,
     D: std::future::Future<Output = ()> + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
@@ -345,6 +352,7 @@ async fn accept_loop<F, S, B, D>(
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
+    let make_service = Arc::new(make_service);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -362,21 +370,20 @@ async fn accept_loop<F, S, B, D>(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (service, companion) = make_service(peer);
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let guard = limits
             .as_ref()
             .map(|l| l.metrics.connection(Protocol::http));
+        let make_service = make_service.clone();
+        let native = native.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _guard = guard;
-            let served = match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    Either::Left(watcher.watch(conn.into_owned()))
-                }
+            let (io, h2): (BoxIo, bool) = match tls {
+                None => (Box::new(stream), false),
                 Some(acceptor) => {
                     let stream =
                         match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
@@ -387,10 +394,26 @@ async fn accept_loop<F, S, B, D>(
                             }
                             Err(_) => return,
                         };
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
-                    Either::Right(watcher.watch(conn.into_owned()))
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    (Box::new(stream), h2)
                 }
             };
+            let io = match native {
+                Some(proxy) if !h2 && proxy.native_http1() => {
+                    // Boxed: its state lives for the whole connection.
+                    match Box::pin(proxy.serve_h1(io, peer, shutdown)).await {
+                        Served::Done => return,
+                        Served::Handover(io) => io,
+                    }
+                }
+                _ => io,
+            };
+            let (service, companion) = make_service(peer);
+            let served = watcher.watch(
+                builder
+                    .serve_connection(TokioIo::new(io), service)
+                    .into_owned(),
+            );
             tokio::select! {
                 biased;
                 _ = served => {}
@@ -400,4 +423,7 @@ async fn accept_loop<F, S, B, D>(
     }
     drop(listener);
     graceful.shutdown().await;
+    // Connections on the native path close once idle; wait for them too.
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let _ = permits.acquire_many(all).await;
 }

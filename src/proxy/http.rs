@@ -11,6 +11,10 @@
 //! own lazily re-armed timers for the upstream timeout and for request
 //! heads and idleness.
 
+mod h1;
+
+pub use h1::Served;
+
 use super::upstream::{Lane, SendError, Upstreams};
 use crate::app::App;
 use crate::identity::{AuthError, ConnectionMemo};
@@ -103,6 +107,12 @@ impl HttpProxy {
         })
     }
 
+    /// Whether new client connections start on the native HTTP/1.1 path:
+    /// when it is enabled and the upstream has not chosen HTTP/2.
+    pub fn native_http1(&self) -> bool {
+        self.app.config.http.native_http1 && !self.upstreams.speaks_http2()
+    }
+
     /// The state of a new client connection, and its companion future: run
     /// it beside the client connection, which must end when it completes.
     /// It drives the connection's upstream lane and completes when the
@@ -155,7 +165,11 @@ impl HttpProxy {
         let app = &self.app;
         // An HTTP/2 client multiplexes requests: they share the pooled client.
         let h1 = (req.version() < http::Version::HTTP_2).then_some(&**conn);
-        let identity = self.identify(req.headers(), peer, &conn.memo).await?;
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let identity = self.identify(auth, peer, &conn.memo).await?;
         let token = self.token(&identity).await?;
 
         let (parts, body) = req.into_parts();
@@ -222,20 +236,18 @@ impl HttpProxy {
 
     /// The identity the request's Basic credentials prove: from the
     /// connection's memo when the client resent what it proved last.
-    async fn identify(
+    pub(super) async fn identify(
         &self,
-        headers: &HeaderMap,
+        authorization: Option<&[u8]>,
         peer: SocketAddr,
         memo: &ConnectionMemo,
     ) -> Result<Arc<crate::identity::Identity>, Rejection> {
         let auth = &self.app.auth;
-        let tag = headers
-            .get(header::AUTHORIZATION)
-            .map(|v| auth.memo_tag(v.as_bytes()));
+        let tag = authorization.map(|v| auth.memo_tag(v));
         if let Some(identity) = tag.and_then(|t| auth.recall(memo, t)) {
             return Ok(identity);
         }
-        let credentials = basic_credentials(headers)?;
+        let credentials = basic_credentials(authorization)?;
         let identity = auth
             .authenticate(
                 credentials.name(),
@@ -251,7 +263,7 @@ impl HttpProxy {
         Ok(identity)
     }
 
-    async fn token(
+    pub(super) async fn token(
         &self,
         identity: &Arc<crate::identity::Identity>,
     ) -> Result<AccessToken, Rejection> {
@@ -604,6 +616,11 @@ impl LazyTimer {
         self.sleep.as_mut().poll(cx).is_ready()
     }
 
+    /// The deadline it is set to.
+    fn deadline(&self) -> tokio::time::Instant {
+        self.sleep.deadline()
+    }
+
     /// Sets a new deadline (the next [`LazyTimer::fired`] registers it).
     fn reset(&mut self, deadline: tokio::time::Instant) {
         self.sleep.as_mut().reset(deadline);
@@ -618,7 +635,7 @@ enum RequestBody {
 
 /// Why a request is answered locally.
 #[derive(Debug)]
-enum Rejection {
+pub(super) enum Rejection {
     MissingCredentials,
     BadRequest(&'static str),
     Auth(AuthError),
@@ -631,12 +648,17 @@ enum Rejection {
 
 impl Rejection {
     fn into_response(self, app: &App) -> Response<OutBody> {
+        self.into_local(app).map(full)
+    }
+
+    /// The local answer (and its metrics).
+    pub(super) fn into_local(self, app: &App) -> Response<Bytes> {
         let m = &app.metrics;
         let challenge = || HeaderValue::from_static("Basic realm=\"authswap\", charset=\"UTF-8\"");
         match self {
             Rejection::MissingCredentials => {
                 m.request(Protocol::http, Outcome::unauthorized);
-                let mut r = text(StatusCode::UNAUTHORIZED, "authentication required\n");
+                let mut r = local_text(StatusCode::UNAUTHORIZED, "authentication required\n");
                 r.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, challenge());
                 r
@@ -645,16 +667,17 @@ impl Rejection {
                 m.request(Protocol::http, Outcome::bad_request);
                 if why == "malformed Basic credentials" {
                     m.auth_failure(None, Protocol::http, FailureReason::bad_request);
-                    let mut r = text(StatusCode::UNAUTHORIZED, "malformed Basic credentials\n");
+                    let mut r =
+                        local_text(StatusCode::UNAUTHORIZED, "malformed Basic credentials\n");
                     r.headers_mut()
                         .insert(header::WWW_AUTHENTICATE, challenge());
                     return r;
                 }
-                text(StatusCode::BAD_REQUEST, &format!("{why}\n"))
+                local_text(StatusCode::BAD_REQUEST, &format!("{why}\n"))
             }
             Rejection::Auth(e) => {
                 m.request(Protocol::http, Outcome::unauthorized);
-                let mut r = text(StatusCode::UNAUTHORIZED, "authentication failed\n");
+                let mut r = local_text(StatusCode::UNAUTHORIZED, "authentication failed\n");
                 r.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, challenge());
                 if let AuthError::Locked(left) = e {
@@ -670,7 +693,7 @@ impl Rejection {
                     Protocol::http,
                     FailureReason::reauth_required,
                 );
-                let mut r = text(
+                let mut r = local_text(
                     StatusCode::UNAUTHORIZED,
                     &format!(
                         "identity {identity} needs re-authentication: an administrator must run \
@@ -692,7 +715,7 @@ impl Rejection {
                     Protocol::http,
                     FailureReason::refresh_failed,
                 );
-                let mut r = text(
+                let mut r = local_text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the identity platform is unavailable; try again later\n",
                 );
@@ -702,22 +725,22 @@ impl Rejection {
             }
             Rejection::TooLarge => {
                 m.request(Protocol::http, Outcome::bad_request);
-                text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+                local_text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
             }
             Rejection::BodyTimeout => {
                 m.request(Protocol::http, Outcome::bad_request);
-                text(
+                local_text(
                     StatusCode::REQUEST_TIMEOUT,
                     "request body not received in time\n",
                 )
             }
             Rejection::Upstream => {
                 m.request(Protocol::http, Outcome::upstream_error);
-                text(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
+                local_text(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
             }
             Rejection::UpstreamTimeout => {
                 m.request(Protocol::http, Outcome::upstream_error);
-                text(
+                local_text(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream did not answer in time\n",
                 )
@@ -733,7 +756,11 @@ fn retry_after_value(d: Duration) -> HeaderValue {
 
 /// A small plain-text response.
 pub fn text(status: StatusCode, body: &str) -> Response<OutBody> {
-    let mut r = Response::new(full(Bytes::copy_from_slice(body.as_bytes())));
+    local_text(status, body).map(full)
+}
+
+fn local_text(status: StatusCode, body: &str) -> Response<Bytes> {
+    let mut r = Response::new(Bytes::copy_from_slice(body.as_bytes()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -756,12 +783,12 @@ pub fn empty() -> OutBody {
         .boxed_unsync()
 }
 
-/// Parses `Authorization: Basic` into (name, password).
-fn basic_credentials(headers: &HeaderMap) -> Result<BasicCredentials, Rejection> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
+/// Parses an `Authorization: Basic` value into (name, password).
+fn basic_credentials(value: Option<&[u8]>) -> Result<BasicCredentials, Rejection> {
+    let Some(value) = value else {
         return Err(Rejection::MissingCredentials);
     };
-    parse_basic(value.as_bytes()).ok_or(Rejection::BadRequest("malformed Basic credentials"))
+    parse_basic(value).ok_or(Rejection::BadRequest("malformed Basic credentials"))
 }
 
 /// Decoded `Authorization: Basic` credentials: one buffer, wiped on drop.
@@ -981,25 +1008,25 @@ mod tests {
     #[test]
     fn basic_parsing() {
         let enc = base64::engine::general_purpose::STANDARD.encode("Alice:p:w");
-        let c = basic_credentials(&h(&format!("Basic {enc}"))).unwrap();
+        let c = basic_credentials(Some(format!("Basic {enc}").as_bytes())).unwrap();
         assert_eq!((c.name(), c.password()), ("Alice", &b"p:w"[..]));
         assert!(!format!("{c:?}").contains("p:w"), "Debug shows no password");
-        let c = basic_credentials(&h(&format!("basic  {enc} "))).unwrap();
+        let c = basic_credentials(Some(format!("basic  {enc} ").as_bytes())).unwrap();
         assert_eq!(c.name(), "Alice");
-        assert!(basic_credentials(&h("Bearer x")).is_err());
-        assert!(basic_credentials(&h("Basic !!!")).is_err());
+        assert!(basic_credentials(Some("Bearer x".as_bytes())).is_err());
+        assert!(basic_credentials(Some("Basic !!!".as_bytes())).is_err());
         let latin1 = base64::engine::general_purpose::STANDARD.encode(b"ren\xe9:caf\xe9");
-        let c = basic_credentials(&h(&format!("Basic {latin1}"))).unwrap();
+        let c = basic_credentials(Some(format!("Basic {latin1}").as_bytes())).unwrap();
         assert_eq!(
             (c.name(), c.password()),
             ("ren\u{e9}", "caf\u{e9}".as_bytes())
         );
         let empty_name = base64::engine::general_purpose::STANDARD.encode(":pw");
-        assert!(basic_credentials(&h(&format!("Basic {empty_name}"))).is_err());
+        assert!(basic_credentials(Some(format!("Basic {empty_name}").as_bytes())).is_err());
         let nocolon = base64::engine::general_purpose::STANDARD.encode("alice");
-        assert!(basic_credentials(&h(&format!("Basic {nocolon}"))).is_err());
+        assert!(basic_credentials(Some(format!("Basic {nocolon}").as_bytes())).is_err());
         assert!(matches!(
-            basic_credentials(&HeaderMap::new()),
+            basic_credentials(None),
             Err(Rejection::MissingCredentials)
         ));
     }

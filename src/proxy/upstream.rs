@@ -66,7 +66,9 @@ pub struct Upstreams {
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
     http2: AtomicBool,
+    http1: AtomicBool,
     idle: Mutex<Vec<(Instant, Conn)>>,
+    idle_raw: Mutex<Vec<(Instant, BoxIo)>>,
     sweeping: AtomicBool,
 }
 
@@ -127,12 +129,20 @@ impl Upstreams {
         Ok(Upstreams {
             host,
             port,
+            http1: AtomicBool::new(tls.is_none()),
             tls,
             connect_timeout,
             http2: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
+            idle_raw: Mutex::new(Vec::new()),
             sweeping: AtomicBool::new(false),
         })
+    }
+
+    /// Whether a connection to the upstream has settled on HTTP/1.1 (or
+    /// the upstream is plain HTTP, where there is no choice).
+    pub fn speaks_http1(&self) -> bool {
+        self.http1.load(Ordering::Relaxed)
     }
 
     /// Whether the upstream answered ALPN with `h2`.
@@ -140,7 +150,9 @@ impl Upstreams {
         self.http2.load(Ordering::Relaxed)
     }
 
-    async fn dial(&self) -> Result<Dialed, BoxError> {
+    /// A new connection to the upstream, or `None` when it chose HTTP/2
+    /// by ALPN (remembered: see [`Upstreams::speaks_http2`]).
+    pub async fn connect(&self) -> Result<Option<BoxIo>, BoxError> {
         let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
         let tcp = tokio::time::timeout(
             self.connect_timeout,
@@ -151,7 +163,7 @@ impl Upstreams {
         tcp.set_nodelay(true)?;
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        let stream: BoxIo = match &self.tls {
+        Ok(Some(match &self.tls {
             None => Box::new(tcp),
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(
@@ -162,10 +174,17 @@ impl Upstreams {
                 .map_err(|_| timed_out())??;
                 if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                     self.http2.store(true, Ordering::Relaxed);
-                    return Ok(Dialed::Http2);
+                    return Ok(None);
                 }
+                self.http1.store(true, Ordering::Relaxed);
                 Box::new(tls)
             }
+        }))
+    }
+
+    async fn dial(&self) -> Result<Dialed, BoxError> {
+        let Some(stream) = self.connect().await? else {
+            return Ok(Dialed::Http2);
         };
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -174,6 +193,41 @@ impl Upstreams {
             sender,
             driver: Box::pin(conn),
         }))
+    }
+
+    /// The most recently parked live raw connection (for the native
+    /// HTTP/1.1 path, which does its own framing).
+    pub fn checkout_raw(&self) -> Option<BoxIo> {
+        let mut idle = lock(&self.idle_raw);
+        while let Some((since, mut io)) = idle.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && raw_alive(&mut io) {
+                return Some(io);
+            }
+        }
+        None
+    }
+
+    /// Parks a raw connection that is between responses.
+    pub fn checkin_raw(self: &Arc<Self>, mut io: BoxIo) {
+        if !raw_alive(&mut io) {
+            return;
+        }
+        {
+            let mut idle = lock(&self.idle_raw);
+            if idle.len() >= MAX_IDLE {
+                idle.remove(0);
+            }
+            idle.push((Instant::now(), io));
+        }
+        self.start_sweeper();
+    }
+
+    fn start_sweeper(self: &Arc<Self>) {
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(sweep(Arc::downgrade(self)));
+            }
+        }
     }
 
     /// The most recently parked live connection.
@@ -198,11 +252,7 @@ impl Upstreams {
             }
             idle.push((Instant::now(), conn));
         }
-        if !self.sweeping.swap(true, Ordering::Relaxed) {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(sweep(Arc::downgrade(self)));
-            }
-        }
+        self.start_sweeper();
     }
 }
 
@@ -216,6 +266,8 @@ async fn sweep(upstreams: Weak<Upstreams>) {
         };
         lock(&upstreams.idle)
             .retain_mut(|(since, conn)| since.elapsed() < IDLE_TIMEOUT && conn.alive());
+        lock(&upstreams.idle_raw)
+            .retain_mut(|(since, io)| since.elapsed() < IDLE_TIMEOUT && raw_alive(io));
     }
 }
 
@@ -331,6 +383,18 @@ impl Drop for Lane {
             self.upstreams.checkin(Conn { sender, driver });
         }
     }
+}
+
+/// Whether a raw connection between responses is still open: polled once
+/// without a task to wake, it must have nothing to say (a close, an error
+/// or unsolicited bytes all mean it cannot be used).
+pub fn raw_alive(io: &mut BoxIo) -> bool {
+    let mut cx = Context::from_waker(noop_waker_ref());
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    Pin::new(&mut **io)
+        .poll_read(&mut cx, &mut buf)
+        .is_pending()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
