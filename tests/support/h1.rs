@@ -5,6 +5,8 @@
 //! after every answer (no `Connection: close`, the way an upstream's idle
 //! timer closes a kept-alive connection), or read the second request on a
 //! connection and close without answering (a request lost in that race).
+//! Tests can also script the exact bytes of the next answers, to check how
+//! each framing of a response is relayed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,12 +43,21 @@ pub struct H1Request {
     pub authorization: Option<String>,
     /// Body bytes.
     pub body: Vec<u8>,
+    /// The request head as received (request line and fields).
+    pub head: String,
+}
+
+/// A scripted answer: these bytes verbatim, then maybe a close.
+struct Scripted {
+    bytes: Vec<u8>,
+    close: bool,
 }
 
 struct Shared {
     fault: Mutex<H1Fault>,
     accepted: AtomicUsize,
     requests: Mutex<Vec<H1Request>>,
+    script: Mutex<std::collections::VecDeque<Scripted>>,
 }
 
 /// The running upstream; stops when dropped.
@@ -72,6 +83,7 @@ impl RawH1Upstream {
             fault: Mutex::new(fault),
             accepted: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
+            script: Mutex::new(Default::default()),
         });
         let st = shared.clone();
         let task = tokio::spawn(async move {
@@ -104,6 +116,16 @@ impl RawH1Upstream {
         lock(&self.shared.requests).clone()
     }
 
+    /// The next request is answered with exactly `bytes` (then the
+    /// connection is closed when `close`); scripted answers go in order,
+    /// before the default answer.
+    pub fn script(&self, bytes: impl AsRef<[u8]>, close: bool) {
+        lock(&self.shared.script).push_back(Scripted {
+            bytes: bytes.as_ref().to_vec(),
+            close,
+        });
+    }
+
     /// Changes the behaviour for requests from now on.
     pub fn set_fault(&self, fault: H1Fault) {
         *lock(&self.shared.fault) = fault;
@@ -120,6 +142,17 @@ where
             return;
         };
         lock(&st.requests).push(request);
+        let scripted = lock(&st.script).pop_front();
+        if let Some(s) = scripted {
+            if io.write_all(&s.bytes).await.is_err() || io.flush().await.is_err() {
+                return;
+            }
+            if s.close {
+                let _ = io.shutdown().await;
+                return;
+            }
+            continue;
+        }
         let fault = *lock(&st.fault);
         if fault == H1Fault::LoseSecondRequest && seq == 2 {
             let _ = io.shutdown().await;
@@ -188,6 +221,7 @@ where
     }
     let body: Vec<u8> = buf.drain(..length).collect();
     Some(H1Request {
+        head,
         method,
         target,
         connection,

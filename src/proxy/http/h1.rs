@@ -124,6 +124,7 @@ impl HttpProxy {
             memo: ConnectionMemo::default(),
             idle: LazyTimer::new(tokio::time::Instant::now() + self.header_limit()),
             upstream_timer: None,
+            answered: false,
         };
         let served = c.run(peer, &mut shutdown).await;
         if let Some(up) = c.up.take() {
@@ -149,6 +150,8 @@ struct NativeConn<'a> {
     memo: ConnectionMemo,
     idle: LazyTimer,
     upstream_timer: Option<LazyTimer>,
+    /// Whether the client has been sent any of the current answer.
+    answered: bool,
 }
 
 impl NativeConn<'_> {
@@ -290,9 +293,21 @@ impl NativeConn<'_> {
                 .metrics
                 .request(Protocol::http, Outcome::forwarded);
             let close = head.close || *shutdown.borrow() || response.framing == Framing::Close;
+            self.answered = false;
             match self.relay(&response, close).await {
                 Ok(()) if !close => {}
-                _ => return Served::Done,
+                Ok(()) => return Served::Done,
+                Err(e) => {
+                    // Before the client got anything it can still be told;
+                    // after, cutting the connection is the only way to say
+                    // the body is not whole.
+                    tracing::warn!(error = %e, "relaying the upstream's answer failed");
+                    self.up = None;
+                    if !self.answered {
+                        let _ = self.answer_local(Rejection::Upstream, true).await;
+                    }
+                    return Served::Done;
+                }
             }
         }
     }
@@ -589,14 +604,17 @@ impl NativeConn<'_> {
         up.buf.advance(response.len);
         let client = &mut self.client;
         let out = &mut self.out;
+        let answered = &mut self.answered;
         let done = match response.framing {
             Framing::Empty => {
+                *answered = true;
                 client.write_all(out).await?;
                 true
             }
             Framing::Length(n) => {
                 let mut left = n;
                 let now = (up.buf.len() as u64).min(left) as usize;
+                *answered = true;
                 if now <= 16 * 1024 {
                     out.extend_from_slice(&up.buf[..now]);
                     client.write_all(out).await?;
@@ -625,6 +643,7 @@ impl NativeConn<'_> {
                     let end = scan.scan(&up.buf)?;
                     let now = end.unwrap_or(up.buf.len());
                     if first {
+                        *answered = true;
                         out.extend_from_slice(&up.buf[..now]);
                         client.write_all(out).await?;
                         first = false;
@@ -643,6 +662,7 @@ impl NativeConn<'_> {
                 true
             }
             Framing::Close => {
+                *answered = true;
                 client.write_all(out).await?;
                 loop {
                     if !up.buf.is_empty() {

@@ -1,0 +1,495 @@
+//! The native HTTP/1.1 path of the HTTP front end, byte for byte: request
+//! heads rewritten for the upstream (hop-by-hop fields, `Host` and the
+//! credentials replaced, everything else kept in order), every response
+//! framing relayed exactly (content-length, chunked with extensions and
+//! trailers, close-delimited, HEAD, 204, interim 1xx), pipelined requests,
+//! malformed upstream answers, and the hand-over to the hyper path for the
+//! requests the native path does not take (chunked or `Expect` uploads,
+//! HTTP/1.0, oversized heads). Raw sockets on both sides, so that nothing
+//! a client or server library would smooth over goes unseen.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::h1::{H1Fault, RawH1Upstream};
+use support::harness::{basic, Env};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const GRACE: Duration = Duration::from_secs(5);
+
+/// authswap in front of `upstream`, alice linked.
+async fn proxy_to(env: &Env, upstream: &RawH1Upstream) -> authswap::server::Server {
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let url = upstream.url();
+    env.serve_with(move |c| {
+        c.http.upstream = url;
+        c.http.header_read_timeout = Duration::from_millis(800);
+    })
+    .await
+}
+
+fn auth() -> String {
+    basic("alice", "pw-alice-123")
+}
+
+/// A request with alice's credentials and `extra` header lines.
+fn request(method: &str, path: &str, extra: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: legacy.local\r\nAuthorization: {}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        auth(),
+        body.len()
+    )
+}
+
+/// A raw client connection.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &str) {
+        self.stream
+            .write_all(bytes.as_bytes())
+            .await
+            .expect("write");
+    }
+
+    /// Reads until `buf` holds `marker`; returns everything up to and
+    /// including it.
+    async fn until(&mut self, marker: &str) -> String {
+        let work = async {
+            loop {
+                if let Some(i) = find(&self.buf, marker.as_bytes()) {
+                    let end = i + marker.len();
+                    let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                    self.buf.drain(..end);
+                    return text;
+                }
+                let mut chunk = [0u8; 8192];
+                let n = self.stream.read(&mut chunk).await.expect("read");
+                assert!(
+                    n > 0,
+                    "closed before {marker:?}; got {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .expect("answered in time")
+    }
+
+    /// Reads one response with a `Content-Length` body: (head, body).
+    async fn response(&mut self) -> (String, String) {
+        let head = self.until("\r\n\r\n").await;
+        let length: usize = field(&head, "content-length")
+            .map(|v| v.parse().expect("length"))
+            .unwrap_or(0);
+        let work = async {
+            while self.buf.len() < length {
+                let mut chunk = [0u8; 8192];
+                let n = self.stream.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed inside a body");
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .expect("body in time");
+        let body = String::from_utf8_lossy(&self.buf[..length]).into_owned();
+        self.buf.drain(..length);
+        (head, body)
+    }
+
+    /// Everything until authswap closes the connection.
+    async fn rest(&mut self) -> String {
+        let mut rest = std::mem::take(&mut self.buf);
+        tokio::time::timeout(Duration::from_secs(10), self.stream.read_to_end(&mut rest))
+            .await
+            .expect("closed in time")
+            .expect("read");
+        String::from_utf8_lossy(&rest).into_owned()
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A header field's value in a head (first match, any case).
+fn field(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+fn status(head: &str) -> u16 {
+    head[9..12].parse().expect("status code")
+}
+
+#[tokio::test]
+async fn request_heads_reach_the_upstream_rewritten_and_pipelined_requests_in_order() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let mut c = Raw::connect(server.http_addr().unwrap()).await;
+    // Two requests in one write, with hop-by-hop fields of every kind.
+    let first = request(
+        "POST",
+        "/EWS/Exchange.asmx?a=1&b=%20",
+        "X-First: 1\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic c2VjcmV0\r\nTE: trailers\r\nSOAPAction: \"urn:GetFolder\"\r\nX-Last: 2\r\n",
+        "<soap/>",
+    );
+    let second = request("GET", "/second", "", "");
+    c.send(&format!("{first}{second}")).await;
+    let (h1, b1) = c.response().await;
+    let (h2, b2) = c.response().await;
+    assert_eq!((status(&h1), status(&h2)), (200, 200));
+    assert_eq!(b1, "connection 1 request 1\n");
+    assert_eq!(b2, "connection 1 request 2\n");
+
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].target, "/EWS/Exchange.asmx?a=1&b=%20");
+    assert_eq!(seen[0].body, b"<soap/>");
+    let head = &seen[0].head;
+    let bearer = seen[0].authorization.clone().unwrap();
+    assert!(bearer.starts_with("Bearer at-"), "{bearer}");
+    assert!(env.idp.is_access_token_valid(&bearer[7..]).is_some());
+    assert_eq!(field(head, "host").as_deref(), Some(&up.url()[8..]));
+    for gone in ["connection", "keep-alive", "proxy-authorization", "te"] {
+        assert_eq!(
+            field(head, gone),
+            None,
+            "{gone} reached the upstream: {head}"
+        );
+    }
+    assert!(
+        !head.contains("Basic"),
+        "no Basic credentials upstream: {head}"
+    );
+    // The other fields arrive as sent: same case, same order.
+    let x_first = head.find("X-First: 1\r\n").expect("X-First");
+    let soap = head
+        .find("SOAPAction: \"urn:GetFolder\"\r\n")
+        .expect("SOAPAction");
+    let x_last = head.find("X-Last: 2\r\n").expect("X-Last");
+    assert!(x_first < soap && soap < x_last, "{head}");
+    assert_eq!(field(head, "content-length").as_deref(), Some("7"));
+    assert_eq!(seen[1].method, "GET");
+    assert_eq!(seen[1].connection, 1);
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn every_response_framing_is_relayed_exactly() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let addr = server.http_addr().unwrap();
+    let mut c = Raw::connect(addr).await;
+
+    // Chunked, with an extension and a trailer: relayed as framed.
+    let chunked = "5;name=x\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: 42\r\n\r\n";
+    up.script(
+        format!("HTTP/1.1 200 Fine\r\nTransfer-Encoding: chunked\r\nConnection: X-Private\r\nX-Private: drop\r\nKeep-Alive: timeout=9\r\nX-Kept: yes\r\n\r\n{chunked}"),
+        false,
+    );
+    c.send(&request("GET", "/chunked", "", "")).await;
+    let head = c.until("\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200 Fine\r\n"), "{head}");
+    assert_eq!(
+        field(&head, "transfer-encoding").as_deref(),
+        Some("chunked")
+    );
+    assert_eq!(field(&head, "x-kept").as_deref(), Some("yes"));
+    for gone in ["x-private", "keep-alive", "connection"] {
+        assert_eq!(
+            field(&head, gone),
+            None,
+            "{gone} reached the client: {head}"
+        );
+    }
+    assert_eq!(c.until("X-Checksum: 42\r\n\r\n").await, chunked);
+
+    // HEAD: the length is announced, no body follows.
+    up.script("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false);
+    c.send(&request("HEAD", "/head", "", "")).await;
+    let head = c.until("\r\n\r\n").await;
+    assert_eq!(field(&head, "content-length").as_deref(), Some("1000"));
+
+    // Interim 100 skipped, then 204 without a body.
+    up.script(
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nX-After: 1\r\n\r\n",
+        false,
+    );
+    c.send(&request("DELETE", "/item", "", "")).await;
+    let head = c.until("\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{head}");
+    assert_eq!(field(&head, "x-after").as_deref(), Some("1"));
+
+    // An HTTP/1.0 upstream answer keeps its length and is relayed as 1.1.
+    up.script(
+        "HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+        false,
+    );
+    c.send(&request("GET", "/ten", "", "")).await;
+    let (head, body) = c.response().await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(body, "ok");
+
+    // The same client connection is still in use (HEAD and 204 left no
+    // stray bytes), and so is the upstream's.
+    let (head, body) = c.response_to(&request("GET", "/plain", "", "")).await;
+    assert_eq!(status(&head), 200);
+    assert!(body.starts_with("connection 1 request "), "{body}");
+
+    // Close-delimited: the client is told, gets every byte, then the close.
+    up.script(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        true,
+    );
+    c.send(&request("GET", "/close", "", "")).await;
+    let rest = c.rest().await;
+    let (head, body) = rest.split_once("\r\n\r\n").unwrap();
+    assert_eq!(field(head, "connection").as_deref(), Some("close"));
+    assert_eq!(body, "until the end");
+
+    // A new client connection is served on a new upstream connection.
+    let mut c = Raw::connect(addr).await;
+    let (head, _) = c.response_to(&request("GET", "/again", "", "")).await;
+    assert_eq!(status(&head), 200);
+    assert_eq!(up.connections(), 2);
+    server.shutdown(GRACE).await;
+}
+
+impl Raw {
+    async fn response_to(&mut self, req: &str) -> (String, String) {
+        self.send(req).await;
+        self.response().await
+    }
+}
+
+#[tokio::test]
+async fn malformed_upstream_answers_get_502_or_a_cut_connection() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let addr = server.http_addr().unwrap();
+
+    // Not HTTP at all: 502, and the client connection stays usable.
+    let mut c = Raw::connect(addr).await;
+    up.script("SSH-2.0-OpenSSH\r\n\r\n", true);
+    let (head, body) = c.response_to(&request("GET", "/garbage", "", "")).await;
+    assert_eq!(status(&head), 502, "{head}{body}");
+    let (head, _) = c.response_to(&request("GET", "/fine", "", "")).await;
+    assert_eq!(status(&head), 200);
+
+    // Two different lengths: 502.
+    up.script(
+        "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        false,
+    );
+    let (head, _) = c.response_to(&request("GET", "/lengths", "", "")).await;
+    assert_eq!(status(&head), 502);
+
+    // Broken chunked framing seen before anything went to the client: 502,
+    // and the connection is closed (its upstream state is unknown).
+    up.script(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX",
+        false,
+    );
+    c.send(&request("GET", "/broken", "", "")).await;
+    let rest = c.rest().await;
+    assert!(rest.starts_with("HTTP/1.1 502"), "{rest}");
+
+    // Seen after the head and some data went out: the client's connection
+    // is cut, so it cannot take a truncated body for a whole one.
+    let mut c = Raw::connect(addr).await;
+    up.script(
+        format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n30d40\r\n{}XX",
+            "a".repeat(200_000)
+        ),
+        false,
+    );
+    c.send(&request("GET", "/broken-later", "", "")).await;
+    let rest = c.rest().await;
+    assert!(
+        rest.starts_with("HTTP/1.1 200 OK\r\n"),
+        "{}",
+        &rest[..rest.len().min(100)]
+    );
+    assert!(rest.len() < 200_100 && !rest.ends_with("0\r\n\r\n"));
+
+    // The upstream closing in the middle of a length-delimited body: cut too.
+    let mut c = Raw::connect(addr).await;
+    up.script(
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this",
+        true,
+    );
+    c.send(&request("GET", "/short", "", "")).await;
+    let rest = c.rest().await;
+    assert!(rest.ends_with("only this"), "{rest}");
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn other_requests_are_handed_to_the_hyper_path_on_the_same_connection() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let addr = server.http_addr().unwrap();
+    let mut c = Raw::connect(addr).await;
+    // Native first, then a chunked upload: the connection moves to hyper
+    // with the bytes already read, and the next request is served too.
+    let (head, _) = c.response_to(&request("GET", "/native", "", "")).await;
+    assert_eq!(status(&head), 200);
+    let chunked = format!(
+        "POST /chunked HTTP/1.1\r\nHost: legacy\r\nAuthorization: {}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        auth()
+    );
+    c.send(&format!("{chunked}{}", request("GET", "/after", "", "")))
+        .await;
+    let (head, _) = c.response().await;
+    assert_eq!(status(&head), 200, "{head}");
+    let (head, _) = c.response().await;
+    assert_eq!(status(&head), 200, "{head}");
+    let seen = up.requests();
+    let targets: Vec<&str> = seen.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(targets, ["/native", "/chunked", "/after"]);
+    assert_eq!(seen[1].body, b"abcdefg");
+
+    // Expect: 100-continue gets its interim answer from hyper.
+    let mut c = Raw::connect(addr).await;
+    c.send(&format!(
+        "PUT /expect HTTP/1.1\r\nHost: legacy\r\nAuthorization: {}\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+        auth()
+    ))
+    .await;
+    let interim = c.until("\r\n\r\n").await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    c.send("body").await;
+    let (head, _) = c.response().await;
+    assert_eq!(status(&head), 200);
+    assert_eq!(up.requests().last().unwrap().body, b"body");
+
+    // HTTP/1.0 is served (by hyper), and closed after its answer.
+    let mut c = Raw::connect(addr).await;
+    c.send(&format!(
+        "GET /old HTTP/1.0\r\nAuthorization: {}\r\n\r\n",
+        auth()
+    ))
+    .await;
+    let rest = c.rest().await;
+    assert!(rest.starts_with("HTTP/1.0 200 OK\r\n"), "{rest}");
+
+    // A head over max_header_bytes: 431 from hyper, nothing upstream.
+    let before = up.requests().len();
+    let mut c = Raw::connect(addr).await;
+    let huge = format!("X-Big: {}\r\n", "a".repeat(70 * 1024));
+    c.send(&request("GET", "/huge", &huge, "")).await;
+    let rest = c.rest().await;
+    assert!(
+        rest.starts_with("HTTP/1.1 431"),
+        "{}",
+        &rest[..rest.len().min(200)]
+    );
+    assert_eq!(up.requests().len(), before);
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn local_answers_keep_or_close_the_connection_as_asked() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let addr = server.http_addr().unwrap();
+    let mut c = Raw::connect(addr).await;
+    // A wrong password: 401 with the challenge; the body was consumed, so
+    // the next request on the connection works.
+    let wrong = format!(
+        "POST /x HTTP/1.1\r\nHost: l\r\nAuthorization: {}\r\nContent-Length: 5\r\n\r\nhello",
+        basic("alice", "wrong")
+    );
+    let (head, body) = c.response_to(&wrong).await;
+    assert_eq!(status(&head), 401);
+    assert!(field(&head, "www-authenticate")
+        .unwrap()
+        .starts_with("Basic realm=\"authswap\""));
+    assert_eq!(body, "authentication failed\n");
+    let (head, _) = c.response_to(&request("GET", "/ok", "", "")).await;
+    assert_eq!(status(&head), 200);
+    assert!(up.requests().iter().all(|r| r.target != "/x"));
+
+    // Connection: close is honoured after a forwarded answer.
+    c.send(&request("GET", "/last", "Connection: close\r\n", ""))
+        .await;
+    let rest = c.rest().await;
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"));
+    assert_eq!(
+        field(rest.split("\r\n\r\n").next().unwrap(), "connection").as_deref(),
+        Some("close")
+    );
+
+    // A body that stops arriving: 408 after the header timeout, then close.
+    let mut c = Raw::connect(addr).await;
+    c.send(&format!(
+        "POST /slow HTTP/1.1\r\nHost: l\r\nAuthorization: {}\r\nContent-Length: 10\r\n\r\nhalf",
+        auth()
+    ))
+    .await;
+    let rest = c.rest().await;
+    assert!(rest.starts_with("HTTP/1.1 408"), "{rest}");
+    assert!(up.requests().iter().all(|r| r.target != "/slow"));
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_native_request_finish_and_closes_idle_connections() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let addr = server.http_addr().unwrap();
+    let mut idle = Raw::connect(addr).await;
+    let (head, _) = idle.response_to(&request("GET", "/warm", "", "")).await;
+    assert_eq!(status(&head), 200);
+    // The next request has to wait a second for a new token.
+    let alice = server.app().directory.get("alice").unwrap();
+    server.app().tokens.forget(alice.id);
+    env.idp.set_delay(Duration::from_secs(1));
+    let mut busy = Raw::connect(addr).await;
+    busy.send(&request("GET", "/in-flight", "", "")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = tokio::spawn(server.shutdown(GRACE));
+    // The idle connection is closed without an answer...
+    assert_eq!(idle.rest().await, "");
+    // ...the request in flight is answered, and its connection closed.
+    let rest = busy.rest().await;
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
+    assert_eq!(
+        field(rest.split("\r\n\r\n").next().unwrap(), "connection").as_deref(),
+        Some("close")
+    );
+    assert_eq!(up.requests().last().unwrap().target, "/in-flight");
+    tokio::time::timeout(Duration::from_secs(10), stop)
+        .await
+        .expect("shutdown finished")
+        .unwrap();
+}
