@@ -3,9 +3,9 @@
 //! credentials replaced, everything else kept in order), every response
 //! framing relayed exactly (content-length, chunked with extensions and
 //! trailers, close-delimited, HEAD, 204, interim 1xx), pipelined requests,
-//! malformed upstream answers, and the hand-over to the hyper path for the
-//! requests the native path does not take (chunked or `Expect` uploads,
-//! HTTP/1.0, oversized heads). Raw sockets on both sides, so that nothing
+//! malformed upstream answers, `Expect: 100-continue`, and the hand-over to
+//! the hyper path for the requests the native path does not take (chunked
+//! uploads, HTTP/1.0, oversized heads). Raw sockets on both sides, so that nothing
 //! a client or server library would smooth over goes unseen.
 
 mod support;
@@ -228,6 +228,16 @@ async fn every_response_framing_is_relayed_exactly() {
     }
     assert_eq!(c.until("X-Checksum: 42\r\n\r\n").await, chunked);
 
+    // A length beside a transfer coding is not the message's: dropped.
+    up.script(
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        false,
+    );
+    c.send(&request("GET", "/both", "", "")).await;
+    let head = c.until("\r\n\r\n").await;
+    assert_eq!(field(&head, "content-length"), None, "{head}");
+    assert_eq!(c.until("0\r\n\r\n").await, "3\r\nabc\r\n0\r\n\r\n");
+
     // HEAD: the length is announced, no body follows.
     up.script("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false);
     c.send(&request("HEAD", "/head", "", "")).await;
@@ -376,20 +386,6 @@ async fn other_requests_are_handed_to_the_hyper_path_on_the_same_connection() {
     assert_eq!(targets, ["/native", "/chunked", "/after"]);
     assert_eq!(seen[1].body, b"abcdefg");
 
-    // Expect: 100-continue gets its interim answer from hyper.
-    let mut c = Raw::connect(addr).await;
-    c.send(&format!(
-        "PUT /expect HTTP/1.1\r\nHost: legacy\r\nAuthorization: {}\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
-        auth()
-    ))
-    .await;
-    let interim = c.until("\r\n\r\n").await;
-    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
-    c.send("body").await;
-    let (head, _) = c.response().await;
-    assert_eq!(status(&head), 200);
-    assert_eq!(up.requests().last().unwrap().body, b"body");
-
     // HTTP/1.0 is served (by hyper), and closed after its answer.
     let mut c = Raw::connect(addr).await;
     c.send(&format!(
@@ -492,4 +488,46 @@ async fn shutdown_lets_a_native_request_finish_and_closes_idle_connections() {
         .await
         .expect("shutdown finished")
         .unwrap();
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_after_the_credentials_are_checked() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let addr = server.http_addr().unwrap();
+    let put = |auth: &str| {
+        format!(
+            "PUT /expect HTTP/1.1\r\nHost: legacy\r\nAuthorization: {auth}\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+        )
+    };
+    // Good credentials: 100 Continue, then the body goes upstream (without
+    // the expectation, which was met here).
+    let mut c = Raw::connect(addr).await;
+    c.send(&put(&auth())).await;
+    let interim = c.until("\r\n\r\n").await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    c.send("body").await;
+    let (head, _) = c.response().await;
+    assert_eq!(status(&head), 200);
+    let seen = up.requests();
+    assert_eq!(seen.last().unwrap().body, b"body");
+    assert_eq!(field(&seen.last().unwrap().head, "expect"), None);
+    // The connection goes on.
+    let (head, _) = c.response_to(&request("GET", "/next", "", "")).await;
+    assert_eq!(status(&head), 200);
+
+    // Wrong credentials: 401 at once, no 100, and the connection closes
+    // (the client may or may not send the body it was not asked for).
+    let mut c = Raw::connect(addr).await;
+    c.send(&put(&basic("alice", "wrong"))).await;
+    let rest = c.rest().await;
+    assert!(rest.starts_with("HTTP/1.1 401"), "{rest}");
+    assert!(!rest.contains("100 Continue"));
+    assert_eq!(
+        field(rest.split("\r\n\r\n").next().unwrap(), "connection").as_deref(),
+        Some("close")
+    );
+    assert_eq!(up.requests().len(), seen.len() + 1);
+    server.shutdown(GRACE).await;
 }

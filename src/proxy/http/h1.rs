@@ -10,10 +10,12 @@
 //!
 //! Only HTTP/1.1 requests with no body or a `Content-Length` body up to
 //! `replay_buffer_limit` take this path; the body is buffered, so a 401 is
-//! replayed byte-identical after a refresh. Anything else (chunked or large
-//! bodies, `Expect`, `Upgrade`, HTTP/1.0, a head this parser refuses, an
-//! upstream that speaks HTTP/2) hands the connection, with the bytes read so
-//! far, to the hyper path, which serves it from there on.
+//! replayed byte-identical after a refresh (`Expect: 100-continue` is
+//! answered once the credentials are checked). Anything else (chunked or
+//! large bodies, other expectations, `Upgrade`, HTTP/1.0, a head this
+//! parser refuses, an upstream that speaks HTTP/2) hands the connection,
+//! with the bytes read so far, to the hyper path, which serves it from
+//! there on.
 
 use super::{HttpProxy, LazyTimer, Rejection};
 use crate::identity::ConnectionMemo;
@@ -58,6 +60,9 @@ struct Head {
     /// `Authorization` value, as offsets into the head.
     authorization: Option<(usize, usize)>,
     close: bool,
+    /// `Expect: 100-continue`: the client waits for an interim answer
+    /// before it sends the body.
+    expect_continue: bool,
     idempotent: bool,
     head_method: bool,
 }
@@ -184,12 +189,56 @@ impl NativeConn<'_> {
                     _ => return Served::Done,
                 }
             };
-            // Its body (at most the replay limit), at the pace the head had to keep.
-            let total = head.len + head.content_length;
-            if self.cbuf.len() < total {
-                self.cbuf.reserve(total - self.cbuf.len());
+            let request = self.cbuf.split_to(head.len).freeze();
+            // Which protocol the upstream picks is learnt on its first
+            // connection: before this request is acted on, so that an
+            // HTTP/2 upstream gets it through the hyper path, untouched.
+            if self.up.is_none() && !proxy.upstreams.speaks_http1() {
+                match Box::pin(proxy.upstreams.connect()).await {
+                    Ok(Some(io)) => self.up = Some(Up::new(io)),
+                    Ok(None) => return self.handover(request),
+                    // Reported when the request is sent.
+                    Err(_) => {}
+                }
             }
-            while self.cbuf.len() < total {
+            let authorization = head.authorization.map(|(a, b)| &request[a..b]);
+            let checked = match proxy.identify(authorization, peer, &self.memo).await {
+                Ok(identity) => match proxy.token(&identity).await {
+                    Ok(token) => Ok((identity, token)),
+                    Err(rejection) => Err(rejection),
+                },
+                Err(rejection) => Err(rejection),
+            };
+            let (identity, token) = match checked {
+                Ok(v) => v,
+                Err(rejection) => {
+                    // Refused before the body was needed: skip it when it
+                    // is here, else close rather than wait for it.
+                    let here = self.cbuf.len() >= head.content_length;
+                    if here {
+                        self.cbuf.advance(head.content_length);
+                    }
+                    match self.answer_local(rejection, head.close || !here).await {
+                        Ok(true) => continue,
+                        _ => return Served::Done,
+                    }
+                }
+            };
+            // The body (at most the replay limit), at the pace the head had
+            // to keep; a client waiting for 100 Continue is sent it.
+            if self.cbuf.len() < head.content_length {
+                if head.expect_continue
+                    && self
+                        .client
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await
+                        .is_err()
+                {
+                    return Served::Done;
+                }
+                self.cbuf.reserve(head.content_length - self.cbuf.len());
+            }
+            while self.cbuf.len() < head.content_length {
                 let due = tokio::time::Instant::now() + limit;
                 match timed(&mut self.idle, due, self.client.read_buf(&mut self.cbuf)).await {
                     Some(Ok(n)) if n > 0 => {}
@@ -200,35 +249,7 @@ impl NativeConn<'_> {
                     }
                 }
             }
-            // Which protocol the upstream picks is learnt on its first
-            // connection: before this request is acted on, so that an
-            // HTTP/2 upstream gets it through the hyper path, untouched.
-            if self.up.is_none() && !proxy.upstreams.speaks_http1() {
-                match Box::pin(proxy.upstreams.connect()).await {
-                    Ok(Some(io)) => self.up = Some(Up::new(io)),
-                    Ok(None) => return self.handover(Bytes::new()),
-                    // Reported when the request is sent.
-                    Err(_) => {}
-                }
-            }
-            let request = self.cbuf.split_to(head.len).freeze();
             let body = self.cbuf.split_to(head.content_length).freeze();
-            let authorization = head.authorization.map(|(a, b)| &request[a..b]);
-
-            let identity = match proxy.identify(authorization, peer, &self.memo).await {
-                Ok(identity) => identity,
-                Err(rejection) => match self.answer_local(rejection, head.close).await {
-                    Ok(true) => continue,
-                    _ => return Served::Done,
-                },
-            };
-            let token = match proxy.token(&identity).await {
-                Ok(token) => token,
-                Err(rejection) => match self.answer_local(rejection, head.close).await {
-                    Ok(true) => continue,
-                    _ => return Served::Done,
-                },
-            };
 
             let started = Instant::now();
             let mut response = self.exchange_timed(&token, &body, &head, started).await;
@@ -341,6 +362,7 @@ impl NativeConn<'_> {
         let mut content_length: Option<usize> = None;
         let mut authorization = None;
         let mut close = false;
+        let mut expect_continue = false;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             match request_header(name) {
@@ -351,6 +373,15 @@ impl NativeConn<'_> {
                 }
                 ReqHeader::Drop => continue,
                 ReqHeader::Fallback => return Parse::Fallback,
+                ReqHeader::Expect => {
+                    // The only expectation there is (RFC 9110 §10.1.1);
+                    // hyper's path answers others with 417.
+                    if !h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                        return Parse::Fallback;
+                    }
+                    expect_continue = true;
+                    continue;
+                }
                 ReqHeader::Connection => {
                     for token in h.value.split(|&b| b == b',') {
                         let token = token.trim_ascii();
@@ -398,6 +429,7 @@ impl NativeConn<'_> {
             content_length,
             authorization,
             close,
+            expect_continue,
             idempotent,
             head_method: method == "HEAD",
         })
@@ -625,7 +657,7 @@ impl NativeConn<'_> {
                 up.buf.advance(now);
                 left -= now as u64;
                 while left > 0 {
-                    reserve(&mut up.buf);
+                    reserve_body(&mut up.buf, left);
                     if up.io.read_buf(&mut up.buf).await? == 0 {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
@@ -654,7 +686,7 @@ impl NativeConn<'_> {
                     if end.is_some() {
                         break;
                     }
-                    reserve(&mut up.buf);
+                    reserve_body(&mut up.buf, scan.left);
                     if up.io.read_buf(&mut up.buf).await? == 0 {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
@@ -669,7 +701,7 @@ impl NativeConn<'_> {
                         client.write_all(&up.buf).await?;
                         up.buf.clear();
                     }
-                    reserve(&mut up.buf);
+                    reserve_body(&mut up.buf, u64::MAX);
                     if up.io.read_buf(&mut up.buf).await? == 0 {
                         break;
                     }
@@ -808,6 +840,12 @@ fn rewrite_response_head(head: &[u8], close: bool, out: &mut Vec<u8>) -> io::Res
     out.extend_from_slice(b"HTTP/1.1");
     out.extend_from_slice(line.get(8..).ok_or_else(bad)?);
     out.extend_from_slice(b"\r\n");
+    // With a transfer coding the length is not the message's (RFC 9112
+    // §6.3): passing both on would invite request smuggling downstream.
+    let coded = res
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
     let named: Vec<&[u8]> = res
         .headers
         .iter()
@@ -818,7 +856,10 @@ fn rewrite_response_head(head: &[u8], close: bool, out: &mut Vec<u8>) -> io::Res
         .collect();
     for h in res.headers.iter() {
         let name = h.name.as_bytes();
-        if response_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+        if response_hop_by_hop(name)
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+            || (coded && name.eq_ignore_ascii_case(b"content-length"))
+        {
             continue;
         }
         out.extend_from_slice(name);
@@ -852,6 +893,7 @@ enum ReqHeader {
     Authorization,
     Connection,
     ContentLength,
+    Expect,
     Fallback,
 }
 
@@ -862,7 +904,7 @@ fn request_header(name: &[u8]) -> ReqHeader {
     match name.len() {
         4 if is(b"host") => ReqHeader::Drop,
         2 if is(b"te") => ReqHeader::Drop,
-        6 if is(b"expect") => ReqHeader::Fallback,
+        6 if is(b"expect") => ReqHeader::Expect,
         7 if is(b"upgrade") => ReqHeader::Fallback,
         7 if is(b"trailer") => ReqHeader::Drop,
         10 if is(b"connection") => ReqHeader::Connection,
@@ -889,11 +931,26 @@ fn offset(base: &[u8], part: &[u8]) -> usize {
     part.as_ptr() as usize - base.as_ptr() as usize
 }
 
-/// Room to read into, reusing the buffer's allocation once what was split
-/// off it is gone.
+/// Room to read a head into, reusing the buffer's allocation once what was
+/// split off it is gone, but not one that a large body made large: an idle
+/// connection holds 8 KiB, not its largest body.
 fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(8192);
+        if buf.capacity() > 64 * 1024 && buf.len() <= 8192 {
+            let mut fresh = BytesMut::with_capacity(8192);
+            fresh.extend_from_slice(buf);
+            *buf = fresh;
+        }
+    }
+}
+
+/// Room for a body of which `left` bytes are still to come: reads of up
+/// to 64 KiB for large bodies.
+fn reserve_body(buf: &mut BytesMut, left: u64) {
+    let want = (left.min(64 * 1024) as usize).max(1024);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want.max(8192));
     }
 }
 
