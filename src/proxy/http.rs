@@ -3,7 +3,10 @@
 //! up to `replay_buffer_limit` are buffered so a request refused with 401 can
 //! be replayed byte-identical once after a refresh; larger bodies stream.
 //! Every other upstream answer (throttling included) passes through.
-//! HTTP/1.1 client connections reach an HTTP/1.1 upstream through their own
+//! HTTP/1.1 client connections start on the native relay (`http/h1.rs`), which
+//! takes the common request and hands the connection to the hyper-based
+//! path here for anything else. On this path, HTTP/1.1 client connections
+//! reach an HTTP/1.1 upstream through their own
 //! [`Lane`] (see [`super::upstream`]); HTTP/2 clients, and every client when
 //! the upstream chose HTTP/2, go through the shared pooled client. Each
 //! client [`Connection`] also keeps what it last proved (a keyed hash, so a

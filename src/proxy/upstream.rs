@@ -8,7 +8,8 @@
 //! warm. A request that meets an upstream connection closed while idle is
 //! re-sent on another one when hyper hands it back unsent. An upstream
 //! that picks HTTP/2 by ALPN is left to the shared pooled client, which
-//! multiplexes every client over one connection.
+//! multiplexes every client over one connection. The native HTTP/1.1
+//! relay (`proxy::http::h1`) dials and parks raw connections here too.
 
 use super::line::BoxIo;
 use crate::tls::{BoxError, OutBody};
