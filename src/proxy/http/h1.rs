@@ -126,6 +126,7 @@ impl HttpProxy {
             cbuf: BytesMut::with_capacity(8192),
             up: None,
             out: Vec::with_capacity(2048),
+            reply: Vec::with_capacity(1024),
             memo: ConnectionMemo::default(),
             idle: LazyTimer::new(tokio::time::Instant::now() + self.header_limit()),
             upstream_timer: None,
@@ -150,8 +151,10 @@ struct NativeConn<'a> {
     client: BoxIo,
     cbuf: BytesMut,
     up: Option<Up>,
-    /// Scratch: the upstream request head, then the client response head.
+    /// The upstream request head (kept for a replay); local answers.
     out: Vec<u8>,
+    /// The client's copy of the upstream's response head.
+    reply: Vec<u8>,
     memo: ConnectionMemo,
     idle: LazyTimer,
     upstream_timer: Option<LazyTimer>,
@@ -161,6 +164,14 @@ struct NativeConn<'a> {
 
 impl NativeConn<'_> {
     async fn run(&mut self, peer: SocketAddr, shutdown: &mut watch::Receiver<bool>) -> Served {
+        if *shutdown.borrow() {
+            return Served::Done;
+        }
+        // A cheap probe between requests, and one waiter for the
+        // connection's life (not one per request) to end an idle wait.
+        let probe = shutdown.clone();
+        let stopped = || probe.has_changed().unwrap_or(true);
+        let mut stop = std::pin::pin!(shutdown.changed());
         let proxy = self.proxy;
         let limit = proxy.header_limit();
         let max_head = proxy.app.config.http.max_header_bytes.as_usize().max(1024);
@@ -175,14 +186,14 @@ impl NativeConn<'_> {
                         Parse::Partial | Parse::Fallback => return self.handover(Bytes::new()),
                     }
                 }
-                if *shutdown.borrow() && self.cbuf.is_empty() {
+                if self.cbuf.is_empty() && stopped() {
                     return Served::Done;
                 }
                 reserve(&mut self.cbuf);
                 let read = tokio::select! {
                     biased;
                     r = timed(&mut self.idle, due, self.client.read_buf(&mut self.cbuf)) => r,
-                    _ = shutdown.changed(), if self.cbuf.is_empty() => return Served::Done,
+                    _ = stop.as_mut(), if self.cbuf.is_empty() => return Served::Done,
                 };
                 match read {
                     Some(Ok(n)) if n > 0 => {}
@@ -313,7 +324,7 @@ impl NativeConn<'_> {
                 .app
                 .metrics
                 .request(Protocol::http, Outcome::forwarded);
-            let close = head.close || *shutdown.borrow() || response.framing == Framing::Close;
+            let close = head.close || response.framing == Framing::Close || stopped();
             self.answered = false;
             match self.relay(&response, close).await {
                 Ok(()) if !close => {}
@@ -338,10 +349,12 @@ impl NativeConn<'_> {
     /// the final CRLF) into `out`.
     fn parse_request(&mut self) -> Parse {
         let proxy = self.proxy;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
+        // Uninitialised: zeroing 100 slots would cost more than parsing.
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
         let buf: &[u8] = &self.cbuf;
-        let len = match req.parse(buf) {
+        let len = match req.parse_with_uninit_headers(buf, &mut headers) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Parse::Partial,
             Err(_) => return Parse::Fallback,
@@ -563,7 +576,7 @@ impl NativeConn<'_> {
             }
             .await;
             let answer = match sent {
-                Ok(()) => read_response_head(&mut up, head.head_method).await,
+                Ok(()) => read_response_head(&mut up, head.head_method, &mut self.reply).await,
                 Err(e) => Err(ExchangeError::Io(e)),
             };
             match answer {
@@ -632,10 +645,10 @@ impl NativeConn<'_> {
         let Some(mut up) = self.up.take() else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        rewrite_response_head(&up.buf[..response.len], close, &mut self.out)?;
+        finish_response_head(&mut self.reply, close);
         up.buf.advance(response.len);
         let client = &mut self.client;
-        let out = &mut self.out;
+        let out = &mut self.reply;
         let answered = &mut self.answered;
         let done = match response.framing {
             Framing::Empty => {
@@ -732,10 +745,11 @@ impl Up {
 async fn read_response_head(
     up: &mut Up,
     head_request: bool,
+    out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, ExchangeError> {
     loop {
         if !up.buf.is_empty() {
-            match parse_response(&up.buf, head_request)? {
+            match parse_response(&up.buf, head_request, out)? {
                 Some(r) if (100..200).contains(&r.status) => {
                     if r.status == 101 {
                         return Err(ExchangeError::BadResponse);
@@ -764,11 +778,25 @@ async fn read_response_head(
     }
 }
 
-/// Parses a response head; `None` when incomplete.
-fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>, ExchangeError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut headers);
-    let len = match res.parse(buf) {
+/// Parses a response head (`None` when incomplete) and writes the
+/// client's copy of it into `out`, all but its end (see
+/// [`finish_response_head`]): an HTTP/1.1 status line with the upstream's
+/// code and reason, and the upstream's fields minus the hop-by-hop ones
+/// (and those its `Connection` names), keeping `Transfer-Encoding` (the
+/// body is relayed as framed) but not a `Content-Length` beside it.
+fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, ExchangeError> {
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(ExchangeError::BadResponse),
@@ -778,6 +806,8 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     let mut length: Option<u64> = None;
     let mut chunked = None;
     let mut close = http10;
+    // Fields the upstream's `Connection` names, beyond close/keep-alive.
+    let mut named: Vec<&[u8]> = Vec::new();
     for h in res.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             let n = parse_decimal(h.value).ok_or(ExchangeError::BadResponse)? as u64;
@@ -794,8 +824,12 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                    close = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    if http10 {
+                        close = false;
+                    }
+                } else if !token.is_empty() {
+                    named.push(token);
                 }
             }
         }
@@ -814,51 +848,25 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     if framing == Framing::Close {
         close = true;
     }
-    Ok(Some(ResponseHead {
-        status,
-        len,
-        framing,
-        close,
-    }))
-}
 
-/// The client's copy of a response head: HTTP/1.1 status line, the
-/// upstream's fields minus hop-by-hop ones (and those its `Connection`
-/// names) except `Transfer-Encoding` (the body is relayed as framed),
-/// `connection: close` when the client connection ends after it.
-fn rewrite_response_head(head: &[u8], close: bool, out: &mut Vec<u8>) -> io::Result<()> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "response head");
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut headers);
-    res.parse(head).map_err(|_| bad())?;
-    let status = res.code.ok_or_else(bad)?;
-    let _ = status;
     // "HTTP/1.x" becomes "HTTP/1.1"; the code and reason stay as sent.
-    let line = head.iter().position(|&b| b == b'\n').ok_or_else(bad)?;
-    let line = head[..line].strip_suffix(b"\r").unwrap_or(&head[..line]);
+    let line = buf[..len]
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or(ExchangeError::BadResponse)?;
+    let line = buf[..line].strip_suffix(b"\r").unwrap_or(&buf[..line]);
     out.clear();
     out.extend_from_slice(b"HTTP/1.1");
-    out.extend_from_slice(line.get(8..).ok_or_else(bad)?);
+    out.extend_from_slice(line.get(8..).ok_or(ExchangeError::BadResponse)?);
     out.extend_from_slice(b"\r\n");
     // With a transfer coding the length is not the message's (RFC 9112
     // §6.3): passing both on would invite request smuggling downstream.
-    let coded = res
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
-    let named: Vec<&[u8]> = res
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|n| !n.is_empty())
-        .collect();
+    let coded = chunked.is_some();
     for h in res.headers.iter() {
         let name = h.name.as_bytes();
         if response_hop_by_hop(name)
-            || named.iter().any(|n| n.eq_ignore_ascii_case(name))
             || (coded && name.eq_ignore_ascii_case(b"content-length"))
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name))
         {
             continue;
         }
@@ -867,11 +875,21 @@ fn rewrite_response_head(head: &[u8], close: bool, out: &mut Vec<u8>) -> io::Res
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
     }
+    Ok(Some(ResponseHead {
+        status,
+        len,
+        framing,
+        close,
+    }))
+}
+
+/// Ends the client's copy of a response head, with `connection: close`
+/// when the client connection ends after it.
+fn finish_response_head(out: &mut Vec<u8>, close: bool) {
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(())
 }
 
 fn response_hop_by_hop(name: &[u8]) -> bool {
@@ -921,10 +939,12 @@ fn request_header(name: &[u8]) -> ReqHeader {
 /// A strict decimal (digits only, no sign, no overflow).
 fn parse_decimal(v: &[u8]) -> Option<usize> {
     let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() || v.len() > 18 {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    v.iter().try_fold(0usize, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + usize::from(b - b'0'))
+    })
 }
 
 fn offset(base: &[u8], part: &[u8]) -> usize {
@@ -1206,7 +1226,7 @@ mod tests {
     #[test]
     fn response_framing_follows_rfc_9112() {
         let f = |head: &str, head_req: bool| {
-            parse_response(head.as_bytes(), head_req)
+            parse_response(head.as_bytes(), head_req, &mut Vec::new())
                 .ok()
                 .flatten()
                 .map(|r| (r.framing, r.close))
@@ -1260,23 +1280,31 @@ mod tests {
             Some((Framing::Length(1), true))
         );
         assert_eq!(f("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n", false), None);
+        let mut out = Vec::new();
         assert!(parse_response(
             b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
-            false
+            false,
+            &mut out
         )
         .is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", false).is_err());
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            false,
+            &mut out
+        )
+        .is_err());
     }
 
     #[test]
     fn response_heads_lose_hop_by_hop_fields() {
         let mut out = Vec::new();
-        rewrite_response_head(
-            b"HTTP/1.1 200 Fine\r\nConnection: x-private, keep-alive\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\n\r\n",
-            true,
-            &mut out,
-        )
-        .unwrap();
+        let head = b"HTTP/1.0 200 Fine\r\nConnection: x-private, keep-alive\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\n\r\n";
+        let r = parse_response(head, false, &mut out).unwrap().unwrap();
+        assert_eq!(
+            (r.len, r.framing, r.close),
+            (head.len(), Framing::Chunked, false)
+        );
+        finish_response_head(&mut out, true);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 Fine\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\nconnection: close\r\n\r\n"
