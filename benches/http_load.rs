@@ -2,9 +2,10 @@
 //! (plain HTTP and TLS) reached (a) directly with a Bearer token, (b) through
 //! authswap with Basic credentials, (c) through nginx injecting a static
 //! `Authorization: Bearer` header, and two bare hyper proxies that show
-//! what the stack itself costs: hyper-naive (the pooled client authswap
-//! uses) and hyper-affinity (one upstream connection per client connection,
-//! in the same task). Closed-loop keep-alive load at 1, 16 and
+//! what a hyper-based proxy costs at the least: hyper-naive (the pooled
+//! client authswap's hyper path uses) and hyper-affinity (one upstream
+//! connection per client connection, in the same task). authswap serves
+//! these requests on its native HTTP/1.1 path. Closed-loop keep-alive load at 1, 16 and
 //! 64 connections from a small hyper load generator; req/s, p50, p99, p99.9
 //! and the ratios authswap/direct and authswap/nginx.
 //!
@@ -709,7 +710,7 @@ async fn run() {
         proxy.stop().await;
     }
     table.note(format!(
-        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. hyper-naive = the floor for a hyper-based proxy: the pooled client authswap uses and a plain hyper HTTP/1.1 server in their own process (one worker thread), swapping in a static Bearer and nothing else. hyper-affinity = the same without the pool: one upstream connection per client connection, driven in the client connection's task. Load generator (2 threads), origin (1 thread), authswap, hyper-naive, hyper-affinity{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",
+        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. authswap serves these requests on its native HTTP/1.1 path (http.native_http1). hyper-naive = the floor for a hyper-based proxy: the pooled client of authswap's hyper path and a plain hyper HTTP/1.1 server in their own process (one worker thread), swapping in a static Bearer and nothing else. hyper-affinity = the same without the pool: one upstream connection per client connection, driven in the client connection's task. Load generator (2 threads), origin (1 thread), authswap, hyper-naive, hyper-affinity{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",
         measure.as_secs_f64(),
         if nginx.is_some() { " and nginx (1 worker)" } else { "" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -718,7 +719,7 @@ async fn run() {
         table.note("nginx not measured (quick mode, or nginx not installed: run benches/run.sh).");
     }
     table.note(format!(
-        "authswap / hyper-naive (what authswap's own work costs on top of the hyper stack): {}",
+        "authswap / hyper-naive (authswap, native HTTP/1.1 path and all its own work, against the leanest pooled hyper proxy): {}",
         vs_naive.join("; ")
     ));
     for n in argon2_notes {

@@ -5,7 +5,7 @@
 //! trailers, close-delimited, HEAD, 204, interim 1xx), pipelined requests,
 //! malformed upstream answers, `Expect: 100-continue`, and the hand-over to
 //! the hyper path for the requests the native path does not take (chunked
-//! uploads, HTTP/1.0, oversized heads). Raw sockets on both sides, so that nothing
+//! uploads, HTTP/1.0); oversized heads. Raw sockets on both sides, so that nothing
 //! a client or server library would smooth over goes unseen.
 
 mod support;
@@ -396,7 +396,7 @@ async fn other_requests_are_handed_to_the_hyper_path_on_the_same_connection() {
     let rest = c.rest().await;
     assert!(rest.starts_with("HTTP/1.0 200 OK\r\n"), "{rest}");
 
-    // A head over max_header_bytes: 431 from hyper, nothing upstream.
+    // A head over max_header_bytes: 431, nothing upstream.
     let before = up.requests().len();
     let mut c = Raw::connect(addr).await;
     let huge = format!("X-Big: {}\r\n", "a".repeat(70 * 1024));
@@ -529,5 +529,32 @@ async fn expect_100_continue_is_answered_after_the_credentials_are_checked() {
         Some("close")
     );
     assert_eq!(up.requests().len(), seen.len() + 1);
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn a_whole_head_over_max_header_bytes_gets_431_even_in_one_read() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let url = up.url();
+    let server = env
+        .serve_with(move |c| {
+            c.http.upstream = url;
+            c.http.max_header_bytes = authswap::config::ByteSize(2048);
+        })
+        .await;
+    let mut c = Raw::connect(server.http_addr().unwrap()).await;
+    // 3 KiB of head, complete, in one write: it fits one read.
+    let big = format!("X-Big: {}\r\n", "b".repeat(3 * 1024));
+    c.send(&request("GET", "/big", &big, "")).await;
+    let rest = c.rest().await;
+    assert!(
+        rest.starts_with("HTTP/1.1 431"),
+        "{}",
+        &rest[..rest.len().min(200)]
+    );
+    assert!(up.requests().is_empty());
     server.shutdown(GRACE).await;
 }

@@ -644,6 +644,7 @@ pub(super) enum Rejection {
     Auth(AuthError),
     Token(TokenError),
     TooLarge,
+    HeadTooLarge,
     BodyTimeout,
     Upstream,
     UpstreamTimeout,
@@ -729,6 +730,13 @@ impl Rejection {
             Rejection::TooLarge => {
                 m.request(Protocol::http, Outcome::bad_request);
                 local_text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+            }
+            Rejection::HeadTooLarge => {
+                m.request(Protocol::http, Outcome::bad_request);
+                local_text(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request head too large\n",
+                )
             }
             Rejection::BodyTimeout => {
                 m.request(Protocol::http, Outcome::bad_request);

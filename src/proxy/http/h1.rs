@@ -181,9 +181,19 @@ impl NativeConn<'_> {
             let head = loop {
                 if !self.cbuf.is_empty() {
                     match self.parse_request() {
-                        Parse::Native(head) => break head,
+                        Parse::Native(head) if head.len <= max_head => break head,
                         Parse::Partial if self.cbuf.len() < max_head => {}
-                        Parse::Partial | Parse::Fallback => return self.handover(Bytes::new()),
+                        Parse::Native(_) | Parse::Partial => {
+                            if self
+                                .answer_local(Rejection::HeadTooLarge, true)
+                                .await
+                                .is_ok()
+                            {
+                                self.linger().await;
+                            }
+                            return Served::Done;
+                        }
+                        Parse::Fallback => return self.handover(Bytes::new()),
                     }
                 }
                 if self.cbuf.is_empty() && stopped() {
@@ -231,6 +241,10 @@ impl NativeConn<'_> {
                     }
                     match self.answer_local(rejection, head.close || !here).await {
                         Ok(true) => continue,
+                        Ok(false) if !here => {
+                            self.linger().await;
+                            return Served::Done;
+                        }
                         _ => return Served::Done,
                     }
                 }
@@ -463,6 +477,25 @@ impl NativeConn<'_> {
             prefix: prefix.freeze(),
             io,
         }))
+    }
+
+    /// Before closing on a client that may still be sending (a head over
+    /// the limit, a body refused unread): says so with a FIN and drops what
+    /// arrives for a moment, so that the client reads the answer instead of
+    /// a reset (nginx's lingering close). At most 2 s and 1 MiB.
+    async fn linger(&mut self) {
+        let _ = self.client.shutdown().await;
+        let drain = async {
+            let mut sink = vec![0u8; 16 * 1024];
+            let mut total = 0usize;
+            while total < 1024 * 1024 {
+                match self.client.read(&mut sink).await {
+                    Ok(n) if n > 0 => total += n,
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
     }
 
     /// Answers locally; `Ok(true)` when the connection stays open.
