@@ -16,7 +16,7 @@
 
 mod h1;
 
-pub use h1::Served;
+pub use h1::{rewrite_request_head, Served};
 
 use super::upstream::{Lane, SendError, Upstreams};
 use crate::app::App;
