@@ -558,3 +558,99 @@ async fn a_whole_head_over_max_header_bytes_gets_431_even_in_one_read() {
     assert!(up.requests().is_empty());
     server.shutdown(GRACE).await;
 }
+
+/// Runs curl (a real, independent HTTP/1.1 client) and returns
+/// (stdout, exit status).
+async fn curl(args: &[&str]) -> (String, std::process::ExitStatus) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("curl is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status,
+    )
+}
+
+#[tokio::test]
+async fn curl_uploads_with_expect_and_chunked_and_reads_every_answer() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let base = format!("http://{}", server.http_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    // 2 MiB: curl sends `Expect: 100-continue` for bodies over 1 MiB.
+    let big: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let file = dir.path().join("big.bin");
+    std::fs::write(&file, &big).unwrap();
+    let data = format!("@{}", file.display());
+
+    let (out, _) = curl(&[
+        "-u",
+        "alice:pw-alice-123",
+        "--data-binary",
+        &data,
+        "-w",
+        "\n%{http_code}",
+        &format!("{base}/EWS/Exchange.asmx"),
+    ])
+    .await;
+    assert!(out.ends_with("\n200"), "{out}");
+    let seen = up.requests();
+    let last = seen.last().unwrap();
+    assert_eq!(last.body.len(), big.len());
+    assert!(last.body == big, "the 2 MiB body arrived intact");
+    assert!(last
+        .authorization
+        .as_deref()
+        .unwrap()
+        .starts_with("Bearer "));
+
+    // Chunked upload (handed to the hyper path), then HEAD and a wrong
+    // password on the same curl invocation's connections.
+    let (out, _) = curl(&[
+        "-u",
+        "alice:pw-alice-123",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        "chunked body",
+        "-w",
+        "\n%{http_code}",
+        &format!("{base}/chunked"),
+    ])
+    .await;
+    assert!(out.ends_with("\n200"), "{out}");
+    assert_eq!(up.requests().last().unwrap().body, b"chunked body");
+    let (out, _) = curl(&[
+        "-u",
+        "alice:pw-alice-123",
+        "-I",
+        "-w",
+        "%{http_code}",
+        &format!("{base}/head"),
+    ])
+    .await;
+    assert!(out.ends_with("200"), "{out}");
+    assert_eq!(up.requests().last().unwrap().method, "HEAD");
+    let (out, _) = curl(&[
+        "-u",
+        "alice:wrong",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{base}/x"),
+    ])
+    .await;
+    assert_eq!(out, "401");
+    server.shutdown(GRACE).await;
+}
