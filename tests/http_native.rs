@@ -654,3 +654,63 @@ async fn curl_uploads_with_expect_and_chunked_and_reads_every_answer() {
     assert_eq!(out, "401");
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn curl_over_the_local_https_listener_takes_the_native_path_too() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let (cert, key) = support::pki().write_server_cert_files(env.dir.path());
+    let url = up.url();
+    let server = env
+        .serve_with(move |c| {
+            c.http.upstream = url;
+            c.http.tls_cert_file = Some(cert);
+            c.http.tls_key_file = Some(key);
+        })
+        .await;
+    let port = server.http_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..1536 * 1024).map(|i| (i % 253) as u8).collect();
+    let file = dir.path().join("big.bin");
+    std::fs::write(&file, &big).unwrap();
+    let data = format!("@{}", file.display());
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let ca = env.ca_file.display().to_string();
+    // One curl, two requests on one TLS connection (HTTP/1.1 forced, so
+    // the native path serves it): an upload with Expect, then a GET.
+    let (out, _) = curl(&[
+        "--http1.1",
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        "-u",
+        "alice:pw-alice-123",
+        "--data-binary",
+        &data,
+        "-w",
+        "\n%{http_code}\n",
+        &format!("https://localhost:{port}/upload"),
+        "--next",
+        "--http1.1",
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        "-u",
+        "alice:pw-alice-123",
+        "-w",
+        "\n%{http_code}\n",
+        &format!("https://localhost:{port}/after"),
+    ])
+    .await;
+    assert_eq!(out.matches("\n200\n").count(), 2, "{out}");
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[0].body == big, "upload intact");
+    assert_eq!(seen[1].target, "/after");
+    assert_eq!(seen[1].connection, seen[0].connection);
+    server.shutdown(GRACE).await;
+}

@@ -252,14 +252,16 @@ impl NativeConn<'_> {
             // The body (at most the replay limit), at the pace the head had
             // to keep; a client waiting for 100 Continue is sent it.
             if self.cbuf.len() < head.content_length {
-                if head.expect_continue
-                    && self
-                        .client
-                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                        .await
-                        .is_err()
-                {
-                    return Served::Done;
+                if head.expect_continue {
+                    let sent = async {
+                        self.client
+                            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                            .await?;
+                        self.client.flush().await
+                    };
+                    if sent.await.is_err() {
+                        return Served::Done;
+                    }
                 }
                 self.cbuf.reserve(head.content_length - self.cbuf.len());
             }
