@@ -714,3 +714,27 @@ async fn curl_over_the_local_https_listener_takes_the_native_path_too() {
     assert_eq!(seen[1].connection, seen[0].connection);
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn ambiguous_request_lengths_never_reach_the_upstream() {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    let server = proxy_to(&env, &up).await;
+    let addr = server.http_addr().unwrap();
+    for lengths in [
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Content-Length: +5\r\n",
+        "Content-Length: 5, 6\r\n",
+    ] {
+        let mut c = Raw::connect(addr).await;
+        c.send(&format!(
+            "POST /smuggle HTTP/1.1\r\nHost: l\r\nAuthorization: {}\r\n{lengths}\r\nhelloGET /second HTTP/1.1\r\n\r\n",
+            auth()
+        ))
+        .await;
+        let rest = c.rest().await;
+        assert!(rest.starts_with("HTTP/1.1 400"), "{lengths:?}: {rest}");
+    }
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+    server.shutdown(GRACE).await;
+}
