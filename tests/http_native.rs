@@ -19,16 +19,39 @@ use tokio::net::TcpStream;
 
 const GRACE: Duration = Duration::from_secs(5);
 
-/// authswap in front of `upstream`, alice linked.
-async fn proxy_to(env: &Env, upstream: &RawH1Upstream) -> authswap::server::Server {
+/// authswap (alice linked, `http.header_read_timeout` 800 ms, then
+/// `tweak`) in front of a fresh raw HTTP/1.1 upstream.
+struct Rig {
+    env: Env,
+    up: RawH1Upstream,
+    server: authswap::server::Server,
+    addr: SocketAddr,
+}
+
+async fn rig_with(tweak: impl FnOnce(&mut authswap::config::Config)) -> Rig {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
     env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
         .await;
-    let url = upstream.url();
-    env.serve_with(move |c| {
-        c.http.upstream = url;
-        c.http.header_read_timeout = Duration::from_millis(800);
-    })
-    .await
+    let url = up.url();
+    let server = env
+        .serve_with(move |c| {
+            c.http.upstream = url;
+            c.http.header_read_timeout = Duration::from_millis(800);
+            tweak(c);
+        })
+        .await;
+    let addr = server.http_addr().unwrap();
+    Rig {
+        env,
+        up,
+        server,
+        addr,
+    }
+}
+
+async fn rig() -> Rig {
+    rig_with(|_| {}).await
 }
 
 fn auth() -> String {
@@ -144,10 +167,13 @@ fn status(head: &str) -> u16 {
 
 #[tokio::test]
 async fn request_heads_reach_the_upstream_rewritten_and_pipelined_requests_in_order() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let mut c = Raw::connect(server.http_addr().unwrap()).await;
+    let Rig {
+        env,
+        up,
+        server,
+        addr,
+    } = rig().await;
+    let mut c = Raw::connect(addr).await;
     // Two requests in one write, with hop-by-hop fields of every kind.
     let first = request(
         "POST",
@@ -199,10 +225,12 @@ async fn request_heads_reach_the_upstream_rewritten_and_pipelined_requests_in_or
 
 #[tokio::test]
 async fn every_response_framing_is_relayed_exactly() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let addr = server.http_addr().unwrap();
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig().await;
     let mut c = Raw::connect(addr).await;
 
     // Chunked, with an extension and a trailer: relayed as framed.
@@ -298,10 +326,12 @@ impl Raw {
 
 #[tokio::test]
 async fn malformed_upstream_answers_get_502_or_a_cut_connection() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let addr = server.http_addr().unwrap();
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig().await;
 
     // Not HTTP at all: 502, and the client connection stays usable.
     let mut c = Raw::connect(addr).await;
@@ -362,10 +392,12 @@ async fn malformed_upstream_answers_get_502_or_a_cut_connection() {
 
 #[tokio::test]
 async fn other_requests_are_handed_to_the_hyper_path_on_the_same_connection() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let addr = server.http_addr().unwrap();
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig().await;
     let mut c = Raw::connect(addr).await;
     // Native first, then a chunked upload: the connection moves to hyper
     // with the bytes already read, and the next request is served too.
@@ -413,10 +445,12 @@ async fn other_requests_are_handed_to_the_hyper_path_on_the_same_connection() {
 
 #[tokio::test]
 async fn local_answers_keep_or_close_the_connection_as_asked() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let addr = server.http_addr().unwrap();
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig().await;
     let mut c = Raw::connect(addr).await;
     // A wrong password: 401 with the challenge; the body was consumed, so
     // the next request on the connection works.
@@ -459,10 +493,12 @@ async fn local_answers_keep_or_close_the_connection_as_asked() {
 
 #[tokio::test]
 async fn shutdown_lets_a_native_request_finish_and_closes_idle_connections() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let addr = server.http_addr().unwrap();
+    let Rig {
+        env,
+        up,
+        server,
+        addr,
+    } = rig().await;
     let mut idle = Raw::connect(addr).await;
     let (head, _) = idle.response_to(&request("GET", "/warm", "", "")).await;
     assert_eq!(status(&head), 200);
@@ -492,10 +528,12 @@ async fn shutdown_lets_a_native_request_finish_and_closes_idle_connections() {
 
 #[tokio::test]
 async fn expect_100_continue_is_answered_after_the_credentials_are_checked() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let addr = server.http_addr().unwrap();
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig().await;
     let put = |auth: &str| {
         format!(
             "PUT /expect HTTP/1.1\r\nHost: legacy\r\nAuthorization: {auth}\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
@@ -534,18 +572,13 @@ async fn expect_100_continue_is_answered_after_the_credentials_are_checked() {
 
 #[tokio::test]
 async fn a_whole_head_over_max_header_bytes_gets_431_even_in_one_read() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
-        .await;
-    let url = up.url();
-    let server = env
-        .serve_with(move |c| {
-            c.http.upstream = url;
-            c.http.max_header_bytes = authswap::config::ByteSize(2048);
-        })
-        .await;
-    let mut c = Raw::connect(server.http_addr().unwrap()).await;
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig_with(|c| c.http.max_header_bytes = authswap::config::ByteSize(2048)).await;
+    let mut c = Raw::connect(addr).await;
     // 3 KiB of head, complete, in one write: it fits one read.
     let big = format!("X-Big: {}\r\n", "b".repeat(3 * 1024));
     c.send(&request("GET", "/big", &big, "")).await;
@@ -582,10 +615,13 @@ async fn curl(args: &[&str]) -> (String, std::process::ExitStatus) {
 
 #[tokio::test]
 async fn curl_uploads_with_expect_and_chunked_and_reads_every_answer() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let base = format!("http://{}", server.http_addr().unwrap());
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig().await;
+    let base = format!("http://{addr}");
     let dir = tempfile::tempdir().unwrap();
     // 2 MiB: curl sends `Expect: 100-continue` for bodies over 1 MiB.
     let big: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
@@ -657,21 +693,19 @@ async fn curl_uploads_with_expect_and_chunked_and_reads_every_answer() {
 
 #[tokio::test]
 async fn curl_over_the_local_https_listener_takes_the_native_path_too() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
-        .await;
-    let (cert, key) = support::pki().write_server_cert_files(env.dir.path());
-    let url = up.url();
-    let server = env
-        .serve_with(move |c| {
-            c.http.upstream = url;
-            c.http.tls_cert_file = Some(cert);
-            c.http.tls_key_file = Some(key);
-        })
-        .await;
-    let port = server.http_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = support::pki().write_server_cert_files(dir.path());
+    let Rig {
+        env,
+        up,
+        server,
+        addr,
+    } = rig_with(|c| {
+        c.http.tls_cert_file = Some(cert);
+        c.http.tls_key_file = Some(key);
+    })
+    .await;
+    let port = addr.port();
     let big: Vec<u8> = (0..1536 * 1024).map(|i| (i % 253) as u8).collect();
     let file = dir.path().join("big.bin");
     std::fs::write(&file, &big).unwrap();
@@ -717,10 +751,12 @@ async fn curl_over_the_local_https_listener_takes_the_native_path_too() {
 
 #[tokio::test]
 async fn ambiguous_request_lengths_never_reach_the_upstream() {
-    let env = Env::start_http1().await;
-    let up = RawH1Upstream::start(H1Fault::None).await;
-    let server = proxy_to(&env, &up).await;
-    let addr = server.http_addr().unwrap();
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig().await;
     for lengths in [
         "Content-Length: 5\r\nContent-Length: 6\r\n",
         "Content-Length: +5\r\n",

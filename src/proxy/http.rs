@@ -579,13 +579,8 @@ impl Deadline {
             }
             let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
             let timer = slot.get_or_insert_with(|| LazyTimer::new(due));
-            // Armed for an earlier request's due time (never a later one:
-            // requests are sequential): re-arm when it fires early.
-            while timer.fired(cx) {
-                if tokio::time::Instant::now() >= due {
-                    return Poll::Ready(None);
-                }
-                timer.reset(due);
+            if timer.passed(due, cx) {
+                return Poll::Ready(None);
             }
             Poll::Pending
         })
@@ -622,6 +617,23 @@ impl LazyTimer {
     /// The deadline it is set to.
     fn deadline(&self) -> tokio::time::Instant {
         self.sleep.deadline()
+    }
+
+    /// Whether `due` has passed; if not, the task is woken by then. A timer
+    /// set for an earlier due time is re-armed when it fires early, one set
+    /// for a later one at once; dues that only move forward (requests one
+    /// after another) thus cost a clock read, not a timer registration.
+    fn passed(&mut self, due: tokio::time::Instant, cx: &mut Context<'_>) -> bool {
+        if self.deadline() > due {
+            self.reset(due);
+        }
+        while self.fired(cx) {
+            if tokio::time::Instant::now() >= due {
+                return true;
+            }
+            self.reset(due);
+        }
+        false
     }
 
     /// Sets a new deadline (the next [`LazyTimer::fired`] registers it).

@@ -47,7 +47,14 @@ struct Conn {
     driver: Driver,
 }
 
-impl Conn {
+/// An upstream connection that can wait, parked, between client
+/// connections.
+trait Parkable {
+    /// Whether it is still open and usable, checked without a task to wake.
+    fn alive(&mut self) -> bool;
+}
+
+impl Parkable for Conn {
     /// Polls the connection once without a task to wake: reads a close the
     /// upstream already sent and lets an idle connection report itself
     /// ready. The next real poll (in a lane) registers the right waker.
@@ -60,6 +67,52 @@ impl Conn {
     }
 }
 
+impl Parkable for BoxIo {
+    fn alive(&mut self) -> bool {
+        raw_alive(self)
+    }
+}
+
+/// Parked idle connections, newest last: at most [`MAX_IDLE`], none idle
+/// longer than [`IDLE_TIMEOUT`].
+struct Parked<T>(Mutex<Vec<(Instant, T)>>);
+
+impl<T: Parkable> Parked<T> {
+    fn new() -> Parked<T> {
+        Parked(Mutex::new(Vec::new()))
+    }
+
+    /// The most recently parked live one.
+    fn take(&self) -> Option<T> {
+        let mut idle = lock(&self.0);
+        while let Some((since, mut conn)) = idle.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && conn.alive() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Parks `conn` if it is alive (the oldest goes when full); whether it
+    /// was parked.
+    fn put(&self, mut conn: T) -> bool {
+        if !conn.alive() {
+            return false;
+        }
+        let mut idle = lock(&self.0);
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        }
+        idle.push((Instant::now(), conn));
+        true
+    }
+
+    /// Closes the ones that timed out or that the upstream closed.
+    fn sweep(&self) {
+        lock(&self.0).retain_mut(|(since, conn)| since.elapsed() < IDLE_TIMEOUT && conn.alive());
+    }
+}
+
 /// Where the upstream is and how to reach it, plus the parked connections.
 pub struct Upstreams {
     host: String,
@@ -68,8 +121,8 @@ pub struct Upstreams {
     connect_timeout: Duration,
     http2: AtomicBool,
     http1: AtomicBool,
-    idle: Mutex<Vec<(Instant, Conn)>>,
-    idle_raw: Mutex<Vec<(Instant, BoxIo)>>,
+    idle: Parked<Conn>,
+    idle_raw: Parked<BoxIo>,
     sweeping: AtomicBool,
 }
 
@@ -134,8 +187,8 @@ impl Upstreams {
             tls,
             connect_timeout,
             http2: AtomicBool::new(false),
-            idle: Mutex::new(Vec::new()),
-            idle_raw: Mutex::new(Vec::new()),
+            idle: Parked::new(),
+            idle_raw: Parked::new(),
             sweeping: AtomicBool::new(false),
         })
     }
@@ -199,28 +252,14 @@ impl Upstreams {
     /// The most recently parked live raw connection (for the native
     /// HTTP/1.1 path, which does its own framing).
     pub fn checkout_raw(&self) -> Option<BoxIo> {
-        let mut idle = lock(&self.idle_raw);
-        while let Some((since, mut io)) = idle.pop() {
-            if since.elapsed() < IDLE_TIMEOUT && raw_alive(&mut io) {
-                return Some(io);
-            }
-        }
-        None
+        self.idle_raw.take()
     }
 
     /// Parks a raw connection that is between responses.
-    pub fn checkin_raw(self: &Arc<Self>, mut io: BoxIo) {
-        if !raw_alive(&mut io) {
-            return;
+    pub fn checkin_raw(self: &Arc<Self>, io: BoxIo) {
+        if self.idle_raw.put(io) {
+            self.start_sweeper();
         }
-        {
-            let mut idle = lock(&self.idle_raw);
-            if idle.len() >= MAX_IDLE {
-                idle.remove(0);
-            }
-            idle.push((Instant::now(), io));
-        }
-        self.start_sweeper();
     }
 
     fn start_sweeper(self: &Arc<Self>) {
@@ -233,27 +272,13 @@ impl Upstreams {
 
     /// The most recently parked live connection.
     fn checkout(&self) -> Option<Conn> {
-        let mut idle = lock(&self.idle);
-        while let Some((since, mut conn)) = idle.pop() {
-            if since.elapsed() < IDLE_TIMEOUT && conn.alive() {
-                return Some(conn);
-            }
-        }
-        None
+        self.idle.take()
     }
 
-    fn checkin(self: &Arc<Self>, mut conn: Conn) {
-        if !conn.alive() {
-            return;
+    fn checkin(self: &Arc<Self>, conn: Conn) {
+        if self.idle.put(conn) {
+            self.start_sweeper();
         }
-        {
-            let mut idle = lock(&self.idle);
-            if idle.len() >= MAX_IDLE {
-                idle.remove(0);
-            }
-            idle.push((Instant::now(), conn));
-        }
-        self.start_sweeper();
     }
 }
 
@@ -265,10 +290,8 @@ async fn sweep(upstreams: Weak<Upstreams>) {
         let Some(upstreams) = upstreams.upgrade() else {
             return;
         };
-        lock(&upstreams.idle)
-            .retain_mut(|(since, conn)| since.elapsed() < IDLE_TIMEOUT && conn.alive());
-        lock(&upstreams.idle_raw)
-            .retain_mut(|(since, io)| since.elapsed() < IDLE_TIMEOUT && raw_alive(io));
+        upstreams.idle.sweep();
+        upstreams.idle_raw.sweep();
     }
 }
 

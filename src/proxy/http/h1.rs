@@ -40,6 +40,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Longest chunk-size line (with extensions) or trailer line accepted.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Bodies up to this size go out in the same write as their head.
+const INLINE: usize = 16 * 1024;
 /// Upstream bodies up to this size are read and dropped to keep the
 /// connection after a refused (401) answer; larger ones close it.
 const MAX_DISCARD: u64 = 64 * 1024;
@@ -133,6 +135,8 @@ impl HttpProxy {
             answered: false,
         };
         let served = c.run(peer, &mut shutdown).await;
+        // Done or handed over: a clean upstream connection waits for the
+        // next client connection.
         if let Some(up) = c.up.take() {
             if up.buf.is_empty() {
                 self.upstreams.checkin_raw(up.io);
@@ -384,12 +388,8 @@ impl NativeConn<'_> {
 
     /// Gives the connection to the hyper path: `replay` (a request already
     /// taken from the buffer) and what was read after it come first.
+    /// (The upstream connection is parked by [`HttpProxy::serve_h1`].)
     fn handover(&mut self, replay: Bytes) -> Served {
-        if let Some(up) = self.up.take() {
-            if up.buf.is_empty() {
-                self.proxy.upstreams.checkin_raw(up.io);
-            }
-        }
         let mut prefix = BytesMut::from(replay);
         prefix.extend_from_slice(&self.cbuf);
         let io = std::mem::replace(&mut self.client, Box::new(tokio::io::empty()));
@@ -495,7 +495,7 @@ impl NativeConn<'_> {
         self.out.extend_from_slice(token.bearer_header().as_bytes());
         self.out.extend_from_slice(b"\r\n\r\n");
         // Small bodies go in the same write as the head.
-        let inline = body.len() <= 16 * 1024;
+        let inline = body.len() <= INLINE;
         if inline {
             self.out.extend_from_slice(body);
         }
@@ -613,7 +613,7 @@ impl NativeConn<'_> {
                 let mut left = n;
                 let now = (up.buf.len() as u64).min(left) as usize;
                 *answered = true;
-                if now <= 16 * 1024 {
+                if now <= INLINE {
                     out.extend_from_slice(&up.buf[..now]);
                     client.write_all(out).await?;
                 } else {
@@ -1045,27 +1045,20 @@ fn reserve_body(buf: &mut BytesMut, left: u64) {
     }
 }
 
-/// `work`, or `None` once `due` has passed. The timer is re-armed only when
-/// it fires early (dues only move forward on a connection), so a request
-/// costs a clock read rather than a timer registration.
+/// `work`, or `None` once `due` has passed on `timer` (see
+/// [`LazyTimer::passed`]).
 async fn timed<F: Future>(
     timer: &mut LazyTimer,
     due: tokio::time::Instant,
     work: F,
 ) -> Option<F::Output> {
     let mut work = std::pin::pin!(work);
-    if timer.deadline() > due {
-        timer.reset(due);
-    }
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = work.as_mut().poll(cx) {
             return Poll::Ready(Some(v));
         }
-        while timer.fired(cx) {
-            if tokio::time::Instant::now() >= due {
-                return Poll::Ready(None);
-            }
-            timer.reset(due);
+        if timer.passed(due, cx) {
+            return Poll::Ready(None);
         }
         Poll::Pending
     })
