@@ -117,7 +117,6 @@ impl Server {
                     Duration::from_secs(10),
                     rx,
                     None,
-                    None,
                 )
                 .await;
             });
@@ -139,7 +138,11 @@ impl Server {
             let rx = rx.clone();
             let metrics = app.metrics.clone();
             let max_header = cfg.http.max_header_bytes.as_usize();
-            let native = proxy.clone();
+            let limits = Limits {
+                max_header,
+                metrics,
+                proxy: proxy.clone(),
+            };
             tasks.spawn(async move {
                 // Each client connection drives its own upstream lane.
                 let service = move |peer: SocketAddr| {
@@ -151,10 +154,6 @@ impl Server {
                     });
                     (service, driver)
                 };
-                let limits = Limits {
-                    max_header,
-                    metrics,
-                };
                 accept_loop(
                     listener,
                     tls,
@@ -163,7 +162,6 @@ impl Server {
                     header_timeout,
                     rx,
                     Some(limits),
-                    Some(native),
                 )
                 .await;
             });
@@ -291,18 +289,20 @@ impl Server {
     }
 }
 
+/// What the HTTP front end's listener has that the admin listener has not.
 struct Limits {
     max_header: usize,
     metrics: Arc<crate::metrics::Metrics>,
+    /// HTTP/1 connections start on its native path and come to hyper only
+    /// if it hands them over.
+    proxy: HttpProxy,
 }
 
 /// Serves connections from `listener`. `make_service` gives, per client
 /// connection, the request service and a companion future that runs in the
 /// connection's task: the HTTP front end's upstream lane and idle watchdog.
-/// The connection is closed when the companion completes. With `native`,
-/// HTTP/1 connections start on the HTTP front end's native path and come
-/// to hyper only if it hands them over.
-#[allow(clippy::too_many_arguments)]
+/// The connection is closed when the companion completes. `limits` are
+/// the HTTP front end's.
 async fn accept_loop<F, S, B, D>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -311,7 +311,6 @@ async fn accept_loop<F, S, B, D>(
     header_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
     limits: Option<Limits>,
-    native: Option<HttpProxy>,
 ) where
     F: Fn(SocketAddr) -> (S, D) + Send + Sync + 'static,
     D: std::future::Future<Output = ()> + Send + 'static,
@@ -377,7 +376,7 @@ async fn accept_loop<F, S, B, D>(
             .as_ref()
             .map(|l| l.metrics.connection(Protocol::http));
         let make_service = make_service.clone();
-        let native = native.clone();
+        let native = limits.as_ref().map(|l| l.proxy.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
