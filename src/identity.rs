@@ -262,12 +262,32 @@ pub struct MemoTag(u64);
 /// Upper bound on cached verified credentials (memory bound).
 const CACHE_CAP: usize = 100_000;
 
+/// Proven credentials: cache key → end of validity, bounded in size.
+#[derive(Default)]
+struct VerifiedCache(DashMap<CacheKey, Instant>);
+
+impl VerifiedCache {
+    fn remember(&self, key: CacheKey, until: Instant) {
+        if self.0.len() >= CACHE_CAP {
+            self.prune(Instant::now());
+            if self.0.len() >= CACHE_CAP {
+                return;
+            }
+        }
+        self.0.insert(key, until);
+    }
+
+    fn prune(&self, now: Instant) {
+        self.0.retain(|_, exp| *exp > now);
+    }
+}
+
 /// Checks local credentials; see the module docs.
 pub struct Authenticator {
     directory: Arc<Directory>,
     metrics: Arc<Metrics>,
     mac_key: [u8; 32],
-    cache: DashMap<CacheKey, Instant>,
+    cache: Arc<VerifiedCache>,
     failures: DashMap<FailKey, FailState>,
     flights: SingleFlight<CacheKey, bool>,
     hashing: Arc<Semaphore>,
@@ -279,7 +299,7 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("cached", &self.cache.len())
+            .field("cached", &self.cache.0.len())
             .finish_non_exhaustive()
     }
 }
@@ -325,7 +345,7 @@ impl Authenticator {
             directory,
             metrics,
             mac_key,
-            cache: DashMap::new(),
+            cache: Default::default(),
             failures: DashMap::new(),
             flights: SingleFlight::default(),
             hashing: Arc::new(Semaphore::new(lanes)),
@@ -395,7 +415,7 @@ impl Authenticator {
         let identity = self.directory.get(name);
         if let Some(identity) = &identity {
             let key = self.cache_key(identity, password);
-            if let Some(exp) = self.cache.get(&key) {
+            if let Some(exp) = self.cache.0.get(&key) {
                 if *exp > Instant::now() {
                     self.metrics.credential_check(CredentialCheck::cache_hit);
                     return Ok(identity.clone());
@@ -442,6 +462,8 @@ impl Authenticator {
                 // Only the request that starts the flight runs argon2 and
                 // counts its result; those that join it count as `shared`.
                 let metrics = self.metrics.clone();
+                let cache = self.cache.clone();
+                let ttl = self.config.credential_cache_ttl;
                 let led = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let leader = led.clone();
                 let ok = self
@@ -452,6 +474,13 @@ impl Authenticator {
                         let ok = tokio::task::spawn_blocking(move || verify_hash(&hash, &pw))
                             .await
                             .unwrap_or(false);
+                        // Cached inside the flight, before it lands: a
+                        // request arriving between the landing and the
+                        // callers' wake-up must find the proof, not start
+                        // a second argon2 run.
+                        if ok {
+                            cache.remember(key, Instant::now() + ttl);
+                        }
                         metrics.credential_check(if ok {
                             CredentialCheck::verified
                         } else {
@@ -462,9 +491,6 @@ impl Authenticator {
                     .await;
                 if !led.load(Ordering::Relaxed) {
                     self.metrics.credential_check(CredentialCheck::shared);
-                }
-                if ok {
-                    self.remember(key);
                 }
                 ok
             }
@@ -504,17 +530,6 @@ impl Authenticator {
         }
     }
 
-    fn remember(&self, key: CacheKey) {
-        if self.cache.len() >= CACHE_CAP {
-            self.prune();
-            if self.cache.len() >= CACHE_CAP {
-                return;
-            }
-        }
-        self.cache
-            .insert(key, Instant::now() + self.config.credential_cache_ttl);
-    }
-
     fn record_failure(&self, key: FailKey) {
         let now = Instant::now();
         let window = self.config.max_lockout.max(Duration::from_secs(900));
@@ -542,7 +557,7 @@ impl Authenticator {
     /// Drops expired cache entries and stale failure counters.
     pub fn prune(&self) {
         let now = Instant::now();
-        self.cache.retain(|_, exp| *exp > now);
+        self.cache.prune(now);
         let window = self.config.max_lockout.max(Duration::from_secs(900));
         self.failures.retain(|_, s| {
             now.duration_since(s.last) <= window || s.locked_until.is_some_and(|u| u > now)
@@ -551,12 +566,12 @@ impl Authenticator {
 
     /// Forgets every cached credential (after the directory changed).
     pub fn clear_cache(&self) {
-        self.cache.clear();
+        self.cache.0.clear();
     }
 
     /// Number of cached verified credentials.
     pub fn cached(&self) -> usize {
-        self.cache.len()
+        self.cache.0.len()
     }
 }
 
@@ -651,6 +666,35 @@ mod tests {
             .unwrap();
         assert_eq!(m.credential_check_count(CredentialCheck::cache_hit), 1);
         assert_eq!(m.credential_check_count(CredentialCheck::verified), 1);
+    }
+
+    #[tokio::test]
+    async fn a_proof_is_cached_before_its_flight_lands() {
+        use futures_util::FutureExt;
+        let (_d, m, a) = setup();
+        // The first request starts the argon2 flight, then is not polled
+        // again (as when its task waits in the run queue).
+        let permits = a.hashing.available_permits() as u32;
+        let held = a.hashing.clone().acquire_many_owned(permits).await.unwrap();
+        let mut first = Box::pin(a.authenticate("alice", b"pw-alice", SRC, Protocol::http));
+        assert!((&mut first).now_or_never().is_none());
+        assert_eq!(a.flights.in_flight(), 1);
+        drop(held);
+        for _ in 0..500 {
+            if a.flights.in_flight() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(a.flights.in_flight(), 0, "the flight landed");
+        // A request arriving now, before the first one resumed, is served
+        // from the cache: no second argon2 run.
+        a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
+            .await
+            .unwrap();
+        assert_eq!(m.credential_check_count(CredentialCheck::verified), 1);
+        assert_eq!(m.credential_check_count(CredentialCheck::cache_hit), 1);
+        assert!(first.await.is_ok());
     }
 
     #[tokio::test]
