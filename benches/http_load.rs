@@ -18,7 +18,9 @@ mod common;
 mod support;
 
 use bytes::Bytes;
-use common::{cpu_time, duration, quick_mode, ratio, Authswap, Latencies, Table};
+use common::{
+    cpu_time, duration, machine_ticks, quick_mode, ratio, sleeps, Authswap, Latencies, Table,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -194,6 +196,13 @@ struct Cell {
     lat: Latencies,
     cpu: Duration,
     requests: u64,
+    /// CPU time of this process: the load generator and the origin.
+    rest: Duration,
+    /// Machine clock ticks, idle and all.
+    idle: u64,
+    ticks: u64,
+    /// Voluntary context switches of the proxy process(es).
+    sleeps: u64,
 }
 
 impl Cell {
@@ -542,13 +551,23 @@ async fn run() {
             "p99 µs",
             "p99.9 µs",
             "proxy CPU µs/req",
+            "load+origin CPU µs/req",
+            "machine idle %",
+            "proxy sleeps/req",
             "req/s vs direct",
             "req/s vs nginx",
             "CPU/req vs nginx",
         ],
     );
     let measure = duration(Duration::from_secs(2));
-    let rounds = if quick_mode() { 1 } else { 3 };
+    let rounds = if quick_mode() {
+        1
+    } else {
+        std::env::var("HTTP_LOAD_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(3)
+    };
     // HTTP_LOAD_CONNS=16,64 and HTTP_LOAD_UPSTREAMS=http narrow a run down
     // (for profiling one case); the default is the whole table.
     let conn_levels: Vec<usize> = match std::env::var("HTTP_LOAD_CONNS") {
@@ -628,11 +647,20 @@ async fn run() {
                 for i in 0..paths.len() {
                     let k = (i + round) % paths.len();
                     let (_, target, pids) = &paths[k];
+                    let me = std::process::id();
                     let cpu_before: Duration = pids.iter().map(|&p| cpu_time(p)).sum();
+                    let sleeps_before: u64 = pids.iter().map(|&p| sleeps(p)).sum();
+                    let rest_before = cpu_time(me);
+                    let (idle_before, ticks_before) = machine_ticks();
                     let m = load(target, conns, measure).await;
                     let cpu: Duration =
                         pids.iter().map(|&p| cpu_time(p)).sum::<Duration>() - cpu_before;
+                    let (idle_after, ticks_after) = machine_ticks();
                     let cell = &mut results[k];
+                    cell.rest += cpu_time(me) - rest_before;
+                    cell.sleeps += pids.iter().map(|&p| sleeps(p)).sum::<u64>() - sleeps_before;
+                    cell.idle += idle_after - idle_before;
+                    cell.ticks += ticks_after - ticks_before;
                     cell.rps.push(m.rps);
                     cell.lat.add(&m.lat);
                     cell.cpu += cpu;
@@ -678,6 +706,16 @@ async fn run() {
                     us(c.lat.quantile_us(0.99)),
                     us(c.lat.quantile_us(0.999)),
                     cpu[k].map_or("-".into(), |v| format!("{v:.1}")),
+                    format!(
+                        "{:.1}",
+                        c.rest.as_secs_f64() * 1e6 / c.requests.max(1) as f64
+                    ),
+                    format!("{:.0}", 100.0 * c.idle as f64 / c.ticks.max(1) as f64),
+                    if paths[k].2.is_empty() {
+                        "-".into()
+                    } else {
+                        format!("{:.2}", c.sleeps as f64 / c.requests.max(1) as f64)
+                    },
                     ratio(rps[k], rps[0]),
                     vs_n.clone(),
                     cpu_vs_n,
@@ -710,7 +748,7 @@ async fn run() {
         proxy.stop().await;
     }
     table.note(format!(
-        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. authswap serves these requests on its native HTTP/1.1 path (http.native_http1). hyper-naive = the floor for a hyper-based proxy: the pooled client of authswap's hyper path and a plain hyper HTTP/1.1 server in their own process (one worker thread), swapping in a static Bearer and nothing else. hyper-affinity = the same without the pool: one upstream connection per client connection, driven in the client connection's task. Load generator (2 threads), origin (1 thread), authswap, hyper-naive, hyper-affinity{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared.",
+        "Closed-loop keep-alive HTTP/1.1 POSTs of a 7-byte body; {rounds} round(s) of {}s per path and level after a warm-up, order rotated each round; req/s is the median round, latencies merge all rounds. authswap serves these requests on its native HTTP/1.1 path (http.native_http1). hyper-naive = the floor for a hyper-based proxy: the pooled client of authswap's hyper path and a plain hyper HTTP/1.1 server in their own process (one worker thread), swapping in a static Bearer and nothing else. hyper-affinity = the same without the pool: one upstream connection per client connection, driven in the client connection's task. Load generator (2 threads), origin (1 thread), authswap, hyper-naive, hyper-affinity{} share this machine's {} cores. Client→authswap and client→nginx are plain loopback HTTP; the upstream leg is plain or TLS as in the first column. Proxy CPU = user+system time of the proxy process(es) per request answered (warm-ups included): the cost that does not depend on how the machine's two cores were shared. Load+origin CPU = the same for this benchmark's own process (load generator and origin), per request: what each path makes the rest of the machine spend. Machine idle = the share of both cores' time left idle during the rounds (/proc/stat). Proxy sleeps = voluntary context switches of the proxy's threads per request: how often it ran out of work and waited in the kernel.",
         measure.as_secs_f64(),
         if nginx.is_some() { " and nginx (1 worker)" } else { "" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
