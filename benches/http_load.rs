@@ -566,7 +566,7 @@ async fn run() {
         std::env::var("HTTP_LOAD_ROUNDS")
             .ok()
             .and_then(|r| r.parse().ok())
-            .unwrap_or(3)
+            .unwrap_or(5)
     };
     // HTTP_LOAD_CONNS=16,64 and HTTP_LOAD_UPSTREAMS=http narrow a run down
     // (for profiling one case); the default is the whole table.
