@@ -647,17 +647,16 @@ async fn run() {
                 for i in 0..paths.len() {
                     let k = (i + round) % paths.len();
                     let (_, target, pids) = &paths[k];
-                    let me = std::process::id();
                     let cpu_before: Duration = pids.iter().map(|&p| cpu_time(p)).sum();
                     let sleeps_before: u64 = pids.iter().map(|&p| sleeps(p)).sum();
-                    let rest_before = cpu_time(me);
+                    let rest_before = cpu_time(std::process::id());
                     let (idle_before, ticks_before) = machine_ticks();
                     let m = load(target, conns, measure).await;
                     let cpu: Duration =
                         pids.iter().map(|&p| cpu_time(p)).sum::<Duration>() - cpu_before;
                     let (idle_after, ticks_after) = machine_ticks();
                     let cell = &mut results[k];
-                    cell.rest += cpu_time(me) - rest_before;
+                    cell.rest += cpu_time(std::process::id()) - rest_before;
                     cell.sleeps += pids.iter().map(|&p| sleeps(p)).sum::<u64>() - sleeps_before;
                     cell.idle += idle_after - idle_before;
                     cell.ticks += ticks_after - ticks_before;

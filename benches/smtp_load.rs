@@ -24,7 +24,7 @@ mod common;
 mod support;
 
 use base64::Engine as _;
-use common::{cpu_time, quick_mode, ratio, Authswap, Latencies, Table};
+use common::{cpu_time, machine_busy, quick_mode, ratio, Authswap, Latencies, Table};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -329,23 +329,6 @@ fn message(size: usize) -> Vec<u8> {
     assert_eq!(m.len(), size);
     assert!(m.ends_with(b"\r\n"));
     dot_stuff(&m)
-}
-
-/// CPU time used by the whole machine so far (all CPUs, /proc/stat; steal
-/// included), to see how much went to processes other than ours.
-fn machine_busy() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
-    Duration::from_millis(busy * 10)
 }
 
 /// What one slot measured.

@@ -292,7 +292,7 @@ fn main() {
             // However refreshes are scheduled, the machine must spend this
             // much CPU on them: the drain cannot beat it on `cores` cores.
             let per_refresh = o.cpu / n as u32;
-            let floor = per_refresh * n as u32 / cores as u32;
+            let floor = o.cpu / cores as u32;
             table.row(vec![
                 o.permits.to_string(),
                 n.to_string(),

@@ -267,6 +267,11 @@ const CACHE_CAP: usize = 100_000;
 struct VerifiedCache(DashMap<CacheKey, Instant>);
 
 impl VerifiedCache {
+    /// Whether `key` was proven and its proof still holds at `now`.
+    fn holds(&self, key: &CacheKey, now: Instant) -> bool {
+        self.0.get(key).is_some_and(|exp| *exp > now)
+    }
+
     fn remember(&self, key: CacheKey, until: Instant) {
         if self.0.len() >= CACHE_CAP {
             self.prune(Instant::now());
@@ -415,11 +420,9 @@ impl Authenticator {
         let identity = self.directory.get(name);
         if let Some(identity) = &identity {
             let key = self.cache_key(identity, password);
-            if let Some(exp) = self.cache.0.get(&key) {
-                if *exp > Instant::now() {
-                    self.metrics.credential_check(CredentialCheck::cache_hit);
-                    return Ok(identity.clone());
-                }
+            if self.cache.holds(&key, Instant::now()) {
+                self.metrics.credential_check(CredentialCheck::cache_hit);
+                return Ok(identity.clone());
             }
         }
         // The slow path (lockout, argon2) is boxed so the futures of every

@@ -2,6 +2,10 @@
 //! one run of the work. The work runs in its own task, so it completes (and,
 //! for token refreshes, persists a rotated refresh token) even when every
 //! caller has gone away.
+//!
+//! The flight leaves the table as soon as the work ends, before its callers
+//! wake: whatever should spare later callers a new flight (a cached token,
+//! a cached proof) must be published by the work itself, not by the callers.
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;

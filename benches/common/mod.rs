@@ -145,6 +145,13 @@ pub fn machine_ticks() -> (u64, u64) {
     (idle, f.iter().take(8).sum())
 }
 
+/// CPU time the whole machine has spent busy so far (all CPUs; user, nice,
+/// system, irq, softirq and steal from /proc/stat).
+pub fn machine_busy() -> Duration {
+    let (idle, total) = machine_ticks();
+    Duration::from_millis(total.saturating_sub(idle) * 10) // USER_HZ = 100
+}
+
 /// How many times the threads of a process went to sleep waiting (voluntary
 /// context switches, summed over its threads, from /proc): its wake-ups.
 pub fn sleeps(pid: u32) -> u64 {
