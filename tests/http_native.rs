@@ -14,8 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use support::h1::{H1Fault, RawH1Upstream};
 use support::harness::{basic, Env};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use support::raw::{field, status, Raw};
 
 const GRACE: Duration = Duration::from_secs(5);
 
@@ -65,104 +64,6 @@ fn request(method: &str, path: &str, extra: &str, body: &str) -> String {
         auth(),
         body.len()
     )
-}
-
-/// A raw client connection.
-struct Raw {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
-        Raw {
-            stream: TcpStream::connect(addr).await.expect("connect"),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &str) {
-        self.stream
-            .write_all(bytes.as_bytes())
-            .await
-            .expect("write");
-    }
-
-    /// Reads until `buf` holds `marker`; returns everything up to and
-    /// including it.
-    async fn until(&mut self, marker: &str) -> String {
-        let work = async {
-            loop {
-                if let Some(i) = find(&self.buf, marker.as_bytes()) {
-                    let end = i + marker.len();
-                    let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-                    self.buf.drain(..end);
-                    return text;
-                }
-                let mut chunk = [0u8; 8192];
-                let n = self.stream.read(&mut chunk).await.expect("read");
-                assert!(
-                    n > 0,
-                    "closed before {marker:?}; got {:?}",
-                    String::from_utf8_lossy(&self.buf)
-                );
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), work)
-            .await
-            .expect("answered in time")
-    }
-
-    /// Reads one response with a `Content-Length` body: (head, body).
-    async fn response(&mut self) -> (String, String) {
-        let head = self.until("\r\n\r\n").await;
-        let length: usize = field(&head, "content-length")
-            .map(|v| v.parse().expect("length"))
-            .unwrap_or(0);
-        let work = async {
-            while self.buf.len() < length {
-                let mut chunk = [0u8; 8192];
-                let n = self.stream.read(&mut chunk).await.expect("read");
-                assert!(n > 0, "closed inside a body");
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), work)
-            .await
-            .expect("body in time");
-        let body = String::from_utf8_lossy(&self.buf[..length]).into_owned();
-        self.buf.drain(..length);
-        (head, body)
-    }
-
-    /// Everything until authswap closes the connection.
-    async fn rest(&mut self) -> String {
-        let mut rest = std::mem::take(&mut self.buf);
-        tokio::time::timeout(Duration::from_secs(10), self.stream.read_to_end(&mut rest))
-            .await
-            .expect("closed in time")
-            .expect("read");
-        String::from_utf8_lossy(&rest).into_owned()
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// A header field's value in a head (first match, any case).
-fn field(head: &str, name: &str) -> Option<String> {
-    head.lines().find_map(|l| {
-        let (n, v) = l.split_once(':')?;
-        n.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_owned())
-    })
-}
-
-fn status(head: &str) -> u16 {
-    head[9..12].parse().expect("status code")
 }
 
 #[tokio::test]
@@ -315,13 +216,6 @@ async fn every_response_framing_is_relayed_exactly() {
     assert_eq!(status(&head), 200);
     assert_eq!(up.connections(), 2);
     server.shutdown(GRACE).await;
-}
-
-impl Raw {
-    async fn response_to(&mut self, req: &str) -> (String, String) {
-        self.send(req).await;
-        self.response().await
-    }
 }
 
 #[tokio::test]

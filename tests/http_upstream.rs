@@ -12,23 +12,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use support::h1::{H1Fault, RawH1Upstream};
 use support::harness::{basic, Env, HttpClient, SOAP};
+use support::raw::{status, Raw};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const GRACE: Duration = Duration::from_secs(5);
 
 /// A keep-alive HTTP/1.1 client on one TCP connection, request by request.
-struct RawClient {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
+struct RawClient(Raw);
 
 impl RawClient {
     async fn connect(addr: SocketAddr) -> RawClient {
-        RawClient {
-            stream: TcpStream::connect(addr).await.expect("connect to authswap"),
-            buf: Vec::new(),
-        }
+        RawClient(Raw::connect(addr).await)
     }
 
     /// Sends one request as alice and reads the answer.
@@ -50,53 +45,14 @@ impl RawClient {
              content-type: text/xml\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
-        self.stream.write_all(req.as_bytes()).await.expect("write");
-        tokio::time::timeout(Duration::from_secs(20), self.read_response())
-            .await
-            .expect("authswap answered in time")
-    }
-
-    async fn read_response(&mut self) -> (u16, String) {
-        let end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            self.fill().await;
-        };
-        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-        let status: u16 = head[9..12].parse().expect("status");
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (n, v) = l.split_once(':')?;
-                n.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .expect("content-length");
-        self.buf.drain(..end);
-        while self.buf.len() < length {
-            self.fill().await;
-        }
-        let body = String::from_utf8_lossy(&self.buf[..length]).into_owned();
-        self.buf.drain(..length);
-        (status, body)
-    }
-
-    async fn fill(&mut self) {
-        let mut chunk = [0u8; 8192];
-        let n = self.stream.read(&mut chunk).await.expect("read");
-        assert!(n > 0, "authswap closed the connection");
-        self.buf.extend_from_slice(&chunk[..n]);
+        let (head, body) = self.0.response_to(&req).await;
+        (status(&head), body)
     }
 
     /// Closes our side and waits until authswap has closed its side too,
     /// so that its connection (and lane) is gone when this returns.
-    async fn close(mut self) {
-        self.stream.shutdown().await.expect("shutdown");
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.stream.read_to_end(&mut rest))
-            .await
-            .expect("authswap closed its side");
+    async fn close(self) {
+        self.0.close().await
     }
 }
 
@@ -371,14 +327,8 @@ async fn chunked_bodies_below_and_above_the_replay_limit_arrive_intact_and_in_or
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         stream.write_all(b"0\r\n\r\n").await.unwrap();
-        let mut client = RawClient {
-            stream,
-            buf: Vec::new(),
-        };
-        let (status, body) = tokio::time::timeout(Duration::from_secs(20), client.read_response())
-            .await
-            .unwrap();
-        assert_eq!(status, 200, "{parts} chunks: {body}");
+        let (head, body) = Raw::new(stream).response().await;
+        assert_eq!(status(&head), 200, "{parts} chunks: {body}");
         assert_eq!(body.into_bytes(), chunks.concat(), "{parts} chunks");
     }
     server.shutdown(GRACE).await;
@@ -461,7 +411,7 @@ async fn idle_connections_close_after_the_header_timeout_but_busy_ones_do_not() 
     // Idle for longer than the limit: authswap closes the connection.
     let idle = std::time::Instant::now();
     let mut byte = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(5), client.stream.read(&mut byte))
+    let n = tokio::time::timeout(Duration::from_secs(5), client.0.stream.read(&mut byte))
         .await
         .expect("closed within 5 s")
         .unwrap_or(0);

@@ -21,3 +21,4 @@ pub use ews::{
 pub use idp::{ms_error_body, ClientAuth, FakeIdp, IdpOptions, IdpRequestRecord, TokenValidator};
 pub mod harness;
 pub mod mail;
+pub mod raw;
