@@ -114,14 +114,11 @@ impl App {
             // the previous link.
             self.tokens.forget(changed.id);
         }
-        let mut counts = [("pending", 0i64), ("linked", 0), ("needs_reauth", 0)];
+        let mut counts = Status::ALL.map(|s| (s.as_str(), 0i64));
         for r in &records {
-            let i = match r.status {
-                Status::Pending => 0,
-                Status::Linked => 1,
-                Status::NeedsReauth => 2,
-            };
-            counts[i].1 += 1;
+            if let Some(c) = counts.iter_mut().find(|(s, _)| *s == r.status.as_str()) {
+                c.1 += 1;
+            }
             self.metrics
                 .set_reauth_required(&r.name, r.status == Status::NeedsReauth);
         }

@@ -566,6 +566,13 @@ pub struct TokenConfig {
     /// Longest retry delay after repeated transient failures.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// First backoff after the upstream refused a freshly issued token
+    /// (doubling with each consecutive refusal).
+    #[serde(with = "humantime_serde")]
+    pub refused_backoff_min: Duration,
+    /// Longest backoff after consecutive refusals of fresh tokens.
+    #[serde(with = "humantime_serde")]
+    pub refused_backoff_max: Duration,
     /// How often `serve` looks for identity changes made by the CLI.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
@@ -580,6 +587,8 @@ impl Default for TokenConfig {
             refresh_ahead: Duration::from_secs(300),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
+            refused_backoff_min: Duration::from_secs(2),
+            refused_backoff_max: Duration::from_secs(300),
             reload_interval: Duration::from_secs(1),
             max_concurrent_refreshes: 64,
         }
@@ -774,6 +783,14 @@ impl Config {
             return Err(invalid(
                 "tokens.retry_max",
                 "retry_min must be above zero and retry_max at least retry_min",
+            ));
+        }
+        if self.tokens.refused_backoff_min.is_zero()
+            || self.tokens.refused_backoff_max < self.tokens.refused_backoff_min
+        {
+            return Err(invalid(
+                "tokens.refused_backoff_max",
+                "refused_backoff_min must be above zero and refused_backoff_max at least refused_backoff_min",
             ));
         }
         self.smtp.validate([

@@ -86,8 +86,56 @@ impl Identity {
         match self.status.load(Ordering::Acquire) {
             1 => Status::Linked,
             2 => Status::NeedsReauth,
+            3 => Status::UpstreamRefused,
             _ => Status::Pending,
         }
+    }
+
+    /// A refresh succeeded: the identity is linked, unless the upstream
+    /// refuses it for a reason a refresh does not cure (that status stays
+    /// until the upstream accepts a token again).
+    pub fn refreshed(&self) {
+        if self.status() != Status::UpstreamRefused {
+            self.set_status(Status::Linked, None);
+        }
+    }
+
+    /// Marks the identity `upstream_refused` with `message`, unless it
+    /// needs re-authentication (which says more). Whether it changed.
+    pub fn mark_upstream_refused(&self, message: String) -> bool {
+        let refused = status_code(Status::UpstreamRefused);
+        let changed = self
+            .status
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s != status_code(Status::NeedsReauth)).then_some(refused)
+            })
+            .is_ok();
+        if changed {
+            if let Ok(mut g) = self.last_error.lock() {
+                *g = Some(message);
+            }
+        }
+        changed
+    }
+
+    /// Clears an `upstream_refused` status (the upstream accepted a token);
+    /// whether this call cleared it.
+    pub fn clear_upstream_refusal(&self) -> bool {
+        let cleared = self
+            .status
+            .compare_exchange(
+                status_code(Status::UpstreamRefused),
+                status_code(Status::Linked),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if cleared {
+            if let Ok(mut g) = self.last_error.lock() {
+                *g = None;
+            }
+        }
+        cleared
     }
 
     /// Last error text recorded for the identity.
@@ -117,6 +165,7 @@ fn status_code(s: Status) -> u8 {
         Status::Pending => 0,
         Status::Linked => 1,
         Status::NeedsReauth => 2,
+        Status::UpstreamRefused => 3,
     }
 }
 

@@ -29,6 +29,16 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// What the upstream of this front end is called in messages.
+    pub fn upstream_name(self) -> &'static str {
+        match self {
+            Protocol::http => "HTTP upstream",
+            Protocol::smtp => "SMTP server",
+            Protocol::imap => "IMAP server",
+            Protocol::pop3 => "POP3 server",
+        }
+    }
+
     /// Every protocol (to remove an identity's series).
     pub const ALL: [Protocol; 4] = [
         Protocol::http,
@@ -52,6 +62,12 @@ pub enum FailureReason {
     locked_out,
     /// Upstream refused the access token (401 / 535 / NO).
     token_rejected,
+    /// Upstream refused a freshly issued token again: the identity backs
+    /// off and clients get temporary answers.
+    fresh_token_refused,
+    /// Upstream refused access for a reason an administrator must fix
+    /// (SMTP AUTH or EWS switched off); its answer is passed through.
+    upstream_refused,
     /// The identity platform failed transiently.
     refresh_failed,
     /// The identity needs a person to sign in again.
@@ -60,12 +76,14 @@ pub enum FailureReason {
 
 impl FailureReason {
     /// Every reason (to remove an identity's series).
-    pub const ALL: [FailureReason; 7] = [
+    pub const ALL: [FailureReason; 9] = [
         FailureReason::bad_request,
         FailureReason::bad_password,
         FailureReason::unknown_identity,
         FailureReason::locked_out,
         FailureReason::token_rejected,
+        FailureReason::fresh_token_refused,
+        FailureReason::upstream_refused,
         FailureReason::refresh_failed,
         FailureReason::reauth_required,
     ];
@@ -108,11 +126,14 @@ pub enum Outcome {
     upstream_error,
     /// Malformed or oversized request.
     bad_request,
+    /// The upstream refused access: freshly issued tokens refused again
+    /// (temporary answer), or a permanent reason passed through.
+    upstream_refused,
 }
 
 impl Outcome {
     /// Number of outcomes.
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
 }
 
 /// Outcome of a local password check.
@@ -200,7 +221,7 @@ pub struct Metrics {
 }
 
 // The handle arrays are indexed by these enums' discriminants.
-const _: () = assert!(Outcome::bad_request as usize + 1 == Outcome::COUNT);
+const _: () = assert!(Outcome::upstream_refused as usize + 1 == Outcome::COUNT);
 const _: () = assert!(CredentialCheck::shared as usize == 3);
 
 #[derive(Default)]

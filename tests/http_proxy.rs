@@ -212,13 +212,14 @@ async fn upstream_401_refreshes_once_and_replays_the_body_byte_identical() {
     assert_ne!(seen[0].bearer, seen[1].bearer, "replayed with a new token");
     assert_eq!(env.idp.successful_refreshes(), 2);
 
-    // An upstream that refuses every token: one retry, then the 401 passes
-    // through, and the platform is not hammered.
+    // An upstream that refuses every token: one retry, then a temporary
+    // answer, and the platform is not hammered (tests/refusals.rs has
+    // the whole policy).
     env.ews.reject_next(10);
     let r = client.ews(addr, "alice", "pw-alice-123", SOAP).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let r = client.ews(addr, "alice", "pw-alice-123", SOAP).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(env.idp.successful_refreshes() <= 3, "no refresh storm");
 
     let m = client.get(server.admin_addr(), "/metrics").await.text();
@@ -268,8 +269,8 @@ async fn bodies_over_the_replay_limit_stream_without_replay() {
         .await;
     assert_eq!(
         r.status,
-        StatusCode::UNAUTHORIZED,
-        "not replayable: the 401 passes through"
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not replayable: the client is asked to send it again"
     );
     assert_eq!(env.ews.request_count(), 1);
     // The next request uses a fresh token.

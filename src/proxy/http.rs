@@ -23,7 +23,7 @@ use crate::app::App;
 use crate::identity::{AuthError, ConnectionMemo};
 use crate::metrics::{FailureReason, Outcome, Protocol};
 use crate::tls::{BoxError, OutBody};
-use crate::token::{AccessToken, Scopes, TokenError};
+use crate::token::{refusal, AccessToken, Scopes, TokenError, Verdict};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::FutureExt as _;
@@ -165,7 +165,6 @@ impl HttpProxy {
         peer: SocketAddr,
         conn: &Arc<Connection>,
     ) -> Result<Response<OutBody>, Rejection> {
-        let app = &self.app;
         // An HTTP/2 client multiplexes requests: they share the pooled client.
         let h1 = (req.version() < http::Version::HTTP_2).then_some(&**conn);
         let auth = req
@@ -205,36 +204,78 @@ impl HttpProxy {
                         .then(|| build(token, full(bytes.clone())));
                     self.send(h1, request, again)
                 };
-                let response = send(&token).await?;
-                if response.status() != StatusCode::UNAUTHORIZED {
-                    return Ok(self.respond(response, conn));
+                let mut token = token;
+                let mut retried = false;
+                loop {
+                    let response = send(&token).await?;
+                    let verdict = match self.refused(&identity, &token, &response) {
+                        None => return Ok(self.respond(response, conn)),
+                        Some(verdict) => verdict,
+                    };
+                    match verdict {
+                        Verdict::PassThrough => return Ok(self.respond(response, conn)),
+                        Verdict::Retry if !retried => {
+                            // Drop the refused answer (the connection can
+                            // be reused), refresh, replay the same bytes.
+                            retried = true;
+                            drop(response);
+                            token = self.token(&identity).await?;
+                        }
+                        // Refused again after this request's one refresh.
+                        Verdict::Retry => return Err(self.refused_fresh(&identity, None)),
+                        Verdict::Backoff { retry_after } => {
+                            return Err(self.refused_fresh(&identity, Some(retry_after)))
+                        }
+                    }
                 }
-                if !app
-                    .tokens
-                    .reject(&identity, &self.scopes, &token, Protocol::http)
-                {
-                    return Ok(self.respond(response, conn));
-                }
-                // Drain the refused answer so the connection can be reused.
-                drop(response);
-                let token = self.token(&identity).await?;
-                let response = send(&token).await?;
-                if response.status() == StatusCode::UNAUTHORIZED {
-                    app.tokens
-                        .reject(&identity, &self.scopes, &token, Protocol::http);
-                }
-                Ok(self.respond(response, conn))
             }
             RequestBody::Streaming(body) => {
                 let response = self.send(h1, build(&token, body), None).await?;
-                if response.status() == StatusCode::UNAUTHORIZED {
-                    // Too large to replay: report, refresh for next time.
-                    app.tokens
-                        .reject(&identity, &self.scopes, &token, Protocol::http);
+                match self.refused(&identity, &token, &response) {
+                    None | Some(Verdict::PassThrough) => Ok(self.respond(response, conn)),
+                    // Too large to replay: the client sends it again.
+                    Some(Verdict::Retry) => Err(Rejection::Resend),
+                    Some(Verdict::Backoff { retry_after }) => {
+                        Err(self.refused_fresh(&identity, Some(retry_after)))
+                    }
                 }
-                Ok(self.respond(response, conn))
             }
         }
+    }
+
+    /// Applies the refusal policy to an upstream answer: `None` when it is
+    /// no refusal (the token is recorded as accepted), else what to do.
+    fn refused<B>(
+        &self,
+        identity: &crate::identity::Identity,
+        token: &AccessToken,
+        response: &Response<B>,
+    ) -> Option<Verdict> {
+        let tokens = &self.app.tokens;
+        let headers = response.headers();
+        match refusal::http(response.status().as_u16(), |name| {
+            headers.get(name).map(|v| v.as_bytes())
+        }) {
+            None => {
+                tokens.accepted(identity, &self.scopes, token);
+                None
+            }
+            Some(refusal) => {
+                Some(tokens.refused(identity, &self.scopes, token, Protocol::http, &refusal))
+            }
+        }
+    }
+
+    /// The temporary answer when the upstream refuses fresh tokens.
+    pub(super) fn refused_fresh(
+        &self,
+        identity: &crate::identity::Identity,
+        retry_after: Option<Duration>,
+    ) -> Rejection {
+        Rejection::Token(TokenError::Refused {
+            identity: identity.name.clone(),
+            retry_after: retry_after.unwrap_or(self.app.config.tokens.refused_backoff_min),
+        })
     }
 
     /// The identity the request's Basic credentials prove: from the
@@ -655,6 +696,9 @@ pub(super) enum Rejection {
     BadRequest(&'static str),
     Auth(AuthError),
     Token(TokenError),
+    /// The upstream refused the token of a request too large to replay:
+    /// the token was dropped; the client should send the request again.
+    Resend,
     TooLarge,
     HeadTooLarge,
     BodyTimeout,
@@ -737,6 +781,34 @@ impl Rejection {
                 );
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, retry_after_value(retry_after));
+                r
+            }
+            Rejection::Token(TokenError::Refused {
+                identity,
+                retry_after,
+            }) => {
+                m.request(Protocol::http, Outcome::upstream_refused);
+                m.auth_failure(
+                    Some(&identity),
+                    Protocol::http,
+                    FailureReason::fresh_token_refused,
+                );
+                let mut r = local_text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the upstream server refused freshly issued access tokens; try again later\n",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, retry_after_value(retry_after));
+                r
+            }
+            Rejection::Resend => {
+                m.request(Protocol::http, Outcome::upstream_refused);
+                let mut r = local_text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the upstream server refused the access token; a new one is being obtained: send the request again\n",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 r
             }
             Rejection::TooLarge => {

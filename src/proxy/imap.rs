@@ -250,7 +250,7 @@ impl Imap {
                     "NO" if msg.to_ascii_uppercase().contains("[UNAVAILABLE]") => {
                         Err(UpstreamLogin::Temporary(msg.to_owned()))
                     }
-                    "NO" => Err(UpstreamLogin::Rejected),
+                    "NO" => Err(UpstreamLogin::Rejected(crate::token::refusal::imap(msg))),
                     _ => Err(UpstreamLogin::Failed(format!("upstream answered {text}"))),
                 };
             }
@@ -464,9 +464,11 @@ impl Imap {
             Err(LoginFailure::Reauth { identity }) => format!(
                 "{tag} NO [AUTHENTICATIONFAILED] Identity {identity} needs re-authentication: an administrator must run authswap identity login {identity}\r\n"
             ),
-            Err(LoginFailure::Refused) => format!(
-                "{tag} NO [AUTHENTICATIONFAILED] The mail server refused the access token\r\n"
+            Err(LoginFailure::RefusedFresh) => format!(
+                "{tag} NO [UNAVAILABLE] The mail server refused freshly issued access tokens, try again later\r\n"
             ),
+            // The upstream's own words after its `NO`, passed through.
+            Err(LoginFailure::UpstreamRefused { text }) => format!("{tag} NO {text}\r\n"),
             Err(LoginFailure::Unavailable | LoginFailure::UpstreamTemporary) => {
                 format!("{tag} NO [UNAVAILABLE] Temporary authentication failure, try again later\r\n")
             }

@@ -10,7 +10,7 @@ use crate::app::App;
 use crate::config::{MailConfig, UpstreamTls};
 use crate::identity::{AuthError, Identity};
 use crate::metrics::{FailureReason, Outcome, Protocol};
-use crate::token::{AccessToken, Scopes, TokenError};
+use crate::token::{AccessToken, Refusal, Scopes, TokenError, Verdict};
 use rustls::pki_types::ServerName;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -60,8 +60,9 @@ pub enum MailSetupError {
 /// How an upstream login attempt ended.
 #[derive(Debug)]
 pub enum UpstreamLogin {
-    /// The upstream refused the access token.
-    Rejected,
+    /// The upstream refused the access token (its answer classified by
+    /// [`crate::token::refusal`]).
+    Rejected(Refusal),
     /// A temporary upstream condition (4xx).
     Temporary(String),
     /// Unreachable, TLS failure, protocol violation.
@@ -82,8 +83,15 @@ pub enum LoginFailure {
     },
     /// No token could be had; try later.
     Unavailable,
-    /// The upstream refused even a fresh token.
-    Refused,
+    /// The upstream refuses freshly issued tokens: a temporary answer that
+    /// says so.
+    RefusedFresh,
+    /// The upstream refused for a reason an administrator must fix: its
+    /// words (one line, bounded), to pass through.
+    UpstreamRefused {
+        /// What the upstream said.
+        text: String,
+    },
     /// The upstream answered with a temporary failure.
     UpstreamTemporary,
     /// The upstream is unreachable or misbehaved.
@@ -244,33 +252,41 @@ impl MailFrontEnd {
         loop {
             let token = match app.tokens.access_token(&identity, &self.scopes).await {
                 Ok(t) => t,
-                Err(TokenError::ReauthRequired { identity: name, .. }) => {
-                    m.request(p, Outcome::reauth_required);
-                    m.auth_failure(Some(&name), p, FailureReason::reauth_required);
-                    return Err(LoginFailure::Reauth { identity: name });
-                }
-                Err(TokenError::Unavailable { identity: name, .. }) => {
-                    m.request(p, Outcome::unavailable);
-                    m.auth_failure(Some(&name), p, FailureReason::refresh_failed);
-                    return Err(LoginFailure::Unavailable);
-                }
+                Err(e) => return Err(self.no_token(e)),
             };
             let started = Instant::now();
             let result = attempt(identity.clone(), token.clone()).await;
             m.upstream_duration(p, started.elapsed().as_secs_f64());
             match result {
                 Ok(u) => {
+                    app.tokens.accepted(&identity, &self.scopes, &token);
                     m.request(p, Outcome::forwarded);
                     tracing::info!(identity = %identity.name, protocol = ?p, "logged in upstream");
                     return Ok((identity, u));
                 }
-                Err(UpstreamLogin::Rejected) => {
-                    let again = app.tokens.reject(&identity, &self.scopes, &token, p);
-                    if retried || !again {
-                        m.request(p, Outcome::unauthorized);
-                        return Err(LoginFailure::Refused);
+                Err(UpstreamLogin::Rejected(refusal)) => {
+                    match app
+                        .tokens
+                        .refused(&identity, &self.scopes, &token, p, &refusal)
+                    {
+                        Verdict::Retry if !retried => retried = true,
+                        // Refused again after this login's one refresh.
+                        Verdict::Retry | Verdict::Backoff { .. } => {
+                            m.request(p, Outcome::upstream_refused);
+                            m.auth_failure(
+                                Some(&identity.name),
+                                p,
+                                FailureReason::fresh_token_refused,
+                            );
+                            return Err(LoginFailure::RefusedFresh);
+                        }
+                        Verdict::PassThrough => {
+                            m.request(p, Outcome::upstream_refused);
+                            return Err(LoginFailure::UpstreamRefused {
+                                text: refusal.text().to_owned(),
+                            });
+                        }
                     }
-                    retried = true;
                 }
                 Err(UpstreamLogin::Temporary(msg)) => {
                     tracing::warn!(identity = %identity.name, protocol = ?p, %msg, "upstream refused the login temporarily");
@@ -282,6 +298,28 @@ impl MailFrontEnd {
                     m.request(p, Outcome::upstream_error);
                     return Err(LoginFailure::UpstreamFailed);
                 }
+            }
+        }
+    }
+
+    /// The failure (and its metrics) when no access token can be had.
+    fn no_token(&self, e: TokenError) -> LoginFailure {
+        let (m, p) = (&self.app.metrics, self.protocol);
+        match e {
+            TokenError::ReauthRequired { identity, .. } => {
+                m.request(p, Outcome::reauth_required);
+                m.auth_failure(Some(&identity), p, FailureReason::reauth_required);
+                LoginFailure::Reauth { identity }
+            }
+            TokenError::Unavailable { identity, .. } => {
+                m.request(p, Outcome::unavailable);
+                m.auth_failure(Some(&identity), p, FailureReason::refresh_failed);
+                LoginFailure::Unavailable
+            }
+            TokenError::Refused { identity, .. } => {
+                m.request(p, Outcome::upstream_refused);
+                m.auth_failure(Some(&identity), p, FailureReason::fresh_token_refused);
+                LoginFailure::RefusedFresh
             }
         }
     }

@@ -91,7 +91,9 @@ impl Pop3 {
                 String::from_utf8_lossy(&answer).into_owned(),
             ))
         } else {
-            Err(UpstreamLogin::Rejected)
+            Err(UpstreamLogin::Rejected(crate::token::refusal::pop3(
+                &String::from_utf8_lossy(&answer),
+            )))
         }
     }
 
@@ -267,9 +269,11 @@ impl Pop3 {
             Err(LoginFailure::Reauth { identity }) => format!(
                 "-ERR [AUTH] Identity {identity} needs re-authentication: an administrator must run authswap identity login {identity}"
             ),
-            Err(LoginFailure::Refused) => {
-                "-ERR [AUTH] The mail server refused the access token".to_owned()
+            Err(LoginFailure::RefusedFresh) => {
+                "-ERR [SYS/TEMP] The mail server refused freshly issued access tokens, try again later".to_owned()
             }
+            // The upstream's own line, passed through.
+            Err(LoginFailure::UpstreamRefused { text }) => text,
             Err(LoginFailure::Unavailable | LoginFailure::UpstreamTemporary) => {
                 "-ERR [SYS/TEMP] Temporary authentication failure, try again later".to_owned()
             }

@@ -9,6 +9,7 @@ use super::mail::{splice, LoginFailure, MailFrontEnd, UpstreamLogin};
 use super::sasl::{self, Credentials};
 use crate::config::UpstreamTls;
 use crate::secret::Secret;
+use crate::token::refusal;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -196,7 +197,10 @@ impl Smtp {
         }
         match reply.code {
             235 => Ok(up),
-            535 | 534 | 530 => Err(UpstreamLogin::Rejected),
+            535 | 534 | 530 => Err(UpstreamLogin::Rejected(refusal::smtp(
+                reply.code,
+                &reply.lines.join(" "),
+            ))),
             c if (400..500).contains(&c) => Err(UpstreamLogin::Temporary(format!(
                 "{c} {}",
                 reply.lines.join(" ")
@@ -507,9 +511,11 @@ impl Smtp {
             Err(LoginFailure::Reauth { identity }) => format!(
                 "535 5.7.8 Identity {identity} needs re-authentication: an administrator must run authswap identity login {identity}"
             ),
-            Err(LoginFailure::Refused) => {
-                "535 5.7.8 Authentication unsuccessful: the mail server refused the access token".to_owned()
+            Err(LoginFailure::RefusedFresh) => {
+                "454 4.7.0 Temporary authentication failure: the mail server refused freshly issued access tokens, try again later".to_owned()
             }
+            // The upstream's own reply (code first), passed through.
+            Err(LoginFailure::UpstreamRefused { text }) => text,
             Err(LoginFailure::Unavailable | LoginFailure::UpstreamTemporary) => {
                 "454 4.7.0 Temporary authentication failure, try again later".to_owned()
             }

@@ -21,15 +21,29 @@ pub enum Status {
     Linked,
     /// The identity platform refused the refresh token; a person must sign in again.
     NeedsReauth,
+    /// Linked, but the upstream refuses access for a reason no token cures
+    /// (SMTP AUTH or EWS switched off for the tenant, app or mailbox), or
+    /// keeps refusing freshly issued tokens; `last_error` has its words.
+    /// Cleared by the next success upstream.
+    UpstreamRefused,
 }
 
 impl Status {
+    /// Every status.
+    pub const ALL: [Status; 4] = [
+        Status::Pending,
+        Status::Linked,
+        Status::NeedsReauth,
+        Status::UpstreamRefused,
+    ];
+
     /// Database and display form.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Pending => "pending",
             Status::Linked => "linked",
             Status::NeedsReauth => "needs_reauth",
+            Status::UpstreamRefused => "upstream_refused",
         }
     }
 
@@ -39,6 +53,7 @@ impl Status {
             "pending" => Some(Status::Pending),
             "linked" => Some(Status::Linked),
             "needs_reauth" => Some(Status::NeedsReauth),
+            "upstream_refused" => Some(Status::UpstreamRefused),
             _ => None,
         }
     }
@@ -162,6 +177,17 @@ pub trait Store: Send + Sync + 'static {
         id: i64,
         needs_reauth: bool,
         error: &str,
+        at: i64,
+    ) -> Result<(), StoreError>;
+    /// Records that the upstream refuses identity `id` (`Some(words)`:
+    /// status `upstream_refused` with those words, unless the identity
+    /// needs re-authentication) or accepts it again (`None`: back to
+    /// `linked` if it was `upstream_refused`). Token refreshes leave this
+    /// state alone.
+    async fn set_upstream_refusal(
+        &self,
+        id: i64,
+        refusal: Option<&str>,
         at: i64,
     ) -> Result<(), StoreError>;
     /// A number that changes whenever identities change in a way a running

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 const COLUMNS: &str = "id, name, mailbox, password_hash, status, last_error, last_success_at, \
-     last_failure_at, created_at, refresh_token IS NOT NULL AS has_token, token_generation";
+     last_failure_at, created_at, refresh_token IS NOT NULL AS has_token, token_generation, \
+     upstream_refusal";
 
 /// SQLite-backed [`Store`].
 #[derive(Clone, Debug)]
@@ -165,13 +166,20 @@ impl SqliteStore {
 
 fn record(row: &SqliteRow) -> Result<IdentityRecord, StoreError> {
     let status: String = row.try_get("status")?;
+    let mut status = Status::parse(&status).unwrap_or(Status::Pending);
+    let mut last_error: Option<String> = row.try_get("last_error")?;
+    let refusal: Option<String> = row.try_get("upstream_refusal")?;
+    if let (Status::Linked, Some(refusal)) = (status, refusal) {
+        status = Status::UpstreamRefused;
+        last_error = Some(refusal);
+    }
     Ok(IdentityRecord {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
         mailbox: row.try_get("mailbox")?,
         password_hash: row.try_get("password_hash")?,
-        status: Status::parse(&status).unwrap_or(Status::Pending),
-        last_error: row.try_get("last_error")?,
+        status,
+        last_error,
         last_success_at: row.try_get("last_success_at")?,
         last_failure_at: row.try_get("last_failure_at")?,
         created_at: row.try_get("created_at")?,
@@ -312,7 +320,8 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let n = sqlx::query(
             "UPDATE identities SET refresh_token = ?, key_id = ?, status = 'linked', \
-             last_error = NULL, token_generation = token_generation + 1, \
+             last_error = NULL, upstream_refusal = NULL, upstream_refused_at = NULL, \
+             token_generation = token_generation + 1, \
              last_success_at = ?, updated_at = ? WHERE id = ?",
         )
         .bind(&token.blob)
@@ -373,6 +382,41 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         if old != "linked" {
+            bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_upstream_refusal(
+        &self,
+        id: i64,
+        refusal: Option<&str>,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let n = match refusal {
+            Some(text) => sqlx::query(
+                "UPDATE identities SET upstream_refusal = ?, upstream_refused_at = ?, \
+                 updated_at = ? WHERE id = ? AND upstream_refusal IS NOT ?",
+            )
+            .bind(text)
+            .bind(at)
+            .bind(at)
+            .bind(id)
+            .bind(text),
+            None => sqlx::query(
+                "UPDATE identities SET upstream_refusal = NULL, upstream_refused_at = NULL, \
+                 last_success_at = ?, updated_at = ? WHERE id = ? AND upstream_refusal IS NOT NULL",
+            )
+            .bind(at)
+            .bind(at)
+            .bind(id),
+        }
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
             bump(&mut tx).await?;
         }
         tx.commit().await?;
@@ -480,6 +524,31 @@ mod tests {
         let r2 = store.revision().await.unwrap();
         store.rotate(rec.id, 1, &sealed, 7).await.unwrap();
         assert_eq!(store.revision().await.unwrap(), r2, "plain rotation is not");
+
+        // The upstream's refusal shows until a success clears it; token
+        // refreshes leave it alone.
+        store
+            .set_upstream_refusal(rec.id, Some("535 5.7.139 SMTP AUTH is disabled"), 8)
+            .await
+            .unwrap();
+        assert!(store.revision().await.unwrap() > r2);
+        store.rotate(rec.id, 1, &sealed2, 9).await.unwrap();
+        let got = store.get("alice").await.unwrap().unwrap();
+        assert_eq!(got.status, Status::UpstreamRefused);
+        assert_eq!(
+            got.last_error.as_deref(),
+            Some("535 5.7.139 SMTP AUTH is disabled")
+        );
+        let r3 = store.revision().await.unwrap();
+        store
+            .set_upstream_refusal(rec.id, Some("535 5.7.139 SMTP AUTH is disabled"), 10)
+            .await
+            .unwrap();
+        assert_eq!(store.revision().await.unwrap(), r3, "same words: no change");
+        store.set_upstream_refusal(rec.id, None, 11).await.unwrap();
+        let got = store.get("alice").await.unwrap().unwrap();
+        assert_eq!((got.status, got.last_error), (Status::Linked, None));
+        assert!(store.revision().await.unwrap() > r3);
 
         store.remove("Alice").await.unwrap();
         assert!(store.get("alice").await.unwrap().is_none());

@@ -4,10 +4,14 @@
 //! the one used next), refresh ahead of expiry, rotated refresh tokens
 //! committed before the access token is handed out, and the failure policy:
 //! needs-reauth is persisted and stops calls to the platform; transient
-//! failures back off with jitter, honouring `Retry-After`.
+//! failures back off with jitter, honouring `Retry-After`. It also keeps
+//! the state of the upstream-refusal policy ([`super::refusal`]): which
+//! token was issued because its predecessor was refused, consecutive
+//! refusals of such fresh tokens, and the backoff they start.
 
 use super::error::IdpError;
 use super::idp::IdpClient;
+use super::refusal::{Refusal, Verdict};
 use crate::config::TokenConfig;
 use crate::identity::Identity;
 use crate::metrics::{FailureReason, Metrics, Protocol, RefreshResult};
@@ -17,7 +21,7 @@ use crate::store::{now_unix, Sealer, Status, Store};
 use dashmap::DashMap;
 use rand::Rng;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -87,13 +91,20 @@ impl fmt::Debug for Scopes {
 #[derive(Clone)]
 pub struct AccessToken {
     id: u64,
-    secret: Arc<Secret>,
+    shared: Arc<Shared>,
     header: http::HeaderValue,
     /// When it stops working.
     pub expires_at: Instant,
     refresh_at: Instant,
-    issued: Instant,
-    after_reject: bool,
+    /// Issued by a refresh that an upstream refusal caused.
+    after_refusal: bool,
+}
+
+/// What the copies of one access token share.
+struct Shared {
+    secret: Secret,
+    /// The upstream accepted it at least once.
+    proven: AtomicBool,
 }
 
 impl AccessToken {
@@ -106,18 +117,26 @@ impl AccessToken {
         let ahead = ahead.min(lifetime / 2);
         AccessToken {
             id,
-            secret: Arc::new(secret),
+            shared: Arc::new(Shared {
+                secret,
+                proven: AtomicBool::new(false),
+            }),
             header,
             expires_at: issued + lifetime,
             refresh_at: issued + lifetime - ahead,
-            issued,
-            after_reject: false,
+            after_refusal: false,
         }
     }
 
     /// The token itself (for XOAUTH2).
     pub fn secret(&self) -> &Secret {
-        &self.secret
+        &self.shared.secret
+    }
+
+    /// Issued because its predecessor was refused, and not accepted by the
+    /// upstream since: a refusal of it counts as a consecutive one.
+    fn fresh_after_refusal(&self) -> bool {
+        self.after_refusal && !self.shared.proven.load(Ordering::Relaxed)
     }
 
     /// `Bearer <token>`, marked sensitive.
@@ -161,6 +180,26 @@ pub enum TokenError {
         /// What went wrong.
         message: String,
     },
+    /// The upstream refused freshly issued tokens of this identity and
+    /// scope set: no token is handed out before `retry_after`.
+    #[error("the upstream refused freshly issued access tokens of {identity} (retry in {retry_after:?})")]
+    Refused {
+        /// Identity name.
+        identity: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
+}
+
+impl TokenError {
+    /// The identity the error is about.
+    pub fn identity(&self) -> &str {
+        match self {
+            TokenError::ReauthRequired { identity, .. }
+            | TokenError::Unavailable { identity, .. }
+            | TokenError::Refused { identity, .. } => identity,
+        }
+    }
 }
 
 /// (identity id, scope-set id).
@@ -169,16 +208,13 @@ type Key = (i64, u32);
 #[derive(Default)]
 struct Slot {
     token: Option<AccessToken>,
+    /// Identity-platform failures.
     backoff: Option<Backoff>,
-    /// The upstream refused the previous token of this slot.
-    rejected: bool,
+    /// The next refresh is caused by an upstream refusal.
+    refusal_refresh: bool,
+    /// Consecutive refusals of fresh tokens, and the backoff they started.
+    refused: Option<Backoff>,
 }
-
-/// A token obtained because the upstream refused its predecessor is not
-/// refused in turn (and refreshed again) before it is this old: an upstream
-/// that refuses every token (EWS disabled for the mailbox, missing
-/// permission) must not cause a refresh per request.
-const REJECT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 struct Backoff {
     until: Instant,
@@ -217,6 +253,8 @@ enum Cached {
     Fresh(AccessToken),
     Ahead(AccessToken),
     BackingOff(Duration, String),
+    /// The upstream refuses fresh tokens: nothing is handed out for a while.
+    Refused(Duration),
     Missing,
 }
 
@@ -255,6 +293,9 @@ impl TokenEngine {
         let Some(slot) = self.inner.slots.get(key) else {
             return Cached::Missing;
         };
+        if let Some(b) = slot.refused.as_ref().filter(|b| b.until > now) {
+            return Cached::Refused(b.until - now);
+        }
         let backoff = slot
             .backoff
             .as_ref()
@@ -295,6 +336,7 @@ impl TokenEngine {
             Cached::BackingOff(left, message) => {
                 return Err(self.unavailable_or_reauth(identity, left, message))
             }
+            Cached::Refused(left) => return Err(refused_error(identity, left)),
             Cached::Missing => {}
         }
         if identity.status() == Status::NeedsReauth {
@@ -359,6 +401,7 @@ impl TokenEngine {
             Cached::BackingOff(left, message) => {
                 return Err(self.unavailable_or_reauth(&identity, left, message))
             }
+            Cached::Refused(left) => return Err(refused_error(&identity, left)),
             Cached::Ahead(_) | Cached::Missing => {}
         }
         if identity.status() == Status::NeedsReauth {
@@ -440,11 +483,11 @@ impl TokenEngine {
                     inner.config.refresh_ahead,
                 );
                 let mut slot = inner.slots.entry(key).or_default();
-                token.after_reject = std::mem::take(&mut slot.rejected);
+                token.after_refusal = std::mem::take(&mut slot.refusal_refresh);
                 slot.token = Some(token.clone());
                 slot.backoff = None;
                 drop(slot);
-                identity.set_status(Status::Linked, None);
+                identity.refreshed();
                 inner
                     .metrics
                     .refresh(&identity.name, RefreshResult::success);
@@ -541,37 +584,126 @@ impl TokenEngine {
         }
     }
 
-    /// The upstream refused `token`: forget it so the next call refreshes.
-    ///
-    /// Returns whether a retry with a new token is worthwhile: `false` when
-    /// `token` itself replaced a refused token less than a minute ago (the
-    /// upstream refuses every token; refreshing again would only hammer the
-    /// identity platform).
-    pub fn reject(
+    /// The upstream refused `token` for a request of `identity` through
+    /// `protocol`: applies the refusal policy ([`super::refusal`]) and says
+    /// what the front end does next. A token refusal forgets `token` so
+    /// that the next [`TokenEngine::access_token`] refreshes (once, for
+    /// every request that met the refusal); a consecutive refusal of a
+    /// fresh token starts the backoff instead; a permanent refusal marks
+    /// the identity `upstream_refused`.
+    pub fn refused(
         &self,
         identity: &Identity,
         scopes: &Scopes,
         token: &AccessToken,
         protocol: Protocol,
-    ) -> bool {
-        self.inner.metrics.auth_failure(
+        refusal: &Refusal,
+    ) -> Verdict {
+        let inner = &self.inner;
+        let (retry_after, text) = match refusal {
+            Refusal::Permanent { text } => {
+                inner.metrics.auth_failure(
+                    Some(&identity.name),
+                    protocol,
+                    FailureReason::upstream_refused,
+                );
+                tracing::warn!(identity = %identity.name, ?protocol, upstream = %text, "the upstream refused access for a reason an administrator must fix; passing its answer through");
+                self.mark_upstream_refused(
+                    identity,
+                    format!("the {} refused access: {text}", protocol.upstream_name()),
+                );
+                return Verdict::PassThrough;
+            }
+            Refusal::Token { retry_after, text } => (*retry_after, text),
+        };
+        inner.metrics.auth_failure(
             Some(&identity.name),
             protocol,
             FailureReason::token_rejected,
         );
-        if token.after_reject && token.issued.elapsed() < REJECT_REFRESH_INTERVAL {
-            tracing::warn!(identity = %identity.name, ?protocol, "upstream refused a freshly refreshed access token too; not refreshing again yet (check the mailbox's permissions and protocol settings)");
-            return false;
-        }
         let key: Key = (identity.id, scopes.id);
-        if let Some(mut slot) = self.inner.slots.get_mut(&key) {
-            if slot.token.as_ref().is_some_and(|t| t.id == token.id) {
-                slot.token = None;
-                slot.rejected = true;
+        let now = Instant::now();
+        let mut slot = inner.slots.entry(key).or_default();
+        let current = slot.token.as_ref().is_some_and(|t| t.id == token.id);
+        if current {
+            slot.token = None;
+            if token.fresh_after_refusal() {
+                // Refused again although freshly issued: back off.
+                let cfg = &inner.config;
+                let failures = slot.refused.as_ref().map_or(0, |b| b.failures) + 1;
+                let delay = cfg
+                    .refused_backoff_min
+                    .saturating_mul(1u32 << (failures - 1).min(16))
+                    .min(cfg.refused_backoff_max)
+                    .max(retry_after.unwrap_or_default());
+                let message = format!(
+                    "the {} refused freshly issued access tokens {failures} time(s) in a row: {text}",
+                    protocol.upstream_name()
+                );
+                slot.refused = Some(Backoff {
+                    until: now + delay,
+                    failures,
+                    message: message.clone(),
+                });
+                slot.refusal_refresh = true;
+                drop(slot);
+                tracing::warn!(identity = %identity.name, ?protocol, upstream = %text, failures, retry_in = ?delay, "the upstream refused a freshly issued access token too; answering temporary errors until the backoff ends (check the mailbox's permissions and protocol settings)");
+                self.mark_upstream_refused(identity, message);
+                return Verdict::Backoff { retry_after: delay };
+            }
+            slot.refusal_refresh = true;
+            tracing::info!(identity = %identity.name, ?protocol, upstream = %text, "upstream refused the access token; refreshing");
+        }
+        // Another request met the same refusal first and decided.
+        match slot.refused.as_ref().filter(|b| b.until > now) {
+            Some(b) => Verdict::Backoff {
+                retry_after: b.until - now,
+            },
+            None => Verdict::Retry,
+        }
+    }
+
+    /// The upstream accepted `token` for `identity`: a fresh token that
+    /// works ends the count of consecutive refusals, and an identity marked
+    /// `upstream_refused` is linked again. Costs two atomic loads when
+    /// there is nothing to do (every request calls it).
+    pub fn accepted(&self, identity: &Identity, scopes: &Scopes, token: &AccessToken) {
+        if token.after_refusal && !token.shared.proven.swap(true, Ordering::Relaxed) {
+            if let Some(mut slot) = self.inner.slots.get_mut(&(identity.id, scopes.id)) {
+                slot.refused = None;
             }
         }
-        tracing::info!(identity = %identity.name, ?protocol, "upstream refused the access token; refreshing");
-        true
+        if identity.status() == Status::UpstreamRefused && identity.clear_upstream_refusal() {
+            tracing::info!(identity = %identity.name, "the upstream accepts the identity's tokens again");
+            let store = self.inner.store.clone();
+            let id = identity.id;
+            tokio::spawn(async move {
+                let _ = store.set_upstream_refusal(id, None, now_unix()).await;
+            });
+        }
+    }
+
+    /// Shows `message` as the identity's `upstream_refused` status (in
+    /// memory at once, in the store in the background).
+    fn mark_upstream_refused(&self, identity: &Identity, message: String) {
+        if identity.status() == Status::UpstreamRefused
+            && identity.last_error().as_deref() == Some(message.as_str())
+        {
+            return;
+        }
+        if !identity.mark_upstream_refused(message.clone()) {
+            return;
+        }
+        let store = self.inner.store.clone();
+        let id = identity.id;
+        tokio::spawn(async move {
+            if let Err(e) = store
+                .set_upstream_refusal(id, Some(&message), now_unix())
+                .await
+            {
+                tracing::warn!(error = %e, "cannot record the upstream's refusal");
+            }
+        });
     }
 
     /// Drops everything cached for identity `id` (removed or re-linked).
@@ -583,6 +715,13 @@ impl TokenEngine {
     /// Number of cached (identity, scopes) slots.
     pub fn cached(&self) -> usize {
         self.inner.slots.len()
+    }
+}
+
+fn refused_error(identity: &Identity, left: Duration) -> TokenError {
+    TokenError::Refused {
+        identity: identity.name.clone(),
+        retry_after: left,
     }
 }
 

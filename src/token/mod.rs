@@ -5,7 +5,9 @@
 pub mod engine;
 pub mod error;
 pub mod idp;
+pub mod refusal;
 
 pub use engine::{AccessToken, Scopes, TokenEngine, TokenError};
 pub use error::IdpError;
 pub use idp::{DeviceLogin, IdpClient, TokenGrant};
+pub use refusal::{Refusal, Verdict};

@@ -137,6 +137,8 @@ struct Faults {
     reject_auth_next: usize,
     google_style_failure: bool,
     offer_starttls: bool,
+    /// Refuse every XOAUTH2 attempt with this answer (IMAP: after the tag).
+    refuse_auth_with: Option<String>,
 }
 
 /// State shared by every protocol: validator, TLS, records, fault switches.
@@ -165,6 +167,7 @@ impl Core {
                 reject_auth_next,
                 google_style_failure,
                 offer_starttls,
+                refuse_auth_with: None,
             }),
         })
     }
@@ -179,7 +182,9 @@ impl Core {
         });
         let forced = {
             let mut f = lock(&self.faults);
-            if f.reject_auth_next > 0 {
+            if f.refuse_auth_with.is_some() {
+                true
+            } else if f.reject_auth_next > 0 {
                 f.reject_auth_next -= 1;
                 true
             } else {
@@ -215,6 +220,11 @@ impl Core {
 
     fn google_style(&self) -> bool {
         lock(&self.faults).google_style_failure
+    }
+
+    /// The answer every XOAUTH2 attempt gets while `refuse_auth_with` is set.
+    fn refusal(&self) -> Option<String> {
+        lock(&self.faults).refuse_auth_with.clone()
     }
 
     fn offer_starttls(&self) -> bool {
@@ -571,6 +581,13 @@ macro_rules! common_api {
         /// Forced rejections still pending.
         pub fn pending_auth_rejections(&self) -> usize {
             lock(&self.core.faults).reject_auth_next
+        }
+
+        /// Refuses every XOAUTH2 attempt, valid token or not, with `answer`
+        /// (SMTP: the whole reply line; IMAP: what follows the tag; POP3:
+        /// the whole line) until called with `None`.
+        pub fn refuse_auth_with(&self, answer: Option<&str>) {
+            lock(&self.core.faults).refuse_auth_with = answer.map(str::to_owned);
         }
 
         /// Switches Google-style failures (challenge, empty line, failure).
@@ -975,6 +992,9 @@ async fn smtp_auth(c: &mut Conn, s: &mut SmtpSession, rest: &str) -> io::Result<
                 Some(user) => {
                     s.authed = Some(user);
                     c.say("235 2.7.0 Authentication successful");
+                }
+                None if c.core.refusal().is_some() => {
+                    c.say(&c.core.refusal().unwrap_or_default());
                 }
                 None if c.core.google_style() => {
                     c.say(&format!("334 {GOOGLE_STYLE_CHALLENGE}"));
@@ -1446,6 +1466,10 @@ async fn imap_authenticate(c: &mut Conn, tag: &str, args: &str) -> io::Result<Op
             Ok(Some(user))
         }
         None => {
+            if let Some(answer) = c.core.refusal() {
+                c.say(&format!("{tag} {answer}"));
+                return Ok(None);
+            }
             if c.core.google_style() {
                 c.say(&format!("+ {GOOGLE_STYLE_CHALLENGE}"));
                 c.read_line_required().await?;
@@ -1790,6 +1814,10 @@ async fn pop3_auth(c: &mut Conn, rest: &str) -> io::Result<Option<String>> {
             Ok(Some(user))
         }
         None => {
+            if let Some(answer) = c.core.refusal() {
+                c.say(&answer);
+                return Ok(None);
+            }
             if c.core.google_style() {
                 c.say(&format!("+ {GOOGLE_STYLE_CHALLENGE}"));
                 c.read_line_required().await?;

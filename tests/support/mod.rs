@@ -21,4 +21,5 @@ pub use ews::{
 pub use idp::{ms_error_body, ClientAuth, FakeIdp, IdpOptions, IdpRequestRecord, TokenValidator};
 pub mod harness;
 pub mod mail;
+pub mod mailrig;
 pub mod raw;

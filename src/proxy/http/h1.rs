@@ -22,7 +22,7 @@ use crate::identity::ConnectionMemo;
 use crate::metrics::{Outcome, Protocol};
 use crate::proxy::line::BoxIo;
 use crate::proxy::upstream::raw_alive;
-use crate::token::AccessToken;
+use crate::token::{refusal, AccessToken, Verdict};
 use bytes::{Buf, Bytes, BytesMut};
 use http::Response;
 use std::future::Future;
@@ -179,7 +179,7 @@ impl NativeConn<'_> {
         let proxy = self.proxy;
         let limit = proxy.header_limit();
         let max_head = proxy.app.config.http.max_header_bytes.as_usize().max(1024);
-        loop {
+        'requests: loop {
             // The request head, within the limit after the last answer.
             let due = tokio::time::Instant::now() + limit;
             let head = loop {
@@ -284,31 +284,38 @@ impl NativeConn<'_> {
 
             let started = Instant::now();
             let mut response = self.exchange_timed(&token, &body, &head, started).await;
-            if let Ok(r) = &response {
-                if r.status == 401
-                    && proxy
-                        .app
-                        .tokens
-                        .reject(&identity, &proxy.scopes, &token, Protocol::http)
-                {
-                    // Refused with a token the platform issued: drop the
-                    // answer, refresh, replay the same bytes once.
-                    self.discard_response(r).await;
-                    let token = match proxy.token(&identity).await {
-                        Ok(token) => token,
-                        Err(rejection) => match self.answer_local(rejection, head.close).await {
-                            Ok(true) => continue,
-                            _ => return Served::Done,
-                        },
-                    };
-                    let started = Instant::now();
-                    response = self.exchange_timed(&token, &body, &head, started).await;
-                    if matches!(&response, Ok(r) if r.status == 401) {
-                        proxy
-                            .app
-                            .tokens
-                            .reject(&identity, &proxy.scopes, &token, Protocol::http);
+            let mut token = token;
+            let mut retried = false;
+            while let Ok(r) = &response {
+                let verdict = match self.refusal(&identity, &token, r) {
+                    None | Some(Verdict::PassThrough) => break,
+                    Some(verdict) => verdict,
+                };
+                // The refused answer is dropped either way.
+                self.discard_response(r).await;
+                let rejection = match verdict {
+                    Verdict::Retry if !retried => {
+                        // Refresh, then replay the same bytes once.
+                        retried = true;
+                        match proxy.token(&identity).await {
+                            Ok(new) => {
+                                token = new;
+                                let started = Instant::now();
+                                response = self.exchange_timed(&token, &body, &head, started).await;
+                                continue;
+                            }
+                            Err(rejection) => rejection,
+                        }
                     }
+                    Verdict::Backoff { retry_after } => {
+                        proxy.refused_fresh(&identity, Some(retry_after))
+                    }
+                    // Refused again after this request's one refresh.
+                    Verdict::Retry | Verdict::PassThrough => proxy.refused_fresh(&identity, None),
+                };
+                match self.answer_local(rejection, head.close).await {
+                    Ok(true) => continue 'requests,
+                    _ => return Served::Done,
                 }
             }
             let response = match response {
@@ -560,6 +567,46 @@ impl NativeConn<'_> {
         };
         self.out.truncate(head_len);
         result
+    }
+
+    /// Applies the refusal policy to an upstream answer (see
+    /// [`HttpProxy::refused`]); the head is parsed again only for the
+    /// statuses that can be refusals.
+    fn refusal(
+        &self,
+        identity: &crate::identity::Identity,
+        token: &AccessToken,
+        response: &ResponseHead,
+    ) -> Option<Verdict> {
+        let proxy = self.proxy;
+        let tokens = &proxy.app.tokens;
+        let refusal = match response.status {
+            401 | 403 => {
+                let head = self.up.as_ref().map(|up| &up.buf[..response.len]);
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut parsed = httparse::Response::new(&mut headers);
+                if let Some(head) = head {
+                    let _ = parsed.parse(head);
+                }
+                refusal::http(response.status, |name| {
+                    parsed
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| h.value)
+                })
+            }
+            _ => None,
+        };
+        match refusal {
+            None => {
+                tokens.accepted(identity, &proxy.scopes, token);
+                None
+            }
+            Some(refusal) => {
+                Some(tokens.refused(identity, &proxy.scopes, token, Protocol::http, &refusal))
+            }
+        }
     }
 
     /// Reads and drops the body of `response` so the connection can carry
