@@ -3,11 +3,12 @@
 //! on open, shared safely between `serve` and concurrent CLI commands.
 
 use super::{name_key, now_unix, IdentityRecord, SealedToken, Status, Store, StoreError};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite, SqliteConnection};
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -71,7 +72,7 @@ async fn rotate_batch(
     pool: &SqlitePool,
     batch: &[Rotation],
 ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = Tx::begin(pool).await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut changed_status = false;
     for r in batch {
@@ -157,10 +158,8 @@ impl SqliteStore {
         Ok(SqliteStore { pool, rotations })
     }
 
-    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        // BEGIN IMMEDIATE takes the write lock up front, so two writers (serve
-        // and a CLI command) never deadlock upgrading read locks.
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn begin(&self) -> Result<Tx, StoreError> {
+        Tx::begin(&self.pool).await
     }
 }
 
@@ -188,11 +187,70 @@ fn record(row: &SqliteRow) -> Result<IdentityRecord, StoreError> {
     })
 }
 
-async fn bump(tx: &mut Transaction<'static, Sqlite>) -> Result<(), StoreError> {
+async fn bump(tx: &mut Tx) -> Result<(), StoreError> {
     sqlx::query("UPDATE meta SET v = v + 1 WHERE k = 'revision'")
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// A write transaction on a pooled connection that goes back to the pool
+/// only when it committed. Whatever else ends it (an error in a statement,
+/// a failed `COMMIT` when the disk is full, a dropped future) closes the
+/// connection instead, and SQLite rolls back what was open: a connection
+/// whose transaction state is unknown is never reused. (sqlx's own
+/// `Transaction` keeps counting a transaction that SQLite already rolled
+/// back after a failed `COMMIT`, and every later `BEGIN` on that pooled
+/// connection then fails until a restart.)
+struct Tx {
+    conn: Option<PoolConnection<Sqlite>>,
+}
+
+impl Tx {
+    /// `BEGIN IMMEDIATE`: takes the write lock up front, so two writers
+    /// (serve and a CLI command) never deadlock upgrading read locks.
+    async fn begin(pool: &SqlitePool) -> Result<Tx, StoreError> {
+        let mut tx = Tx {
+            conn: Some(pool.acquire().await?),
+        };
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
+    /// Commits; the connection returns to the pool only if that worked.
+    async fn commit(mut self) -> Result<(), StoreError> {
+        sqlx::query("COMMIT").execute(&mut *self).await?;
+        // Clean: back to the pool.
+        drop(self.conn.take());
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        self.conn
+            .as_ref()
+            .expect("a live transaction has its connection")
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.conn
+            .as_mut()
+            .expect("a live transaction has its connection")
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Closing the connection rolls back its open transaction.
+            drop(conn.detach());
+        }
+    }
 }
 
 #[async_trait::async_trait]

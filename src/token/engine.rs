@@ -231,6 +231,9 @@ struct Inner {
     slots: DashMap<Key, Slot>,
     flights: SingleFlight<Key, Result<AccessToken, TokenError>>,
     locks: DashMap<i64, Arc<tokio::sync::Mutex<()>>>,
+    /// Rotated refresh tokens (sealed, with their token generation) that
+    /// the store failed to commit, by identity id.
+    unsaved: DashMap<i64, (i64, crate::store::SealedToken)>,
     refresh_permits: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
 }
@@ -278,6 +281,7 @@ impl TokenEngine {
                 slots: DashMap::new(),
                 flights: SingleFlight::default(),
                 locks: DashMap::new(),
+                unsaved: DashMap::new(),
                 refresh_permits: Arc::new(tokio::sync::Semaphore::new(permits)),
                 next_id: AtomicU64::new(1),
             }),
@@ -424,6 +428,41 @@ impl TokenEngine {
                 ),
             });
         };
+        // A rotated refresh token whose commit failed (disk full) is the
+        // newest one: it goes to the store before anything relies on it.
+        let unsaved = inner
+            .unsaved
+            .get(&identity.id)
+            .filter(|u| u.0 == generation)
+            .map(|u| u.1.clone());
+        let sealed = match unsaved {
+            None => sealed,
+            Some(newer) => match inner
+                .store
+                .rotate(identity.id, generation, &newer, now_unix())
+                .await
+            {
+                Ok(stored) => {
+                    inner.unsaved.remove(&identity.id);
+                    if stored {
+                        tracing::info!(identity = %identity.name, "stored the rotated refresh token that an earlier commit failed to store");
+                        newer
+                    } else {
+                        sealed
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(identity = %identity.name, error = %e, "still cannot store the rotated refresh token");
+                    return Err(self.transient(
+                        &key,
+                        &identity,
+                        None,
+                        format!("store: {e}"),
+                        false,
+                    ));
+                }
+            },
+        };
         let refresh_token = match inner.sealer.open(identity.id, &sealed) {
             Ok(t) => t,
             Err(e) => {
@@ -457,7 +496,10 @@ impl TokenEngine {
                             }
                             Err(e) => {
                                 // Never rely on an access token whose rotated
-                                // refresh token is not durably stored.
+                                // refresh token is not durably stored; keep
+                                // the token to store it first next time (the
+                                // platform may have retired its predecessor).
+                                inner.unsaved.insert(identity.id, (generation, sealed));
                                 tracing::error!(identity = %identity.name, error = %e, "cannot store rotated refresh token; not using the new access token");
                                 return Err(self.transient(
                                     &key,
@@ -710,6 +752,8 @@ impl TokenEngine {
     pub fn forget(&self, id: i64) {
         self.inner.slots.retain(|(i, _), _| *i != id);
         self.inner.locks.remove(&id);
+        // `unsaved` stays: a re-passworded identity still needs its token,
+        // and a re-linked one's is ignored (older generation).
     }
 
     /// Number of cached (identity, scopes) slots.
