@@ -5,6 +5,7 @@
 use crate::admin;
 use crate::app::{App, AppError};
 use crate::config::{parse_listen, Config, ConfigError};
+use crate::identity::ConnectionMemo;
 use crate::metrics::Protocol;
 use crate::proxy::http::{HttpProxy, Served, UpstreamUrlError};
 use crate::proxy::imap::Imap;
@@ -104,7 +105,7 @@ impl Server {
             let app = app.clone();
             let rx = rx.clone();
             tasks.spawn(async move {
-                let service = move |_peer: SocketAddr| {
+                let service = move |_peer: SocketAddr, _memo: ConnectionMemo| {
                     let app = app.clone();
                     let service = service_fn(move |req| admin::handle(app.clone(), req));
                     (service, std::future::pending::<()>())
@@ -145,9 +146,9 @@ impl Server {
             };
             tasks.spawn(async move {
                 // Each client connection drives its own upstream lane.
-                let service = move |peer: SocketAddr| {
+                let service = move |peer: SocketAddr, memo: ConnectionMemo| {
                     let proxy = proxy.clone();
-                    let (conn, driver) = proxy.connection();
+                    let (conn, driver) = proxy.connection(memo);
                     let service = service_fn(move |req| {
                         let (proxy, conn) = (proxy.clone(), conn.clone());
                         async move { proxy.handle(req, peer, &conn).await }
@@ -312,7 +313,7 @@ async fn accept_loop<F, S, B, D>(
     mut shutdown: watch::Receiver<bool>,
     limits: Option<Limits>,
 ) where
-    F: Fn(SocketAddr) -> (S, D) + Send + Sync + 'static,
+    F: Fn(SocketAddr, ConnectionMemo) -> (S, D) + Send + Sync + 'static,
     D: std::future::Future<Output = ()> + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
@@ -397,17 +398,17 @@ async fn accept_loop<F, S, B, D>(
                     (Box::new(stream), h2)
                 }
             };
-            let io = match native {
+            let (io, memo) = match native {
                 Some(proxy) if !h2 && proxy.native_http1() => {
                     // Boxed: its state lives for the whole connection.
                     match Box::pin(proxy.serve_h1(io, peer, shutdown)).await {
                         Served::Done => return,
-                        Served::Handover(io) => io,
+                        Served::Handover(io, memo) => (io, memo),
                     }
                 }
-                _ => io,
+                _ => (io, ConnectionMemo::default()),
             };
-            let (service, companion) = make_service(peer);
+            let (service, companion) = make_service(peer, memo);
             let served = watcher.watch(
                 builder
                     .serve_connection(TokioIo::new(io), service)

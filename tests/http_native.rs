@@ -668,3 +668,85 @@ async fn ambiguous_request_lengths_never_reach_the_upstream() {
     assert!(up.requests().is_empty(), "{:?}", up.requests());
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn two_authorization_headers_get_400_on_both_halves_and_reach_nothing() {
+    let Rig {
+        up, server, addr, ..
+    } = rig().await;
+    let second = basic("mallory", "pw-mallory-123");
+    // The native half: a plain request.
+    let mut c = Raw::connect(addr).await;
+    let (head, body) = c
+        .response_to(&format!(
+            "GET /a HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nAuthorization: {second}\r\n\r\n",
+            auth()
+        ))
+        .await;
+    assert_eq!(status(&head), 400, "{head}");
+    assert!(
+        body.contains("more than one Authorization header"),
+        "{body}"
+    );
+    // The hyper half: a chunked upload, which the native half hands over.
+    let mut c = Raw::connect(addr).await;
+    let (head, body) = c
+        .response_to(&format!(
+            "POST /b HTTP/1.1\r\nHost: x\r\nAuthorization: {second}\r\nTransfer-Encoding: chunked\r\nAuthorization: {}\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            auth()
+        ))
+        .await;
+    assert_eq!(status(&head), 400, "{head}");
+    assert!(
+        body.contains("more than one Authorization header"),
+        "{body}"
+    );
+    assert!(up.requests().is_empty(), "nothing went upstream");
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn no_upstream_connection_is_opened_before_the_request_is_authenticated() {
+    // A TLS upstream whose protocol (HTTP/1.1 or HTTP/2) is not known yet:
+    // a listener that counts connections and never answers.
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dialled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = dialled.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let server = env
+        .serve_with(move |c| c.http.upstream = format!("https://localhost:{port}"))
+        .await;
+    let addr = server.http_addr().unwrap();
+    for creds in [
+        basic("alice", "wrong-password"),
+        basic("nobody", "pw"),
+        "Bearer abc".to_owned(),
+    ] {
+        let mut c = Raw::connect(addr).await;
+        let (head, _) = c
+            .response_to(&format!(
+                "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: {creds}\r\n\r\n"
+            ))
+            .await;
+        assert_eq!(status(&head), 401, "{head}");
+    }
+    let mut c = Raw::connect(addr).await;
+    let (head, _) = c.response_to("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status(&head), 401, "{head}");
+    assert_eq!(
+        dialled.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the upstream was dialled for a request that proved nothing"
+    );
+    server.shutdown(GRACE).await;
+}

@@ -1,43 +1,44 @@
 //! The HTTP front end (EWS and any HTTPS API): `Authorization: Basic` from the
-//! legacy client becomes `Authorization: Bearer` toward the upstream. Bodies
-//! up to `replay_buffer_limit` are buffered so a request refused with 401 can
-//! be replayed byte-identical once after a refresh; larger bodies stream.
+//! legacy client becomes `Authorization: Bearer` toward the upstream.
+//!
+//! One exchange policy ([`exchange`]: identify, token, body, send, refusal
+//! policy, respond) runs every request, over one of two wire halves: the
+//! native HTTP/1.1 relay (`h1.rs`, around the pure codec in [`codec`]),
+//! which takes the common HTTP/1.1 request, and the hyper half
+//! (`hyper_half.rs`), which serves HTTP/2 clients, an HTTP/2 upstream and
+//! everything the native half hands over. This module owns what both
+//! share: the listener's settings ([`HttpProxy`]), the credential check,
+//! the local answers ([`LocalAnswer`], from a [`Rejection`]), the
+//! hop-by-hop rules and the connection timer ([`LazyTimer`]). Bodies up to
+//! `replay_buffer_limit` are buffered so a request refused with 401 can be
+//! replayed byte-identical once after a refresh; larger bodies stream.
 //! Every other upstream answer (throttling included) passes through.
-//! HTTP/1.1 client connections start on the native relay (`http/h1.rs`), which
-//! takes the common request and hands the connection to the hyper-based
-//! path here for anything else. On this path, HTTP/1.1 client connections
-//! reach an HTTP/1.1 upstream through their own
-//! [`Lane`] (see [`super::upstream`]); HTTP/2 clients, and every client when
-//! the upstream chose HTTP/2, go through the shared pooled client. Each
-//! client [`Connection`] also keeps what it last proved (a keyed hash, so a
-//! keep-alive client's repeated header skips the credential check) and its
-//! own lazily re-armed timers for the upstream timeout and for request
-//! heads and idleness.
 
+pub mod codec;
+mod exchange;
 mod h1;
+mod hyper_half;
 
-pub use h1::{rewrite_request_head, Served};
+pub use h1::Served;
+pub use hyper_half::Connection;
 
-use super::upstream::{Lane, SendError, Upstreams};
+use super::upstream::Upstreams;
 use crate::app::App;
 use crate::identity::{AuthError, ConnectionMemo};
 use crate::metrics::{FailureReason, Outcome, Protocol};
 use crate::tls::{BoxError, OutBody};
-use crate::token::{refusal, AccessToken, Scopes, TokenError, Verdict};
+use crate::token::{AccessToken, Scopes, TokenError};
 use base64::Engine as _;
 use bytes::Bytes;
-use futures_util::FutureExt as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use std::collections::VecDeque;
 use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::task::Context;
+use std::time::Duration;
 use zeroize::Zeroizing;
 
 /// Realm in our `WWW-Authenticate: Basic` challenge.
@@ -116,156 +117,6 @@ impl HttpProxy {
         self.app.config.http.native_http1 && !self.upstreams.speaks_http2()
     }
 
-    /// The state of a new client connection, and its companion future: run
-    /// it beside the client connection, which must end when it completes.
-    /// It drives the connection's upstream lane and completes when the
-    /// client has been idle, or slow to send a request head, for
-    /// `http.header_read_timeout`.
-    pub fn connection(&self) -> (Arc<Connection>, impl std::future::Future<Output = ()>) {
-        let limit = self.app.config.http.header_read_timeout;
-        let conn = Arc::new(Connection {
-            lane: Lane::new(self.upstreams.clone()),
-            memo: ConnectionMemo::default(),
-            deadline: Deadline::default(),
-            activity: Activity::new(),
-        });
-        let mut watchdog = LazyTimer::new(tokio::time::Instant::now() + limit);
-        let companion = {
-            let conn = conn.clone();
-            std::future::poll_fn(move |cx| {
-                conn.lane.poll_drive(cx);
-                conn.activity.poll_watch(&mut watchdog, limit, cx)
-            })
-        };
-        (conn, companion)
-    }
-
-    /// Handles one client request arriving on `conn`.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        conn: &Arc<Connection>,
-    ) -> Result<Response<OutBody>, std::convert::Infallible> {
-        conn.activity.begin(req.version());
-        let response = match self.proxy(req, peer, conn).await {
-            Ok(r) => r,
-            Err(rejection) => {
-                // A short local answer: the connection counts as idle from now.
-                conn.activity.end();
-                rejection.into_response(&self.app)
-            }
-        };
-        Ok(response)
-    }
-
-    async fn proxy(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        conn: &Arc<Connection>,
-    ) -> Result<Response<OutBody>, Rejection> {
-        // An HTTP/2 client multiplexes requests: they share the pooled client.
-        let h1 = (req.version() < http::Version::HTTP_2).then_some(&**conn);
-        let auth = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        let identity = self.identify(auth, peer, &conn.memo).await?;
-        let token = self.token(&identity).await?;
-
-        let (parts, body) = req.into_parts();
-        let uri = self.upstream_path(&parts.uri)?;
-        let mut headers = parts.headers;
-        prepare_upstream_headers(&mut headers);
-        let method = parts.method;
-
-        let body = self.read_body(body, &headers).await?;
-        let build = |token: &AccessToken, body: OutBody| {
-            let mut r = Request::new(body);
-            *r.method_mut() = method.clone();
-            *r.uri_mut() = Uri::from(uri.clone());
-            *r.headers_mut() = headers.clone();
-            r.headers_mut()
-                .insert(header::AUTHORIZATION, token.bearer_header().clone());
-            r.headers_mut()
-                .insert(header::HOST, self.upstream.host.clone());
-            r
-        };
-
-        match body {
-            RequestBody::Buffered(bytes) => {
-                // A request lost on a reused connection is sent again only
-                // when repeating it is harmless (RFC 9110 §9.2.2).
-                let send = |token: &AccessToken| {
-                    let request = build(token, full(bytes.clone()));
-                    let again = method
-                        .is_idempotent()
-                        .then(|| build(token, full(bytes.clone())));
-                    self.send(h1, request, again)
-                };
-                let mut token = token;
-                let mut retried = false;
-                loop {
-                    let response = send(&token).await?;
-                    let verdict = match self.refused(&identity, &token, &response) {
-                        None => return Ok(self.respond(response, conn)),
-                        Some(verdict) => verdict,
-                    };
-                    match verdict {
-                        Verdict::PassThrough => return Ok(self.respond(response, conn)),
-                        Verdict::Retry if !retried => {
-                            // Drop the refused answer (the connection can
-                            // be reused), refresh, replay the same bytes.
-                            retried = true;
-                            drop(response);
-                            token = self.token(&identity).await?;
-                        }
-                        // Refused again after this request's one refresh.
-                        Verdict::Retry => return Err(self.refused_fresh(&identity, None)),
-                        Verdict::Backoff { retry_after } => {
-                            return Err(self.refused_fresh(&identity, Some(retry_after)))
-                        }
-                    }
-                }
-            }
-            RequestBody::Streaming(body) => {
-                let response = self.send(h1, build(&token, body), None).await?;
-                match self.refused(&identity, &token, &response) {
-                    None | Some(Verdict::PassThrough) => Ok(self.respond(response, conn)),
-                    // Too large to replay: the client sends it again.
-                    Some(Verdict::Retry) => Err(Rejection::Resend),
-                    Some(Verdict::Backoff { retry_after }) => {
-                        Err(self.refused_fresh(&identity, Some(retry_after)))
-                    }
-                }
-            }
-        }
-    }
-
-    /// Applies the refusal policy to an upstream answer: `None` when it is
-    /// no refusal (the token is recorded as accepted), else what to do.
-    fn refused<B>(
-        &self,
-        identity: &crate::identity::Identity,
-        token: &AccessToken,
-        response: &Response<B>,
-    ) -> Option<Verdict> {
-        let tokens = &self.app.tokens;
-        let headers = response.headers();
-        match refusal::http(response.status().as_u16(), |name| {
-            headers.get(name).map(|v| v.as_bytes())
-        }) {
-            None => {
-                tokens.accepted(identity, &self.scopes, token);
-                None
-            }
-            Some(refusal) => {
-                Some(tokens.refused(identity, &self.scopes, token, Protocol::http, &refusal))
-            }
-        }
-    }
-
     /// The temporary answer when the upstream refuses fresh tokens.
     pub(super) fn refused_fresh(
         &self,
@@ -331,302 +182,6 @@ impl HttpProxy {
             .parse()
             .map_err(|_| Rejection::BadRequest("invalid request target"))
     }
-
-    async fn read_body(
-        &self,
-        mut body: Incoming,
-        headers: &HeaderMap,
-    ) -> Result<RequestBody, Rejection> {
-        if body.is_end_stream() {
-            return Ok(RequestBody::Buffered(Bytes::new()));
-        }
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body as u64) {
-            return Err(Rejection::TooLarge);
-        }
-        if declared.is_some_and(|n| n > self.replay_limit as u64) {
-            return Ok(RequestBody::Streaming(limited(
-                VecDeque::new(),
-                body,
-                self.max_body,
-            )));
-        }
-        // The first chunk is held apart: most bodies are one chunk, and an
-        // empty VecDeque does not allocate.
-        let mut first: Option<Bytes> = None;
-        let mut more: VecDeque<Bytes> = VecDeque::new();
-        let mut total = 0usize;
-        let idle = self.app.config.http.header_read_timeout;
-        loop {
-            // A small body has usually arrived with the head: take it
-            // without arming a timer.
-            let frame = match body.frame().now_or_never() {
-                Some(frame) => frame,
-                None => tokio::time::timeout(idle, body.frame())
-                    .await
-                    .map_err(|_| Rejection::BodyTimeout)?,
-            };
-            let frame = match frame {
-                None => break,
-                Some(Err(_)) => return Err(Rejection::BadRequest("request body broken off")),
-                Some(Ok(frame)) => frame,
-            };
-            if let Ok(data) = frame.into_data() {
-                total += data.len();
-                if total > self.max_body {
-                    return Err(Rejection::TooLarge);
-                }
-                match first {
-                    None => first = Some(data),
-                    Some(_) => more.push_back(data),
-                }
-                if total > self.replay_limit {
-                    more.extend(first.take());
-                    more.rotate_right(1);
-                    return Ok(RequestBody::Streaming(limited(more, body, self.max_body)));
-                }
-            }
-        }
-        let bytes = match (first, more.is_empty()) {
-            (None, _) => Bytes::new(),
-            (Some(only), true) => only,
-            (Some(head), false) => {
-                let mut buf = Vec::with_capacity(total);
-                buf.extend_from_slice(&head);
-                for c in more {
-                    buf.extend_from_slice(&c);
-                }
-                Bytes::from(buf)
-            }
-        };
-        Ok(RequestBody::Buffered(bytes))
-    }
-
-    /// Sends `req` upstream within `http.upstream_timeout`: on the lane of
-    /// `h1` (the HTTP/1.1 client connection it came on) when the upstream
-    /// speaks HTTP/1.1, else through the shared pooled client. `again` is
-    /// sent when `req` was lost on a reused connection after it was written.
-    async fn send(
-        &self,
-        h1: Option<&Connection>,
-        req: Request<OutBody>,
-        again: Option<Request<OutBody>>,
-    ) -> Result<Response<Incoming>, Rejection> {
-        let started = Instant::now();
-        let lane = h1.map(|c| &c.lane);
-        let attempt = async {
-            let Some(lane) = lane.filter(|_| !self.upstreams.speaks_http2()) else {
-                return self.send_shared(req).await;
-            };
-            match lane.send(req).await {
-                Ok(response) => Ok(response),
-                Err(SendError::Http2(req)) => self.send_shared(*req).await,
-                Err(SendError::Failed {
-                    reused: true,
-                    error,
-                }) => {
-                    let Some(again) = again else {
-                        return Err(error.into());
-                    };
-                    tracing::debug!(error = %crate::token::idp::error_chain(&error), "reused upstream connection lost the request; sending it again");
-                    match lane.send(again).await {
-                        Err(SendError::Http2(req)) => self.send_shared(*req).await,
-                        other => other.map_err(SendError::into_boxed),
-                    }
-                }
-                Err(e) => Err(e.into_boxed()),
-            }
-        };
-        let result = match h1 {
-            Some(conn) => {
-                conn.deadline
-                    .within(started, self.upstream_timeout, attempt)
-                    .await
-            }
-            None => tokio::time::timeout(self.upstream_timeout, attempt)
-                .await
-                .ok(),
-        };
-        self.app
-            .metrics
-            .upstream_duration(Protocol::http, started.elapsed().as_secs_f64());
-        match result {
-            None => Err(Rejection::UpstreamTimeout),
-            Some(Err(e)) => {
-                tracing::warn!(error = %crate::token::idp::error_chain(&*e), "upstream request failed");
-                Err(Rejection::Upstream)
-            }
-            Some(Ok(r)) => Ok(r),
-        }
-    }
-
-    /// Sends through the shared pooled client (absolute-form URI). The
-    /// client's future is large: it is boxed so that it is not part of
-    /// every request's future.
-    async fn send_shared(&self, mut req: Request<OutBody>) -> Result<Response<Incoming>, BoxError> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.upstream.scheme.clone());
-        parts.authority = Some(self.upstream.authority.clone());
-        parts.path_and_query = req.uri().path_and_query().cloned();
-        *req.uri_mut() = Uri::from_parts(parts)?;
-        Ok(Box::pin(self.app.client.request(req)).await?)
-    }
-
-    fn respond(&self, response: Response<Incoming>, conn: &Arc<Connection>) -> Response<OutBody> {
-        self.app.metrics.request(Protocol::http, Outcome::forwarded);
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let body = Relayed {
-            body,
-            conn: conn.clone(),
-        };
-        Response::from_parts(parts, body.boxed_unsync())
-    }
-}
-
-/// What authswap keeps per client connection: its upstream lane, the
-/// credentials it proved last, its upstream-timeout timer and whether a
-/// request is in progress.
-pub struct Connection {
-    lane: Lane,
-    memo: ConnectionMemo,
-    deadline: Deadline,
-    activity: Activity,
-}
-
-/// `http.header_read_timeout` for an HTTP/1.1 connection, in place of
-/// hyper's, which allocates and registers a timer for every request head:
-/// the connection is closed once it has been without a request in progress
-/// (idle, or receiving a head that is not complete yet) for the limit. A
-/// request is in progress from its head until its response body is done.
-/// One lazily re-armed timer per connection. HTTP/2 connections are left
-/// alone (their streams are not sequential; hyper's own settings apply).
-struct Activity {
-    born: Instant,
-    busy: std::sync::atomic::AtomicBool,
-    http2: std::sync::atomic::AtomicBool,
-    /// Nanoseconds after `born` when the connection last became idle.
-    idle_since: std::sync::atomic::AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            born: Instant::now(),
-            busy: Default::default(),
-            http2: Default::default(),
-            idle_since: Default::default(),
-        }
-    }
-
-    fn begin(&self, version: http::Version) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if version >= http::Version::HTTP_2 {
-            self.http2.store(true, Relaxed);
-        }
-        self.busy.store(true, Relaxed);
-    }
-
-    fn end(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let ns = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.idle_since.store(ns, Relaxed);
-        self.busy.store(false, Relaxed);
-    }
-
-    /// Ready when the connection must close.
-    fn poll_watch(&self, timer: &mut LazyTimer, limit: Duration, cx: &mut Context<'_>) -> Poll<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        while timer.fired(cx) {
-            if self.http2.load(Relaxed) {
-                return Poll::Pending;
-            }
-            let now = Instant::now();
-            let due = if self.busy.load(Relaxed) {
-                now + limit
-            } else {
-                let since = self.born + Duration::from_nanos(self.idle_since.load(Relaxed));
-                if now >= since + limit {
-                    return Poll::Ready(());
-                }
-                since + limit
-            };
-            timer.reset(tokio::time::Instant::from_std(due));
-        }
-        Poll::Pending
-    }
-}
-
-/// An upstream response body on its way to the client; the connection's
-/// request ends when it is done (or dropped).
-struct Relayed {
-    body: Incoming,
-    conn: Arc<Connection>,
-}
-
-impl Body for Relayed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body)
-            .poll_frame(cx)
-            .map_err(|e| -> BoxError { Box::new(e) })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Relayed {
-    fn drop(&mut self) {
-        self.conn.activity.end();
-    }
-}
-
-/// `http.upstream_timeout` for the requests of one HTTP/1.1 client
-/// connection, which come one at a time: a single timer, armed at the first
-/// request's due time. When it fires it either ends the request that has
-/// run too long or moves to that request's due time, so a request costs a
-/// clock read instead of inserting and removing a timer. (HTTP/2 requests
-/// run concurrently in their own tasks and use a timer each.)
-#[derive(Default)]
-struct Deadline(std::sync::Mutex<Option<LazyTimer>>);
-
-impl Deadline {
-    /// `work`, or `None` once `limit` has passed since `started`.
-    async fn within<T>(
-        &self,
-        started: Instant,
-        limit: Duration,
-        work: impl std::future::Future<Output = T>,
-    ) -> Option<T> {
-        let due = tokio::time::Instant::from_std(started + limit);
-        let mut work = std::pin::pin!(work);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(v) = work.as_mut().poll(cx) {
-                return Poll::Ready(Some(v));
-            }
-            let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            let timer = slot.get_or_insert_with(|| LazyTimer::new(due));
-            if timer.passed(due, cx) {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await
-    }
 }
 
 /// A timer owned by one task, polled only when that is needed: once after
@@ -684,15 +239,12 @@ impl LazyTimer {
     }
 }
 
-enum RequestBody {
-    Buffered(Bytes),
-    Streaming(OutBody),
-}
-
 /// Why a request is answered locally.
 #[derive(Debug)]
 pub(super) enum Rejection {
     MissingCredentials,
+    /// Not Basic, or not decodable: `401` with the challenge.
+    MalformedCredentials,
     BadRequest(&'static str),
     Auth(AuthError),
     Token(TokenError),
@@ -702,140 +254,205 @@ pub(super) enum Rejection {
     TooLarge,
     HeadTooLarge,
     BodyTimeout,
+    /// The client went away (or failed) while its request was read: there
+    /// is nobody to answer.
+    ClientGone,
     Upstream,
     UpstreamTimeout,
 }
 
-impl Rejection {
-    fn into_response(self, app: &App) -> Response<OutBody> {
-        self.into_local(app).map(full)
+/// An answer authswap gives itself, not the upstream's: whichever wire half
+/// is in use serialises it ([`LocalAnswer::into_response`] for hyper,
+/// [`LocalAnswer::write_h1`] for the native half).
+#[derive(Debug)]
+pub struct LocalAnswer {
+    /// Status.
+    pub status: StatusCode,
+    /// Fields besides `content-type: text/plain` and `content-length`.
+    pub headers: HeaderMap,
+    /// A short plain-text body.
+    pub body: Bytes,
+    /// The connection closes after it (the client's request was not read
+    /// whole, or is not worth waiting for).
+    pub close: bool,
+}
+
+impl LocalAnswer {
+    /// A plain-text answer.
+    pub fn text(status: StatusCode, body: &str) -> LocalAnswer {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        LocalAnswer {
+            status,
+            headers,
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            close: false,
+        }
     }
 
+    fn with(mut self, name: HeaderName, value: HeaderValue) -> LocalAnswer {
+        self.headers.insert(name, value);
+        self
+    }
+
+    fn challenge(self) -> LocalAnswer {
+        self.with(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"authswap\", charset=\"UTF-8\""),
+        )
+    }
+
+    fn closing(mut self) -> LocalAnswer {
+        self.close = true;
+        self
+    }
+
+    /// The answer for hyper (which closes the connection after a
+    /// `connection: close` answer).
+    pub fn into_response(self) -> Response<OutBody> {
+        let mut r = Response::new(full(self.body));
+        *r.status_mut() = self.status;
+        *r.headers_mut() = self.headers;
+        if self.close {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+
+    /// The answer as HTTP/1.1 bytes in `out` (replacing what it held),
+    /// with `connection: close` when `close`.
+    pub fn write_h1(&self, out: &mut Vec<u8>, close: bool) {
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(self.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &self.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(self.body.len().to_string().as_bytes());
+        if close {
+            out.extend_from_slice(b"\r\nconnection: close");
+        }
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(&self.body);
+    }
+}
+
+impl Rejection {
     /// The local answer (and its metrics).
-    pub(super) fn into_local(self, app: &App) -> Response<Bytes> {
+    pub(super) fn into_local(self, app: &App) -> LocalAnswer {
         let m = &app.metrics;
-        let challenge = || HeaderValue::from_static("Basic realm=\"authswap\", charset=\"UTF-8\"");
+        let p = Protocol::http;
         match self {
             Rejection::MissingCredentials => {
-                m.request(Protocol::http, Outcome::unauthorized);
-                let mut r = local_text(StatusCode::UNAUTHORIZED, "authentication required\n");
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, challenge());
-                r
+                m.request(p, Outcome::unauthorized);
+                LocalAnswer::text(StatusCode::UNAUTHORIZED, "authentication required\n").challenge()
             }
             Rejection::BadRequest(why) => {
-                m.request(Protocol::http, Outcome::bad_request);
-                if why == "malformed Basic credentials" {
-                    m.auth_failure(None, Protocol::http, FailureReason::bad_request);
-                    let mut r =
-                        local_text(StatusCode::UNAUTHORIZED, "malformed Basic credentials\n");
-                    r.headers_mut()
-                        .insert(header::WWW_AUTHENTICATE, challenge());
-                    return r;
-                }
-                local_text(StatusCode::BAD_REQUEST, &format!("{why}\n"))
+                m.request(p, Outcome::bad_request);
+                LocalAnswer::text(StatusCode::BAD_REQUEST, &format!("{why}\n"))
+            }
+            Rejection::MalformedCredentials => {
+                m.request(p, Outcome::bad_request);
+                m.auth_failure(None, p, FailureReason::bad_request);
+                LocalAnswer::text(StatusCode::UNAUTHORIZED, "malformed Basic credentials\n")
+                    .challenge()
             }
             Rejection::Auth(e) => {
-                m.request(Protocol::http, Outcome::unauthorized);
-                let mut r = local_text(StatusCode::UNAUTHORIZED, "authentication failed\n");
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, challenge());
-                if let AuthError::Locked(left) = e {
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, retry_after_value(left));
+                m.request(p, Outcome::unauthorized);
+                let r = LocalAnswer::text(StatusCode::UNAUTHORIZED, "authentication failed\n")
+                    .challenge();
+                match e {
+                    AuthError::Locked(left) => r.with(header::RETRY_AFTER, retry_after_value(left)),
+                    _ => r,
                 }
-                r
             }
             Rejection::Token(TokenError::ReauthRequired { identity, message }) => {
-                m.request(Protocol::http, Outcome::reauth_required);
-                m.auth_failure(
-                    Some(&identity),
-                    Protocol::http,
-                    FailureReason::reauth_required,
-                );
-                let mut r = local_text(
+                m.request(p, Outcome::reauth_required);
+                m.auth_failure(Some(&identity), p, FailureReason::reauth_required);
+                LocalAnswer::text(
                     StatusCode::UNAUTHORIZED,
                     &format!(
                         "identity {identity} needs re-authentication: an administrator must run \
                          `authswap identity login {identity}` ({message})\n"
                     ),
-                );
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, challenge());
-                r
+                )
+                .challenge()
             }
             Rejection::Token(TokenError::Unavailable {
                 identity,
                 retry_after,
                 ..
             }) => {
-                m.request(Protocol::http, Outcome::unavailable);
-                m.auth_failure(
-                    Some(&identity),
-                    Protocol::http,
-                    FailureReason::refresh_failed,
-                );
-                let mut r = local_text(
+                m.request(p, Outcome::unavailable);
+                m.auth_failure(Some(&identity), p, FailureReason::refresh_failed);
+                LocalAnswer::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the identity platform is unavailable; try again later\n",
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, retry_after_value(retry_after));
-                r
+                )
+                .with(header::RETRY_AFTER, retry_after_value(retry_after))
             }
             Rejection::Token(TokenError::Refused {
                 identity,
                 retry_after,
             }) => {
-                m.request(Protocol::http, Outcome::upstream_refused);
-                m.auth_failure(
-                    Some(&identity),
-                    Protocol::http,
-                    FailureReason::fresh_token_refused,
-                );
-                let mut r = local_text(
+                m.request(p, Outcome::upstream_refused);
+                m.auth_failure(Some(&identity), p, FailureReason::fresh_token_refused);
+                LocalAnswer::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the upstream server refused freshly issued access tokens; try again later\n",
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, retry_after_value(retry_after));
-                r
+                )
+                .with(header::RETRY_AFTER, retry_after_value(retry_after))
             }
             Rejection::Resend => {
-                m.request(Protocol::http, Outcome::upstream_refused);
-                let mut r = local_text(
+                m.request(p, Outcome::upstream_refused);
+                LocalAnswer::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the upstream server refused the access token; a new one is being obtained: send the request again\n",
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
+                )
+                .with(header::RETRY_AFTER, HeaderValue::from_static("1"))
             }
             Rejection::TooLarge => {
-                m.request(Protocol::http, Outcome::bad_request);
-                local_text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+                m.request(p, Outcome::bad_request);
+                LocalAnswer::text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
             }
             Rejection::HeadTooLarge => {
-                m.request(Protocol::http, Outcome::bad_request);
-                local_text(
+                m.request(p, Outcome::bad_request);
+                LocalAnswer::text(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "request head too large\n",
                 )
+                .closing()
             }
             Rejection::BodyTimeout => {
-                m.request(Protocol::http, Outcome::bad_request);
-                local_text(
+                m.request(p, Outcome::bad_request);
+                LocalAnswer::text(
                     StatusCode::REQUEST_TIMEOUT,
                     "request body not received in time\n",
                 )
+                .closing()
+            }
+            Rejection::ClientGone => {
+                m.request(p, Outcome::bad_request);
+                LocalAnswer::text(StatusCode::BAD_REQUEST, "request body broken off\n").closing()
             }
             Rejection::Upstream => {
-                m.request(Protocol::http, Outcome::upstream_error);
-                local_text(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
+                m.request(p, Outcome::upstream_error);
+                LocalAnswer::text(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
             }
             Rejection::UpstreamTimeout => {
-                m.request(Protocol::http, Outcome::upstream_error);
-                local_text(
+                m.request(p, Outcome::upstream_error);
+                LocalAnswer::text(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream did not answer in time\n",
                 )
@@ -851,17 +468,7 @@ fn retry_after_value(d: Duration) -> HeaderValue {
 
 /// A small plain-text response.
 pub fn text(status: StatusCode, body: &str) -> Response<OutBody> {
-    local_text(status, body).map(full)
-}
-
-fn local_text(status: StatusCode, body: &str) -> Response<Bytes> {
-    let mut r = Response::new(Bytes::copy_from_slice(body.as_bytes()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+    LocalAnswer::text(status, body).into_response()
 }
 
 /// A complete body.
@@ -883,7 +490,7 @@ fn basic_credentials(value: Option<&[u8]>) -> Result<BasicCredentials, Rejection
     let Some(value) = value else {
         return Err(Rejection::MissingCredentials);
     };
-    parse_basic(value).ok_or(Rejection::BadRequest("malformed Basic credentials"))
+    parse_basic(value).ok_or(Rejection::MalformedCredentials)
 }
 
 /// Decoded `Authorization: Basic` credentials: one buffer, wiped on drop.
@@ -950,15 +557,16 @@ pub fn prepare_upstream_headers(headers: &mut HeaderMap) {
     strip_headers(headers, &[header::EXPECT]);
 }
 
+/// [`codec::HOP_BY_HOP`] as header names, for the hyper half.
 const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+    HeaderName::from_static(codec::HOP_BY_HOP[0]),
+    HeaderName::from_static(codec::HOP_BY_HOP[1]),
+    HeaderName::from_static(codec::HOP_BY_HOP[2]),
+    HeaderName::from_static(codec::HOP_BY_HOP[3]),
+    HeaderName::from_static(codec::HOP_BY_HOP[4]),
+    HeaderName::from_static(codec::HOP_BY_HOP[5]),
+    HeaderName::from_static(codec::HOP_BY_HOP[6]),
+    HeaderName::from_static(codec::HOP_BY_HOP[7]),
 ];
 
 /// `Host` as an HTTP/1.1 client sends it for `uri`: the host, and the port
@@ -1005,71 +613,10 @@ fn strip_headers(headers: &mut HeaderMap, also: &[HeaderName]) {
     }
 }
 
-/// A body that yields already-read chunks, then the rest of the client's
-/// body, failing if the total exceeds `max`.
-struct PrefixedBody {
-    prefix: VecDeque<Bytes>,
-    rest: Incoming,
-    seen: usize,
-    max: usize,
-}
-
-fn limited(prefix: VecDeque<Bytes>, rest: Incoming, max: usize) -> OutBody {
-    let seen = prefix.iter().map(Bytes::len).sum();
-    PrefixedBody {
-        prefix,
-        rest,
-        seen,
-        max,
-    }
-    .boxed_unsync()
-}
-
-impl Body for PrefixedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(chunk) = self.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        match Pin::new(&mut self.rest).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.seen += data.len();
-                    if self.seen > self.max {
-                        return Poll::Ready(Some(Err("request body too large".into())));
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.rest.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let mut hint = self.rest.size_hint();
-        let pre: u64 = self.prefix.iter().map(|b| b.len() as u64).sum();
-        hint.set_lower(hint.lower() + pre);
-        if let Some(u) = hint.upper() {
-            hint.set_upper(u + pre);
-        }
-        hint
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Poll;
 
     fn h(v: &str) -> HeaderMap {
         let mut m = HeaderMap::new();
