@@ -468,6 +468,17 @@ pub struct HttpConfig {
     /// Upstream must answer (response head) within this time.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
+    /// Longest pause in a response body being relayed, in either direction
+    /// (the upstream sending it, the client reading it).
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Slowest request body accepted while authswap buffers it, in bytes
+    /// per second: the body must be complete within `header_read_timeout`
+    /// plus one second per `min_body_rate` bytes received.
+    pub min_body_rate: ByteSize,
+    /// Request-body bytes buffered for replay across all connections at
+    /// once; past it, bodies stream without replay.
+    pub replay_buffer_total: ByteSize,
     /// Serve plain HTTP/1.1 requests with authswap's own relay (the fast
     /// path); `false` sends every connection through hyper.
     pub native_http1: bool,
@@ -492,6 +503,9 @@ impl Default for HttpConfig {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(300),
+            body_idle_timeout: Duration::from_secs(60),
+            min_body_rate: ByteSize(1024),
+            replay_buffer_total: ByteSize(64 * 1024 * 1024),
             native_http1: true,
             tls_cert_file: None,
             tls_key_file: None,
@@ -764,6 +778,15 @@ impl Config {
         }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.http.body_idle_timeout.is_zero() {
+            return Err(invalid("http.body_idle_timeout", "must be above zero"));
+        }
+        if self.http.min_body_rate.0 == 0 {
+            return Err(invalid(
+                "http.min_body_rate",
+                "must be at least 1 byte per second",
+            ));
         }
         let idp = &self.identity_provider;
         check_url("identity_provider.authority", &idp.authority)?;

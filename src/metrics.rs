@@ -214,6 +214,8 @@ pub struct Metrics {
     credential_checks: Family<CheckLabels, Counter>,
     identities: Family<StatusLabels, Gauge>,
     connections: Family<ProtocolLabels, Gauge>,
+    /// Request-body bytes buffered for replay (HTTP), all connections.
+    pub replay_buffered: Gauge,
     /// Handles of the per-request series, resolved once: the families hash
     /// their labels and take a lock on every lookup, which the hot path
     /// would otherwise pay two or three times per request.
@@ -306,6 +308,13 @@ impl Metrics {
             "Client connections currently open, by protocol",
             connections.clone(),
         );
+        let replay_buffered = Gauge::default();
+        registry.register_with_unit(
+            "http_replay_buffer",
+            "Request-body bytes buffered for a replay after a token refresh, across all HTTP connections (bounded by http.replay_buffer_total)",
+            prometheus_client::registry::Unit::Bytes,
+            replay_buffered.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -324,6 +333,7 @@ impl Metrics {
             credential_checks,
             identities,
             connections,
+            replay_buffered,
             hot: HotHandles::default(),
         }
     }

@@ -328,6 +328,10 @@ async fn accept_loop<F, S, B, D>(
 {
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(max_connections));
+    // Every connection task, so that none outlives the listener: when the
+    // server's grace period ends, this loop's task is aborted and the set
+    // aborts them with it.
+    let mut conns = JoinSet::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -379,7 +383,10 @@ async fn accept_loop<F, S, B, D>(
         let make_service = make_service.clone();
         let native = limits.as_ref().map(|l| l.proxy.clone());
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        // Reap the finished ones so the set stays as large as the open
+        // connections.
+        while conns.try_join_next().is_some() {}
+        conns.spawn(async move {
             let _permit = permit;
             let _guard = guard;
             let (io, h2): (BoxIo, bool) = match tls {
@@ -424,6 +431,5 @@ async fn accept_loop<F, S, B, D>(
     drop(listener);
     graceful.shutdown().await;
     // Connections on the native path close once idle; wait for them too.
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    let _ = permits.acquire_many(all).await;
+    while conns.join_next().await.is_some() {}
 }

@@ -11,7 +11,9 @@ use http::StatusCode;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::harness::{Env, HttpClient, SOAP};
+use support::h1::{H1Fault, RawH1Upstream};
+use support::harness::{basic, sample, Env, HttpClient, SOAP};
+use support::raw::{field, status, Raw};
 
 const GRACE: Duration = Duration::from_secs(5);
 const ALICE: &str = "alice@contoso.com";
@@ -122,4 +124,198 @@ async fn a_full_disk_fails_refreshes_only_while_it_is_full_and_loses_no_token() 
     );
     server.shutdown(GRACE).await;
     drop(store);
+}
+
+/// authswap (alice linked, then `tweak`) in front of a raw HTTP/1.1
+/// upstream that tests can script byte for byte.
+async fn raw_rig(
+    tweak: impl FnOnce(&mut authswap::config::Config),
+) -> (Env, RawH1Upstream, authswap::server::Server) {
+    let env = Env::start_http1().await;
+    let up = RawH1Upstream::start(H1Fault::None).await;
+    env.add_linked("alice", ALICE, "pw-alice-123").await;
+    let url = up.url();
+    let server = env
+        .serve_with(move |c| {
+            c.http.upstream = url;
+            tweak(c);
+        })
+        .await;
+    (env, up, server)
+}
+
+fn get(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+        basic("alice", "pw-alice-123")
+    )
+}
+
+fn open_http(metrics: &str) -> f64 {
+    sample(metrics, "authswap_open_connections{protocol=\"http\"}").unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_stalled_or_misframed_upstream_body_is_cut_and_shutdown_ends_every_connection() {
+    let (_env, up, server) =
+        raw_rig(|c| c.http.body_idle_timeout = Duration::from_millis(700)).await;
+    let addr = server.http_addr().unwrap();
+
+    // The upstream stops in the middle of a chunked body: the client gets
+    // what came, then the connection is cut once the body idled too long.
+    up.script(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        false,
+    );
+    let mut c = Raw::connect(addr).await;
+    c.send(&get("/stall")).await;
+    let started = std::time::Instant::now();
+    let rest = c.rest().await;
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
+    assert!(
+        rest.ends_with("5\r\nhello\r\n"),
+        "cut, not completed: {rest}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(600));
+
+    // A trailer that ends in a bare LF never ends the body by the rules:
+    // the relay refuses it instead of waiting for an end.
+    up.script(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx-sum: 1\n\r\n",
+        false,
+    );
+    let mut c = Raw::connect(addr).await;
+    c.send(&get("/bare-lf")).await;
+    let rest = c.rest().await;
+    assert!(!rest.ends_with("\r\n\r\n"), "{rest}");
+
+    // A Connection field naming a framing field: the client's copy would
+    // lose what the relay frames by. 502.
+    up.script(
+        "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc",
+        false,
+    );
+    let mut c = Raw::connect(addr).await;
+    let (head, _) = c.response_to(&get("/connection-names-length")).await;
+    assert_eq!(status(&head), 502, "{head}");
+    c.close().await;
+    // HTTP/1.0 with a transfer coding: 502 too.
+    up.script(
+        "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        true,
+    );
+    let mut c = Raw::connect(addr).await;
+    let (head, _) = c.response_to(&get("/http10-chunked")).await;
+    assert_eq!(status(&head), 502, "{head}");
+    c.close().await;
+
+    let admin = server.admin_addr();
+    let client = HttpClient::default();
+    let (m, gone) = client
+        .metrics_until(admin, Duration::from_secs(5), |m| open_http(m) == 0.0)
+        .await;
+    assert!(gone, "connections still counted open: {m}");
+    server.shutdown(GRACE).await;
+
+    // With a long idle limit, a stalled relay still ends with the server.
+    let (_env, up, server) = raw_rig(|c| c.http.body_idle_timeout = Duration::from_secs(600)).await;
+    up.script(
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+        false,
+    );
+    let mut c = Raw::connect(server.http_addr().unwrap()).await;
+    c.send(&get("/stall")).await;
+    c.until("partial").await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        server.shutdown(Duration::from_secs(1)),
+    )
+    .await
+    .expect("shutdown ends every connection within its grace period");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let rest = c.rest().await;
+    assert!(!rest.contains("HTTP/1.1"), "{rest}");
+}
+
+#[tokio::test]
+async fn a_body_trickling_in_gets_408_and_replay_buffers_are_bounded_in_total() {
+    let (_env, up, server) = raw_rig(|c| {
+        c.http.header_read_timeout = Duration::from_millis(1500);
+        c.http.min_body_rate = authswap::config::ByteSize(1024);
+        c.http.replay_buffer_limit = authswap::config::ByteSize(1024 * 1024);
+        c.http.replay_buffer_total = authswap::config::ByteSize(64 * 1024);
+    })
+    .await;
+    let addr = server.http_addr().unwrap();
+    let auth = basic("alice", "pw-alice-123");
+
+    // One byte every 200 ms used to re-arm the body timer forever; now
+    // the body must keep 1 KiB/s after a 1.5 s grace.
+    let mut slow = Raw::connect(addr).await;
+    slow.send(&format!(
+        "POST /slow HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 60000\r\n\r\n"
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let trickle = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for _ in 0..100 {
+            if slow.stream.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        slow
+    });
+
+    // Meanwhile the slow body holds 60000 of the 65536 bytes of replay
+    // buffer: a 10000-byte body does not fit, so it streams (no replay):
+    // a refused token gets 503 and "send it again", not a replay.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = server.admin_addr();
+    let client = HttpClient::default();
+    let (m, held) = client
+        .metrics_until(admin, Duration::from_secs(5), |m| {
+            sample(m, "authswap_http_replay_buffer_bytes") == Some(60000.0)
+        })
+        .await;
+    assert!(held, "{m}");
+    up.script(
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\n\r\n",
+        false,
+    );
+    let mut c = Raw::connect(addr).await;
+    let body = "y".repeat(10000);
+    let (head, _) = c
+        .response_to(&format!(
+            "POST /fits-no-more HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 10000\r\n\r\n{body}"
+        ))
+        .await;
+    assert_eq!(status(&head), 503, "{head}");
+    assert_eq!(field(&head, "retry-after").as_deref(), Some("1"));
+    assert_eq!(
+        up.requests()
+            .iter()
+            .filter(|r| r.target == "/fits-no-more")
+            .count(),
+        1,
+        "streamed once, not replayed"
+    );
+
+    let mut slow = trickle.await.unwrap();
+    let (head, _) = slow.response().await;
+    assert_eq!(status(&head), 408, "{head}");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "cut after {took:?}, for a body that would take 60000 x 200 ms"
+    );
+    let (m, released) = client
+        .metrics_until(admin, Duration::from_secs(5), |m| {
+            sample(m, "authswap_http_replay_buffer_bytes") == Some(0.0)
+        })
+        .await;
+    assert!(released, "{m}");
+    server.shutdown(GRACE).await;
 }

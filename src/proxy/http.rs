@@ -52,6 +52,7 @@ pub struct HttpProxy {
     upstreams: Arc<Upstreams>,
     scopes: Scopes,
     replay_limit: usize,
+    replay_budget: Arc<ReplayBudget>,
     max_body: usize,
     upstream_timeout: Duration,
 }
@@ -64,6 +65,84 @@ struct Upstream {
     /// when it is not the scheme's default), as the pooled client would on
     /// every request otherwise. Over HTTP/2 it equals `:authority`.
     host: HeaderValue,
+}
+
+/// When a request body being read must be complete: within
+/// `http.header_read_timeout` of its start plus one second per
+/// `http.min_body_rate` bytes received (Apache's `mod_reqtimeout` rule),
+/// and with no pause longer than `header_read_timeout`. A body trickling
+/// in a byte at a time cannot hold a connection for long.
+pub(super) struct BodyPace {
+    start: tokio::time::Instant,
+    grace: Duration,
+    rate: u64,
+}
+
+impl BodyPace {
+    /// The deadline for the next read, `received` bytes in.
+    pub(super) fn due(&self, received: u64) -> tokio::time::Instant {
+        let earned = Duration::from_secs_f64(received as f64 / self.rate as f64);
+        let total = self.start + self.grace + earned;
+        total.min(tokio::time::Instant::now() + self.grace)
+    }
+}
+
+/// Request-body bytes held for replay across all connections, bounded by
+/// `http.replay_buffer_total`: past it, bodies stream without replay, so
+/// that many slow uploads cannot make authswap hold their bodies at once.
+pub(super) struct ReplayBudget {
+    used: std::sync::atomic::AtomicU64,
+    limit: u64,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// A share of the [`ReplayBudget`], given back when dropped.
+pub(super) struct Reservation {
+    budget: Arc<ReplayBudget>,
+    bytes: u64,
+}
+
+impl ReplayBudget {
+    /// `n` more bytes, if the budget has them.
+    pub(super) fn reserve(self: &Arc<Self>, n: u64) -> Option<Reservation> {
+        let mut r = Reservation {
+            budget: self.clone(),
+            bytes: 0,
+        };
+        r.grow(n).then_some(r)
+    }
+}
+
+impl Reservation {
+    /// Takes `n` more bytes; `false` (and nothing taken) when the budget
+    /// does not have them.
+    pub(super) fn grow(&mut self, n: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let b = &self.budget;
+        let taken = b
+            .used
+            .fetch_update(Relaxed, Relaxed, |used| {
+                used.checked_add(n).filter(|&total| total <= b.limit)
+            })
+            .is_ok();
+        if taken {
+            self.bytes += n;
+            b.gauge.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        taken
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let b = &self.budget;
+            b.used
+                .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+            b.gauge
+                .dec_by(i64::try_from(self.bytes).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 /// Why the HTTP front end cannot start.
@@ -100,6 +179,11 @@ impl HttpProxy {
         Ok(HttpProxy {
             scopes: Scopes::new(&cfg.scopes),
             replay_limit: cfg.replay_buffer_limit.as_usize(),
+            replay_budget: Arc::new(ReplayBudget {
+                used: Default::default(),
+                limit: cfg.replay_buffer_total.0,
+                gauge: app.metrics.replay_buffered.clone(),
+            }),
             max_body: match cfg.max_body_bytes.as_usize() {
                 0 => usize::MAX,
                 n => n,
@@ -115,6 +199,16 @@ impl HttpProxy {
     /// when it is enabled and the upstream has not chosen HTTP/2.
     pub fn native_http1(&self) -> bool {
         self.app.config.http.native_http1 && !self.upstreams.speaks_http2()
+    }
+
+    /// The pace a request body starting now must keep.
+    pub(super) fn body_pace(&self) -> BodyPace {
+        let cfg = &self.app.config.http;
+        BodyPace {
+            start: tokio::time::Instant::now(),
+            grace: cfg.header_read_timeout,
+            rate: cfg.min_body_rate.0.max(1),
+        }
     }
 
     /// The temporary answer when the upstream refuses fresh tokens.

@@ -62,9 +62,9 @@ struct Up {
 enum Stop {
     /// A local answer.
     Local(Rejection),
-    /// The upstream chose HTTP/2: the request, and the connection, go to
-    /// the hyper half.
-    Http2,
+    /// The request, and the connection, go to the hyper half (the
+    /// upstream chose HTTP/2, or the body cannot be held for a replay).
+    Hyper(&'static str),
 }
 
 impl From<Rejection> for Stop {
@@ -100,6 +100,7 @@ impl HttpProxy {
             cbuf: BytesMut::with_capacity(8192),
             head_end: HeadEnd::default(),
             body: Bytes::new(),
+            reservation: None,
             up: None,
             out: Vec::with_capacity(2048),
             reply: Vec::with_capacity(1024),
@@ -131,6 +132,8 @@ struct NativeConn<'a> {
     head_end: HeadEnd,
     /// The current request's body (kept for a replay).
     body: Bytes,
+    /// Its share of the replay budget.
+    reservation: Option<super::Reservation>,
     up: Option<Up>,
     /// The upstream request head (kept for a replay); local answers.
     out: Vec<u8>,
@@ -156,9 +159,20 @@ impl Half for NativeRequest<'_, '_> {
 
     async fn body(&mut self) -> Result<(), Stop> {
         let conn = &mut *self.conn;
-        let want = self.head.content_length;
+        let proxy = conn.proxy;
+        let declared = self.head.content_length;
+        if declared > 0 {
+            // Held for the replay: within the budget of all connections,
+            // else the hyper half streams it without replay.
+            conn.reservation = Some(
+                proxy
+                    .replay_budget
+                    .reserve(declared)
+                    .ok_or(Stop::Hyper("the replay buffers are full"))?,
+            );
+        }
         // At most the replay limit (a `usize`): larger ones went to hyper.
-        let want = usize::try_from(want).map_err(|_| Rejection::TooLarge)?;
+        let want = usize::try_from(declared).map_err(|_| Rejection::TooLarge)?;
         if conn.cbuf.len() < want && self.head.expect_continue {
             // The client waits for this before it sends the body.
             let sent = async {
@@ -171,10 +185,9 @@ impl Half for NativeRequest<'_, '_> {
                 return Err(Rejection::ClientGone.into());
             }
         }
-        // At the pace the head had to keep.
-        let limit = conn.proxy.header_limit();
+        let pace = proxy.body_pace();
         while conn.cbuf.len() < want {
-            let due = tokio::time::Instant::now() + limit;
+            let due = pace.due(conn.cbuf.len() as u64);
             let left = (want - conn.cbuf.len()) as u64;
             reserve_body(&mut conn.cbuf, left);
             match timed(&mut conn.idle, due, conn.client.read_buf(&mut conn.cbuf)).await {
@@ -204,7 +217,7 @@ impl Half for NativeRequest<'_, '_> {
         match result {
             Some(Ok(response)) => Ok(response),
             None => Err(Rejection::UpstreamTimeout.into()),
-            Some(Err(ExchangeError::Http2)) => Err(Stop::Http2),
+            Some(Err(ExchangeError::Http2)) => Err(Stop::Hyper("the upstream chose HTTP/2")),
             Some(Err(e)) => {
                 tracing::warn!(error = %crate::token::idp::error_chain(&e), "upstream request failed");
                 Err(Rejection::Upstream.into())
@@ -298,6 +311,7 @@ impl NativeConn<'_> {
             let request = self.cbuf.split_to(head.len).freeze();
             let authorization = head.authorization.map(|(a, b)| request.slice(a..b));
             self.body = Bytes::new();
+            self.reservation = None;
             let (result, body_read) = {
                 let mut half = NativeRequest {
                     conn: self,
@@ -311,9 +325,10 @@ impl NativeConn<'_> {
             };
             let response = match result {
                 Ok(response) => response,
-                Err(Stop::Http2) => {
-                    // Learnt on this request: it and the rest of the
-                    // connection go through the hyper half.
+                Err(Stop::Hyper(why)) => {
+                    // The request (with what was read of its body) and the
+                    // rest of the connection go through the hyper half.
+                    tracing::debug!(why, "handing the connection to the hyper half");
                     let mut replay = BytesMut::with_capacity(request.len() + self.body.len());
                     replay.extend_from_slice(&request);
                     replay.extend_from_slice(&self.body);
@@ -552,10 +567,18 @@ impl NativeConn<'_> {
         let client = &mut self.client;
         let out = &mut self.reply;
         let answered = &mut self.answered;
+        // Every read from the upstream and write to the client must make
+        // progress within `http.body_idle_timeout`.
+        let mut stall = Stall {
+            timer: self
+                .upstream_timer
+                .get_or_insert_with(|| LazyTimer::new(tokio::time::Instant::now())),
+            limit: self.proxy.app.config.http.body_idle_timeout,
+        };
         let done = match response.framing {
             Framing::Empty => {
                 *answered = true;
-                client.write_all(out).await?;
+                stall.io(client.write_all(out)).await?;
                 true
             }
             Framing::Length(n) => {
@@ -564,20 +587,20 @@ impl NativeConn<'_> {
                 *answered = true;
                 if now <= INLINE {
                     out.extend_from_slice(&up.buf[..now]);
-                    client.write_all(out).await?;
+                    stall.io(client.write_all(out)).await?;
                 } else {
-                    client.write_all(out).await?;
-                    client.write_all(&up.buf[..now]).await?;
+                    stall.io(client.write_all(out)).await?;
+                    stall.io(client.write_all(&up.buf[..now])).await?;
                 }
                 up.buf.advance(now);
                 left -= now as u64;
                 while left > 0 {
                     reserve_body(&mut up.buf, left);
-                    if up.io.read_buf(&mut up.buf).await? == 0 {
+                    if stall.io(up.io.read_buf(&mut up.buf)).await? == 0 {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
                     let now = (up.buf.len() as u64).min(left) as usize;
-                    client.write_all(&up.buf[..now]).await?;
+                    stall.io(client.write_all(&up.buf[..now])).await?;
                     up.buf.advance(now);
                     left -= now as u64;
                 }
@@ -594,17 +617,17 @@ impl NativeConn<'_> {
                     if first {
                         *answered = true;
                         out.extend_from_slice(&up.buf[..now]);
-                        client.write_all(out).await?;
+                        stall.io(client.write_all(out)).await?;
                         first = false;
                     } else if now > 0 {
-                        client.write_all(&up.buf[..now]).await?;
+                        stall.io(client.write_all(&up.buf[..now])).await?;
                     }
                     up.buf.advance(now);
                     if end.is_some() {
                         break;
                     }
                     reserve_body(&mut up.buf, scan.data_left());
-                    if up.io.read_buf(&mut up.buf).await? == 0 {
+                    if stall.io(up.io.read_buf(&mut up.buf)).await? == 0 {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
                 }
@@ -612,25 +635,44 @@ impl NativeConn<'_> {
             }
             Framing::Close => {
                 *answered = true;
-                client.write_all(out).await?;
+                stall.io(client.write_all(out)).await?;
                 loop {
                     if !up.buf.is_empty() {
-                        client.write_all(&up.buf).await?;
+                        stall.io(client.write_all(&up.buf)).await?;
                         up.buf.clear();
                     }
                     reserve_body(&mut up.buf, u64::MAX);
-                    if up.io.read_buf(&mut up.buf).await? == 0 {
+                    if stall.io(up.io.read_buf(&mut up.buf)).await? == 0 {
                         break;
                     }
                 }
                 false
             }
         };
-        client.flush().await?;
+        stall.io(client.flush()).await?;
         if done && !response.close && up.buf.is_empty() {
             self.up = Some(up);
         }
         Ok(())
+    }
+}
+
+/// The relay's guard against a body that stops moving: each I/O step must
+/// finish within `limit` (one lazily re-armed timer for the connection).
+struct Stall<'t> {
+    timer: &'t mut LazyTimer,
+    limit: std::time::Duration,
+}
+
+impl Stall<'_> {
+    async fn io<T>(&mut self, step: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+        let due = tokio::time::Instant::now() + self.limit;
+        timed(self.timer, due, step).await.unwrap_or_else(|| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the response body stalled",
+            ))
+        })
     }
 }
 

@@ -13,7 +13,9 @@
 
 use super::codec;
 use super::exchange::{may_resend, Half};
-use super::{full, prepare_upstream_headers, strip_hop_by_hop, HttpProxy, LazyTimer, Rejection};
+use super::{
+    full, prepare_upstream_headers, strip_hop_by_hop, HttpProxy, LazyTimer, Rejection, Reservation,
+};
 use crate::identity::ConnectionMemo;
 use crate::proxy::upstream::{Lane, SendError};
 use crate::tls::{BoxError, OutBody};
@@ -43,6 +45,7 @@ impl HttpProxy {
         memo: ConnectionMemo,
     ) -> (Arc<Connection>, impl std::future::Future<Output = ()>) {
         let limit = self.app.config.http.header_read_timeout;
+        let body_idle = self.app.config.http.body_idle_timeout;
         let conn = Arc::new(Connection {
             lane: Lane::new(self.upstreams.clone()),
             memo,
@@ -54,7 +57,8 @@ impl HttpProxy {
             let conn = conn.clone();
             std::future::poll_fn(move |cx| {
                 conn.lane.poll_drive(cx);
-                conn.activity.poll_watch(&mut watchdog, limit, cx)
+                conn.activity
+                    .poll_watch(&mut watchdog, limit, body_idle, cx)
             })
         };
         (conn, companion)
@@ -105,6 +109,7 @@ impl HttpProxy {
             headers,
             incoming: Some(body),
             body: None,
+            reservation: None,
         };
         let response = self
             .exchange(
@@ -121,57 +126,66 @@ impl HttpProxy {
         &self,
         mut body: Incoming,
         headers: &HeaderMap,
-    ) -> Result<RequestBody, Rejection> {
+    ) -> Result<(RequestBody, Option<Reservation>), Rejection> {
         if body.is_end_stream() {
-            return Ok(RequestBody::Buffered(Bytes::new()));
+            return Ok((RequestBody::Buffered(Bytes::new()), None));
         }
         let declared = headers
             .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+            .and_then(|v| codec::parse_length(v.as_bytes()));
         if declared.is_some_and(|n| n > self.max_body as u64) {
             return Err(Rejection::TooLarge);
         }
+        let stream = |prefix: VecDeque<Bytes>, body: Incoming| {
+            Ok((
+                RequestBody::Streaming(limited(prefix, body, self.max_body)),
+                None,
+            ))
+        };
         if declared.is_some_and(|n| n > self.replay_limit as u64) {
-            return Ok(RequestBody::Streaming(limited(
-                VecDeque::new(),
-                body,
-                self.max_body,
-            )));
+            return stream(VecDeque::new(), body);
         }
+        // Held for the replay within the budget of all connections; a body
+        // of unknown length takes its share as it grows.
+        let mut reservation = match self.replay_budget.reserve(declared.unwrap_or(0)) {
+            Some(r) => r,
+            None => return stream(VecDeque::new(), body),
+        };
         // The first chunk is held apart: most bodies are one chunk, and an
         // empty VecDeque does not allocate.
         let mut first: Option<Bytes> = None;
         let mut more: VecDeque<Bytes> = VecDeque::new();
-        let mut total = 0usize;
-        let idle = self.app.config.http.header_read_timeout;
+        let mut total = 0u64;
+        let pace = self.body_pace();
         loop {
             // A small body has usually arrived with the head: take it
             // without arming a timer.
             let frame = match body.frame().now_or_never() {
                 Some(frame) => frame,
-                None => tokio::time::timeout(idle, body.frame())
+                None => tokio::time::timeout_at(pace.due(total), body.frame())
                     .await
                     .map_err(|_| Rejection::BodyTimeout)?,
             };
             let frame = match frame {
                 None => break,
-                Some(Err(_)) => return Err(Rejection::BadRequest("request body broken off")),
+                Some(Err(_)) => return Err(Rejection::ClientGone),
                 Some(Ok(frame)) => frame,
             };
             if let Ok(data) = frame.into_data() {
-                total += data.len();
-                if total > self.max_body {
+                let n = data.len() as u64;
+                total = total.saturating_add(n);
+                if total > self.max_body as u64 {
                     return Err(Rejection::TooLarge);
                 }
+                let within = declared.is_some() || reservation.grow(n);
                 match first {
                     None => first = Some(data),
                     Some(_) => more.push_back(data),
                 }
-                if total > self.replay_limit {
+                if total > self.replay_limit as u64 || !within {
                     more.extend(first.take());
                     more.rotate_right(1);
-                    return Ok(RequestBody::Streaming(limited(more, body, self.max_body)));
+                    return stream(more, body);
                 }
             }
         }
@@ -179,7 +193,7 @@ impl HttpProxy {
             (None, _) => Bytes::new(),
             (Some(only), true) => only,
             (Some(head), false) => {
-                let mut buf = Vec::with_capacity(total);
+                let mut buf = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
                 buf.extend_from_slice(&head);
                 for c in more {
                     buf.extend_from_slice(&c);
@@ -187,7 +201,7 @@ impl HttpProxy {
                 Bytes::from(buf)
             }
         };
-        Ok(RequestBody::Buffered(bytes))
+        Ok((RequestBody::Buffered(bytes), Some(reservation)))
     }
 
     /// Sends `req` upstream within `http.upstream_timeout`: on the lane of
@@ -258,6 +272,7 @@ impl HttpProxy {
     fn respond(&self, response: Response<Incoming>, conn: &Arc<Connection>) -> Response<OutBody> {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        conn.activity.progress();
         let body = Relayed {
             body,
             conn: conn.clone(),
@@ -277,6 +292,8 @@ struct HyperRequest<'a> {
     headers: HeaderMap,
     incoming: Option<Incoming>,
     body: Option<RequestBody>,
+    /// The buffered body's share of the replay budget.
+    reservation: Option<Reservation>,
 }
 
 impl HyperRequest<'_> {
@@ -299,7 +316,9 @@ impl Half for HyperRequest<'_> {
 
     async fn body(&mut self) -> Result<(), Rejection> {
         if let Some(incoming) = self.incoming.take() {
-            self.body = Some(self.proxy.read_body(incoming, &self.headers).await?);
+            let (body, reservation) = self.proxy.read_body(incoming, &self.headers).await?;
+            self.body = Some(body);
+            self.reservation = reservation;
         }
         Ok(())
     }
@@ -362,6 +381,10 @@ struct Activity {
     http2: std::sync::atomic::AtomicBool,
     /// Nanoseconds after `born` when the connection last became idle.
     idle_since: std::sync::atomic::AtomicU64,
+    /// A response body is being relayed.
+    relaying: std::sync::atomic::AtomicBool,
+    /// Nanoseconds after `born` when the response body last moved.
+    progress: std::sync::atomic::AtomicU64,
 }
 
 impl Activity {
@@ -371,7 +394,13 @@ impl Activity {
             busy: Default::default(),
             http2: Default::default(),
             idle_since: Default::default(),
+            relaying: Default::default(),
+            progress: Default::default(),
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn begin(&self, version: http::Version) {
@@ -382,30 +411,50 @@ impl Activity {
         self.busy.store(true, Relaxed);
     }
 
+    /// The response body starts (or goes on) moving toward the client.
+    fn progress(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.progress.store(self.now_ns(), Relaxed);
+        self.relaying.store(true, Relaxed);
+    }
+
     fn end(&self) {
         use std::sync::atomic::Ordering::Relaxed;
-        let ns = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.idle_since.store(ns, Relaxed);
+        self.idle_since.store(self.now_ns(), Relaxed);
+        self.relaying.store(false, Relaxed);
         self.busy.store(false, Relaxed);
     }
 
-    /// Ready when the connection must close.
-    fn poll_watch(&self, timer: &mut LazyTimer, limit: Duration, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready when the connection must close: idle (or slow to send a head)
+    /// for `limit`, or a response body that made no progress, in either
+    /// direction, for `body_idle`.
+    fn poll_watch(
+        &self,
+        timer: &mut LazyTimer,
+        limit: Duration,
+        body_idle: Duration,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
         use std::sync::atomic::Ordering::Relaxed;
         while timer.fired(cx) {
             if self.http2.load(Relaxed) {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            let due = if self.busy.load(Relaxed) {
-                now + limit
+            let (since, limit) = if !self.busy.load(Relaxed) {
+                (self.idle_since.load(Relaxed), limit)
+            } else if self.relaying.load(Relaxed) {
+                (self.progress.load(Relaxed), body_idle)
             } else {
-                let since = self.born + Duration::from_nanos(self.idle_since.load(Relaxed));
-                if now >= since + limit {
-                    return Poll::Ready(());
-                }
-                since + limit
+                // Waiting for the upstream (its own timeout applies) or
+                // reading a body (the body's pace applies).
+                timer.reset(tokio::time::Instant::from_std(now + limit));
+                continue;
             };
+            let due = self.born + Duration::from_nanos(since) + limit;
+            if now >= due {
+                return Poll::Ready(());
+            }
             timer.reset(tokio::time::Instant::from_std(due));
         }
         Poll::Pending
@@ -427,9 +476,13 @@ impl Body for Relayed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.body)
+        let polled = Pin::new(&mut self.body)
             .poll_frame(cx)
-            .map_err(|e| -> BoxError { Box::new(e) })
+            .map_err(|e| -> BoxError { Box::new(e) });
+        if polled.is_ready() {
+            self.conn.activity.progress();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
