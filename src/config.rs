@@ -558,7 +558,7 @@ impl Default for AuthConfig {
             credential_cache_ttl: Duration::from_secs(300),
             max_failures: 10,
             lockout: Duration::from_secs(1),
-            max_lockout: Duration::from_secs(300),
+            max_lockout: Duration::from_secs(30),
             // OWASP's argon2id recommendation (19 MiB, 2 iterations, 1 lane).
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,

@@ -5,12 +5,17 @@
 //! password): argon2id on first sight, then a verified-credential cache keyed
 //! by a keyed BLAKE2b MAC (per-process random key, short TTL) so steady-state
 //! requests never run argon2. A [`ConnectionMemo`] lets a keep-alive client
-//! that resends the same header skip even that lookup. Failures are counted
-//! per identity and per source address with exponential lockout; unknown
-//! names cost the same argon2 run as known ones and fail the same way.
+//! that resends the same header skip even that lookup. Guessing is
+//! throttled, never answered with a refusal of a correct password: after
+//! `auth.max_failures` failures for a name (known or not, the same state
+//! either way) or from a non-loopback source address, each further check
+//! waits a delay that doubles up to `auth.max_lockout`, and only a bounded
+//! number of checks may wait at once (more are refused until one ends).
+//! Unknown names cost the same argon2 run as known ones and fail the same
+//! way.
 
 use crate::config::AuthConfig;
-use crate::metrics::{CredentialCheck, FailureReason, Metrics, Protocol};
+use crate::metrics::{CredentialCheck, FailureReason, LockoutScope, Metrics, Protocol};
 use crate::singleflight::SingleFlight;
 use crate::store::{name_key, IdentityRecord, Status};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -261,22 +266,58 @@ pub enum AuthError {
     /// Wrong local password.
     #[error("wrong password for identity {0}")]
     BadPassword(String),
-    /// Too many failures recently; refused without checking.
-    #[error("too many failed attempts; locked for {0:?}")]
+    /// Too many delayed checks for this name or source are waiting
+    /// already; refused without checking. Try again after the duration.
+    #[error("too many failed attempts; try again in {0:?}")]
     Locked(Duration),
 }
 
+/// What guessing is throttled by: a name (known or not; a keyed hash of
+/// its lookup key, so attacker-chosen names are not kept), or a source
+/// address that is not loopback (local processes all share loopback, so it
+/// tells nothing apart; IPv6 sources count by /64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum FailKey {
-    Identity(i64),
+enum ThrottleKey {
+    Name([u8; 16]),
     Source(IpAddr),
 }
 
 #[derive(Debug, Clone, Copy)]
-struct FailState {
-    count: u32,
+struct Throttle {
+    /// Failures in a row (reset by a success for a name, or after a quiet
+    /// window).
+    failures: u32,
     last: Instant,
-    locked_until: Option<Instant>,
+    /// Checks waiting out their delay right now.
+    waiting: u32,
+}
+
+/// Delayed checks that may wait at once for one name or source; more are
+/// refused with [`AuthError::Locked`] until one ends. Bounds what a guesser
+/// can have in flight without ever refusing the first correct password
+/// that waits its turn.
+const MAX_WAITING: u32 = 8;
+/// Throttle entries kept at most (memory bound); beyond, new names share
+/// one entry.
+const MAX_THROTTLES: usize = 100_000;
+/// The shared entry for names beyond [`MAX_THROTTLES`].
+const OVERFLOW: ThrottleKey = ThrottleKey::Name([0xff; 16]);
+
+/// The checks one verification holds a waiting slot in; given back when
+/// dropped.
+struct Waiting<'a> {
+    throttles: &'a DashMap<ThrottleKey, Throttle>,
+    keys: Vec<ThrottleKey>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            if let Some(mut t) = self.throttles.get_mut(key) {
+                t.waiting = t.waiting.saturating_sub(1);
+            }
+        }
+    }
 }
 
 type CacheKey = [u8; 32];
@@ -336,13 +377,34 @@ impl VerifiedCache {
     }
 }
 
+/// The address guessing is throttled under, if any: loopback is not (every
+/// local process shares it), IPv4-mapped IPv6 counts as IPv4, and IPv6
+/// counts by /64 (what one host usually holds).
+fn source_key(ip: IpAddr) -> Option<ThrottleKey> {
+    if ip.is_loopback() {
+        return None;
+    }
+    let ip = match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+        v4 => v4,
+    };
+    (!ip.is_loopback()).then_some(ThrottleKey::Source(ip))
+}
+
 /// Checks local credentials; see the module docs.
 pub struct Authenticator {
     directory: Arc<Directory>,
     metrics: Arc<Metrics>,
     mac_key: [u8; 32],
     cache: Arc<VerifiedCache>,
-    failures: DashMap<FailKey, FailState>,
+    throttles: DashMap<ThrottleKey, Throttle>,
     flights: SingleFlight<CacheKey, bool>,
     hashing: Arc<Semaphore>,
     dummy_hash: Arc<str>,
@@ -400,7 +462,7 @@ impl Authenticator {
             metrics,
             mac_key,
             cache: Default::default(),
-            failures: DashMap::new(),
+            throttles: DashMap::new(),
             flights: SingleFlight::default(),
             hashing: Arc::new(Semaphore::new(lanes)),
             dummy_hash: dummy_hash.into(),
@@ -476,33 +538,36 @@ impl Authenticator {
         }
         // The slow path (lockout, argon2) is boxed so the futures of every
         // request stay small: they are moved on each request.
-        Box::pin(self.verify(identity, password, source, protocol)).await
+        Box::pin(self.verify(identity, name, password, source, protocol)).await
     }
 
     async fn verify(
         &self,
         identity: Option<Arc<Identity>>,
+        name: &str,
         password: &[u8],
         source: IpAddr,
         protocol: Protocol,
     ) -> Result<Arc<Identity>, AuthError> {
-        let now = Instant::now();
-        let locked = [
-            identity.as_ref().map(|i| FailKey::Identity(i.id)),
-            Some(FailKey::Source(source)),
-        ]
-        .into_iter()
-        .flatten()
-        .filter_map(|k| self.failures.get(&k).and_then(|s| s.locked_until))
-        .filter(|until| *until > now)
-        .max();
-        if let Some(until) = locked {
-            self.metrics.auth_failure(
-                identity.as_ref().map(|i| i.name.as_str()),
-                protocol,
-                FailureReason::locked_out,
-            );
-            return Err(AuthError::Locked(until - now));
+        let keys: Vec<ThrottleKey> = [Some(self.name_key(name)), source_key(source)]
+            .into_iter()
+            .flatten()
+            .collect();
+        // The same throttle, delays and answers for every name, known or
+        // not: nothing here tells them apart.
+        let waiting = match self.admit(&keys) {
+            Ok(w) => w,
+            Err(retry) => {
+                self.metrics.auth_failure(
+                    identity.as_ref().map(|i| i.name.as_str()),
+                    protocol,
+                    FailureReason::locked_out,
+                );
+                return Err(AuthError::Locked(retry));
+            }
+        };
+        if let Some((delay, _)) = &waiting {
+            tokio::time::sleep(*delay).await;
         }
 
         let ok = match &identity {
@@ -557,15 +622,17 @@ impl Authenticator {
             }
         };
 
+        drop(waiting);
         if ok {
             let identity = identity.expect("ok implies a known identity");
-            self.failures.remove(&FailKey::Identity(identity.id));
+            self.throttles.remove(&keys[0]);
             return Ok(identity);
+        }
+        for key in &keys {
+            self.record_failure(*key, identity.as_deref(), source);
         }
         match identity {
             Some(identity) => {
-                self.record_failure(FailKey::Identity(identity.id));
-                self.record_failure(FailKey::Source(source));
                 self.metrics.auth_failure(
                     Some(&identity.name),
                     protocol,
@@ -574,7 +641,6 @@ impl Authenticator {
                 Err(AuthError::BadPassword(identity.name.clone()))
             }
             None => {
-                self.record_failure(FailKey::Source(source));
                 self.metrics
                     .auth_failure(None, protocol, FailureReason::unknown_identity);
                 Err(AuthError::UnknownIdentity)
@@ -582,27 +648,114 @@ impl Authenticator {
         }
     }
 
-    fn record_failure(&self, key: FailKey) {
-        let now = Instant::now();
-        let window = self.config.max_lockout.max(Duration::from_secs(900));
-        let mut entry = self.failures.entry(key).or_insert(FailState {
-            count: 0,
-            last: now,
-            locked_until: None,
-        });
-        if now.duration_since(entry.last) > window {
-            entry.count = 0;
+    /// The throttle key of a name (known or not).
+    fn name_key(&self, name: &str) -> ThrottleKey {
+        let mut mac = <Blake2bMac<U32> as Mac>::new_from_slice(&self.mac_key)
+            .expect("32-byte key is valid for BLAKE2b");
+        mac.update(b"throttle\0");
+        mac.update(name_key(name).as_bytes());
+        let digest: [u8; 32] = mac.finalize().into_bytes().into();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        let key = ThrottleKey::Name(key);
+        if self.throttles.len() >= MAX_THROTTLES && !self.throttles.contains_key(&key) {
+            return OVERFLOW;
         }
-        entry.count = entry.count.saturating_add(1);
-        entry.last = now;
-        if entry.count >= self.config.max_failures {
-            let exp = (entry.count - self.config.max_failures).min(20);
-            let lock = self
-                .config
+        key
+    }
+
+    /// The delay a check waits after `failures` failures in a row, if any.
+    fn delay_after(&self, failures: u32) -> Option<Duration> {
+        let max = self.config.max_failures;
+        (failures >= max).then(|| {
+            let exp = (failures - max).min(20);
+            self.config
                 .lockout
                 .saturating_mul(1u32 << exp)
-                .min(self.config.max_lockout);
-            entry.locked_until = Some(now + lock);
+                .min(self.config.max_lockout)
+        })
+    }
+
+    fn window(&self) -> Duration {
+        self.config.max_lockout.max(Duration::from_secs(900))
+    }
+
+    /// Admits a check under `keys`: `Ok(None)` at once, `Ok(Some((delay,
+    /// slots)))` after waiting `delay` (holding a waiting slot of each
+    /// throttled key), or `Err(retry)` when a throttled key has
+    /// [`MAX_WAITING`] checks waiting already.
+    fn admit<'s>(
+        &'s self,
+        keys: &[ThrottleKey],
+    ) -> Result<Option<(Duration, Waiting<'s>)>, Duration> {
+        let now = Instant::now();
+        let window = self.window();
+        let mut delay = Duration::ZERO;
+        let mut slots = Waiting {
+            throttles: &self.throttles,
+            keys: Vec::new(),
+        };
+        for key in keys {
+            let Some(mut t) = self.throttles.get_mut(key) else {
+                continue;
+            };
+            if now.duration_since(t.last) > window {
+                continue;
+            }
+            let Some(d) = self.delay_after(t.failures) else {
+                continue;
+            };
+            if t.waiting >= MAX_WAITING {
+                // `slots` gives back what was taken so far.
+                return Err(d);
+            }
+            t.waiting += 1;
+            slots.keys.push(*key);
+            delay = delay.max(d);
+        }
+        Ok((!slots.keys.is_empty()).then_some((delay, slots)))
+    }
+
+    /// Counts a failure under `key`; logs and counts the moment it starts
+    /// being throttled.
+    fn record_failure(&self, key: ThrottleKey, identity: Option<&Identity>, source: IpAddr) {
+        let now = Instant::now();
+        let window = self.window();
+        let mut t = self.throttles.entry(key).or_insert(Throttle {
+            failures: 0,
+            last: now,
+            waiting: 0,
+        });
+        if now.duration_since(t.last) > window {
+            t.failures = 0;
+        }
+        t.failures = t.failures.saturating_add(1);
+        t.last = now;
+        if t.failures != self.config.max_failures {
+            return;
+        }
+        drop(t);
+        let scope = match (key, identity) {
+            (ThrottleKey::Source(_), _) => LockoutScope::source,
+            (ThrottleKey::Name(_), Some(_)) => LockoutScope::identity,
+            (ThrottleKey::Name(_), None) => LockoutScope::unknown_name,
+        };
+        self.metrics.lockout(scope);
+        match scope {
+            LockoutScope::identity => tracing::warn!(
+                identity = %identity.map(|i| i.name.as_str()).unwrap_or_default(),
+                failures = self.config.max_failures,
+                "failed logins for this identity: further checks are delayed"
+            ),
+            LockoutScope::unknown_name => tracing::warn!(
+                failures = self.config.max_failures,
+                "failed logins for an unknown name: further checks for it are delayed"
+            ),
+            LockoutScope::source => tracing::warn!(
+                %source,
+                failures = self.config.max_failures,
+                "failed logins from this address: further checks from it are delayed"
+            ),
         }
     }
 
@@ -610,10 +763,9 @@ impl Authenticator {
     pub fn prune(&self) {
         let now = Instant::now();
         self.cache.prune(now);
-        let window = self.config.max_lockout.max(Duration::from_secs(900));
-        self.failures.retain(|_, s| {
-            now.duration_since(s.last) <= window || s.locked_until.is_some_and(|u| u > now)
-        });
+        let window = self.window();
+        self.throttles
+            .retain(|_, t| t.waiting > 0 || now.duration_since(t.last) <= window);
     }
 
     /// Forgets every cached credential (after the directory changed).
@@ -750,8 +902,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn wrong_password_and_unknown_name_fail_and_lock_out() {
-        let (_d, _m, a) = setup();
+    async fn guessing_is_delayed_and_a_correct_password_still_gets_through() {
+        let (_d, m, a) = setup();
         assert_eq!(
             a.authenticate("alice", b"nope", SRC, Protocol::http)
                 .await
@@ -766,16 +918,96 @@ mod tests {
         );
         let _ = a.authenticate("alice", b"nope", SRC, Protocol::http).await;
         let _ = a.authenticate("alice", b"nope", SRC, Protocol::http).await;
-        // Locked now, even with the right password (it was never cached).
-        assert!(matches!(
-            a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
-                .await,
-            Err(AuthError::Locked(_))
-        ));
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        a.authenticate("alice", b"pw-alice", SRC, Protocol::http)
+        // Three failures: checks are delayed now, but the right password
+        // (never cached) is not refused.
+        let started = Instant::now();
+        a.authenticate("ALICE", b"pw-alice", SRC, Protocol::http)
             .await
             .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // The success ended the throttle.
+        let started = Instant::now();
+        assert!(a
+            .authenticate("alice", b"nope", SRC, Protocol::http)
+            .await
+            .is_err());
+        assert!(started.elapsed() < Duration::from_millis(200));
+        assert_eq!(
+            m.encode()
+                .lines()
+                .filter(|l| l.starts_with("authswap_auth_lockouts_total"))
+                .collect::<Vec<_>>(),
+            ["authswap_auth_lockouts_total{scope=\"identity\"} 1"]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn known_and_unknown_names_are_throttled_alike() {
+        let (_d, m, a) = setup();
+        let a = Arc::new(a);
+        for name in ["alice", "mallory"] {
+            for _ in 0..3 {
+                assert!(a
+                    .authenticate(name, b"nope", SRC, Protocol::http)
+                    .await
+                    .is_err());
+            }
+        }
+        let rejected = m.credential_check_count(CredentialCheck::rejected);
+        assert_eq!(rejected, 6, "argon2 ran for both names");
+        let mut answers = Vec::new();
+        for name in ["alice", "mallory"] {
+            // MAX_WAITING checks wait out their delay; the next is refused
+            // at once, the same way for both names.
+            let waiting: Vec<_> = (0..MAX_WAITING)
+                .map(|i| {
+                    let a = a.clone();
+                    let pw = format!("guess-{i}");
+                    tokio::spawn(async move {
+                        a.authenticate(name, pw.as_bytes(), SRC, Protocol::http)
+                            .await
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let refused = a.authenticate(name, b"one more", SRC, Protocol::http).await;
+            assert!(matches!(refused, Err(AuthError::Locked(_))), "{name}");
+            answers.push(refused.unwrap_err());
+            for w in waiting {
+                assert!(w.await.unwrap().is_err());
+            }
+        }
+        assert_eq!(answers[0], answers[1], "nothing tells the names apart");
+        assert_eq!(
+            m.credential_check_count(CredentialCheck::rejected),
+            rejected + 2 * u64::from(MAX_WAITING),
+            "the same work for both"
+        );
+        let text = m.encode();
+        for scope in ["identity", "unknown_name"] {
+            assert!(
+                text.contains(&format!(
+                    "authswap_auth_lockouts_total{{scope=\"{scope}\"}} 1"
+                )),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn sources_are_throttled_by_the_address_they_really_come_from() {
+        use std::net::Ipv6Addr;
+        assert_eq!(source_key(SRC), None, "loopback tells nothing apart");
+        assert_eq!(source_key(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))), None);
+        assert_eq!(source_key(IpAddr::V6(Ipv6Addr::LOCALHOST)), None);
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(
+            source_key(mapped),
+            Some(ThrottleKey::Source("192.0.2.7".parse().unwrap()))
+        );
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(source_key(a), source_key(b), "one /64");
     }
 
     #[tokio::test]

@@ -89,6 +89,18 @@ impl FailureReason {
     ];
 }
 
+/// What started being throttled after `auth.max_failures` failures.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum LockoutScope {
+    /// A configured identity's name.
+    identity,
+    /// A name that is no configured identity.
+    unknown_name,
+    /// A (non-loopback) source address.
+    source,
+}
+
 /// Result of a token refresh.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -165,6 +177,11 @@ struct RefreshLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LockoutLabels {
+    scope: LockoutScope,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     protocol: Protocol,
     outcome: Outcome,
@@ -214,6 +231,7 @@ pub struct Metrics {
     credential_checks: Family<CheckLabels, Counter>,
     identities: Family<StatusLabels, Gauge>,
     connections: Family<ProtocolLabels, Gauge>,
+    lockouts: Family<LockoutLabels, Counter>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
     pub replay_buffered: Gauge,
     /// Handles of the per-request series, resolved once: the families hash
@@ -308,6 +326,12 @@ impl Metrics {
             "Client connections currently open, by protocol",
             connections.clone(),
         );
+        let lockouts = Family::<LockoutLabels, Counter>::default();
+        registry.register(
+            "auth_lockouts",
+            "Names (identity or unknown_name) and source addresses whose failed logins reached auth.max_failures, so that their further checks are delayed",
+            lockouts.clone(),
+        );
         let replay_buffered = Gauge::default();
         registry.register_with_unit(
             "http_replay_buffer",
@@ -333,6 +357,7 @@ impl Metrics {
             credential_checks,
             identities,
             connections,
+            lockouts,
             replay_buffered,
             hot: HotHandles::default(),
         }
@@ -348,6 +373,11 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// Counts a name or source that started being throttled.
+    pub fn lockout(&self, scope: LockoutScope) {
+        self.lockouts.get_or_create(&LockoutLabels { scope }).inc();
     }
 
     /// Counts a token refresh.

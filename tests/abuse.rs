@@ -319,3 +319,53 @@ async fn a_body_trickling_in_gets_408_and_replay_buffers_are_bounded_in_total() 
     assert!(released, "{m}");
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn guesses_delay_checks_but_never_lock_out_the_right_password_or_reveal_names() {
+    let env = Env::start().await;
+    env.add_linked("alice", ALICE, "pw-alice-123").await;
+    let server = env
+        .serve_with(|c| {
+            c.auth.lockout = Duration::from_millis(100);
+            c.auth.max_lockout = Duration::from_millis(400);
+        })
+        .await;
+    let addr = server.http_addr().unwrap();
+    let client = HttpClient::default();
+    // Twelve wrong guesses for alice (the review's case), and as many for a
+    // name that does not exist.
+    let mut answers = Vec::new();
+    for name in ["alice", "nobody"] {
+        for i in 0..12 {
+            let r = client.ews(addr, name, &format!("guess-{i}"), SOAP).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+            answers.push((r.text(), r.header("www-authenticate")));
+        }
+    }
+    assert!(
+        answers.windows(2).all(|w| w[0] == w[1]),
+        "the same answers for a known and an unknown name: {answers:?}"
+    );
+    // alice's own client, with the right password and nothing cached: in,
+    // after a delay, instead of `401 Retry-After`.
+    let r = client.ews(addr, "alice", "pw-alice-123", SOAP).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    let m = client.get(server.admin_addr(), "/metrics").await.text();
+    for scope in ["identity", "unknown_name"] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("authswap_auth_lockouts_total{{scope=\"{scope}\"}}")
+            ),
+            Some(1.0),
+            "{scope}"
+        );
+    }
+    // argon2 ran for every guess, known name or not: 24 rejected, 1 verified.
+    assert_eq!(
+        sample(&m, "authswap_credential_checks_total{result=\"rejected\"}"),
+        Some(24.0)
+    );
+    server.shutdown(GRACE).await;
+}
