@@ -620,3 +620,57 @@ async fn local_starttls_and_implicit_tls_for_clients_that_insist() {
     assert!(read_line(&mut r).await.starts_with("a OK"));
     server.shutdown(GRACE).await;
 }
+
+/// The bytes of a literal that authswap refuses are never read as
+/// commands: a non-synchronising literal over `max_line` is read and
+/// dropped (up to 1 MiB; beyond that the connection is closed), and the
+/// connection goes on with the next command.
+#[tokio::test]
+async fn imap_refused_literals_are_not_executed_as_commands() {
+    let m = default_mail().await;
+    let addr = m.server.imap_addr().unwrap();
+    // Literal content that looks like commands, 50,000 bytes in all.
+    let literal = |n: usize| {
+        let mut v = b"b CAPABILITY\r\nb2 LOGIN alice alice-pw-123\r\n".to_vec();
+        v.resize(n - 2, b'x');
+        v.extend_from_slice(b"\r\n");
+        v
+    };
+    let mut c = Raw::connect(addr).await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.send(b"a LOGIN {50000+}\r\n").await;
+    c.send(&literal(50_000)).await;
+    c.send(b" password\r\nc NOOP\r\n").await;
+    let first = c.line().await;
+    assert!(first.starts_with("a BAD literal too large"), "{first}");
+    let next = c.line().await;
+    assert!(next.starts_with("c OK NOOP"), "literal executed: {next}");
+
+    // The same inside a command authswap does not know before login.
+    c.send(b"d APPEND INBOX {14+}\r\nb CAPABILITY\r\n\r\ne NOOP\r\n")
+        .await;
+    let d = c.line().await;
+    assert!(d.starts_with("d BAD"), "{d}");
+    let e = c.line().await;
+    assert!(e.starts_with("e OK NOOP"), "literal executed: {e}");
+
+    // A synchronising literal that is too large is refused before the
+    // client sends it; the connection stays usable.
+    c.send(b"f LOGIN {50000}\r\n").await;
+    assert!(c.line().await.starts_with("f BAD literal too large"));
+    c.send(b"g NOOP\r\n").await;
+    assert!(c.line().await.starts_with("g OK"));
+
+    // More than 1 MiB announced: refused and the connection closed, without
+    // reading any of it as commands.
+    let mut c = Raw::connect(addr).await;
+    c.line().await;
+    c.send(b"h LOGIN {5000000+}\r\n").await;
+    c.send(&literal(10_000)).await;
+    assert!(c.line().await.starts_with("h BAD literal too large"));
+    let bye = c.line().await;
+    assert!(bye.starts_with("* BYE [TOOBIG]"), "{bye}");
+    assert!(c.closed().await);
+    assert_eq!(m.imap.auth_attempts(), 0, "nothing logged in upstream");
+    m.server.shutdown(GRACE).await;
+}

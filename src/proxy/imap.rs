@@ -17,6 +17,65 @@ use std::time::Duration;
 /// Protocol errors tolerated before the connection is closed.
 const MAX_ERRORS: u32 = 10;
 
+/// Most bytes of refused non-synchronising literals read and dropped for
+/// one command; a client announcing more is disconnected instead.
+const MAX_SKIPPED_LITERALS: u64 = 1 << 20;
+
+/// The size of the non-synchronising literal (`{n+}`, also `~{n+}`) that
+/// ends `line`, if any: the client sends those bytes without waiting for a
+/// continuation, so they belong to the command even when it is refused.
+/// Sizes too large for `u64` count as `u64::MAX`.
+fn trailing_nonsync_literal(line: &[u8]) -> Option<u64> {
+    let inner = line.strip_suffix(b"+}")?;
+    let open = inner.iter().rposition(|&c| c == b'{')?;
+    let digits = &inner[open + 1..];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        std::str::from_utf8(digits)
+            .ok()?
+            .parse()
+            .unwrap_or(u64::MAX),
+    )
+}
+
+/// Reads and drops the non-synchronising literal of `n` bytes that a
+/// command carries, and the rest of that command (which may end in another
+/// such literal), so none of it is taken for commands. `Err` holds the
+/// `* BYE` line to send before closing the connection instead: more than
+/// [`MAX_SKIPPED_LITERALS`] in all, or a client that stopped sending.
+async fn skip_literals(
+    io: &mut LineIo<BoxIo>,
+    mut n: u64,
+    timeout: Duration,
+) -> Result<(), &'static str> {
+    let mut total = 0u64;
+    loop {
+        total = total.saturating_add(n);
+        if total > MAX_SKIPPED_LITERALS {
+            return Err("* BYE [TOOBIG] Literal too large, closing connection\r\n");
+        }
+        let incomplete = "* BYE Incomplete literal, closing connection\r\n";
+        if !matches!(
+            tokio::time::timeout(timeout, io.discard(n)).await,
+            Ok(Ok(()))
+        ) {
+            return Err(incomplete);
+        }
+        let rest = match tokio::time::timeout(timeout, io.read_line()).await {
+            Ok(Ok(Some(l))) => l,
+            // The rest of the line was skipped up to its end.
+            Ok(Err(LineError::TooLong)) => return Ok(()),
+            _ => return Err(incomplete),
+        };
+        match trailing_nonsync_literal(&rest) {
+            Some(next) => n = next,
+            None => return Ok(()),
+        }
+    }
+}
+
 /// The IMAP front end.
 pub struct Imap {
     front: Arc<MailFrontEnd>,
@@ -78,10 +137,11 @@ fn caps_of(lines: &[Bytes]) -> Vec<String> {
 
 /// Parses IMAP astrings from `rest`, reading literals from the client as
 /// needed. Returns the arguments, or `Err(msg)` for a BAD answer;
-/// `Ok(None)` when the connection is gone.
+/// `Ok(None)` when the connection is gone. After an `Err`, `rest` holds the
+/// end of the last line read (to find a literal the client sends anyway).
 async fn read_args(
     io: &mut LineIo<BoxIo>,
-    mut rest: Vec<u8>,
+    rest: &mut Vec<u8>,
     max: usize,
     timeout: Duration,
 ) -> Result<Option<Vec<Secret>>, &'static str> {
@@ -132,10 +192,13 @@ async fn read_args(
                     Some(n) => (n, false),
                     None => (spec, true),
                 };
-                let n: usize = num.parse().map_err(|_| "bad literal")?;
-                if n > max {
-                    return Err("literal too large");
+                if num.is_empty() || !num.bytes().all(|c| c.is_ascii_digit()) {
+                    return Err("bad literal");
                 }
+                let n = match num.parse::<usize>() {
+                    Ok(n) if n <= max => n,
+                    _ => return Err("literal too large"),
+                };
                 if sync && io.send(b"+ Ready for literal data\r\n").await.is_err() {
                     return Ok(None);
                 }
@@ -144,9 +207,12 @@ async fn read_args(
                     _ => return Ok(None),
                 };
                 args.push(Secret::new(String::from_utf8_lossy(&data).into_owned()));
-                rest = match tokio::time::timeout(timeout, io.read_line()).await {
+                *rest = match tokio::time::timeout(timeout, io.read_line()).await {
                     Ok(Ok(Some(l))) => l.to_vec(),
-                    Ok(Err(LineError::TooLong)) => return Err("line too long"),
+                    Ok(Err(LineError::TooLong)) => {
+                        rest.clear();
+                        return Err("line too long");
+                    }
                     _ => return Ok(None),
                 };
             }
@@ -294,13 +360,24 @@ impl Imap {
             let tag = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
             let cmd =
                 String::from_utf8_lossy(parts.next().unwrap_or_default()).to_ascii_uppercase();
-            let rest = parts.next().unwrap_or_default().to_vec();
-            if tag.is_empty()
+            let mut rest = parts.next().unwrap_or_default().to_vec();
+            let bad_tag = tag.is_empty()
                 || cmd.is_empty()
                 || tag
                     .bytes()
-                    .any(|c| matches!(c, b'*' | b'+' | b'{' | b'(' | b'"') || c < 0x21)
-            {
+                    .any(|c| matches!(c, b'*' | b'+' | b'{' | b'(' | b'"') || c < 0x21);
+            // A non-synchronising literal ending the line is part of this
+            // command (LOGIN reads its own): drop its bytes rather than
+            // read them as commands.
+            if bad_tag || cmd != "LOGIN" {
+                if let Some(n) = trailing_nonsync_literal(&line) {
+                    if let Err(bye) = skip_literals(&mut io, n, cfg.idle_timeout).await {
+                        let _ = io.send(bye.as_bytes()).await;
+                        return;
+                    }
+                }
+            }
+            if bad_tag {
                 errors += 1;
                 if self
                     .bad(&mut io, "*", "Invalid tag or command", errors)
@@ -343,9 +420,26 @@ impl Imap {
                         None => return,
                     }
                 }
-                "LOGIN" => match read_args(&mut io, rest, max, cfg.idle_timeout).await {
+                "LOGIN" => match read_args(&mut io, &mut rest, max, cfg.idle_timeout).await {
                     Ok(None) => return,
-                    Err(why) => format!("{tag} BAD {why}\r\n"),
+                    Err(why) => match trailing_nonsync_literal(&rest) {
+                        None => format!("{tag} BAD {why}\r\n"),
+                        // Refused, but the client sends the literal anyway
+                        // (e.g. one over `max_line`): skip it, or close.
+                        Some(n) => {
+                            if let Err(bye) = skip_literals(&mut io, n, cfg.idle_timeout).await {
+                                let _ = io
+                                    .send(format!("{tag} BAD {why}\r\n{bye}").as_bytes())
+                                    .await;
+                                return;
+                            }
+                            errors += 1;
+                            if self.bad(&mut io, &tag, why, errors).await {
+                                return;
+                            }
+                            continue;
+                        }
+                    },
                     Ok(Some(args)) if args.len() == 2 && !args[0].is_empty() => {
                         let creds = Credentials {
                             name: args[0].expose().to_owned(),
@@ -481,5 +575,21 @@ impl Imap {
         };
         io.send(reply.as_bytes()).await.map_err(|_| ())?;
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trailing_nonsync_literal as lit;
+
+    #[test]
+    fn non_synchronising_literal_at_the_end_of_a_line() {
+        assert_eq!(lit(b"a LOGIN {5+}"), Some(5));
+        assert_eq!(lit(b"a APPEND INBOX ~{12+}"), Some(12));
+        assert_eq!(lit(b"a LOGIN {99999999999999999999999+}"), Some(u64::MAX));
+        assert_eq!(lit(b"a LOGIN {5}"), None, "synchronising: client waits");
+        assert_eq!(lit(b"a LOGIN {+}"), None);
+        assert_eq!(lit(b"a LOGIN {5+} x"), None);
+        assert_eq!(lit(b"a LOGIN {-5+}"), None);
     }
 }

@@ -109,6 +109,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
         Ok(self.buf.split_to(n).freeze())
     }
 
+    /// Reads and drops exactly `n` bytes (a refused IMAP literal), holding
+    /// at most one read's worth of them in memory.
+    pub async fn discard(&mut self, mut n: u64) -> io::Result<()> {
+        loop {
+            let take = usize::try_from(n).map_or(self.buf.len(), |n| n.min(self.buf.len()));
+            self.buf.advance(take);
+            n -= take as u64;
+            if n == 0 {
+                return Ok(());
+            }
+            if self.fill().await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
     /// Writes `data` and flushes.
     pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
         self.io.write_all(data).await?;
@@ -149,6 +165,10 @@ mod tests {
         b.write_all(b"\r\nNEXT\r\n").await.unwrap();
         assert!(matches!(l.read_line().await, Err(LineError::TooLong)));
         assert_eq!(&l.read_line().await.unwrap().unwrap()[..], b"NEXT");
+        b.write_all(&[b'x'; 10_000]).await.unwrap();
+        b.write_all(b"AFTER\r\n").await.unwrap();
+        l.discard(10_000).await.unwrap();
+        assert_eq!(&l.read_line().await.unwrap().unwrap()[..], b"AFTER");
         b.write_all(b"12345").await.unwrap();
         assert_eq!(&l.read_exact(3).await.unwrap()[..], b"123");
         drop(b);
