@@ -113,6 +113,21 @@ impl App {
             // New, re-passworded or re-linked: cached tokens may belong to
             // the previous link.
             self.tokens.forget(changed.id);
+            // Stores written before names were restricted may hold names
+            // that `identity add` refuses today (e.g. `_unknown`, which
+            // would share the unknown names' metric series).
+            let rule = match crate::names::validate_name(&changed.name) {
+                Err(e) => Some(e.to_string()),
+                Ok(n) if n != changed.name => Some("not in Unicode NFC".to_owned()),
+                Ok(_) => None,
+            };
+            if let Some(rule) = rule {
+                tracing::warn!(
+                    identity = %crate::names::Shown(&changed.name),
+                    problem = %rule,
+                    "identity name breaks the naming rules; remove the identity and add it again under a valid name"
+                );
+            }
         }
         let mut counts = Status::ALL.map(|s| (s.as_str(), 0i64));
         for r in &records {

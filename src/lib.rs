@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+pub mod names;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -1,9 +1,10 @@
 //! Metric families and their typed label sets (prometheus-client). Identity
 //! labels exist only for configured identities and only on a few low-rate
 //! families; unknown names share the `_unknown` series, and an identity's
-//! series are removed with it.
+//! series are removed with it. Identity names are escaped as the exposition
+//! formats require (prometheus-client writes label values verbatim).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -13,6 +14,40 @@ use std::sync::OnceLock;
 
 /// Identity label value for names that are not configured identities.
 pub const UNKNOWN_IDENTITY: &str = "_unknown";
+
+/// An identity name as a label value. prometheus-client 0.24 writes label
+/// values as they are, so a name holding `"`, `\` or a line feed (possible
+/// in stores written before names were restricted, see
+/// [`crate::names`]) would break the whole scrape; this escapes them as the
+/// Prometheus text format and OpenMetrics require (`\\`, `\"`, `\n`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct IdentityLabel(String);
+
+impl IdentityLabel {
+    fn new(name: &str) -> IdentityLabel {
+        IdentityLabel(name.to_owned())
+    }
+}
+
+impl EncodeLabelValue for IdentityLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        let s = self.0.as_str();
+        let mut plain = 0;
+        for (i, c) in s.char_indices() {
+            let escaped = match c {
+                '\\' => "\\\\",
+                '"' => "\\\"",
+                '\n' => "\\n",
+                _ => continue,
+            };
+            encoder.write_str(&s[plain..i])?;
+            encoder.write_str(escaped)?;
+            plain = i + c.len_utf8();
+        }
+        encoder.write_str(&s[plain..])
+    }
+}
 
 /// Front end a request or connection came through.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -165,14 +200,14 @@ pub enum CredentialCheck {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
-    identity: String,
+    identity: IdentityLabel,
     protocol: Protocol,
     reason: FailureReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefreshLabels {
-    identity: String,
+    identity: IdentityLabel,
     result: RefreshResult,
 }
 
@@ -194,7 +229,7 @@ struct ProtocolLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabels {
-    identity: String,
+    identity: IdentityLabel,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -368,7 +403,7 @@ impl Metrics {
     pub fn auth_failure(&self, identity: Option<&str>, protocol: Protocol, reason: FailureReason) {
         self.auth_failures
             .get_or_create(&FailureLabels {
-                identity: identity.unwrap_or(UNKNOWN_IDENTITY).to_owned(),
+                identity: IdentityLabel::new(identity.unwrap_or(UNKNOWN_IDENTITY)),
                 protocol,
                 reason,
             })
@@ -384,7 +419,7 @@ impl Metrics {
     pub fn refresh(&self, identity: &str, result: RefreshResult) {
         self.refreshes
             .get_or_create(&RefreshLabels {
-                identity: identity.to_owned(),
+                identity: IdentityLabel::new(identity),
                 result,
             })
             .inc();
@@ -416,7 +451,7 @@ impl Metrics {
     pub fn set_reauth_required(&self, identity: &str, required: bool) {
         self.reauth_required
             .get_or_create(&IdentityLabels {
-                identity: identity.to_owned(),
+                identity: IdentityLabel::new(identity),
             })
             .set(i64::from(required));
     }
@@ -425,7 +460,7 @@ impl Metrics {
     pub fn set_token_expiry(&self, identity: &str, unix_seconds: i64) {
         self.token_expiry
             .get_or_create(&IdentityLabels {
-                identity: identity.to_owned(),
+                identity: IdentityLabel::new(identity),
             })
             .set(unix_seconds);
     }
@@ -464,7 +499,7 @@ impl Metrics {
 
     /// Removes every series labelled with `identity` (it was deleted).
     pub fn forget_identity(&self, identity: &str) {
-        let id = identity.to_owned();
+        let id = IdentityLabel::new(identity);
         for protocol in Protocol::ALL {
             for reason in FailureReason::ALL {
                 self.auth_failures.remove(&FailureLabels {
@@ -533,5 +568,20 @@ mod tests {
             .contains("authswap_token_refreshes_total{identity=\"alice\",result=\"success\"} 1"));
         m.forget_identity("alice");
         assert!(!m.encode().contains("\"alice\""));
+    }
+
+    #[test]
+    fn identity_label_values_are_escaped() {
+        let m = Metrics::new();
+        let odd = "a\"b\\c\nd{e}";
+        m.set_reauth_required(odd, true);
+        m.auth_failure(Some(odd), Protocol::smtp, FailureReason::bad_password);
+        let text = m.encode();
+        assert!(
+            text.contains("authswap_identity_reauth_required{identity=\"a\\\"b\\\\c\\nd{e}\"} 1\n"),
+            "{text}"
+        );
+        m.forget_identity(odd);
+        assert!(!m.encode().contains("d{e}"));
     }
 }

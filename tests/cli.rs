@@ -495,3 +495,92 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
         .unwrap();
     assert!(status.success());
 }
+
+fn add(env: &Env, name: &str, mailbox: &str) -> std::process::Output {
+    env.cli(
+        &[
+            "identity",
+            "add",
+            name,
+            "--mailbox",
+            mailbox,
+            "--password-stdin",
+        ],
+        Some("a-long-enough-password\n"),
+    )
+}
+
+/// `identity add` keeps names to the documented character set (no `"`,
+/// `\`, `{`, invisible characters; not `_unknown`), stores them in NFC,
+/// refuses names that differ from an existing one only in case,
+/// normalisation or invisible characters, and bounds mailboxes. `identity
+/// list` copes with whatever an older store holds.
+#[tokio::test]
+async fn identity_names_are_restricted_and_list_copes_with_odd_stored_values() {
+    let env = Env::start().await;
+    for bad in [
+        "q\"uote",
+        "back\\slash",
+        "{brace}",
+        "a,b=c",
+        "_unknown",
+        "_UNKNOWN",
+        "ali\u{200b}ce",
+        "\u{feff}bob",
+        "bob\u{202e}",
+        "new\nline",
+    ] {
+        let out = add(&env, bad, "x@contoso.com");
+        assert!(!out.status.success(), "{bad:?} accepted");
+        let err = text(&out.stderr);
+        assert!(err.starts_with("authswap: error: identity name"), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    let long_mailbox = format!("{}@contoso.com", "a".repeat(250));
+    let out = add(&env, "longmail", &long_mailbox);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--mailbox"));
+
+    // Normalisation: the decomposed form of an existing name is the same name.
+    let out = add(&env, "Ren\u{e9}", "rene@contoso.com");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = add(&env, "rene\u{301}", "other@contoso.com");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("already exists"));
+
+    // Written straight into the store, as an older version could have:
+    // an invisible character, terminal escapes, a 100,000-character mailbox.
+    let store = env.store().await;
+    use authswap::store::Store;
+    store
+        .create("alice\u{200b}", "alice@contoso.com", "$argon2id$x")
+        .await
+        .unwrap();
+    store
+        .create("evil\u{1b}[2J", "evil@contoso.com", "$argon2id$x")
+        .await
+        .unwrap();
+    let huge = format!("{}@contoso.com", "m".repeat(100_000));
+    store.create("huge", &huge, "$argon2id$x").await.unwrap();
+    let out = add(&env, "Alice", "alice2@contoso.com");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("already exists") && err.contains("invisible"),
+        "{err}"
+    );
+    assert!(err.contains("alice\\u{200b}"), "shown escaped: {err}");
+
+    let out = env.cli(&["identity", "list"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(&huge), "the mailbox is shown whole");
+    assert!(stdout.contains("evil\\u{1b}[2J"), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "no raw escape reaches the terminal"
+    );
+    let out = env.cli(&["identity", "list", "--json"], None);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 4);
+}

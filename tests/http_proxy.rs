@@ -726,6 +726,82 @@ async fn admin_endpoints_and_metrics_parse() {
     server.shutdown(GRACE).await;
 }
 
+/// Identity names that break the exposition format when written verbatim,
+/// stored directly (as a store written before names were restricted may
+/// hold them): the scrape still parses, strictly and with prometheus-parse,
+/// and every label value reads back as the name.
+#[tokio::test]
+async fn metrics_scrape_survives_odd_identity_names_in_the_store() {
+    let env = Env::start().await;
+    let odd = [
+        "q\"uote",
+        "back\\slash",
+        "{brace",
+        "new\nline",
+        "close}brace,a=b",
+    ];
+    for (i, name) in odd.iter().enumerate() {
+        env.add_linked(name, &format!("odd{i}@contoso.com"), "odd-password-1")
+            .await;
+    }
+    let server = env.serve().await;
+    let client = HttpClient::default();
+    // Per-identity counters too, not only the gauges set at start.
+    for name in &odd[..4] {
+        let r = client
+            .ews(server.http_addr().unwrap(), name, "wrong-password", SOAP)
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let text = client.get(server.admin_addr(), "/metrics").await.text();
+
+    let samples = support::openmetrics::parse_strict(&text)
+        .unwrap_or_else(|e| panic!("scrape is not valid OpenMetrics: {e}\n{text}"));
+    for name in odd {
+        assert!(
+            samples
+                .iter()
+                .any(|s| s.name == "authswap_identity_reauth_required"
+                    && s.label("identity") == Some(name)),
+            "no reauth gauge for {name:?}"
+        );
+    }
+    for name in &odd[..4] {
+        assert!(
+            samples
+                .iter()
+                .any(|s| s.name == "authswap_auth_failures_total"
+                    && s.label("identity") == Some(*name)
+                    && s.label("reason") == Some("bad_password")),
+            "no failure counter for {name:?}"
+        );
+    }
+
+    // prometheus-parse reads every line as a sample, except those whose
+    // label holds `}` (its pattern stops at the first one, escaped or not).
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if line.contains("close}brace") {
+            continue;
+        }
+        assert!(
+            matches!(
+                prometheus_parse::LineInfo::parse(line),
+                prometheus_parse::LineInfo::Sample { .. }
+            ),
+            "prometheus-parse cannot read `{line}`"
+        );
+    }
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("metrics parse");
+    let gauges = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "authswap_identity_reauth_required")
+        .count();
+    assert_eq!(gauges, 4, "one gauge per identity (but close}}brace)");
+    server.shutdown(GRACE).await;
+}
+
 async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

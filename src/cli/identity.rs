@@ -5,6 +5,7 @@
 use super::{IdentityCommand, StatusFilter};
 use crate::config::Config;
 use crate::identity::hash_password;
+use crate::names::{self, Shown};
 use crate::secret::Secret;
 use crate::store::{now_unix, IdentityRecord, Sealer, SqliteStore, Status, Store};
 use crate::token::{IdpClient, IdpError};
@@ -39,22 +40,6 @@ pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()>
             Ok(())
         }
     }
-}
-
-fn validate_name(name: &str) -> anyhow::Result<()> {
-    let name = name.trim();
-    if name.is_empty() || name.len() > 256 {
-        bail!("identity name must be 1 to 256 characters");
-    }
-    if name.contains(':') {
-        bail!(
-            "identity name must not contain ':' (Basic auth separates name and password with it)"
-        );
-    }
-    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        bail!("identity name must not contain spaces or control characters");
-    }
-    Ok(())
 }
 
 fn read_stdin_line(what: &str) -> anyhow::Result<Secret> {
@@ -100,20 +85,37 @@ async fn add(
     mailbox: &str,
     password_stdin: bool,
 ) -> anyhow::Result<()> {
-    validate_name(name)?;
-    let mailbox = mailbox.trim();
-    if !mailbox.contains('@') || mailbox.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        bail!("--mailbox must be an address such as user@contoso.com");
-    }
-    if store.get(name).await?.is_some() {
-        bail!("an identity named `{}` already exists", name.trim());
+    let name = names::validate_name(name)?;
+    let mailbox = names::validate_mailbox(mailbox)?;
+    // Compare with every existing name the way a person reads them: case,
+    // Unicode normalisation and invisible characters (which older stores
+    // may hold) do not make a name different.
+    let key = names::same_name_key(&name);
+    if let Some(existing) = store
+        .list()
+        .await?
+        .into_iter()
+        .find(|r| names::same_name_key(&r.name) == key)
+    {
+        if names::lookup_key(&existing.name) == names::lookup_key(&name) {
+            bail!(
+                "an identity named `{}` already exists",
+                Shown(&existing.name)
+            );
+        }
+        bail!(
+            "an identity named `{}` already exists (the names differ only in case, Unicode normalisation or invisible characters)",
+            Shown(&existing.name)
+        );
     }
     let password = read_password(password_stdin)?;
     let hash = hash_password(password.expose(), &config.auth).map_err(|e| anyhow!(e))?;
-    let rec = store.create(name, mailbox, &hash).await?;
+    let rec = store.create(&name, &mailbox, &hash).await?;
     println!(
         "identity {} added for {} (pending); link it with: authswap identity login {}",
-        rec.name, rec.mailbox, rec.name
+        Shown(&rec.name),
+        Shown(&rec.mailbox),
+        Shown(&rec.name)
     );
     Ok(())
 }
@@ -128,7 +130,7 @@ async fn set_password(
     let password = read_password(password_stdin)?;
     let hash = hash_password(password.expose(), &config.auth).map_err(|e| anyhow!(e))?;
     store.set_password(&rec.name, &hash).await?;
-    println!("password of identity {} changed", rec.name);
+    println!("password of identity {} changed", Shown(&rec.name));
     Ok(())
 }
 
@@ -169,14 +171,14 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
         .map_err(|e| anyhow!("cannot start the device-code login: {e}"))?;
     println!(
         "To link identity {} ({}), open {} in a browser and enter the code {}",
-        rec.name,
-        rec.mailbox,
+        Shown(&rec.name),
+        Shown(&rec.mailbox),
         login.verification_uri(),
         login.user_code()
     );
     println!(
         "Sign in as {}. The code expires in {}.",
-        rec.mailbox,
+        Shown(&rec.mailbox),
         format_left(login.expires_in())
     );
     let _ = std::io::stdout().flush();
@@ -200,7 +202,11 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
         anyhow!("the identity platform returned no refresh token; include offline_access in identity_provider.login_scopes")
     })?;
     store.link(rec.id, &sealer.seal(rec.id, &refresh)).await?;
-    println!("identity {} linked to {}", rec.name, rec.mailbox);
+    println!(
+        "identity {} linked to {}",
+        Shown(&rec.name),
+        Shown(&rec.mailbox)
+    );
     Ok(())
 }
 
@@ -222,7 +228,7 @@ async fn import(
     if no_verify || config.identity_provider.client_id.trim().is_empty() {
         println!(
             "identity {} linked with the imported refresh token (not verified)",
-            rec.name
+            Shown(&rec.name)
         );
         return Ok(());
     }
@@ -238,7 +244,7 @@ async fn import(
             }
             println!(
                 "identity {} linked with the imported refresh token (verified)",
-                rec.name
+                Shown(&rec.name)
             );
             Ok(())
         }
@@ -252,12 +258,15 @@ async fn import(
             eprintln!("warning: imported, but could not verify the token now: {e}");
             println!(
                 "identity {} linked with the imported refresh token (not verified)",
-                rec.name
+                Shown(&rec.name)
             );
             Ok(())
         }
     }
 }
+
+/// Widest column of the `identity list` table, in characters.
+const MAX_COLUMN: usize = 64;
 
 fn is_ok(r: &IdentityRecord) -> bool {
     r.status == Status::Linked
@@ -312,31 +321,39 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
         println!("no identities");
         return Ok(());
     }
-    let w_name = records
-        .iter()
-        .map(|r| r.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    let w_mail = records
-        .iter()
-        .map(|r| r.mailbox.len())
-        .max()
-        .unwrap_or(7)
-        .max(7);
+    // Column widths in characters, capped: a longer value (only possible
+    // in stores written before names and mailboxes were bounded) runs past
+    // its column rather than stretch every row (or exceed the formatter's
+    // largest width).
+    let width = |value: fn(&IdentityRecord) -> &str, header: usize| {
+        records
+            .iter()
+            .map(|r| Shown(value(r)).chars())
+            .max()
+            .unwrap_or(0)
+            .clamp(header, MAX_COLUMN)
+    };
+    let w_name = width(|r| &r.name, 4);
+    let w_mail = width(|r| &r.mailbox, 7);
     println!(
         "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  LAST ERROR",
         "NAME", "MAILBOX", "STATUS", "LAST SUCCESS", "LAST FAILURE"
     );
     for r in &records {
+        // Padding by hand: `{:<w$}` pads by `char`s of the value, not of
+        // its escaped display.
+        let pad = |shown: Shown, w: usize| {
+            let n = shown.chars();
+            format!("{shown}{}", " ".repeat(w.saturating_sub(n)))
+        };
         println!(
-            "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  {}",
-            r.name,
-            r.mailbox,
+            "{}  {}  {:<12}  {:<20}  {:<20}  {}",
+            pad(Shown(&r.name), w_name),
+            pad(Shown(&r.mailbox), w_mail),
             r.status.as_str(),
             time(r.last_success_at),
             time(r.last_failure_at),
-            r.last_error.as_deref().unwrap_or("-")
+            Shown(r.last_error.as_deref().unwrap_or("-"))
         );
     }
     Ok(())

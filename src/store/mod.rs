@@ -120,9 +120,10 @@ pub enum StoreError {
     },
 }
 
-/// The key identities are looked up by: the name, case-folded.
+/// The key identities are looked up by: the name trimmed, in Unicode NFC,
+/// case-folded (see [`crate::names::lookup_key`]).
 pub fn name_key(name: &str) -> String {
-    name.trim().to_lowercase()
+    crate::names::lookup_key(name)
 }
 
 /// Current time in Unix seconds.

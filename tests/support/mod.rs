@@ -22,4 +22,5 @@ pub use idp::{ms_error_body, ClientAuth, FakeIdp, IdpOptions, IdpRequestRecord, 
 pub mod harness;
 pub mod mail;
 pub mod mailrig;
+pub mod openmetrics;
 pub mod raw;
