@@ -35,7 +35,7 @@ use authswap::app::App;
 use authswap::config::{AuthConfig, Config};
 use authswap::identity::{hash_password, Directory};
 use authswap::secret::Secret;
-use authswap::store::{now_unix, Sealer, SqliteStore, Store};
+use authswap::store::{now_unix, open_sealer, KeyUse, SqliteStore, Store};
 use base64::Engine as _;
 use common::{quick_mode, ratio, Authswap, Table};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
@@ -69,12 +69,13 @@ fn name(i: usize) -> String {
 /// into the database (one `create` + `link` each would cost two fsyncs).
 /// With `n == 0` the database is only created and migrated.
 async fn seed(env: &Env, config: &Config, n: usize) {
-    drop(
-        SqliteStore::open(&config.store.path)
-            .await
-            .expect("open store"),
-    );
-    let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file).expect("key");
+    let store = SqliteStore::open(&config.store.path)
+        .await
+        .expect("open store");
+    let sealer = open_sealer(&config.store, &store, KeyUse::Link)
+        .await
+        .expect("key");
+    drop(store);
     if n == 0 {
         return;
     }

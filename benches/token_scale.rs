@@ -28,7 +28,7 @@ use authswap::app::App;
 use authswap::config::Config;
 use authswap::identity::{hash_password, Identity};
 use authswap::secret::Secret;
-use authswap::store::{now_unix, Sealer, SqliteStore};
+use authswap::store::{now_unix, open_sealer, KeyUse, SqliteStore};
 use authswap::token::Scopes;
 use common::{cpu_time, quick_mode, ratio, Latencies, Table};
 use rand::seq::SliceRandom;
@@ -58,12 +58,13 @@ fn name(i: usize) -> String {
 /// two fsyncs each).
 async fn seed(env: &Env, config: &Config, n: usize) {
     // Open once through the store so the migrations run.
-    drop(
-        SqliteStore::open(&config.store.path)
-            .await
-            .expect("open store"),
-    );
-    let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file).expect("key");
+    let store = SqliteStore::open(&config.store.path)
+        .await
+        .expect("open store");
+    let sealer = open_sealer(&config.store, &store, KeyUse::Link)
+        .await
+        .expect("key");
+    drop(store);
     let hash = hash_password(PASSWORD, &config.auth).expect("hash");
     let mut conn = SqliteConnectOptions::new()
         .filename(&config.store.path)

@@ -6,7 +6,9 @@
 use crate::config::Config;
 use crate::identity::{Authenticator, Directory};
 use crate::metrics::Metrics;
-use crate::store::{SealError, Sealer, SqliteStore, Status, Store, StoreError};
+use crate::store::{
+    open_sealer, KeyError, KeyUse, SealError, Sealer, SqliteStore, Status, Store, StoreError,
+};
 use crate::tls::{HttpsClient, TlsError};
 use crate::token::{IdpClient, TokenEngine};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -21,6 +23,10 @@ pub enum AppError {
     /// The sealing key could not be loaded.
     #[error("{0}")]
     Seal(#[from] SealError),
+    /// The sealing key does not fit the store (missing, or another key
+    /// sealed the stored tokens).
+    #[error("{0}")]
+    Key(#[from] KeyError),
     /// TLS setup failed.
     #[error("{0}")]
     Tls(#[from] TlsError),
@@ -63,7 +69,7 @@ impl App {
     pub async fn open(config: Config) -> Result<Arc<App>, AppError> {
         let config = Arc::new(config);
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path).await?);
-        let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file)?;
+        let sealer = open_sealer(&config.store, store.as_ref(), KeyUse::Serve).await?;
         let client_config = crate::tls::client_config(&config.tls)?;
         let client = crate::tls::https_client(client_config.clone(), crate::tls::CONNECT_TIMEOUT);
         let idp = IdpClient::new(&config.identity_provider, client.clone());

@@ -584,3 +584,78 @@ async fn identity_names_are_restricted_and_list_copes_with_odd_stored_values() {
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 4);
 }
+
+/// Runs `authswap -c <config> <args>` to completion (20 s at most).
+async fn run_bin(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let child = bin()
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("authswap {args:?} did not exit"))
+        .unwrap()
+}
+
+fn write_private(path: &std::path::Path, content: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(content).unwrap();
+}
+
+/// A sealing key file that disappears while refresh tokens are stored is
+/// not silently replaced by a new key (which could open none of them):
+/// `serve` and `identity import` refuse with a message that says to
+/// restore it, and no key file appears. Restoring it brings `serve` back.
+#[tokio::test]
+async fn a_missing_key_file_is_not_replaced_while_tokens_are_sealed() {
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pw-123")
+        .await;
+    let key_file = env.dir.path().join("data/authswap.key");
+    let saved = std::fs::read(&key_file).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+    let config = env.write_config();
+
+    let out = run_bin(&config, &["serve"]).await;
+    assert!(!out.status.success(), "serve started without its key");
+    let err = text(&out.stderr);
+    assert!(err.contains("restore the key file"), "{err}");
+    assert!(err.contains("1 identity (alice)"), "{err}");
+    assert!(!key_file.exists(), "a new key file was created");
+
+    let out = env.cli(
+        &[
+            "identity",
+            "import",
+            "alice",
+            "--refresh-token-stdin",
+            "--no-verify",
+        ],
+        Some("rt-imported\n"),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("restore the key file"));
+    assert!(!key_file.exists(), "a new key file was created");
+
+    write_private(&key_file, &saved);
+    let server = env.serve().await;
+    let r = HttpClient::default()
+        .ews(server.http_addr().unwrap(), "alice", "alice-pw-123", SOAP)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    server.shutdown(Duration::from_secs(5)).await;
+}

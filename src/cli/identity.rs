@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::identity::hash_password;
 use crate::names::{self, Shown};
 use crate::secret::Secret;
-use crate::store::{now_unix, IdentityRecord, Sealer, SqliteStore, Status, Store};
+use crate::store::{now_unix, open_sealer, IdentityRecord, KeyUse, SqliteStore, Status, Store};
 use crate::token::{IdpClient, IdpError};
 use anyhow::{anyhow, bail, Context};
 use std::io::{BufRead, IsTerminal, Write};
@@ -162,7 +162,7 @@ fn format_left(d: Duration) -> String {
 
 async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Result<()> {
     let rec = get(store, name).await?;
-    let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file)?;
+    let sealer = open_sealer(&config.store, store, KeyUse::Link).await?;
     let idp = idp(config)?;
     let scopes = login_scopes(config);
     let login = idp
@@ -217,7 +217,7 @@ async fn import(
     no_verify: bool,
 ) -> anyhow::Result<()> {
     let rec = get(store, name).await?;
-    let sealer = Sealer::load(config.store.key.as_ref(), &config.store.key_file)?;
+    let sealer = open_sealer(&config.store, store, KeyUse::Link).await?;
     let token = read_stdin_line("refresh token")?;
     let token = Secret::new(token.expose().trim().to_owned());
     if token.is_empty() {

@@ -5,7 +5,7 @@
 pub mod seal;
 pub mod sqlite;
 
-pub use seal::{SealError, SealedToken, Sealer};
+pub use seal::{open_sealer, KeyError, KeyUse, SealError, SealedToken, Sealer};
 pub use sqlite::SqliteStore;
 
 use std::fmt;
@@ -90,6 +90,15 @@ pub struct IdentityRecord {
     pub has_refresh_token: bool,
     /// Incremented each time a person links the identity (login, import).
     pub token_generation: i64,
+}
+
+/// Which key sealed one identity's stored refresh token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenKey {
+    /// The identity's name.
+    pub name: String,
+    /// Id of the key recorded with the sealed token (empty when none was).
+    pub key_id: String,
 }
 
 /// Why a store operation failed.
@@ -194,4 +203,8 @@ pub trait Store: Send + Sync + 'static {
     /// A number that changes whenever identities change in a way a running
     /// server must pick up.
     async fn revision(&self) -> Result<i64, StoreError>;
+    /// For every identity with a stored refresh token, the id of the key
+    /// that sealed it, ordered by name (read-only; checked against the
+    /// configured key before it is used, see [`open_sealer`]).
+    async fn token_keys(&self) -> Result<Vec<TokenKey>, StoreError>;
 }

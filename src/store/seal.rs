@@ -3,6 +3,8 @@
 //! identity bound in as associated data so a sealed token cannot be moved to
 //! another identity row.
 
+use super::{Store, StoreError, TokenKey};
+use crate::config::StoreConfig;
 use crate::secret::Secret;
 use base64::Engine as _;
 use blake2::{Blake2b, Digest};
@@ -91,14 +93,16 @@ impl Sealer {
         }
     }
 
-    /// Uses `key` (hex or base64, from `AUTHSWAP_STORE__KEY`) when given,
-    /// otherwise reads `key_file`, creating it with a fresh random key and
-    /// mode 0600 when it does not exist.
-    pub fn load(key: Option<&Secret>, key_file: &Path) -> Result<Sealer, SealError> {
-        if let Some(key) = key {
+    /// The configured key: `store.key` (hex or base64, usually from
+    /// `AUTHSWAP_STORE__KEY`) when given, else the content of
+    /// `store.key_file`; `Ok(None)` when that file does not exist. Never
+    /// creates a key: see [`open_sealer`].
+    pub fn read(cfg: &StoreConfig) -> Result<Option<Sealer>, SealError> {
+        if let Some(key) = &cfg.key {
             let bytes = decode_key(key.expose()).map_err(SealError::BadKey)?;
-            return Ok(Sealer::from_key(&bytes));
+            return Ok(Some(Sealer::from_key(&bytes)));
         }
+        let key_file = &cfg.key_file;
         let err = |message: String| SealError::KeyFile {
             path: key_file.to_owned(),
             message,
@@ -108,17 +112,24 @@ impl Sealer {
                 let text = Zeroizing::new(text);
                 warn_if_readable_by_others(key_file);
                 let bytes = decode_key(text.trim()).map_err(err)?;
-                Ok(Sealer::from_key(&bytes))
+                Ok(Some(Sealer::from_key(&bytes)))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = Zeroizing::new([0u8; 32]);
-                rand::rng().fill_bytes(key.as_mut());
-                write_new_key_file(key_file, &key).map_err(|e| err(e.to_string()))?;
-                tracing::info!(path = %key_file.display(), "created a new sealing key file (mode 0600); back it up with the database");
-                Ok(Sealer::from_key(&key))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(err(e.to_string())),
         }
+    }
+
+    /// Creates `key_file` (mode 0600, its directory 0700) with a fresh
+    /// random key. Fails if the file exists.
+    pub fn create(key_file: &Path) -> Result<Sealer, SealError> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand::rng().fill_bytes(key.as_mut());
+        write_new_key_file(key_file, &key).map_err(|e| SealError::KeyFile {
+            path: key_file.to_owned(),
+            message: e.to_string(),
+        })?;
+        tracing::info!(path = %key_file.display(), "created a new sealing key file (mode 0600); back it up with the database");
+        Ok(Sealer::from_key(&key))
     }
 
     /// Id of the current key, recorded beside each sealed token.
@@ -178,6 +189,147 @@ impl Sealer {
         let text = std::str::from_utf8(&plain).map_err(|_| SealError::Corrupt)?;
         Ok(Secret::new(text))
     }
+}
+
+/// What the sealing key is opened for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyUse {
+    /// `serve`: every stored refresh token must open with the key.
+    Serve,
+    /// `identity login` / `import`: the identity is about to be sealed
+    /// (again) with the key, which is how identities whose tokens were
+    /// sealed with a lost key are recovered; tokens of others sealed with
+    /// another key are reported, not refused.
+    Link,
+}
+
+/// Why the configured sealing key cannot be used with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key could not be read or created.
+    #[error("{0}")]
+    Seal(#[from] SealError),
+    /// The store could not say which keys sealed its tokens.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The key file is missing while the store holds sealed tokens: a new
+    /// key could not open them, so none is created.
+    #[error(
+        "sealing key file {} is missing, but the store holds refresh tokens of {identities} \
+         sealed with key {key_ids}: restore the key file from your backup (or give the key in \
+         AUTHSWAP_STORE__KEY); authswap does not create a new key while such tokens exist \
+         (if the key is lost for good, see \"Back up the key\" in the README)",
+        path.display()
+    )]
+    Missing {
+        /// The configured key file.
+        path: PathBuf,
+        /// Which identities hold sealed tokens (a few names and a count).
+        identities: String,
+        /// The key ids recorded with them.
+        key_ids: String,
+    },
+    /// Stored tokens were sealed with a key other than the configured one.
+    #[error(
+        "the store holds refresh tokens of {identities} sealed with key {found}, but the \
+         configured key is {current}: restore the key that sealed them (store.key_file, or \
+         AUTHSWAP_STORE__KEY); if it is lost for good, sign those identities in again with \
+         `authswap identity login NAME` or remove them"
+    )]
+    Mismatch {
+        /// Which identities (a few names and a count).
+        identities: String,
+        /// The key ids recorded with their tokens.
+        found: String,
+        /// Id of the configured key.
+        current: String,
+    },
+}
+
+/// "alice, bob and 3 more" (names escaped for display).
+fn describe_identities(tokens: &[&TokenKey]) -> String {
+    const SHOWN: usize = 5;
+    let mut out = tokens
+        .iter()
+        .take(SHOWN)
+        .map(|t| crate::names::Shown(&t.name).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if tokens.len() > SHOWN {
+        out.push_str(&format!(" and {} more", tokens.len() - SHOWN));
+    }
+    format!(
+        "{} identit{} ({out})",
+        tokens.len(),
+        if tokens.len() == 1 { "y" } else { "ies" }
+    )
+}
+
+fn key_ids(tokens: &[&TokenKey]) -> String {
+    let mut ids: Vec<&str> = tokens
+        .iter()
+        .map(|t| {
+            if t.key_id.is_empty() {
+                "(none)"
+            } else {
+                t.key_id.as_str()
+            }
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.join(", ")
+}
+
+/// Opens the configured sealing key for use with `store`, which is where
+/// both are known. A missing key file is created only while the store holds
+/// no sealed refresh token (a new key could not open them: the file must be
+/// restored instead), and for [`KeyUse::Serve`] every stored token must
+/// have been sealed with the configured key.
+pub async fn open_sealer(
+    cfg: &StoreConfig,
+    store: &dyn Store,
+    purpose: KeyUse,
+) -> Result<Sealer, KeyError> {
+    let tokens = store.token_keys().await?;
+    let all: Vec<&TokenKey> = tokens.iter().collect();
+    let sealer = match Sealer::read(cfg)? {
+        Some(sealer) => sealer,
+        None if all.is_empty() => match Sealer::create(&cfg.key_file) {
+            Ok(sealer) => sealer,
+            // Created by another process in the meantime.
+            Err(_) if cfg.key_file.exists() => {
+                Sealer::read(cfg)?.ok_or_else(|| SealError::KeyFile {
+                    path: cfg.key_file.clone(),
+                    message: "disappeared while it was being created".into(),
+                })?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        None => {
+            return Err(KeyError::Missing {
+                path: cfg.key_file.clone(),
+                identities: describe_identities(&all),
+                key_ids: key_ids(&all),
+            })
+        }
+    };
+    let foreign: Vec<&TokenKey> = all
+        .into_iter()
+        .filter(|t| t.key_id != sealer.key_id)
+        .collect();
+    if !foreign.is_empty() {
+        let err = KeyError::Mismatch {
+            identities: describe_identities(&foreign),
+            found: key_ids(&foreign),
+            current: sealer.key_id.clone(),
+        };
+        match purpose {
+            KeyUse::Serve => return Err(err),
+            KeyUse::Link => tracing::warn!("{err}"),
+        }
+    }
+    Ok(sealer)
 }
 
 fn aad(identity_id: i64) -> String {
@@ -252,15 +404,27 @@ mod tests {
         assert!(!format!("{sealed:?}").contains("rt-0"));
     }
 
+    fn config(key_file: &Path, key: Option<&str>) -> StoreConfig {
+        StoreConfig {
+            key_file: key_file.to_owned(),
+            key: key.map(Secret::new),
+            ..StoreConfig::default()
+        }
+    }
+
     #[test]
     fn key_file_is_created_0600_and_reloaded() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/key");
-        let a = Sealer::load(None, &path).unwrap();
+        let cfg = config(&path, None);
+        assert!(Sealer::read(&cfg).unwrap().is_none(), "read never creates");
+        assert!(!path.exists());
+        let a = Sealer::create(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let b = Sealer::load(None, &path).unwrap();
+        assert!(Sealer::create(&path).is_err(), "never overwritten");
+        let b = Sealer::read(&cfg).unwrap().unwrap();
         assert_eq!(a.key_id(), b.key_id());
         let sealed = a.seal(1, &Secret::new("x"));
         assert_eq!(b.open(1, &sealed).unwrap().expose(), "x");
@@ -268,11 +432,55 @@ mod tests {
 
     #[test]
     fn key_from_environment_hex_or_base64() {
+        let nowhere = Path::new("/nonexistent");
         let hex = "00".repeat(32);
-        let a = Sealer::load(Some(&Secret::new(hex)), Path::new("/nonexistent")).unwrap();
+        let a = Sealer::read(&config(nowhere, Some(&hex))).unwrap().unwrap();
         let b64 = base64::engine::general_purpose::STANDARD.encode([0u8; 32]);
-        let b = Sealer::load(Some(&Secret::new(b64)), Path::new("/nonexistent")).unwrap();
+        let b = Sealer::read(&config(nowhere, Some(&b64))).unwrap().unwrap();
         assert_eq!(a.key_id(), b.key_id());
-        assert!(Sealer::load(Some(&Secret::new("short")), Path::new("/x")).is_err());
+        assert!(Sealer::read(&config(nowhere, Some("short"))).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_key_is_created_only_while_no_token_is_sealed() {
+        use crate::store::SqliteStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("a.db")).await.unwrap();
+        let key_file = dir.path().join("key");
+        let cfg = config(&key_file, None);
+        let rec = store.create("alice", "a@contoso.com", "h").await.unwrap();
+        store.create("bob", "b@contoso.com", "h").await.unwrap();
+        // No sealed token yet: the key is created.
+        let first = open_sealer(&cfg, &store, KeyUse::Serve).await.unwrap();
+        store
+            .link(rec.id, &first.seal(rec.id, &Secret::new("rt")))
+            .await
+            .unwrap();
+        // The key file disappears: refused, and not recreated.
+        std::fs::remove_file(&key_file).unwrap();
+        for purpose in [KeyUse::Serve, KeyUse::Link] {
+            let err = open_sealer(&cfg, &store, purpose).await.unwrap_err();
+            assert!(matches!(err, KeyError::Missing { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("restore the key file"), "{msg}");
+            assert!(
+                msg.contains(first.key_id()) && msg.contains("alice"),
+                "{msg}"
+            );
+            assert!(!key_file.exists());
+        }
+        // Another key: serve refuses; linking (the way back) is allowed.
+        let other = config(&key_file, Some(&"11".repeat(32)));
+        let err = open_sealer(&other, &store, KeyUse::Serve)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, KeyError::Mismatch { .. }), "{err}");
+        assert!(err.to_string().contains("1 identity (alice)"), "{err}");
+        let second = open_sealer(&other, &store, KeyUse::Link).await.unwrap();
+        store
+            .link(rec.id, &second.seal(rec.id, &Secret::new("rt2")))
+            .await
+            .unwrap();
+        open_sealer(&other, &store, KeyUse::Serve).await.unwrap();
     }
 }

@@ -524,6 +524,22 @@ impl Store for SqliteStore {
                 .await?,
         )
     }
+
+    async fn token_keys(&self) -> Result<Vec<super::TokenKey>, StoreError> {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT name, key_id FROM identities WHERE refresh_token IS NOT NULL \
+             ORDER BY name_key",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, key_id)| super::TokenKey {
+                name,
+                key_id: key_id.unwrap_or_default(),
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use authswap::config::Config;
 use authswap::identity::hash_password;
 use authswap::secret::Secret;
 use authswap::server::Server;
-use authswap::store::{Sealer, SqliteStore, Store};
+use authswap::store::{open_sealer, KeyUse, SqliteStore, Store};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -153,7 +153,9 @@ retry_max = "5s"
         let hash = hash_password(password, &config.auth).expect("hash");
         let rec = store.create(name, mailbox, &hash).await.expect("create");
         let rt = self.idp.seed_refresh_token(mailbox);
-        let sealer = Sealer::load(None, &config.store.key_file).expect("key");
+        let sealer = open_sealer(&config.store, &store, KeyUse::Link)
+            .await
+            .expect("key");
         store
             .link(rec.id, &sealer.seal(rec.id, &Secret::new(rt.clone())))
             .await
