@@ -331,6 +331,9 @@ pub struct StoreConfig {
     /// `AUTHSWAP_STORE__KEY`; takes precedence over `key_file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<Secret>,
+    /// Accept a key file that group or others may read (only warn). Off by
+    /// default: such a key file is refused.
+    pub allow_insecure_key_file: bool,
 }
 
 impl Default for StoreConfig {
@@ -339,6 +342,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("data/authswap.db"),
             key_file: PathBuf::from("data/authswap.key"),
             key: None,
+            allow_insecure_key_file: false,
         }
     }
 }

@@ -659,3 +659,60 @@ async fn a_missing_key_file_is_not_replaced_while_tokens_are_sealed() {
     assert_eq!(r.status, StatusCode::OK);
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A sealing key file that group or others may read stops `serve` and the
+/// commands that use the key, unless `store.allow_insecure_key_file` is
+/// set (then it is only a warning).
+#[tokio::test]
+async fn a_key_file_readable_by_others_is_refused_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pw-123")
+        .await;
+    let key_file = env.dir.path().join("data/authswap.key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = env.write_config();
+
+    let out = run_bin(&config, &["serve"]).await;
+    assert!(!out.status.success(), "serve started");
+    let err = text(&out.stderr);
+    assert!(err.contains("readable by group or others"), "{err}");
+    assert!(err.contains("chmod 600") && err.contains("allow_insecure_key_file"));
+    let out = env.cli(
+        &[
+            "identity",
+            "import",
+            "alice",
+            "--refresh-token-stdin",
+            "--no-verify",
+        ],
+        Some("rt-imported\n"),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("readable by group or others"));
+
+    let mut child = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["--log-format", "json", "serve"])
+        .env("AUTHSWAP_STORE__ALLOW_INSECURE_KEY_FILE", "true")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let (_, http) = wait_for_serving(&mut lines, &mut log).await;
+    assert!(log.contains("readable by group or others"), "{log}");
+    let r = HttpClient::default()
+        .ews(http, "alice", "alice-pw-123", SOAP)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    signal(child.id().unwrap(), "TERM").await;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}

@@ -41,6 +41,21 @@ pub enum SealError {
         /// Key id of the configured key.
         current: String,
     },
+    /// The key file may be read by group or others, and
+    /// `store.allow_insecure_key_file` is not set.
+    #[error(
+        "sealing key file {} is readable by group or others (mode {mode:o}): run `chmod 600 {}` \
+         (and keep it owned by the user authswap runs as), or set \
+         store.allow_insecure_key_file = true to accept it",
+        path.display(),
+        path.display()
+    )]
+    InsecureKeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Authentication of the ciphertext failed (tampering, or wrong identity).
     #[error("sealed refresh token is corrupt or belongs to another identity")]
     Corrupt,
@@ -110,7 +125,7 @@ impl Sealer {
         match std::fs::read_to_string(key_file) {
             Ok(text) => {
                 let text = Zeroizing::new(text);
-                warn_if_readable_by_others(key_file);
+                check_permissions(key_file, cfg.allow_insecure_key_file)?;
                 let bytes = decode_key(text.trim()).map_err(err)?;
                 Ok(Some(Sealer::from_key(&bytes)))
             }
@@ -375,13 +390,26 @@ fn write_new_key_file(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn warn_if_readable_by_others(path: &Path) {
+/// Refuses a key file that group or others may read, unless `allow` (then
+/// only warns): anyone who can read it can open every stored refresh token.
+fn check_permissions(path: &Path, allow: bool) -> Result<(), SealError> {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "sealing key file is readable by group or others; chmod 600 it");
-        }
+    let meta = std::fs::metadata(path).map_err(|e| SealError::KeyFile {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
     }
+    if !allow {
+        return Err(SealError::InsecureKeyFile {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    tracing::warn!(path = %path.display(), mode = %format!("{mode:o}"), "sealing key file is readable by group or others (accepted: store.allow_insecure_key_file = true); chmod 600 it");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -439,6 +467,26 @@ mod tests {
         let b = Sealer::read(&config(nowhere, Some(&b64))).unwrap().unwrap();
         assert_eq!(a.key_id(), b.key_id());
         assert!(Sealer::read(&config(nowhere, Some("short"))).is_err());
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_is_refused_unless_allowed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let created = Sealer::create(&path).unwrap();
+        for mode in [0o640, 0o604, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Sealer::read(&config(&path, None)).unwrap_err();
+            assert!(matches!(err, SealError::InsecureKeyFile { .. }), "{err}");
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+            let mut allowed = config(&path, None);
+            allowed.allow_insecure_key_file = true;
+            let s = Sealer::read(&allowed).unwrap().unwrap();
+            assert_eq!(s.key_id(), created.key_id());
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(Sealer::read(&config(&path, None)).unwrap().is_some());
     }
 
     #[tokio::test]
