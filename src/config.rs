@@ -265,14 +265,14 @@ impl MailConfig {
         Some((host.to_owned(), port.parse().ok()?))
     }
 
-    fn validate(&self, keys: [&'static str; 7]) -> Result<(), ConfigError> {
+    fn validate(&self, keys: &MailKeys) -> Result<(), ConfigError> {
         if !self.enabled {
             return Ok(());
         }
-        parse_listen(keys[0], &self.listen)?;
+        parse_listen(keys.listen, &self.listen)?;
         if self.upstream_host_port().is_none() {
             return Err(invalid(
-                keys[1],
+                keys.upstream,
                 format!(
                     "`{}` is not host:port (e.g. smtp.office365.com:587)",
                     self.upstream
@@ -280,28 +280,135 @@ impl MailConfig {
             ));
         }
         if self.scopes.is_empty() {
-            return Err(invalid(keys[2], "at least one scope is required"));
+            return Err(invalid(keys.scopes, "at least one scope is required"));
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err(invalid(
-                keys[3],
+                keys.tls_cert_file,
                 "tls_cert_file and tls_key_file must be set together",
             ));
         }
         if self.implicit_tls && self.tls_cert_file.is_none() {
             return Err(invalid(
-                keys[4],
+                keys.implicit_tls,
                 "implicit_tls needs tls_cert_file and tls_key_file",
             ));
         }
-        if self.max_line.0 < 512 {
-            return Err(invalid(keys[5], "must be at least 512 bytes"));
-        }
-        if self.max_connections == 0 {
-            return Err(invalid(keys[6], "must be at least 1"));
-        }
+        check_size(keys.max_line, self.max_line, 512, MAX_LINE)?;
+        check_count(keys.max_connections, self.max_connections, MAX_CONNECTIONS)?;
+        check_duration(keys.idle_timeout, self.idle_timeout)?;
+        check_duration(keys.upstream_timeout, self.upstream_timeout)?;
         Ok(())
     }
+}
+
+/// The dotted keys of one mail section, for error messages.
+struct MailKeys {
+    listen: &'static str,
+    upstream: &'static str,
+    scopes: &'static str,
+    tls_cert_file: &'static str,
+    implicit_tls: &'static str,
+    max_line: &'static str,
+    max_connections: &'static str,
+    idle_timeout: &'static str,
+    upstream_timeout: &'static str,
+}
+
+macro_rules! mail_keys {
+    ($section:literal) => {
+        MailKeys {
+            listen: concat!($section, ".listen"),
+            upstream: concat!($section, ".upstream"),
+            scopes: concat!($section, ".scopes"),
+            tls_cert_file: concat!($section, ".tls_cert_file"),
+            implicit_tls: concat!($section, ".implicit_tls"),
+            max_line: concat!($section, ".max_line"),
+            max_connections: concat!($section, ".max_connections"),
+            idle_timeout: concat!($section, ".idle_timeout"),
+            upstream_timeout: concat!($section, ".upstream_timeout"),
+        }
+    };
+}
+
+/// Bounds of the settings that cost memory, CPU or time: values outside
+/// them are mistakes (`0`, or a unit slip such as 100 GiB) that would
+/// exhaust the machine, panic a timer, or stop authswap from working.
+pub mod limits {
+    use std::time::Duration;
+
+    /// argon2id memory cost, KiB: 256 KiB (cheap hashes for tests; the
+    /// default is 19 MiB) to 1 GiB.
+    pub const ARGON2_MEMORY_KIB: (u32, u32) = (256, 1 << 20);
+    /// argon2id iterations.
+    pub const ARGON2_ITERATIONS: (u32, u32) = (1, 16);
+    /// argon2id lanes (computed one after the other: more only costs time).
+    pub const ARGON2_PARALLELISM: (u32, u32) = (1, 16);
+    /// Longest mail command line / IMAP login literal.
+    pub const MAX_LINE: u64 = 1 << 20;
+    /// Largest HTTP request head.
+    pub const MAX_HEADER_BYTES: u64 = 1 << 20;
+    /// Largest request body buffered for a replay (per request).
+    pub const REPLAY_BUFFER_LIMIT: u64 = 256 << 20;
+    /// Most concurrent connections per listener.
+    pub const MAX_CONNECTIONS: usize = 65_536;
+    /// Most refreshes in flight.
+    pub const MAX_CONCURRENT_REFRESHES: usize = 100_000;
+    /// Longest duration setting.
+    pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+}
+
+use limits::{
+    ARGON2_ITERATIONS, ARGON2_MEMORY_KIB, ARGON2_PARALLELISM, MAX_CONCURRENT_REFRESHES,
+    MAX_CONNECTIONS, MAX_DURATION, MAX_HEADER_BYTES, MAX_LINE, REPLAY_BUFFER_LIMIT,
+};
+
+fn check_size(key: &'static str, value: ByteSize, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value.0 < min || value.0 > max {
+        return Err(invalid(
+            key,
+            format!(
+                "must be between {} and {}, got {value}",
+                ByteSize(min),
+                ByteSize(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_count(key: &'static str, value: usize, max: usize) -> Result<(), ConfigError> {
+    if value == 0 || value > max {
+        return Err(invalid(
+            key,
+            format!("must be between 1 and {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_u32(key: &'static str, value: u32, (min, max): (u32, u32)) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!("must be between {min} and {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A duration above zero and at most [`limits::MAX_DURATION`].
+fn check_duration(key: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() || value > MAX_DURATION {
+        return Err(invalid(
+            key,
+            format!(
+                "must be above zero and at most 24h, got {}",
+                humantime::format_duration(value)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn mail_section<'de, D: Deserializer<'de>>(
@@ -777,15 +884,32 @@ impl Config {
                 "tls_cert_file and tls_key_file must be set together",
             ));
         }
-        if self.http.max_header_bytes.0 < 1024 {
-            return Err(invalid("http.max_header_bytes", "must be at least 1KiB"));
-        }
-        if self.http.max_connections == 0 {
-            return Err(invalid("http.max_connections", "must be at least 1"));
-        }
-        if self.http.body_idle_timeout.is_zero() {
-            return Err(invalid("http.body_idle_timeout", "must be above zero"));
-        }
+        check_size(
+            "http.max_header_bytes",
+            self.http.max_header_bytes,
+            1024,
+            MAX_HEADER_BYTES,
+        )?;
+        check_size(
+            "http.replay_buffer_limit",
+            self.http.replay_buffer_limit,
+            0,
+            REPLAY_BUFFER_LIMIT,
+        )?;
+        check_count(
+            "http.max_connections",
+            self.http.max_connections,
+            MAX_CONNECTIONS,
+        )?;
+        check_duration("http.header_read_timeout", self.http.header_read_timeout)?;
+        check_duration("http.upstream_timeout", self.http.upstream_timeout)?;
+        check_size(
+            "http.replay_buffer_total",
+            self.http.replay_buffer_total,
+            0,
+            16 << 30,
+        )?;
+        check_duration("http.body_idle_timeout", self.http.body_idle_timeout)?;
         if self.http.min_body_rate.0 == 0 {
             return Err(invalid(
                 "http.min_body_rate",
@@ -806,12 +930,14 @@ impl Config {
             &idp.device_code_url(),
         )?;
         check_url("identity_provider.authorize_endpoint", &idp.authorize_url())?;
+        check_duration("identity_provider.timeout", idp.timeout)?;
         if self.tokens.retry_min.is_zero() || self.tokens.retry_max < self.tokens.retry_min {
             return Err(invalid(
                 "tokens.retry_max",
                 "retry_min must be above zero and retry_max at least retry_min",
             ));
         }
+        check_duration("tokens.refused_backoff_max", self.tokens.refused_backoff_max)?;
         if self.tokens.refused_backoff_min.is_zero()
             || self.tokens.refused_backoff_max < self.tokens.refused_backoff_min
         {
@@ -820,42 +946,40 @@ impl Config {
                 "refused_backoff_min must be above zero and refused_backoff_max at least refused_backoff_min",
             ));
         }
-        self.smtp.validate([
-            "smtp.listen",
-            "smtp.upstream",
-            "smtp.scopes",
-            "smtp.tls_cert_file",
-            "smtp.implicit_tls",
-            "smtp.max_line",
-            "smtp.max_connections",
-        ])?;
-        self.imap.validate([
-            "imap.listen",
-            "imap.upstream",
-            "imap.scopes",
-            "imap.tls_cert_file",
-            "imap.implicit_tls",
-            "imap.max_line",
-            "imap.max_connections",
-        ])?;
-        self.pop3.validate([
-            "pop3.listen",
-            "pop3.upstream",
-            "pop3.scopes",
-            "pop3.tls_cert_file",
-            "pop3.implicit_tls",
-            "pop3.max_line",
-            "pop3.max_connections",
-        ])?;
-        if self.tokens.max_concurrent_refreshes == 0 {
-            return Err(invalid(
-                "tokens.max_concurrent_refreshes",
-                "must be at least 1",
-            ));
+        check_duration("tokens.retry_max", self.tokens.retry_max)?;
+        check_duration("tokens.reload_interval", self.tokens.reload_interval)?;
+        if self.tokens.refresh_ahead > MAX_DURATION {
+            return Err(invalid("tokens.refresh_ahead", "must be at most 24h"));
         }
+        self.smtp.validate(&mail_keys!("smtp"))?;
+        self.imap.validate(&mail_keys!("imap"))?;
+        self.pop3.validate(&mail_keys!("pop3"))?;
+        check_count(
+            "tokens.max_concurrent_refreshes",
+            self.tokens.max_concurrent_refreshes,
+            MAX_CONCURRENT_REFRESHES,
+        )?;
         if self.auth.max_failures == 0 {
             return Err(invalid("auth.max_failures", "must be at least 1"));
         }
+        if self.auth.credential_cache_ttl > MAX_DURATION {
+            return Err(invalid("auth.credential_cache_ttl", "must be at most 24h"));
+        }
+        check_u32(
+            "auth.argon2_memory_kib",
+            self.auth.argon2_memory_kib,
+            ARGON2_MEMORY_KIB,
+        )?;
+        check_u32(
+            "auth.argon2_iterations",
+            self.auth.argon2_iterations,
+            ARGON2_ITERATIONS,
+        )?;
+        check_u32(
+            "auth.argon2_parallelism",
+            self.auth.argon2_parallelism,
+            ARGON2_PARALLELISM,
+        )?;
         argon2::Params::new(
             self.auth.argon2_memory_kib,
             self.auth.argon2_iterations,
@@ -897,10 +1021,24 @@ impl Config {
         scopes
     }
 
-    /// What is still missing for authswap to do its job; `serve` logs these
-    /// and keeps running (health and metrics work without them).
+    /// What is still missing for authswap to do its job, or set weaker
+    /// than it should be; `serve` logs these and keeps running (health and
+    /// metrics work without them).
     pub fn missing(&self) -> Vec<String> {
         let mut out = Vec::new();
+        let a = &self.auth;
+        // OWASP's argon2id settings trade memory for iterations from
+        // 46 MiB x 1 to 7 MiB x 5; all spend about 35 MiB-passes.
+        if a.argon2_memory_kib < 7168
+            || u64::from(a.argon2_memory_kib) * u64::from(a.argon2_iterations) < 35_840
+        {
+            out.push(format!(
+                "auth.argon2_memory_kib = {} with argon2_iterations = {} is below OWASP's \
+                 minimum for argon2id (19456 KiB with 2 iterations, or 7168 KiB with 5): new \
+                 local password hashes are cheap to guess",
+                a.argon2_memory_kib, a.argon2_iterations
+            ));
+        }
         if self.identity_provider.client_id.trim().is_empty() {
             out.push(
                 "identity_provider.client_id is empty: register an app in Entra ID and set it, \
@@ -1031,6 +1169,110 @@ mod tests {
             err.to_string().starts_with("runtime.worker_threads:"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cost_and_size_settings_are_bounded() {
+        for (toml, key) in [
+            // 100 GiB, and nothing.
+            (
+                "[auth]\nargon2_memory_kib = 104857600\n",
+                "auth.argon2_memory_kib",
+            ),
+            ("[auth]\nargon2_memory_kib = 0\n", "auth.argon2_memory_kib"),
+            ("[auth]\nargon2_iterations = 0\n", "auth.argon2_iterations"),
+            (
+                "[auth]\nargon2_iterations = 1000\n",
+                "auth.argon2_iterations",
+            ),
+            (
+                "[auth]\nargon2_parallelism = 0\n",
+                "auth.argon2_parallelism",
+            ),
+            (
+                "[auth]\nargon2_parallelism = 64\n",
+                "auth.argon2_parallelism",
+            ),
+            (
+                "[auth]\ncredential_cache_ttl = \"30days\"\n",
+                "auth.credential_cache_ttl",
+            ),
+            (
+                "[http]\nreplay_buffer_limit = \"10GiB\"\n",
+                "http.replay_buffer_limit",
+            ),
+            (
+                "[http]\nmax_header_bytes = \"1GiB\"\n",
+                "http.max_header_bytes",
+            ),
+            ("[http]\nmax_header_bytes = 100\n", "http.max_header_bytes"),
+            (
+                "[http]\nmax_connections = 10000000\n",
+                "http.max_connections",
+            ),
+            ("[http]\nmax_connections = 0\n", "http.max_connections"),
+            (
+                "[http]\nheader_read_timeout = \"0s\"\n",
+                "http.header_read_timeout",
+            ),
+            (
+                "[http]\nupstream_timeout = \"1000years\"\n",
+                "http.upstream_timeout",
+            ),
+            ("[imap]\nmax_line = \"1GiB\"\n", "imap.max_line"),
+            ("[smtp]\nmax_line = 100\n", "smtp.max_line"),
+            ("[smtp]\nidle_timeout = \"0s\"\n", "smtp.idle_timeout"),
+            (
+                "[pop3]\nupstream_timeout = \"1000years\"\n",
+                "pop3.upstream_timeout",
+            ),
+            ("[pop3]\nmax_connections = 0\n", "pop3.max_connections"),
+            (
+                "[tokens]\nreload_interval = \"0s\"\n",
+                "tokens.reload_interval",
+            ),
+            ("[tokens]\nretry_max = \"1000years\"\n", "tokens.retry_max"),
+            (
+                "[tokens]\nrefresh_ahead = \"1000years\"\n",
+                "tokens.refresh_ahead",
+            ),
+            (
+                "[tokens]\nmax_concurrent_refreshes = 0\n",
+                "tokens.max_concurrent_refreshes",
+            ),
+            (
+                "[identity_provider]\ntimeout = \"0s\"\n",
+                "identity_provider.timeout",
+            ),
+        ] {
+            let err = load_str(toml, &[]).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("{key}: must be")),
+                "{toml}: {err}"
+            );
+        }
+        let err = load_str("[auth]\nargon2_memory_kib = 104857600\n", &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "auth.argon2_memory_kib: must be between 256 and 1048576, got 104857600"
+        );
+        // The test harness's cheap costs and the largest accepted ones load
+        // (the cheap ones with a warning).
+        let c = load_str(
+            "[auth]\nargon2_memory_kib = 256\nargon2_iterations = 1\n",
+            &[],
+        )
+        .unwrap();
+        assert!(c.missing().iter().any(|m| m.contains("OWASP")));
+        load_str(
+            "[auth]\nargon2_memory_kib = 1048576\nargon2_iterations = 16\nargon2_parallelism = 16\n",
+            &[],
+        )
+        .unwrap();
+        assert!(!Config::default()
+            .missing()
+            .iter()
+            .any(|m| m.contains("OWASP")));
     }
 
     #[test]

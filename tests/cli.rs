@@ -716,3 +716,58 @@ async fn a_key_file_readable_by_others_is_refused_unless_allowed() {
         .unwrap();
     assert!(status.success());
 }
+
+/// Cost settings outside their bounds stop `config check` (and so `serve`)
+/// with an error naming the key; the test harness's cheap argon2 costs load
+/// with a warning.
+#[tokio::test]
+async fn config_check_refuses_absurd_cost_settings() {
+    let env = Env::start().await;
+    let config = env.write_config();
+    for (var, value, key) in [
+        (
+            "AUTHSWAP_AUTH__ARGON2_MEMORY_KIB",
+            "104857600",
+            "auth.argon2_memory_kib",
+        ),
+        (
+            "AUTHSWAP_AUTH__ARGON2_ITERATIONS",
+            "0",
+            "auth.argon2_iterations",
+        ),
+        (
+            "AUTHSWAP_HTTP__MAX_HEADER_BYTES",
+            "1GiB",
+            "http.max_header_bytes",
+        ),
+        (
+            "AUTHSWAP_TOKENS__RELOAD_INTERVAL",
+            "0s",
+            "tokens.reload_interval",
+        ),
+    ] {
+        let out = bin()
+            .arg("-c")
+            .arg(&config)
+            .args(["config", "check"])
+            .env(var, value)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} accepted");
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with(&format!("authswap: error: {key}: must be")),
+            "{err}"
+        );
+    }
+    let out = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["config", "check"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("warning: auth.argon2_memory_kib = 256"));
+}
