@@ -270,12 +270,12 @@ impl MailConfig {
             return Ok(());
         }
         parse_listen(keys.listen, &self.listen)?;
-        if self.upstream_host_port().is_none() {
+        if self.upstream_host_port().is_none() || self.upstream.contains('@') {
             return Err(invalid(
                 keys.upstream,
                 format!(
                     "`{}` is not host:port (e.g. smtp.office365.com:587)",
-                    self.upstream
+                    redact_host_port(&self.upstream)
                 ),
             ));
         }
@@ -1053,11 +1053,60 @@ impl Config {
     /// endpoints filled in.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
+        let redact = |url: &str| redact_userinfo(url).into_owned();
         let idp = &mut shown.identity_provider;
-        idp.token_endpoint = Some(idp.token_url());
-        idp.device_code_endpoint = Some(idp.device_code_url());
-        idp.authorize_endpoint = Some(idp.authorize_url());
+        idp.token_endpoint = Some(redact(&idp.token_url()));
+        idp.device_code_endpoint = Some(redact(&idp.device_code_url()));
+        idp.authorize_endpoint = Some(redact(&idp.authorize_url()));
+        idp.authority = redact(&idp.authority);
+        shown.http.upstream = redact(&shown.http.upstream);
+        for mail in [&mut shown.smtp, &mut shown.imap, &mut shown.pop3] {
+            mail.upstream = redact_host_port(&mail.upstream).into_owned();
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// What replaces the user name and password of a URL when it is shown.
+pub const REDACTED_USERINFO: &str = "<redacted>";
+
+/// `text` with the userinfo of every URL in it (`scheme://user:password@`)
+/// replaced by `<redacted>`: for printing or logging configuration values,
+/// and errors that quote them. Works on text that is not a valid URL too,
+/// and errs on the side of hiding: everything between `://` and the last
+/// `@` before the next space, quote or backtick goes.
+pub fn redact_userinfo(text: &str) -> std::borrow::Cow<'_, str> {
+    if !(text.contains("://") && text.contains('@')) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let start = i + 3;
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        let end = after
+            .find(|c: char| c.is_whitespace() || matches!(c, '`' | '"' | '\'' | '<' | '>'))
+            .unwrap_or(after.len());
+        match after[..end].rfind('@') {
+            Some(at) => {
+                out.push_str(REDACTED_USERINFO);
+                out.push_str(&after[at..end]);
+            }
+            None => out.push_str(&after[..end]),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
+/// A mail `host:port` value with anything up to its last `@` (a user name
+/// and password, which such a value must not hold) replaced by `<redacted>`.
+fn redact_host_port(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.rfind('@') {
+        Some(at) => format!("{REDACTED_USERINFO}{}", &value[at..]).into(),
+        None => value.into(),
     }
 }
 
@@ -1082,23 +1131,36 @@ pub fn is_loopback_host(host: &url::Host<&str>) -> bool {
 
 /// Accepts `https://` URLs, and `http://` only to a loopback host.
 pub fn check_url(key: &'static str, value: &str) -> Result<Url, ConfigError> {
+    let shown = redact_userinfo(value);
     let url =
-        Url::parse(value).map_err(|e| invalid(key, format!("`{value}` is not a URL: {e}")))?;
+        Url::parse(value).map_err(|e| invalid(key, format!("`{shown}` is not a URL: {e}")))?;
     let host = url
         .host()
-        .ok_or_else(|| invalid(key, format!("`{value}` has no host")))?;
+        .ok_or_else(|| invalid(key, format!("`{shown}` has no host")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // Never used (authswap authenticates with tokens and the client
+        // secret), and the HTTP client would carry them into its log lines
+        // and the HTTP/2 `:authority`.
+        return Err(invalid(
+            key,
+            format!(
+                "`{shown}`: a user name or password in the URL is not supported \
+                 (authswap does not use it, and it would end up in logs); remove it"
+            ),
+        ));
+    }
     match url.scheme() {
         "https" => Ok(url),
         "http" if is_loopback_host(&host) => Ok(url),
         "http" => Err(invalid(
             key,
             format!(
-                "`{value}`: plain http:// is refused except to a loopback address; use https://"
+                "`{shown}`: plain http:// is refused except to a loopback address; use https://"
             ),
         )),
         other => Err(invalid(
             key,
-            format!("`{value}`: unsupported scheme `{other}`"),
+            format!("`{shown}`: unsupported scheme `{other}`"),
         )),
     }
 }
@@ -1293,6 +1355,75 @@ mod tests {
         assert!(!out.contains("s3cr3t-value"));
         assert!(!format!("{c:?}").contains("s3cr3t-value"));
         assert!(out.contains("<redacted>"));
+    }
+
+    #[test]
+    fn passwords_in_urls_are_never_shown() {
+        let r = |t: &str| redact_userinfo(t).into_owned();
+        assert_eq!(r("https://u:pw@host/x"), "https://<redacted>@host/x");
+        assert_eq!(r("https://host/x"), "https://host/x");
+        assert_eq!(
+            r("https://u:p@ss@host:8443"),
+            "https://<redacted>@host:8443"
+        );
+        assert_eq!(r("https://u:pa/ss@host/p"), "https://<redacted>@host/p");
+        assert_eq!(
+            r("`http://u:pw@a.example`: refused; see https://v:pw2@b.example/x"),
+            "`http://<redacted>@a.example`: refused; see https://<redacted>@b.example/x"
+        );
+
+        // Such URLs are refused when loaded; a configuration built in code
+        // is still shown without them.
+        let mut c = Config::default();
+        c.http.upstream = "https://svc:url-pw-1@outlook.example".into();
+        c.identity_provider.authority = "https://idp:url-pw-2@login.example".into();
+        c.smtp.upstream = "svc:url-pw-3@smtp.example:587".into();
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("url-pw"), "{out}");
+        assert!(
+            out.contains("upstream = \"https://<redacted>@outlook.example\""),
+            "{out}"
+        );
+        assert!(out.contains("https://<redacted>@login.example/organizations/oauth2/v2.0/token"));
+        assert!(
+            out.contains("upstream = \"<redacted>@smtp.example:587\""),
+            "{out}"
+        );
+
+        for (toml, key) in [
+            (
+                "[http]\nupstream = \"https://svc:url-pw-3@example.com\"\n",
+                "http.upstream",
+            ),
+            (
+                "[http]\nupstream = \"https://svc@example.com\"\n",
+                "http.upstream",
+            ),
+            (
+                "[identity_provider]\ntoken_endpoint = \"https://:url-pw-3@login.example/t\"\n",
+                "identity_provider.token_endpoint",
+            ),
+            (
+                "[http]\nupstream = \"http://svc:url-pw-3@example.com\"\n",
+                "http.upstream",
+            ),
+            (
+                "[http]\nupstream = \"ftp://svc:url-pw-3@example.com\"\n",
+                "http.upstream",
+            ),
+            (
+                "[identity_provider]\nauthority = \"https://svc:url-pw-3@\"\n",
+                "identity_provider.authority",
+            ),
+            (
+                "[smtp]\nupstream = \"svc:url-pw-3@smtp.example:587\"\n",
+                "smtp.upstream",
+            ),
+        ] {
+            let err = load_str(toml, &[]).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{err}");
+            assert!(!err.contains("url-pw"), "{err}");
+        }
     }
 
     #[test]

@@ -18,7 +18,13 @@ fn main() -> std::process::ExitCode {
                     line.push_str(&c);
                 }
             }
-            eprintln!("authswap: error: {}", line.replace('\n', " "));
+            // Any URL the error quotes (from the configuration) loses its
+            // user name and password.
+            let line = line.replace('\n', " ");
+            eprintln!(
+                "authswap: error: {}",
+                authswap::config::redact_userinfo(&line)
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -771,3 +771,65 @@ async fn config_check_refuses_absurd_cost_settings() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("warning: auth.argon2_memory_kib = 256"));
 }
+
+/// A password written into a URL of the configuration
+/// (`https://user:password@host`) is never printed or logged. authswap
+/// never uses one, and the HTTP client would log the URL's authority (at
+/// debug level) and send it on, so such a URL is refused; the error, from
+/// `config check` or `serve` (at trace level), shows it redacted.
+#[tokio::test]
+async fn passwords_in_configured_urls_are_never_printed() {
+    let env = Env::start().await;
+    let config = env.write_config();
+    let idp_with_password = env
+        .idp
+        .base_url()
+        .replacen("://", "://svc:Url-Password-7@", 1);
+    for (var, value, key) in [
+        (
+            "AUTHSWAP_IDENTITY_PROVIDER__AUTHORITY",
+            idp_with_password.as_str(),
+            "identity_provider.authority",
+        ),
+        (
+            "AUTHSWAP_HTTP__UPSTREAM",
+            "https://svc:Url-Password-7@outlook.example",
+            "http.upstream",
+        ),
+        (
+            "AUTHSWAP_HTTP__UPSTREAM",
+            "http://svc:Url-Password-7@outlook.example",
+            "http.upstream",
+        ),
+    ] {
+        for args in [
+            &["config", "check"][..],
+            &["--log-format", "json", "serve"][..],
+        ] {
+            let child = bin()
+                .arg("-c")
+                .arg(&config)
+                .args(args)
+                .env("AUTHSWAP_LOG", "trace")
+                .env(var, value)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+                .await
+                .expect("refused at once")
+                .unwrap();
+            assert!(!out.status.success(), "{args:?} with {var}={value}");
+            let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
+            assert!(!shown.contains("Url-Password-7"), "{shown}");
+            assert!(
+                shown.contains(&format!("authswap: error: {key}:")),
+                "{shown}"
+            );
+            assert!(shown.contains("://<redacted>@"), "{shown}");
+        }
+    }
+}
