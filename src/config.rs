@@ -937,7 +937,10 @@ impl Config {
                 "retry_min must be above zero and retry_max at least retry_min",
             ));
         }
-        check_duration("tokens.refused_backoff_max", self.tokens.refused_backoff_max)?;
+        check_duration(
+            "tokens.refused_backoff_max",
+            self.tokens.refused_backoff_max,
+        )?;
         if self.tokens.refused_backoff_min.is_zero()
             || self.tokens.refused_backoff_max < self.tokens.refused_backoff_min
         {

@@ -116,7 +116,9 @@ async fn a_full_disk_fails_refreshes_only_while_it_is_full_and_loses_no_token() 
     let rec = store.get("alice").await.unwrap().unwrap();
     assert_eq!(rec.status, Status::Linked, "{:?}", rec.last_error);
     let (sealed, _) = store.refresh_token(rec.id).await.unwrap().unwrap();
-    let sealer = Sealer::load(None, &env.config().store.key_file).unwrap();
+    let sealer = Sealer::read(&env.config().store)
+        .unwrap()
+        .expect("key file");
     let stored: Secret = sealer.open(rec.id, &sealed).unwrap();
     assert!(
         env.idp.is_refresh_token_valid(stored.expose()).is_some(),
