@@ -182,6 +182,11 @@ pub struct MailConfig {
     /// A client silent this long before login is disconnected.
     #[serde(default = "default_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A client not logged in this long after connecting is disconnected,
+    /// however busy (a connection slot is not held by whoever cannot log
+    /// in).
+    #[serde(default = "default_login_timeout", with = "humantime_serde")]
+    pub login_timeout: Duration,
     /// Time limit for connecting and logging in upstream.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub upstream_timeout: Duration,
@@ -198,6 +203,9 @@ fn default_max_line() -> ByteSize {
 }
 fn default_idle() -> Duration {
     Duration::from_secs(300)
+}
+fn default_login_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(30)
@@ -220,6 +228,7 @@ impl MailConfig {
             hostname: default_hostname(),
             max_line: default_max_line(),
             idle_timeout: default_idle(),
+            login_timeout: default_login_timeout(),
             upstream_timeout: default_upstream_timeout(),
             max_connections: default_mail_connections(),
         }
@@ -297,6 +306,7 @@ impl MailConfig {
         check_size(keys.max_line, self.max_line, 512, MAX_LINE)?;
         check_count(keys.max_connections, self.max_connections, MAX_CONNECTIONS)?;
         check_duration(keys.idle_timeout, self.idle_timeout)?;
+        check_duration(keys.login_timeout, self.login_timeout)?;
         check_duration(keys.upstream_timeout, self.upstream_timeout)?;
         Ok(())
     }
@@ -312,6 +322,7 @@ struct MailKeys {
     max_line: &'static str,
     max_connections: &'static str,
     idle_timeout: &'static str,
+    login_timeout: &'static str,
     upstream_timeout: &'static str,
 }
 
@@ -326,6 +337,7 @@ macro_rules! mail_keys {
             max_line: concat!($section, ".max_line"),
             max_connections: concat!($section, ".max_connections"),
             idle_timeout: concat!($section, ".idle_timeout"),
+            login_timeout: concat!($section, ".login_timeout"),
             upstream_timeout: concat!($section, ".upstream_timeout"),
         }
     };

@@ -181,7 +181,7 @@ impl Server {
             tasks.spawn(crate::proxy::mail::accept_loop(
                 listener,
                 front,
-                move |_front, io, peer, tls| smtp.clone().session(io, peer, tls),
+                move || smtp.dialect(),
                 rx.clone(),
             ));
         }
@@ -199,7 +199,7 @@ impl Server {
             tasks.spawn(crate::proxy::mail::accept_loop(
                 listener,
                 front,
-                move |_front, io, peer, tls| imap.clone().session(io, peer, tls),
+                move || imap.dialect(),
                 rx.clone(),
             ));
         }
@@ -217,7 +217,7 @@ impl Server {
             tasks.spawn(crate::proxy::mail::accept_loop(
                 listener,
                 front,
-                move |_front, io, peer, tls| pop3.clone().session(io, peer, tls),
+                move || pop3.dialect(),
                 rx.clone(),
             ));
         }

@@ -371,3 +371,83 @@ async fn guesses_delay_checks_but_never_lock_out_the_right_password_or_reveal_na
     );
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn mail_clients_are_told_when_the_server_shuts_down_or_they_never_log_in() {
+    use support::mail::{ImapOptions, Pop3Options, SmtpOptions};
+    use support::mailrig::{b64, start_with, Raw as Line};
+    let m = start_with(
+        SmtpOptions::default(),
+        ImapOptions::default(),
+        Pop3Options::default(),
+        |c| {
+            c.smtp.login_timeout = Duration::from_millis(1500);
+            c.smtp.idle_timeout = Duration::from_secs(10);
+        },
+    )
+    .await;
+
+    // A client that keeps talking but never logs in loses its slot after
+    // login_timeout (it used to reset the 5-minute idle timer each time).
+    let mut busy = Line::connect(m.server.smtp_addr().unwrap()).await;
+    busy.line().await;
+    let started = std::time::Instant::now();
+    loop {
+        busy.send(b"NOOP\r\n").await;
+        let r = busy.reply().await;
+        if r.starts_with("421 4.4.2") {
+            break;
+        }
+        assert!(r.starts_with("250"), "{r}");
+        assert!(started.elapsed() < Duration::from_secs(5), "never cut");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(busy.closed().await);
+
+    // Sessions not logged in, and one in the middle of DATA.
+    let mut smtp = Line::connect(m.server.smtp_addr().unwrap()).await;
+    smtp.line().await;
+    let mut imap = Line::connect(m.server.imap_addr().unwrap()).await;
+    imap.line().await;
+    let mut pop3 = Line::connect(m.server.pop3_addr().unwrap()).await;
+    pop3.line().await;
+    let mut data = Line::connect(m.server.smtp_addr().unwrap()).await;
+    data.line().await;
+    data.send(b"EHLO scanner\r\n").await;
+    data.reply().await;
+    data.send(format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123")).as_bytes())
+        .await;
+    assert!(data.reply().await.starts_with("235"));
+    data.send(b"MAIL FROM:<alice@contoso.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        .await;
+    assert!(data.reply().await.starts_with("250"));
+    assert!(data.reply().await.starts_with("250"));
+    assert!(data.reply().await.starts_with("354"));
+    data.send(b"Subject: half a message\r\n\r\nfirst line\r\n")
+        .await;
+
+    let server = m.server;
+    let stopping = tokio::spawn(server.shutdown(Duration::from_secs(10)));
+    let r = smtp.reply().await;
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    assert!(smtp.closed().await);
+    let r = imap.line().await;
+    assert!(r.starts_with("* BYE"), "{r}");
+    assert!(imap.closed().await);
+    let r = pop3.line().await;
+    assert!(r.starts_with("-ERR"), "{r}");
+    assert!(pop3.closed().await);
+    // The session in DATA gets a moment, then the same 421 (temporary:
+    // the sender queues the message and sends it again later).
+    let r = data.reply().await;
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    assert!(data.closed().await);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shut down in time")
+        .unwrap();
+    assert!(
+        m.smtp.messages().is_empty(),
+        "the half message was not delivered"
+    );
+}

@@ -6,16 +6,16 @@
 //! the streams, so IDLE, APPEND literals and everything else pass through.
 
 use super::line::{BoxIo, LineError, LineIo};
-use super::mail::{splice, LoginFailure, MailFrontEnd, UpstreamLogin};
+use super::mail::{LoginFailure, MailFrontEnd, UpstreamLogin};
 use super::sasl::{self, Credentials};
+use super::session::{self, Dialect, Mech, Next, Session, Words};
+use crate::identity::Identity;
 use crate::secret::Secret;
+use crate::token::AccessToken;
 use bytes::Bytes;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Protocol errors tolerated before the connection is closed.
-const MAX_ERRORS: u32 = 10;
+use zeroize::Zeroizing;
 
 /// Most bytes of refused non-synchronising literals read and dropped for
 /// one command; a client announcing more is disconnected instead.
@@ -83,7 +83,7 @@ pub struct Imap {
 
 /// Successful upstream login: the connection, untagged lines received
 /// during it, and the text of the tagged OK.
-struct Upstream {
+pub(crate) struct Upstream {
     io: LineIo<BoxIo>,
     untagged: Vec<Bytes>,
     ok_text: String,
@@ -207,12 +207,15 @@ async fn read_args(
                     _ => return Ok(None),
                 };
                 args.push(Secret::new(String::from_utf8_lossy(&data).into_owned()));
-                *rest = match tokio::time::timeout(timeout, io.read_line()).await {
-                    Ok(Ok(Some(l))) => l.to_vec(),
-                    Ok(Err(LineError::TooLong)) => {
-                        rest.clear();
-                        return Err("line too long");
+                session::wipe(data);
+                // Refilled in place: the caller wipes the buffer it owns.
+                rest.clear();
+                match tokio::time::timeout(timeout, io.read_line()).await {
+                    Ok(Ok(Some(l))) => {
+                        rest.extend_from_slice(&l);
+                        session::wipe(l);
                     }
+                    Ok(Err(LineError::TooLong)) => return Err("line too long"),
                     _ => return Ok(None),
                 };
             }
@@ -327,255 +330,190 @@ impl Imap {
         }
     }
 
-    /// Serves one client connection.
-    pub async fn session(self: Arc<Self>, mut io: LineIo<BoxIo>, peer: SocketAddr, mut tls: bool) {
-        let cfg = &self.front.cfg;
-        let host = cfg.hostname.clone();
-        let max = cfg.max_line.as_usize();
-        let greeting = format!(
-            "* OK [CAPABILITY {}] {host} authswap IMAP ready\r\n",
-            self.capability(tls)
-        );
-        if io.send(greeting.as_bytes()).await.is_err() {
-            return;
+    /// The state of a new client session.
+    pub(crate) fn dialect(self: &Arc<Self>) -> ImapSession {
+        ImapSession { imap: self.clone() }
+    }
+}
+
+/// One IMAP client session, as the session driver sees it.
+pub(crate) struct ImapSession {
+    imap: Arc<Imap>,
+}
+
+impl Dialect for ImapSession {
+    /// The tag of the login command.
+    type Ctx = String;
+    type Upstream = Upstream;
+
+    fn greeting(&self, tls: bool) -> String {
+        format!(
+            "* OK [CAPABILITY {}] {} authswap IMAP ready\r\n",
+            self.imap.capability(tls),
+            self.imap.front.cfg.hostname
+        )
+    }
+
+    async fn command(&mut self, s: &mut Session<'_>, line: Bytes) -> Next<String> {
+        let cfg = &self.imap.front.cfg;
+        let mut parts = line.splitn(3, |&b| b == b' ');
+        let tag = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+        let cmd = String::from_utf8_lossy(parts.next().unwrap_or_default()).to_ascii_uppercase();
+        // The rest may hold a password: it is wiped when dropped.
+        let mut rest = Zeroizing::new(parts.next().unwrap_or_default().to_vec());
+        let bad_tag = tag.is_empty()
+            || cmd.is_empty()
+            || tag
+                .bytes()
+                .any(|c| matches!(c, b'*' | b'+' | b'{' | b'(' | b'"') || c < 0x21);
+        // A non-synchronising literal ending the line is part of this
+        // command (LOGIN reads its own): drop its bytes rather than read
+        // them as commands.
+        if bad_tag || cmd != "LOGIN" {
+            if let Some(n) = trailing_nonsync_literal(&line) {
+                if let Err(bye) = skip_literals(&mut s.io, n, cfg.idle_timeout).await {
+                    return Next::Close(bye.into());
+                }
+            }
         }
-        let mut errors = 0u32;
-        loop {
-            let line = match tokio::time::timeout(cfg.idle_timeout, io.read_line()).await {
-                Err(_) => {
-                    let _ = io.send(b"* BYE Idle timeout, closing connection\r\n").await;
-                    return;
-                }
-                Ok(Ok(Some(l))) => l,
-                Ok(Ok(None)) | Ok(Err(LineError::Io(_))) => return,
-                Ok(Err(LineError::TooLong)) => {
-                    errors += 1;
-                    if self.bad(&mut io, "*", "Line too long", errors).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let mut parts = line.splitn(3, |&b| b == b' ');
-            let tag = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-            let cmd =
-                String::from_utf8_lossy(parts.next().unwrap_or_default()).to_ascii_uppercase();
-            let mut rest = parts.next().unwrap_or_default().to_vec();
-            let bad_tag = tag.is_empty()
-                || cmd.is_empty()
-                || tag
-                    .bytes()
-                    .any(|c| matches!(c, b'*' | b'+' | b'{' | b'(' | b'"') || c < 0x21);
-            // A non-synchronising literal ending the line is part of this
-            // command (LOGIN reads its own): drop its bytes rather than
-            // read them as commands.
-            if bad_tag || cmd != "LOGIN" {
-                if let Some(n) = trailing_nonsync_literal(&line) {
-                    if let Err(bye) = skip_literals(&mut io, n, cfg.idle_timeout).await {
-                        let _ = io.send(bye.as_bytes()).await;
-                        return;
-                    }
-                }
+        session::wipe(line);
+        if bad_tag {
+            return Next::Error("* BAD Invalid tag or command\r\n".into());
+        }
+        let reply = match cmd.as_str() {
+            "CAPABILITY" => format!(
+                "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
+                self.imap.capability(s.tls)
+            ),
+            "NOOP" => format!("{tag} OK NOOP completed\r\n"),
+            "ID" => format!("* ID NIL\r\n{tag} OK ID completed\r\n"),
+            "LOGOUT" => {
+                return Next::Close(format!(
+                    "* BYE authswap signing off\r\n{tag} OK LOGOUT completed\r\n"
+                ))
             }
-            if bad_tag {
-                errors += 1;
-                if self
-                    .bad(&mut io, "*", "Invalid tag or command", errors)
-                    .await
-                {
-                    return;
-                }
-                continue;
+            "STARTTLS" if self.imap.front.acceptor.is_some() && !s.tls => {
+                return Next::StartTls(format!("{tag} OK Begin TLS negotiation now\r\n"))
             }
-            let reply = match cmd.as_str() {
-                "CAPABILITY" => format!(
-                    "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
-                    self.capability(tls)
-                ),
-                "NOOP" => format!("{tag} OK NOOP completed\r\n"),
-                "ID" => format!("* ID NIL\r\n{tag} OK ID completed\r\n"),
-                "LOGOUT" => {
-                    let _ = io
-                        .send(
-                            format!("* BYE authswap signing off\r\n{tag} OK LOGOUT completed\r\n")
-                                .as_bytes(),
-                        )
-                        .await;
-                    return;
-                }
-                "STARTTLS" if self.front.acceptor.is_some() && !tls => {
-                    if io
-                        .send(format!("{tag} OK Begin TLS negotiation now\r\n").as_bytes())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    match self.front.upgrade_client(io).await {
-                        Some(upgraded) => {
-                            io = upgraded;
-                            tls = true;
-                            continue;
-                        }
-                        None => return,
-                    }
-                }
-                "LOGIN" => match read_args(&mut io, &mut rest, max, cfg.idle_timeout).await {
-                    Ok(None) => return,
+            "STARTTLS" => format!("{tag} BAD STARTTLS not available\r\n"),
+            "LOGIN" => {
+                let max = cfg.max_line.as_usize();
+                match read_args(&mut s.io, &mut rest, max, cfg.idle_timeout).await {
+                    Ok(None) => return Next::Close(String::new()),
                     Err(why) => match trailing_nonsync_literal(&rest) {
                         None => format!("{tag} BAD {why}\r\n"),
                         // Refused, but the client sends the literal anyway
                         // (e.g. one over `max_line`): skip it, or close.
                         Some(n) => {
-                            if let Err(bye) = skip_literals(&mut io, n, cfg.idle_timeout).await {
-                                let _ = io
-                                    .send(format!("{tag} BAD {why}\r\n{bye}").as_bytes())
-                                    .await;
-                                return;
+                            if let Err(bye) = skip_literals(&mut s.io, n, cfg.idle_timeout).await {
+                                return Next::Close(format!("{tag} BAD {why}\r\n{bye}"));
                             }
-                            errors += 1;
-                            if self.bad(&mut io, &tag, why, errors).await {
-                                return;
-                            }
-                            continue;
+                            return Next::Error(format!("{tag} BAD {why}\r\n"));
                         }
                     },
-                    Ok(Some(args)) if args.len() == 2 && !args[0].is_empty() => {
-                        let creds = Credentials {
-                            name: args[0].expose().to_owned(),
-                            password: args[1].clone(),
+                    Ok(Some(mut args)) if args.len() == 2 && !args[0].is_empty() => {
+                        let password = args.pop().unwrap_or_default();
+                        let name = args.pop().unwrap_or_default();
+                        return Next::Login {
+                            ctx: tag,
+                            creds: Credentials {
+                                name: name.expose().to_owned(),
+                                password,
+                            },
                         };
-                        match self.authenticate(&mut io, &tag, &creds, peer).await {
-                            Ok(Some(up)) => return splice(io, up).await,
-                            Ok(None) => continue,
-                            Err(()) => return,
-                        }
                     }
                     Ok(Some(_)) => format!("{tag} BAD LOGIN needs a user name and a password\r\n"),
-                },
-                "AUTHENTICATE" => {
-                    let text = String::from_utf8_lossy(&rest).into_owned();
-                    let mut words = text.split_whitespace();
-                    let mech = words.next().unwrap_or("").to_ascii_uppercase();
-                    if mech != "PLAIN" {
-                        format!("{tag} NO Unsupported authentication mechanism; use PLAIN\r\n")
-                    } else {
-                        let response = match words.next() {
-                            Some(ir) if ir != "=" => Bytes::from(ir.as_bytes().to_vec()),
-                            _ => {
-                                if io.send(b"+ \r\n").await.is_err() {
-                                    return;
-                                }
-                                match tokio::time::timeout(cfg.idle_timeout, io.read_line()).await {
-                                    Ok(Ok(Some(l))) => l,
-                                    _ => return,
-                                }
-                            }
-                        };
-                        if response.trim_ascii() == b"*" {
-                            format!("{tag} BAD AUTHENTICATE cancelled\r\n")
-                        } else {
-                            match sasl::decode_plain(&response) {
-                                None => {
-                                    self.front.undecodable();
-                                    format!(
-                                        "{tag} BAD Cannot decode the authentication response\r\n"
-                                    )
-                                }
-                                Some(creds) => {
-                                    match self.authenticate(&mut io, &tag, &creds, peer).await {
-                                        Ok(Some(up)) => return splice(io, up).await,
-                                        Ok(None) => continue,
-                                        Err(()) => return,
-                                    }
-                                }
-                            }
-                        }
-                    }
                 }
-                "STARTTLS" => format!("{tag} BAD STARTTLS not available\r\n"),
-                _ => {
-                    errors += 1;
-                    if self
-                        .bad(
-                            &mut io,
-                            &tag,
-                            "Command unknown or not allowed before authentication",
-                            errors,
-                        )
-                        .await
-                    {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            if io.send(reply.as_bytes()).await.is_err() {
-                return;
             }
+            "AUTHENTICATE" => {
+                let mut words = rest
+                    .split(|&b| b == b' ')
+                    .filter(|w| !w.trim_ascii().is_empty());
+                let mech = words
+                    .next()
+                    .map(|m| String::from_utf8_lossy(m).to_ascii_uppercase())
+                    .unwrap_or_default();
+                let initial = words.next().map(|w| Bytes::copy_from_slice(w.trim_ascii()));
+                if mech != "PLAIN" {
+                    format!("{tag} NO Unsupported authentication mechanism; use PLAIN\r\n")
+                } else {
+                    return Next::Sasl {
+                        ctx: tag,
+                        mech: Mech::Plain,
+                        initial,
+                    };
+                }
+            }
+            _ => {
+                return Next::Error(format!(
+                    "{tag} BAD Command unknown or not allowed before authentication\r\n"
+                ))
+            }
+        };
+        Next::Reply(reply)
+    }
+
+    fn sasl_prompt(&self, challenge: &str) -> String {
+        format!("+ {challenge}\r\n")
+    }
+
+    fn sasl_refused(&self, tag: &String, cancelled: bool) -> String {
+        if cancelled {
+            format!("{tag} BAD AUTHENTICATE cancelled\r\n")
+        } else {
+            format!("{tag} BAD Cannot decode the authentication response\r\n")
         }
     }
 
-    async fn bad(&self, io: &mut LineIo<BoxIo>, tag: &str, msg: &str, errors: u32) -> bool {
-        if errors >= MAX_ERRORS {
-            let _ = io
-                .send(b"* BYE Too many errors, closing connection\r\n")
-                .await;
-            return true;
-        }
-        io.send(format!("{tag} BAD {msg}\r\n").as_bytes())
-            .await
-            .is_err()
-    }
-
-    async fn authenticate(
+    async fn upstream_login(
         &self,
-        io: &mut LineIo<BoxIo>,
-        tag: &str,
-        creds: &Credentials,
-        peer: SocketAddr,
-    ) -> Result<Option<LineIo<BoxIo>>, ()> {
-        let result = self
-            .front
-            .login(creds, peer, |identity, token| async move {
-                self.upstream_login(&identity.mailbox, token.secret()).await
-            })
-            .await;
-        let reply = match result {
-            Ok((_, up)) => {
-                let mut out = Vec::new();
-                for l in &up.untagged {
-                    out.extend_from_slice(l);
-                    out.extend_from_slice(b"\r\n");
-                }
-                out.extend_from_slice(format!("{tag} OK {}\r\n", up.ok_text).as_bytes());
-                io.send(&out).await.map_err(|_| ())?;
-                return Ok(Some(up.io));
-            }
-            Err(LoginFailure::BadCredentials | LoginFailure::Locked) => {
+        identity: &Identity,
+        token: &AccessToken,
+        _tag: &String,
+    ) -> Result<Upstream, UpstreamLogin> {
+        self.imap
+            .upstream_login(&identity.mailbox, token.secret())
+            .await
+    }
+
+    fn logged_in(&self, tag: &String, up: Upstream) -> (Vec<u8>, LineIo<BoxIo>) {
+        let mut out = Vec::new();
+        for l in &up.untagged {
+            out.extend_from_slice(l);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("{tag} OK {}\r\n", up.ok_text).as_bytes());
+        (out, up.io)
+    }
+
+    fn failure(&self, tag: &String, failure: LoginFailure) -> String {
+        match failure {
+            LoginFailure::BadCredentials | LoginFailure::Locked => {
                 format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n")
             }
-            Err(LoginFailure::Reauth { identity }) => format!(
+            LoginFailure::Reauth { identity } => format!(
                 "{tag} NO [AUTHENTICATIONFAILED] Identity {identity} needs re-authentication: an administrator must run authswap identity login {identity}\r\n"
             ),
-            Err(LoginFailure::RefusedFresh) => format!(
+            LoginFailure::RefusedFresh => format!(
                 "{tag} NO [UNAVAILABLE] The mail server refused freshly issued access tokens, try again later\r\n"
             ),
             // The upstream's own words after its `NO`, passed through.
-            Err(LoginFailure::UpstreamRefused { text }) => format!("{tag} NO {text}\r\n"),
-            Err(LoginFailure::Unavailable | LoginFailure::UpstreamTemporary) => {
-                format!("{tag} NO [UNAVAILABLE] Temporary authentication failure, try again later\r\n")
+            LoginFailure::UpstreamRefused { text } => format!("{tag} NO {text}\r\n"),
+            LoginFailure::Unavailable | LoginFailure::UpstreamTemporary => format!(
+                "{tag} NO [UNAVAILABLE] Temporary authentication failure, try again later\r\n"
+            ),
+            LoginFailure::UpstreamFailed => {
+                "* BYE [UNAVAILABLE] Mail server unreachable, closing connection\r\n".into()
             }
-            Err(LoginFailure::UpstreamFailed) => {
-                let _ = io
-                    .send(b"* BYE [UNAVAILABLE] Mail server unreachable, closing connection\r\n")
-                    .await;
-                return Err(());
-            }
-        };
-        io.send(reply.as_bytes()).await.map_err(|_| ())?;
-        Ok(None)
+        }
     }
+
+    const WORDS: Words = Words {
+        timeout: "* BYE Idle timeout, closing connection\r\n",
+        too_long: "* BAD Line too long\r\n",
+        too_many_errors: "* BYE Too many errors, closing connection\r\n",
+        shutdown: "* BYE [UNAVAILABLE] Server shutting down, closing connection\r\n",
+    };
 }
 
 #[cfg(test)]

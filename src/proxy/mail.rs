@@ -326,8 +326,18 @@ impl MailFrontEnd {
 }
 
 /// Hands the session over: what each side sent ahead goes across first,
-/// then bytes flow both ways unchanged until either side closes.
-pub async fn splice(client: LineIo<BoxIo>, upstream: LineIo<BoxIo>) {
+/// then bytes flow both ways unchanged until either side closes. When the
+/// server shuts down, the session may go on for [`SPLICE_GRACE`]; then the
+/// client is sent `closing` (the protocol's way of saying the server is
+/// going away) and the connection is closed.
+///
+/// [`SPLICE_GRACE`]: super::session::SPLICE_GRACE
+pub async fn splice(
+    client: LineIo<BoxIo>,
+    upstream: LineIo<BoxIo>,
+    mut shutdown: watch::Receiver<bool>,
+    closing: String,
+) {
     let (mut c, c_buf) = client.into_parts();
     let (mut u, u_buf) = upstream.into_parts();
     if !c_buf.is_empty() && u.write_all(&c_buf).await.is_err() {
@@ -336,23 +346,41 @@ pub async fn splice(client: LineIo<BoxIo>, upstream: LineIo<BoxIo>) {
     if !u_buf.is_empty() && c.write_all(&u_buf).await.is_err() {
         return;
     }
-    // 16 KiB per direction: a full TLS record, little memory per idle session.
-    let _ = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, 16 * 1024, 16 * 1024).await;
+    {
+        // 16 KiB per direction: a full TLS record, little memory per idle
+        // session.
+        let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, 16 * 1024, 16 * 1024);
+        tokio::pin!(copy);
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+        if tokio::time::timeout(super::session::SPLICE_GRACE, &mut copy)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    drop(u);
+    let _ = c.write_all(closing.as_bytes()).await;
+    let _ = c.shutdown().await;
 }
 
-/// Accepts connections for a mail front end until `shutdown`, running
-/// `session` for each (after the implicit-TLS handshake when configured).
-pub async fn accept_loop<F, Fut>(
+/// Accepts connections for a mail front end until `shutdown`, running a
+/// session ([`super::session::run`]) with a new dialect from `dialect` for
+/// each (after the implicit-TLS handshake when configured).
+pub(crate) async fn accept_loop<F, D>(
     listener: TcpListener,
     front: Arc<MailFrontEnd>,
-    session: F,
+    dialect: F,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    F: Fn(Arc<MailFrontEnd>, LineIo<BoxIo>, SocketAddr, bool) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
+    F: Fn() -> D + Send + Sync + 'static,
+    D: super::session::Dialect + 'static,
 {
     let permits = Arc::new(Semaphore::new(front.cfg.max_connections));
-    let session = Arc::new(session);
+    let dialect = Arc::new(dialect);
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let permit = tokio::select! {
@@ -373,7 +401,8 @@ pub async fn accept_loop<F, Fut>(
         while tasks.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
         let front = front.clone();
-        let session = session.clone();
+        let dialect = dialect.clone();
+        let stop = shutdown.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let _guard = front.app.metrics.connection(front.protocol);
@@ -389,7 +418,8 @@ pub async fn accept_loop<F, Fut>(
                 }
                 _ => (Box::new(stream), false),
             };
-            session(front, LineIo::new(io, max), peer, tls).await;
+            let io = LineIo::new(io, max);
+            super::session::run(&front, dialect(), io, peer, tls, stop).await;
         });
     }
     drop(listener);

@@ -7,5 +7,6 @@ pub mod line;
 pub mod mail;
 pub mod pop3;
 pub mod sasl;
+pub mod session;
 pub mod smtp;
 pub mod upstream;

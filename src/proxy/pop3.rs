@@ -3,17 +3,16 @@
 //! AUTH PLAIN, STLS and QUIT; it then logs in upstream (implicit TLS or STLS,
 //! AUTH XOAUTH2) and splices the streams.
 
-use super::line::{BoxIo, LineError, LineIo};
-use super::mail::{splice, LoginFailure, MailFrontEnd, UpstreamLogin};
+use super::line::{BoxIo, LineIo};
+use super::mail::{LoginFailure, MailFrontEnd, UpstreamLogin};
 use super::sasl::{self, Credentials};
+use super::session::{self, Dialect, Mech, Next, Session, Words};
+use crate::identity::Identity;
 use crate::secret::Secret;
+use crate::token::AccessToken;
 use bytes::Bytes;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Protocol errors tolerated before the connection is closed.
-const MAX_ERRORS: u32 = 10;
 
 /// The POP3 front end.
 pub struct Pop3 {
@@ -106,187 +105,157 @@ impl Pop3 {
         s
     }
 
-    /// Serves one client connection.
-    pub async fn session(self: Arc<Self>, mut io: LineIo<BoxIo>, peer: SocketAddr, mut tls: bool) {
-        let cfg = &self.front.cfg;
-        if io.send(b"+OK authswap POP3 ready\r\n").await.is_err() {
-            return;
+    /// The state of a new client session.
+    pub(crate) fn dialect(self: &Arc<Self>) -> Pop3Session {
+        Pop3Session {
+            pop3: self.clone(),
+            user: None,
         }
-        let mut user: Option<String> = None;
-        let mut errors = 0u32;
-        loop {
-            let line = match tokio::time::timeout(cfg.idle_timeout, io.read_line()).await {
-                Err(_) => {
-                    let _ = io.send(b"-ERR Idle timeout, closing connection\r\n").await;
-                    return;
+    }
+}
+
+/// One POP3 client session, as the session driver sees it.
+pub(crate) struct Pop3Session {
+    pop3: Arc<Pop3>,
+    /// The name given with USER, waiting for PASS.
+    user: Option<String>,
+}
+
+impl Dialect for Pop3Session {
+    type Ctx = ();
+    /// The upstream connection and its `+OK` line.
+    type Upstream = (LineIo<BoxIo>, Bytes);
+
+    fn greeting(&self, _tls: bool) -> String {
+        "+OK authswap POP3 ready\r\n".into()
+    }
+
+    async fn command(&mut self, s: &mut Session<'_>, line: Bytes) -> Next<()> {
+        // The verb is read from the bytes: PASS and AUTH carry credentials,
+        // which are not copied into plain strings.
+        let (verb, rest) = match line.iter().position(|&b| b == b' ') {
+            Some(i) => (&line[..i], line.slice(i + 1..)),
+            None => (&line[..], Bytes::new()),
+        };
+        let verb = String::from_utf8_lossy(verb).trim().to_ascii_uppercase();
+        drop(line);
+        let reply: String = match verb.as_str() {
+            "PASS" => match self.user.take() {
+                None => "-ERR Send USER first\r\n".into(),
+                Some(name) => {
+                    let password = Secret::new(String::from_utf8_lossy(&rest).into_owned());
+                    session::wipe(rest);
+                    return Next::Login {
+                        ctx: (),
+                        creds: Credentials { name, password },
+                    };
                 }
-                Ok(Ok(Some(l))) => l,
-                Ok(Ok(None)) | Ok(Err(LineError::Io(_))) => return,
-                Ok(Err(LineError::TooLong)) => {
-                    errors += 1;
-                    if self.err(&mut io, "-ERR Line too long", errors).await {
-                        return;
-                    }
-                    continue;
+            },
+            "AUTH" if rest.trim_ascii().is_empty() => "+OK\r\nPLAIN\r\n.\r\n".into(),
+            "AUTH" => {
+                let mut words = rest
+                    .split(|&b| b == b' ')
+                    .filter(|w| !w.trim_ascii().is_empty());
+                let mech = words
+                    .next()
+                    .map(|m| String::from_utf8_lossy(m).to_ascii_uppercase())
+                    .unwrap_or_default();
+                let initial = words.next().map(|w| rest.slice_ref(w.trim_ascii()));
+                if mech != "PLAIN" {
+                    "-ERR Unsupported mechanism; use PLAIN\r\n".into()
+                } else {
+                    return Next::Sasl {
+                        ctx: (),
+                        mech: Mech::Plain,
+                        initial,
+                    };
                 }
-            };
-            let text = String::from_utf8_lossy(&line).into_owned();
-            let (verb, arg) = match text.split_once(' ') {
-                Some((v, a)) => (v.to_ascii_uppercase(), a.to_owned()),
-                None => (text.trim().to_ascii_uppercase(), String::new()),
-            };
-            let reply: String = match verb.as_str() {
-                "CAPA" => self.capa(tls),
-                "USER" if !arg.trim().is_empty() => {
-                    user = Some(arg.trim().to_owned());
+            }
+            "CAPA" => self.pop3.capa(s.tls),
+            "USER" => {
+                let name = String::from_utf8_lossy(&rest).trim().to_owned();
+                if name.is_empty() {
+                    "-ERR USER needs a name\r\n".into()
+                } else {
+                    self.user = Some(name);
                     "+OK Send your password\r\n".into()
                 }
-                "USER" => "-ERR USER needs a name\r\n".into(),
-                "PASS" => match user.take() {
-                    None => "-ERR Send USER first\r\n".into(),
-                    Some(name) => {
-                        let creds = Credentials {
-                            name,
-                            password: Secret::new(arg),
-                        };
-                        match self.authenticate(&mut io, &creds, peer).await {
-                            Ok(Some(up)) => return splice(io, up).await,
-                            Ok(None) => continue,
-                            Err(()) => return,
-                        }
-                    }
-                },
-                "AUTH" if arg.trim().is_empty() => "+OK\r\nPLAIN\r\n.\r\n".into(),
-                "AUTH" => {
-                    let mut words = arg.split_whitespace();
-                    let mech = words.next().unwrap_or("").to_ascii_uppercase();
-                    if mech != "PLAIN" {
-                        "-ERR Unsupported mechanism; use PLAIN\r\n".into()
-                    } else {
-                        let response = match words.next() {
-                            Some(ir) if ir != "=" => Bytes::from(ir.as_bytes().to_vec()),
-                            _ => {
-                                if io.send(b"+ \r\n").await.is_err() {
-                                    return;
-                                }
-                                match tokio::time::timeout(cfg.idle_timeout, io.read_line()).await {
-                                    Ok(Ok(Some(l))) => l,
-                                    _ => return,
-                                }
-                            }
-                        };
-                        if response.trim_ascii() == b"*" {
-                            "-ERR Authentication cancelled\r\n".into()
-                        } else {
-                            match sasl::decode_plain(&response) {
-                                None => {
-                                    self.front.undecodable();
-                                    "-ERR Cannot decode the authentication response\r\n".into()
-                                }
-                                Some(creds) => match self.authenticate(&mut io, &creds, peer).await
-                                {
-                                    Ok(Some(up)) => return splice(io, up).await,
-                                    Ok(None) => continue,
-                                    Err(()) => return,
-                                },
-                            }
-                        }
-                    }
-                }
-                "STLS" if self.front.acceptor.is_some() && !tls => {
-                    if io.send(b"+OK Begin TLS negotiation\r\n").await.is_err() {
-                        return;
-                    }
-                    match self.front.upgrade_client(io).await {
-                        Some(upgraded) => {
-                            io = upgraded;
-                            tls = true;
-                            user = None;
-                            continue;
-                        }
-                        None => return,
-                    }
-                }
-                "STLS" => "-ERR STLS not available\r\n".into(),
-                "QUIT" => {
-                    let _ = io.send(b"+OK authswap signing off\r\n").await;
-                    return;
-                }
-                "NOOP" => "+OK\r\n".into(),
-                _ => {
-                    errors += 1;
-                    if self
-                        .err(
-                            &mut io,
-                            "-ERR Unknown command or not allowed before authentication",
-                            errors,
-                        )
-                        .await
-                    {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            if io.send(reply.as_bytes()).await.is_err() {
-                return;
             }
+            "STLS" if self.pop3.front.acceptor.is_some() && !s.tls => {
+                return Next::StartTls("+OK Begin TLS negotiation\r\n".into())
+            }
+            "STLS" => "-ERR STLS not available\r\n".into(),
+            "QUIT" => return Next::Close("+OK authswap signing off\r\n".into()),
+            "NOOP" => "+OK\r\n".into(),
+            _ => {
+                return Next::Error(
+                    "-ERR Unknown command or not allowed before authentication\r\n".into(),
+                )
+            }
+        };
+        Next::Reply(reply)
+    }
+
+    fn upgraded(&mut self) {
+        self.user = None;
+    }
+
+    fn sasl_prompt(&self, challenge: &str) -> String {
+        format!("+ {challenge}\r\n")
+    }
+
+    fn sasl_refused(&self, _: &(), cancelled: bool) -> String {
+        if cancelled {
+            "-ERR Authentication cancelled\r\n".into()
+        } else {
+            "-ERR Cannot decode the authentication response\r\n".into()
         }
     }
 
-    async fn err(&self, io: &mut LineIo<BoxIo>, msg: &str, errors: u32) -> bool {
-        if errors >= MAX_ERRORS {
-            let _ = io
-                .send(b"-ERR Too many errors, closing connection\r\n")
-                .await;
-            return true;
-        }
-        io.send(format!("{msg}\r\n").as_bytes()).await.is_err()
-    }
-
-    async fn authenticate(
+    async fn upstream_login(
         &self,
-        io: &mut LineIo<BoxIo>,
-        creds: &Credentials,
-        peer: SocketAddr,
-    ) -> Result<Option<LineIo<BoxIo>>, ()> {
-        let result = self
-            .front
-            .login(creds, peer, |identity, token| async move {
-                self.upstream_login(&identity.mailbox, token.secret()).await
-            })
-            .await;
-        let reply = match result {
-            Ok((_, (up, ok))) => {
-                let mut out = ok.to_vec();
-                out.extend_from_slice(b"\r\n");
-                io.send(&out).await.map_err(|_| ())?;
-                return Ok(Some(up));
-            }
-            Err(LoginFailure::BadCredentials | LoginFailure::Locked) => {
+        identity: &Identity,
+        token: &AccessToken,
+        _: &(),
+    ) -> Result<(LineIo<BoxIo>, Bytes), UpstreamLogin> {
+        self.pop3
+            .upstream_login(&identity.mailbox, token.secret())
+            .await
+    }
+
+    fn logged_in(&self, _: &(), (up, ok): (LineIo<BoxIo>, Bytes)) -> (Vec<u8>, LineIo<BoxIo>) {
+        let mut out = ok.to_vec();
+        out.extend_from_slice(b"\r\n");
+        (out, up)
+    }
+
+    fn failure(&self, _: &(), failure: LoginFailure) -> String {
+        let reply = match failure {
+            LoginFailure::BadCredentials | LoginFailure::Locked => {
                 "-ERR [AUTH] Authentication failed".to_owned()
             }
-            Err(LoginFailure::Reauth { identity }) => format!(
+            LoginFailure::Reauth { identity } => format!(
                 "-ERR [AUTH] Identity {identity} needs re-authentication: an administrator must run authswap identity login {identity}"
             ),
-            Err(LoginFailure::RefusedFresh) => {
+            LoginFailure::RefusedFresh => {
                 "-ERR [SYS/TEMP] The mail server refused freshly issued access tokens, try again later".to_owned()
             }
             // The upstream's own line, passed through.
-            Err(LoginFailure::UpstreamRefused { text }) => text,
-            Err(LoginFailure::Unavailable | LoginFailure::UpstreamTemporary) => {
+            LoginFailure::UpstreamRefused { text } => text,
+            LoginFailure::Unavailable | LoginFailure::UpstreamTemporary => {
                 "-ERR [SYS/TEMP] Temporary authentication failure, try again later".to_owned()
             }
-            Err(LoginFailure::UpstreamFailed) => {
-                let _ = io
-                    .send(b"-ERR [SYS/TEMP] Mail server unreachable, closing connection\r\n")
-                    .await;
-                return Err(());
+            LoginFailure::UpstreamFailed => {
+                "-ERR [SYS/TEMP] Mail server unreachable, closing connection".to_owned()
             }
         };
-        io.send(format!("{reply}\r\n").as_bytes())
-            .await
-            .map_err(|_| ())?;
-        Ok(None)
+        format!("{reply}\r\n")
     }
+
+    const WORDS: Words = Words {
+        timeout: "-ERR Idle timeout, closing connection\r\n",
+        too_long: "-ERR Line too long\r\n",
+        too_many_errors: "-ERR Too many errors, closing connection\r\n",
+        shutdown: "-ERR [SYS/TEMP] Server shutting down, closing connection\r\n",
+    };
 }

@@ -4,13 +4,16 @@
 //! AUTH XOAUTH2), answers `235` and splices the streams, so MAIL, RCPT, DATA,
 //! BDAT and everything after pass byte-exact and are never held in memory.
 
-use super::line::{BoxIo, LineError, LineIo};
-use super::mail::{splice, LoginFailure, MailFrontEnd, UpstreamLogin};
-use super::sasl::{self, Credentials};
+use super::line::{BoxIo, LineIo};
+use super::mail::{LoginFailure, MailFrontEnd, UpstreamLogin};
+use super::sasl;
+use super::session::{Dialect, Mech, Next, Session, Words};
 use crate::config::UpstreamTls;
+use crate::identity::Identity;
 use crate::secret::Secret;
 use crate::token::refusal;
-use std::net::SocketAddr;
+use crate::token::AccessToken;
+use bytes::Bytes;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,8 +35,6 @@ const EXTENSIONS_TTL: Duration = Duration::from_secs(600);
 /// After a failed probe of the upstream's extensions, wait this long
 /// before probing again (EHLO answers use the safe set meanwhile).
 const PROBE_RETRY: Duration = Duration::from_secs(60);
-/// Protocol errors tolerated before the connection is closed.
-const MAX_ERRORS: u32 = 10;
 
 /// An SMTP reply: code and text lines.
 #[derive(Debug)]
@@ -86,21 +87,6 @@ fn has_extension(ext: &[String], name: &str) -> bool {
             .next()
             .is_some_and(|k| k.eq_ignore_ascii_case(name))
     })
-}
-
-/// Sends a SASL challenge and reads the client's answer.
-async fn step(io: &mut LineIo<BoxIo>, prompt: &str, timeout: Duration) -> Result<bytes::Bytes, ()> {
-    io.send(prompt.as_bytes()).await.map_err(|_| ())?;
-    match tokio::time::timeout(timeout, io.read_line()).await {
-        Ok(Ok(Some(l))) => Ok(l),
-        Err(_) => {
-            let _ = io
-                .send(b"421 4.4.2 Timeout waiting for the authentication response, closing connection\r\n")
-                .await;
-            Err(())
-        }
-        _ => Err(()),
-    }
 }
 
 /// The SMTP front end.
@@ -262,273 +248,178 @@ impl Smtp {
         }
     }
 
-    /// Serves one client connection.
-    pub async fn session(self: Arc<Self>, mut io: LineIo<BoxIo>, peer: SocketAddr, mut tls: bool) {
-        let cfg = &self.front.cfg;
-        let host = cfg.hostname.clone();
-        if io
-            .send(format!("220 {host} ESMTP authswap ready\r\n").as_bytes())
-            .await
-            .is_err()
-        {
-            return;
-        }
-        let mut helo: Option<String> = None;
-        let mut errors = 0u32;
-        loop {
-            let line = match tokio::time::timeout(cfg.idle_timeout, io.read_line()).await {
-                Err(_) => {
-                    let _ = io
-                        .send(
-                            format!("421 4.4.2 {host} Idle timeout, closing connection\r\n")
-                                .as_bytes(),
-                        )
-                        .await;
-                    return;
-                }
-                Ok(Ok(Some(l))) => l,
-                Ok(Ok(None)) | Ok(Err(LineError::Io(_))) => return,
-                Ok(Err(LineError::TooLong)) => {
-                    errors += 1;
-                    if self.error(&mut io, "500 5.5.6 Line too long", errors).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let text = String::from_utf8_lossy(&line);
-            let (verb, arg) = match text.split_once(' ') {
-                Some((v, a)) => (v.to_ascii_uppercase(), a.trim().to_owned()),
-                None => (text.trim().to_ascii_uppercase(), String::new()),
-            };
-            let reply: String = match verb.as_str() {
-                "EHLO" | "HELO" if arg.is_empty() => "501 5.5.4 Syntax: EHLO hostname".into(),
-                "EHLO" => {
-                    helo = Some(arg.clone());
-                    let mut lines = vec![format!("{host} Hello {arg}"), "AUTH LOGIN PLAIN".into()];
-                    if self.front.acceptor.is_some() && !tls {
-                        lines.push("STARTTLS".into());
-                    }
-                    lines.extend(self.advertised(&arg).await);
-                    let n = lines.len();
-                    lines
-                        .iter()
-                        .enumerate()
-                        .map(|(i, l)| format!("250{}{l}", if i + 1 == n { ' ' } else { '-' }))
-                        .collect::<Vec<_>>()
-                        .join("\r\n")
-                }
-                "HELO" => {
-                    helo = Some(arg.clone());
-                    format!("250 {host} Hello {arg}")
-                }
-                "STARTTLS" if self.front.acceptor.is_some() && !tls => {
-                    if io.send(b"220 2.0.0 Ready to start TLS\r\n").await.is_err() {
-                        return;
-                    }
-                    match self.front.upgrade_client(io).await {
-                        Some(upgraded) => {
-                            io = upgraded;
-                            tls = true;
-                            helo = None;
-                            continue;
-                        }
-                        None => return,
-                    }
-                }
-                "STARTTLS" => "502 5.5.1 STARTTLS not available".into(),
-                "AUTH" => {
-                    let Some(helo_name) = helo.clone() else {
-                        errors += 1;
-                        if self
-                            .error(&mut io, "503 5.5.1 Send EHLO first", errors)
-                            .await
-                        {
-                            return;
-                        }
-                        continue;
-                    };
-                    match self.read_credentials(&mut io, &arg).await {
-                        Ok(Some(creds)) => {
-                            match self.authenticate(&mut io, &creds, peer, &helo_name).await {
-                                Ok(Some(upstream)) => {
-                                    splice(io, upstream).await;
-                                    return;
-                                }
-                                Ok(None) => continue,
-                                Err(()) => return,
-                            }
-                        }
-                        Ok(None) => continue,
-                        Err(()) => return,
-                    }
-                }
-                "MAIL" | "RCPT" | "DATA" | "BDAT" => "530 5.7.0 Authentication required".into(),
-                "RSET" | "NOOP" => "250 2.0.0 OK".into(),
-                "QUIT" => {
-                    let _ = io
-                        .send(format!("221 2.0.0 {host} Bye\r\n").as_bytes())
-                        .await;
-                    return;
-                }
-                "HELP" => "214 2.0.0 Authenticate with AUTH PLAIN or AUTH LOGIN".into(),
-                "VRFY" => "252 2.5.2 Cannot VRFY user".into(),
-                _ => {
-                    errors += 1;
-                    if self
-                        .error(&mut io, "500 5.5.2 Command not recognized", errors)
-                        .await
-                    {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            if io.send(format!("{reply}\r\n").as_bytes()).await.is_err() {
-                return;
-            }
+    /// The state of a new client session.
+    pub(crate) fn dialect(self: &Arc<Self>) -> SmtpSession {
+        SmtpSession {
+            smtp: self.clone(),
+            helo: None,
         }
     }
+}
 
-    /// Sends an error reply; returns true (after a 421) when the client has
-    /// made too many errors and the connection must close.
-    async fn error(&self, io: &mut LineIo<BoxIo>, reply: &str, errors: u32) -> bool {
-        if errors >= MAX_ERRORS {
-            let _ = io
-                .send(b"421 4.7.0 Too many errors, closing connection\r\n")
-                .await;
-            return true;
-        }
-        io.send(format!("{reply}\r\n").as_bytes()).await.is_err()
+/// One SMTP client session, as the session driver sees it.
+pub(crate) struct SmtpSession {
+    smtp: Arc<Smtp>,
+    /// The client's EHLO/HELO name (AUTH needs one).
+    helo: Option<String>,
+}
+
+impl SmtpSession {
+    fn host(&self) -> &str {
+        &self.smtp.front.cfg.hostname
+    }
+}
+
+impl Dialect for SmtpSession {
+    /// The client's EHLO name, used upstream too.
+    type Ctx = String;
+    type Upstream = LineIo<BoxIo>;
+
+    fn greeting(&self, _tls: bool) -> String {
+        format!("220 {} ESMTP authswap ready\r\n", self.host())
     }
 
-    /// Reads AUTH PLAIN / LOGIN credentials. `Ok(None)`: answered with an
-    /// error, continue; `Err(())`: connection gone.
-    async fn read_credentials(
-        &self,
-        io: &mut LineIo<BoxIo>,
-        arg: &str,
-    ) -> Result<Option<Credentials>, ()> {
-        let mut parts = arg.split_whitespace();
-        let mech = parts.next().unwrap_or("").to_ascii_uppercase();
-        let initial = parts.next().map(str::to_owned);
-        let timeout = self.front.cfg.idle_timeout;
-        let cancelled = |l: &[u8]| l.trim_ascii() == b"*";
-        let creds = match mech.as_str() {
-            "PLAIN" => {
-                let response = match initial {
-                    Some(i) if i != "=" => bytes::Bytes::from(i.into_bytes()),
-                    _ => step(io, "334 \r\n", timeout).await?,
-                };
-                if cancelled(&response) {
-                    io.send(b"501 5.7.0 Authentication cancelled\r\n")
-                        .await
-                        .map_err(|_| ())?;
-                    return Ok(None);
-                }
-                sasl::decode_plain(&response)
-            }
-            "LOGIN" => {
-                let user = match initial {
-                    Some(i) => bytes::Bytes::from(i.into_bytes()),
-                    None => step(io, "334 VXNlcm5hbWU6\r\n", timeout).await?,
-                };
-                if cancelled(&user) {
-                    io.send(b"501 5.7.0 Authentication cancelled\r\n")
-                        .await
-                        .map_err(|_| ())?;
-                    return Ok(None);
-                }
-                let pass = step(io, "334 UGFzc3dvcmQ6\r\n", timeout).await?;
-                if cancelled(&pass) {
-                    io.send(b"501 5.7.0 Authentication cancelled\r\n")
-                        .await
-                        .map_err(|_| ())?;
-                    return Ok(None);
-                }
-                match (
-                    sasl::decode_login_step(&user),
-                    sasl::decode_login_step(&pass),
-                ) {
-                    (Some(u), Some(p)) if !u.is_empty() => Some(Credentials {
-                        name: u.expose().to_owned(),
-                        password: p,
-                    }),
-                    _ => None,
-                }
-            }
-            "" => {
-                io.send(b"501 5.5.4 Syntax: AUTH mechanism\r\n")
-                    .await
-                    .map_err(|_| ())?;
-                return Ok(None);
-            }
-            _ => {
-                io.send(b"504 5.5.4 Unrecognized authentication type; use PLAIN or LOGIN\r\n")
-                    .await
-                    .map_err(|_| ())?;
-                return Ok(None);
-            }
+    async fn command(&mut self, s: &mut Session<'_>, line: Bytes) -> Next<String> {
+        // The verb is read from the bytes: the rest of an AUTH line is a
+        // credential and is not copied into a string.
+        let (verb, rest) = match line.iter().position(|&b| b == b' ') {
+            Some(i) => (&line[..i], line.slice(i + 1..)),
+            None => (&line[..], Bytes::new()),
         };
-        match creds {
-            Some(c) => Ok(Some(c)),
-            None => {
-                self.front.undecodable();
-                io.send(b"501 5.5.2 Cannot decode the authentication response\r\n")
-                    .await
-                    .map_err(|_| ())?;
-                Ok(None)
+        let verb = String::from_utf8_lossy(verb).trim().to_ascii_uppercase();
+        if verb == "AUTH" {
+            let Some(helo) = self.helo.clone() else {
+                return Next::Error("503 5.5.1 Send EHLO first\r\n".into());
+            };
+            let mut words = rest
+                .split(|&b| b == b' ')
+                .filter(|w| !w.trim_ascii().is_empty());
+            let mech = words
+                .next()
+                .map(|m| String::from_utf8_lossy(m).trim().to_ascii_uppercase())
+                .unwrap_or_default();
+            let initial = words.next().map(|w| rest.slice_ref(w.trim_ascii()));
+            drop(line);
+            return match mech.as_str() {
+                "PLAIN" => Next::Sasl {
+                    ctx: helo,
+                    mech: Mech::Plain,
+                    initial,
+                },
+                "LOGIN" => Next::Sasl {
+                    ctx: helo,
+                    mech: Mech::Login,
+                    initial,
+                },
+                "" => Next::Reply("501 5.5.4 Syntax: AUTH mechanism\r\n".into()),
+                _ => Next::Reply(
+                    "504 5.5.4 Unrecognized authentication type; use PLAIN or LOGIN\r\n".into(),
+                ),
+            };
+        }
+        let arg = String::from_utf8_lossy(&rest).trim().to_owned();
+        let host = self.host().to_owned();
+        let reply = match verb.as_str() {
+            "EHLO" | "HELO" if arg.is_empty() => "501 5.5.4 Syntax: EHLO hostname".into(),
+            "EHLO" => {
+                self.helo = Some(arg.clone());
+                let mut lines = vec![format!("{host} Hello {arg}"), "AUTH LOGIN PLAIN".into()];
+                if self.smtp.front.acceptor.is_some() && !s.tls {
+                    lines.push("STARTTLS".into());
+                }
+                lines.extend(self.smtp.advertised(&arg).await);
+                let n = lines.len();
+                lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| format!("250{}{l}", if i + 1 == n { ' ' } else { '-' }))
+                    .collect::<Vec<_>>()
+                    .join("\r\n")
             }
+            "HELO" => {
+                self.helo = Some(arg.clone());
+                format!("250 {host} Hello {arg}")
+            }
+            "STARTTLS" if self.smtp.front.acceptor.is_some() && !s.tls => {
+                return Next::StartTls("220 2.0.0 Ready to start TLS\r\n".into())
+            }
+            "STARTTLS" => "502 5.5.1 STARTTLS not available".into(),
+            "MAIL" | "RCPT" | "DATA" | "BDAT" => "530 5.7.0 Authentication required".into(),
+            "RSET" | "NOOP" => "250 2.0.0 OK".into(),
+            "QUIT" => return Next::Close(format!("221 2.0.0 {host} Bye\r\n")),
+            "HELP" => "214 2.0.0 Authenticate with AUTH PLAIN or AUTH LOGIN".into(),
+            "VRFY" => "252 2.5.2 Cannot VRFY user".into(),
+            _ => return Next::Error("500 5.5.2 Command not recognized\r\n".into()),
+        };
+        Next::Reply(format!("{reply}\r\n"))
+    }
+
+    fn upgraded(&mut self) {
+        // RFC 3207: the client starts over with EHLO.
+        self.helo = None;
+    }
+
+    fn sasl_prompt(&self, challenge: &str) -> String {
+        format!("334 {challenge}\r\n")
+    }
+
+    fn sasl_refused(&self, _helo: &String, cancelled: bool) -> String {
+        if cancelled {
+            "501 5.7.0 Authentication cancelled\r\n".into()
+        } else {
+            "501 5.5.2 Cannot decode the authentication response\r\n".into()
         }
     }
 
-    /// Logs in; on success answers 235 and returns the upstream connection.
-    /// `Ok(None)`: refused, the session goes on; `Err(())`: close it.
-    async fn authenticate(
+    async fn upstream_login(
         &self,
-        io: &mut LineIo<BoxIo>,
-        creds: &Credentials,
-        peer: SocketAddr,
-        helo: &str,
-    ) -> Result<Option<LineIo<BoxIo>>, ()> {
-        let result = self
-            .front
-            .login(creds, peer, |identity, token| async move {
-                self.upstream_login(helo, &identity.mailbox, token.secret())
-                    .await
-            })
-            .await;
-        let reply = match result {
-            Ok((_, upstream)) => {
-                io.send(b"235 2.7.0 Authentication successful\r\n")
-                    .await
-                    .map_err(|_| ())?;
-                return Ok(Some(upstream));
-            }
-            Err(LoginFailure::BadCredentials | LoginFailure::Locked) => {
+        identity: &Identity,
+        token: &AccessToken,
+        helo: &String,
+    ) -> Result<LineIo<BoxIo>, UpstreamLogin> {
+        self.smtp
+            .upstream_login(helo, &identity.mailbox, token.secret())
+            .await
+    }
+
+    fn logged_in(&self, _helo: &String, upstream: LineIo<BoxIo>) -> (Vec<u8>, LineIo<BoxIo>) {
+        (
+            b"235 2.7.0 Authentication successful\r\n".to_vec(),
+            upstream,
+        )
+    }
+
+    fn failure(&self, _helo: &String, failure: LoginFailure) -> String {
+        let reply = match failure {
+            LoginFailure::BadCredentials | LoginFailure::Locked => {
                 "535 5.7.8 Authentication credentials invalid".to_owned()
             }
-            Err(LoginFailure::Reauth { identity }) => format!(
+            LoginFailure::Reauth { identity } => format!(
                 "535 5.7.8 Identity {identity} needs re-authentication: an administrator must run authswap identity login {identity}"
             ),
-            Err(LoginFailure::RefusedFresh) => {
+            LoginFailure::RefusedFresh => {
                 "454 4.7.0 Temporary authentication failure: the mail server refused freshly issued access tokens, try again later".to_owned()
             }
             // The upstream's own reply (code first), passed through.
-            Err(LoginFailure::UpstreamRefused { text }) => text,
-            Err(LoginFailure::Unavailable | LoginFailure::UpstreamTemporary) => {
+            LoginFailure::UpstreamRefused { text } => text,
+            LoginFailure::Unavailable | LoginFailure::UpstreamTemporary => {
                 "454 4.7.0 Temporary authentication failure, try again later".to_owned()
             }
-            Err(LoginFailure::UpstreamFailed) => {
-                let _ = io
-                    .send(b"421 4.4.2 Mail server unreachable, closing connection\r\n")
-                    .await;
-                return Err(());
+            LoginFailure::UpstreamFailed => {
+                "421 4.4.2 Mail server unreachable, closing connection".to_owned()
             }
         };
-        io.send(format!("{reply}\r\n").as_bytes())
-            .await
-            .map_err(|_| ())?;
-        Ok(None)
+        format!("{reply}\r\n")
+    }
+
+    const WORDS: Words = Words {
+        timeout: "421 4.4.2 {host} Idle timeout, closing connection\r\n",
+        too_long: "500 5.5.6 Line too long\r\n",
+        too_many_errors: "421 4.7.0 Too many errors, closing connection\r\n",
+        shutdown: "421 4.3.2 {host} Service shutting down, closing connection\r\n",
+    };
+
+    fn say(&self, line: &'static str) -> String {
+        line.replace("{host}", self.host())
     }
 }
