@@ -190,9 +190,13 @@ pub struct MailConfig {
     /// Time limit for connecting and logging in upstream.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub upstream_timeout: Duration,
-    /// Concurrent client connections.
+    /// Concurrent client connections; when full, the oldest connection not
+    /// logged in makes room (else new ones wait).
     #[serde(default = "default_mail_connections")]
     pub max_connections: usize,
+    /// Concurrent client connections from one non-loopback address.
+    #[serde(default = "default_mail_connections_per_source")]
+    pub max_connections_per_source: usize,
 }
 
 fn default_hostname() -> String {
@@ -213,6 +217,9 @@ fn default_upstream_timeout() -> Duration {
 fn default_mail_connections() -> usize {
     512
 }
+fn default_mail_connections_per_source() -> usize {
+    128
+}
 
 impl MailConfig {
     fn base(listen: &str, upstream: &str, tls: UpstreamTls, scope: &str) -> MailConfig {
@@ -231,6 +238,7 @@ impl MailConfig {
             login_timeout: default_login_timeout(),
             upstream_timeout: default_upstream_timeout(),
             max_connections: default_mail_connections(),
+            max_connections_per_source: default_mail_connections_per_source(),
         }
     }
 
@@ -305,6 +313,11 @@ impl MailConfig {
         }
         check_size(keys.max_line, self.max_line, 512, MAX_LINE)?;
         check_count(keys.max_connections, self.max_connections, MAX_CONNECTIONS)?;
+        check_count(
+            keys.max_connections_per_source,
+            self.max_connections_per_source,
+            MAX_CONNECTIONS,
+        )?;
         check_duration(keys.idle_timeout, self.idle_timeout)?;
         check_duration(keys.login_timeout, self.login_timeout)?;
         check_duration(keys.upstream_timeout, self.upstream_timeout)?;
@@ -321,6 +334,7 @@ struct MailKeys {
     implicit_tls: &'static str,
     max_line: &'static str,
     max_connections: &'static str,
+    max_connections_per_source: &'static str,
     idle_timeout: &'static str,
     login_timeout: &'static str,
     upstream_timeout: &'static str,
@@ -336,6 +350,7 @@ macro_rules! mail_keys {
             implicit_tls: concat!($section, ".implicit_tls"),
             max_line: concat!($section, ".max_line"),
             max_connections: concat!($section, ".max_connections"),
+            max_connections_per_source: concat!($section, ".max_connections_per_source"),
             idle_timeout: concat!($section, ".idle_timeout"),
             login_timeout: concat!($section, ".login_timeout"),
             upstream_timeout: concat!($section, ".upstream_timeout"),
@@ -583,8 +598,14 @@ pub struct HttpConfig {
     pub max_header_bytes: ByteSize,
     /// Largest accepted request body (0 = unlimited).
     pub max_body_bytes: ByteSize,
-    /// Concurrent client connections; more wait in the accept queue.
+    /// Concurrent client connections; when full, the oldest connection that
+    /// has not proved credentials makes room (else new ones wait).
     pub max_connections: usize,
+    /// Concurrent client connections from one non-loopback address.
+    pub max_connections_per_source: usize,
+    /// A connection must prove credentials this long after connecting.
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
     /// A client must send its request head within this time.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -624,6 +645,8 @@ impl Default for HttpConfig {
             max_header_bytes: ByteSize(64 * 1024),
             max_body_bytes: ByteSize(0),
             max_connections: 1024,
+            max_connections_per_source: 256,
+            login_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(300),
             body_idle_timeout: Duration::from_secs(60),
@@ -913,6 +936,12 @@ impl Config {
             self.http.max_connections,
             MAX_CONNECTIONS,
         )?;
+        check_count(
+            "http.max_connections_per_source",
+            self.http.max_connections_per_source,
+            MAX_CONNECTIONS,
+        )?;
+        check_duration("http.login_timeout", self.http.login_timeout)?;
         check_duration("http.header_read_timeout", self.http.header_read_timeout)?;
         check_duration("http.upstream_timeout", self.http.upstream_timeout)?;
         check_size(

@@ -331,7 +331,22 @@ type CacheKey = [u8; 32];
 /// that owns the connection can ever present a header to it. Invalid once
 /// the identity is replaced or removed (password change, unlink, delete).
 #[derive(Default)]
-pub struct ConnectionMemo(Mutex<Option<Memo>>);
+pub struct ConnectionMemo {
+    memo: Mutex<Option<Memo>>,
+    /// Raised once the connection proved credentials (see
+    /// [`crate::proxy::slots`]).
+    proved: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ConnectionMemo {
+    /// A memo that raises `proved` when the connection proves credentials.
+    pub fn new(proved: Arc<std::sync::atomic::AtomicBool>) -> ConnectionMemo {
+        ConnectionMemo {
+            memo: Mutex::default(),
+            proved,
+        }
+    }
+}
 
 struct Memo {
     tag: u64,
@@ -498,7 +513,7 @@ impl Authenticator {
     /// The identity `memo` proved with the credentials of `tag`, when it
     /// still holds; counted as a cache hit.
     pub fn recall(&self, memo: &ConnectionMemo, tag: MemoTag) -> Option<Arc<Identity>> {
-        let guard = memo.0.lock().ok()?;
+        let guard = memo.memo.lock().ok()?;
         let m = guard.as_ref()?;
         if m.tag != tag.0 || m.identity.is_retired() || m.until <= Instant::now() {
             return None;
@@ -509,7 +524,8 @@ impl Authenticator {
 
     /// Records that the credentials of `tag` proved `identity` just now.
     pub fn memorize(&self, memo: &ConnectionMemo, tag: MemoTag, identity: &Arc<Identity>) {
-        if let Ok(mut guard) = memo.0.lock() {
+        memo.proved.store(true, Ordering::Release);
+        if let Ok(mut guard) = memo.memo.lock() {
             *guard = Some(Memo {
                 tag: tag.0,
                 identity: identity.clone(),

@@ -12,6 +12,7 @@ use crate::proxy::imap::Imap;
 use crate::proxy::line::BoxIo;
 use crate::proxy::mail::{MailFrontEnd, MailSetupError};
 use crate::proxy::pop3::Pop3;
+use crate::proxy::slots::{Slot, Slots};
 use crate::proxy::smtp::Smtp;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 /// Why `serve` could not start.
@@ -143,6 +144,8 @@ impl Server {
                 max_header,
                 metrics,
                 proxy: proxy.clone(),
+                per_source: cfg.http.max_connections_per_source,
+                login_timeout: cfg.http.login_timeout,
             };
             tasks.spawn(async move {
                 // Each client connection drives its own upstream lane.
@@ -290,6 +293,21 @@ impl Server {
     }
 }
 
+/// Completes when a connection that has not proved credentials must close:
+/// `limit` after it started (never when there is no limit, or once it
+/// proved them).
+pub(crate) async fn unproved(slot: &Slot, limit: Option<Duration>) {
+    match limit {
+        Some(limit) => {
+            tokio::time::sleep(limit).await;
+            if slot.proved() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// What the HTTP front end's listener has that the admin listener has not.
 struct Limits {
     max_header: usize,
@@ -297,6 +315,10 @@ struct Limits {
     /// HTTP/1 connections start on its native path and come to hyper only
     /// if it hands them over.
     proxy: HttpProxy,
+    /// `http.max_connections_per_source`.
+    per_source: usize,
+    /// `http.login_timeout`.
+    login_timeout: Duration,
 }
 
 /// Serves connections from `listener`. `make_service` gives, per client
@@ -327,7 +349,10 @@ async fn accept_loop<F, S, B, D>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let (per_source, login_timeout) = limits.as_ref().map_or((max_connections, None), |l| {
+        (l.per_source, Some(l.login_timeout))
+    });
+    let slots = Slots::new(max_connections, per_source);
     // Every connection task, so that none outlives the listener: when the
     // server's grace period ends, this loop's task is aborted and the set
     // aborts them with it.
@@ -358,10 +383,12 @@ async fn accept_loop<F, S, B, D>(
     let builder = Arc::new(builder);
     let make_service = Arc::new(make_service);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        // Every slot held by a connection that proved credentials: wait for
+        // one to end (new connections wait in the accept queue).
+        tokio::select! {
+            _ = slots.room() => {}
             _ = shutdown.changed() => break,
-        };
+        }
         let (stream, peer): (TcpStream, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -372,6 +399,9 @@ async fn accept_loop<F, S, B, D>(
                 }
             },
             _ = shutdown.changed() => break,
+        };
+        let Some(slot) = slots.admit(peer.ip()) else {
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
@@ -387,44 +417,56 @@ async fn accept_loop<F, S, B, D>(
         // connections.
         while conns.try_join_next().is_some() {}
         conns.spawn(async move {
-            let _permit = permit;
             let _guard = guard;
-            let (io, h2): (BoxIo, bool) = match tls {
-                None => (Box::new(stream), false),
-                Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    (Box::new(stream), h2)
-                }
-            };
-            let (io, memo) = match native {
-                Some(proxy) if !h2 && proxy.native_http1() => {
-                    // Boxed: its state lives for the whole connection.
-                    match Box::pin(proxy.serve_h1(io, peer, shutdown)).await {
-                        Served::Done => return,
-                        Served::Handover(io, memo) => (io, memo),
+            let serve = async {
+                let memo = ConnectionMemo::new(slot.proved_flag());
+                let (io, h2): (BoxIo, bool) = match tls {
+                    None => (Box::new(stream), false),
+                    Some(acceptor) => {
+                        let stream =
+                            match tokio::time::timeout(header_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => return,
+                            };
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        (Box::new(stream), h2)
                     }
+                };
+                let (io, memo) = match native {
+                    Some(proxy) if !h2 && proxy.native_http1() => {
+                        // Boxed: its state lives for the whole connection.
+                        match Box::pin(proxy.serve_h1(io, peer, shutdown, memo)).await {
+                            Served::Done => return,
+                            Served::Handover(io, memo) => (io, memo),
+                        }
+                    }
+                    _ => (io, memo),
+                };
+                let (service, companion) = make_service(peer, memo);
+                let served = watcher.watch(
+                    builder
+                        .serve_connection(TokioIo::new(io), service)
+                        .into_owned(),
+                );
+                tokio::select! {
+                    biased;
+                    _ = served => {}
+                    () = companion => {}
                 }
-                _ => (io, ConnectionMemo::default()),
             };
-            let (service, companion) = make_service(peer, memo);
-            let served = watcher.watch(
-                builder
-                    .serve_connection(TokioIo::new(io), service)
-                    .into_owned(),
-            );
+            // Closed early to make room for another connection, or for
+            // not proving credentials within the login timeout.
             tokio::select! {
                 biased;
-                _ = served => {}
-                () = companion => {}
+                () = serve => {}
+                () = slot.evicted() => {}
+                () = unproved(&slot, login_timeout) => {}
             }
         });
     }

@@ -451,3 +451,105 @@ async fn mail_clients_are_told_when_the_server_shuts_down_or_they_never_log_in()
         "the half message was not delivered"
     );
 }
+
+#[tokio::test]
+async fn idle_connections_that_prove_nothing_cannot_lock_clients_out() {
+    use lettre::transport::smtp::authentication::Mechanism;
+    use lettre::AsyncTransport;
+    use support::mail::{ImapOptions, Pop3Options, SmtpOptions};
+    use support::mailrig::{lettre_mailer, message, start_with};
+    let m = start_with(
+        SmtpOptions::default(),
+        ImapOptions::default(),
+        Pop3Options::default(),
+        |c| {
+            c.http.max_connections = 20;
+            c.http.header_read_timeout = Duration::from_secs(30);
+            c.http.login_timeout = Duration::from_secs(30);
+            c.smtp.max_connections = 10;
+            c.smtp.idle_timeout = Duration::from_secs(30);
+        },
+    )
+    .await;
+    let http = m.server.http_addr().unwrap();
+    let client = HttpClient::default();
+    // A client that proved its credentials keeps its connection.
+    let mut kept = Raw::connect(http).await;
+    let get = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+            basic("alice", "alice-pw-123")
+        )
+    };
+    let (head, _) = kept.response_to(&get("/first")).await;
+    assert_eq!(status(&head), 200, "{head}");
+
+    // More idle connections than the listener has slots, never a byte.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(http).await.unwrap());
+    }
+    for _ in 0..15 {
+        idle.push(
+            tokio::net::TcpStream::connect(m.server.smtp_addr().unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // New clients get in at once: the oldest idle connections make room.
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        client.ews(http, "alice", "alice-pw-123", SOAP),
+    )
+    .await
+    .expect("a new HTTP client is served without waiting for idle ones to time out");
+    assert_eq!(r.status, StatusCode::OK);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        lettre_mailer(
+            m.server.smtp_addr().unwrap(),
+            "alice",
+            "alice-pw-123",
+            Mechanism::Plain,
+        )
+        .send(message("through a full listener")),
+    )
+    .await
+    .expect("a new SMTP client is served without waiting")
+    .expect("sent");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // And the proved connection was not the one given away.
+    let (head, _) = kept.response_to(&get("/second")).await;
+    assert_eq!(status(&head), 200, "{head}");
+    drop(idle);
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn an_http_connection_that_proves_nothing_is_closed_after_the_login_timeout() {
+    let (_env, _up, server) = raw_rig(|c| {
+        c.http.login_timeout = Duration::from_millis(600);
+        c.http.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let addr = server.http_addr().unwrap();
+    let mut guesser = Raw::connect(addr).await;
+    let mut proved = Raw::connect(addr).await;
+    let (head, _) = guesser
+        .response_to(&format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+            basic("alice", "wrong")
+        ))
+        .await;
+    assert_eq!(status(&head), 401);
+    let (head, _) = proved.response_to(&get("/ok")).await;
+    assert_eq!(status(&head), 200);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(guesser.rest().await, "", "closed without another word");
+    let (head, _) = proved.response_to(&get("/still")).await;
+    assert_eq!(status(&head), 200, "a proved connection stays");
+    server.shutdown(GRACE).await;
+}

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 /// Largest upstream reply line accepted.
 pub const UPSTREAM_MAX_LINE: usize = 64 * 1024;
@@ -379,14 +379,18 @@ pub(crate) async fn accept_loop<F, D>(
     F: Fn() -> D + Send + Sync + 'static,
     D: super::session::Dialect + 'static,
 {
-    let permits = Arc::new(Semaphore::new(front.cfg.max_connections));
+    let slots = super::slots::Slots::new(
+        front.cfg.max_connections,
+        front.cfg.max_connections_per_source,
+    );
     let dialect = Arc::new(dialect);
     let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        // Every slot held by a logged-in session: wait for one to end.
+        tokio::select! {
+            _ = slots.room() => {}
             _ = shutdown.changed() => break,
-        };
+        }
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -398,28 +402,39 @@ pub(crate) async fn accept_loop<F, D>(
             },
             _ = shutdown.changed() => break,
         };
+        let Some(slot) = slots.admit(peer.ip()) else {
+            continue;
+        };
         while tasks.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
         let front = front.clone();
         let dialect = dialect.clone();
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            let _permit = permit;
             let _guard = front.app.metrics.connection(front.protocol);
-            let max = front.cfg.max_line.as_usize();
-            let (io, tls): (BoxIo, bool) = match (&front.acceptor, front.cfg.implicit_tls) {
-                (Some(acceptor), true) => {
-                    match tokio::time::timeout(front.cfg.idle_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => (Box::new(s), true),
-                        _ => return,
+            let session = async {
+                let max = front.cfg.max_line.as_usize();
+                let (io, tls): (BoxIo, bool) = match (&front.acceptor, front.cfg.implicit_tls) {
+                    (Some(acceptor), true) => {
+                        let limit = front.cfg.idle_timeout.min(front.cfg.login_timeout);
+                        match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => (Box::new(s), true),
+                            _ => return,
+                        }
                     }
-                }
-                _ => (Box::new(stream), false),
+                    _ => (Box::new(stream), false),
+                };
+                let io = LineIo::new(io, max);
+                let proved = slot.proved_flag();
+                super::session::run(&front, dialect(), io, peer, tls, stop, &proved).await;
             };
-            let io = LineIo::new(io, max);
-            super::session::run(&front, dialect(), io, peer, tls, stop).await;
+            // Closed early to make room for another connection (only
+            // before login: a logged-in session is never displaced).
+            tokio::select! {
+                biased;
+                () = session => {}
+                () = slot.evicted() => {}
+            }
         });
     }
     drop(listener);

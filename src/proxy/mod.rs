@@ -8,5 +8,6 @@ pub mod mail;
 pub mod pop3;
 pub mod sasl;
 pub mod session;
+pub mod slots;
 pub mod smtp;
 pub mod upstream;

@@ -16,6 +16,7 @@ use crate::token::AccessToken;
 use bytes::Bytes;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -301,8 +302,8 @@ pub fn wipe(line: Bytes) {
     }
 }
 
-/// Serves one client session with `dialect` until it logs in (then
-/// splices it with its upstream), leaves, or is closed.
+/// Serves one client session with `dialect` until it logs in (then raises
+/// `proved` and splices it with its upstream), leaves, or is closed.
 pub(crate) async fn run<D: Dialect>(
     front: &MailFrontEnd,
     mut dialect: D,
@@ -310,6 +311,7 @@ pub(crate) async fn run<D: Dialect>(
     peer: SocketAddr,
     tls: bool,
     shutdown: watch::Receiver<bool>,
+    proved: &AtomicBool,
 ) {
     let mut s = Session {
         front,
@@ -384,6 +386,8 @@ pub(crate) async fn run<D: Dialect>(
         drop(creds);
         match result {
             Ok((_, upstream)) => {
+                // Logged in: the connection's slot is never given away now.
+                proved.store(true, Ordering::Release);
                 let (answer, upstream) = dialect.logged_in(&ctx, upstream);
                 if !s.send(&answer).await {
                     return;

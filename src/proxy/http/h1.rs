@@ -93,6 +93,7 @@ impl HttpProxy {
         io: BoxIo,
         peer: SocketAddr,
         mut shutdown: watch::Receiver<bool>,
+        memo: ConnectionMemo,
     ) -> Served {
         let mut c = NativeConn {
             proxy: self,
@@ -108,7 +109,7 @@ impl HttpProxy {
             upstream_timer: None,
             answered: false,
         };
-        let served = c.run(peer, &mut shutdown).await;
+        let served = c.run(peer, &mut shutdown, memo).await;
         // Done or handed over: a clean upstream connection waits for the
         // next client connection (or for the hyper half's lane).
         if let Some(up) = c.up.take() {
@@ -239,7 +240,12 @@ impl Half for NativeRequest<'_, '_> {
 }
 
 impl NativeConn<'_> {
-    async fn run(&mut self, peer: SocketAddr, shutdown: &mut watch::Receiver<bool>) -> Served {
+    async fn run(
+        &mut self,
+        peer: SocketAddr,
+        shutdown: &mut watch::Receiver<bool>,
+        memo: ConnectionMemo,
+    ) -> Served {
         if *shutdown.borrow() {
             return Served::Done;
         }
@@ -251,7 +257,6 @@ impl NativeConn<'_> {
         let proxy = self.proxy;
         let limit = proxy.header_limit();
         let max_head = proxy.app.config.http.max_header_bytes.as_usize().max(1024);
-        let memo = ConnectionMemo::default();
         loop {
             // The request head, within the limit after the last answer.
             let due = tokio::time::Instant::now() + limit;
