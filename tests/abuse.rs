@@ -87,6 +87,11 @@ async fn a_full_disk_fails_refreshes_only_while_it_is_full_and_loses_no_token() 
     let r = ews(&client).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
     assert!(
+        r.text().contains("cannot use its store"),
+        "the answer says whose failure it is: {}",
+        r.text()
+    );
+    assert!(
         env.idp.successful_refreshes() > refreshes,
         "the platform was asked (and rotated the token)"
     );

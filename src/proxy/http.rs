@@ -24,6 +24,7 @@ pub use hyper_half::Connection;
 
 use super::upstream::Upstreams;
 use crate::app::App;
+use crate::error::{Failure as _, Origin};
 use crate::identity::{AuthError, ConnectionMemo};
 use crate::metrics::{FailureReason, Outcome, Protocol};
 use crate::tls::{BoxError, OutBody};
@@ -442,9 +443,47 @@ impl LocalAnswer {
     }
 }
 
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Auth(e) => write!(f, "{e}"),
+            Rejection::Token(e) => write!(f, "{e}"),
+            Rejection::BadRequest(why) => f.write_str(why),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+impl crate::error::Failure for Rejection {
+    fn origin(&self) -> Origin {
+        match self {
+            Rejection::Token(e) => e.origin(),
+            Rejection::Resend | Rejection::Upstream | Rejection::UpstreamTimeout => {
+                Origin::Upstream
+            }
+            _ => Origin::Client,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            Rejection::Token(e) => e.retryable(),
+            Rejection::Auth(AuthError::Locked(_))
+            | Rejection::Resend
+            | Rejection::BodyTimeout
+            | Rejection::Upstream
+            | Rejection::UpstreamTimeout => true,
+            _ => false,
+        }
+    }
+}
+
 impl Rejection {
     /// The local answer (and its metrics).
     pub(super) fn into_local(self, app: &App) -> LocalAnswer {
+        tracing::debug!(origin = ?self.origin(), retryable = self.retryable(), reason = %self, "answered locally");
         let m = &app.metrics;
         let p = Protocol::http;
         match self {
@@ -486,15 +525,17 @@ impl Rejection {
             Rejection::Token(TokenError::Unavailable {
                 identity,
                 retry_after,
+                origin,
                 ..
             }) => {
                 m.request(p, Outcome::unavailable);
                 m.auth_failure(Some(&identity), p, FailureReason::refresh_failed);
-                LocalAnswer::text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the identity platform is unavailable; try again later\n",
-                )
-                .with(header::RETRY_AFTER, retry_after_value(retry_after))
+                let why = match origin {
+                    Origin::Store => "authswap cannot use its store right now; try again later\n",
+                    _ => "the identity platform is unavailable; try again later\n",
+                };
+                LocalAnswer::text(StatusCode::SERVICE_UNAVAILABLE, why)
+                    .with(header::RETRY_AFTER, retry_after_value(retry_after))
             }
             Rejection::Token(TokenError::Refused {
                 identity,

@@ -6,7 +6,7 @@
 //! the streams, so IDLE, APPEND literals and everything else pass through.
 
 use super::line::{BoxIo, LineError, LineIo};
-use super::mail::{LoginFailure, MailFrontEnd, UpstreamLogin};
+use super::mail::{upstream_line, upstream_send, LoginFailure, MailFrontEnd, UpstreamLogin};
 use super::sasl::{self, Credentials};
 use super::session::{self, Dialect, Mech, Next, Session, Words};
 use crate::identity::Identity;
@@ -24,8 +24,9 @@ const MAX_SKIPPED_LITERALS: u64 = 1 << 20;
 /// The size of the non-synchronising literal (`{n+}`, also `~{n+}`) that
 /// ends `line`, if any: the client sends those bytes without waiting for a
 /// continuation, so they belong to the command even when it is refused.
-/// Sizes too large for `u64` count as `u64::MAX`.
-fn trailing_nonsync_literal(line: &[u8]) -> Option<u64> {
+/// Sizes too large for `u64` count as `u64::MAX`. (Public for the fuzz
+/// targets.)
+pub fn trailing_nonsync_literal(line: &[u8]) -> Option<u64> {
     let inner = line.strip_suffix(b"+}")?;
     let open = inner.iter().rposition(|&c| c == b'{')?;
     let digits = &inner[open + 1..];
@@ -90,17 +91,7 @@ pub(crate) struct Upstream {
 }
 
 async fn read(io: &mut LineIo<BoxIo>, t: Duration) -> Result<Bytes, UpstreamLogin> {
-    tokio::time::timeout(t, io.read_line())
-        .await
-        .map_err(|_| UpstreamLogin::Failed("upstream did not answer in time".into()))?
-        .map_err(|e| UpstreamLogin::Failed(format!("reading upstream: {e}")))?
-        .ok_or_else(|| UpstreamLogin::Failed("upstream closed the connection".into()))
-}
-
-async fn write(io: &mut LineIo<BoxIo>, data: &[u8]) -> Result<(), UpstreamLogin> {
-    io.send(data)
-        .await
-        .map_err(|e| UpstreamLogin::Failed(format!("writing to upstream: {e}")))
+    upstream_line(io, t, "a command").await
 }
 
 /// Reads until the tagged answer to `tag`; returns (status, text, untagged).
@@ -118,8 +109,9 @@ async fn tagged(
             return Ok((status.to_ascii_uppercase(), msg.to_owned(), untagged));
         }
         if untagged.len() > 1000 {
-            return Err(UpstreamLogin::Failed(
-                "upstream sent too much before answering".into(),
+            return Err(UpstreamLogin::unexpected(
+                "a command",
+                b"more than 1000 lines before its answer",
             ));
         }
         untagged.push(line);
@@ -260,51 +252,43 @@ impl Imap {
         let (mut up, tls) = self.front.connect_upstream().await?;
         let greeting = read(&mut up, t).await?;
         if !greeting.starts_with(b"* OK") {
-            return Err(UpstreamLogin::Failed(format!(
-                "upstream greeting: {}",
-                String::from_utf8_lossy(&greeting)
-            )));
+            return Err(UpstreamLogin::unexpected("the greeting", &greeting));
         }
         if !tls {
-            write(&mut up, b"A0 STARTTLS\r\n").await?;
-            let (status, msg, _) = tagged(&mut up, "A0", t).await?;
+            upstream_send(&mut up, b"A0 STARTTLS\r\n").await?;
+            let (status, _, _) = tagged(&mut up, "A0", t).await?;
             if status != "OK" {
-                return Err(UpstreamLogin::Failed(format!(
-                    "upstream refused STARTTLS ({status} {msg}); refusing to send a token in the clear"
-                )));
+                return Err(UpstreamLogin::NoTls("STARTTLS"));
             }
             up = self.front.upgrade_upstream(up).await?;
         }
-        write(&mut up, b"A1 CAPABILITY\r\n").await?;
+        upstream_send(&mut up, b"A1 CAPABILITY\r\n").await?;
         let (status, _, untagged) = tagged(&mut up, "A1", t).await?;
         let caps = caps_of(&untagged);
         if status != "OK" {
-            return Err(UpstreamLogin::Failed("upstream refused CAPABILITY".into()));
+            return Err(UpstreamLogin::unexpected("CAPABILITY", status.as_bytes()));
         }
         let ir = sasl::xoauth2(mailbox, token);
         if caps.iter().any(|c| c == "SASL-IR") {
-            write(
+            upstream_send(
                 &mut up,
                 format!("A2 AUTHENTICATE XOAUTH2 {}\r\n", ir.expose()).as_bytes(),
             )
             .await?;
         } else {
-            write(&mut up, b"A2 AUTHENTICATE XOAUTH2\r\n").await?;
+            upstream_send(&mut up, b"A2 AUTHENTICATE XOAUTH2\r\n").await?;
             let cont = read(&mut up, t).await?;
             if !cont.starts_with(b"+") {
-                return Err(UpstreamLogin::Failed(format!(
-                    "upstream refused AUTHENTICATE XOAUTH2: {}",
-                    String::from_utf8_lossy(&cont)
-                )));
+                return Err(UpstreamLogin::unexpected("AUTHENTICATE XOAUTH2", &cont));
             }
-            write(&mut up, format!("{}\r\n", ir.expose()).as_bytes()).await?;
+            upstream_send(&mut up, format!("{}\r\n", ir.expose()).as_bytes()).await?;
         }
         let mut untagged = Vec::new();
         loop {
             let line = read(&mut up, t).await?;
             if line.starts_with(b"+") {
                 // Error details as a challenge: answer with an empty line.
-                write(&mut up, b"\r\n").await?;
+                upstream_send(&mut up, b"\r\n").await?;
                 continue;
             }
             let text = String::from_utf8_lossy(&line).into_owned();
@@ -320,11 +304,17 @@ impl Imap {
                         Err(UpstreamLogin::Temporary(msg.to_owned()))
                     }
                     "NO" => Err(UpstreamLogin::Rejected(crate::token::refusal::imap(msg))),
-                    _ => Err(UpstreamLogin::Failed(format!("upstream answered {text}"))),
+                    _ => Err(UpstreamLogin::unexpected(
+                        "AUTHENTICATE XOAUTH2",
+                        text.as_bytes(),
+                    )),
                 };
             }
             if untagged.len() > 100 {
-                return Err(UpstreamLogin::Failed("upstream sent too much".into()));
+                return Err(UpstreamLogin::unexpected(
+                    "AUTHENTICATE XOAUTH2",
+                    b"more than 100 lines before its answer",
+                ));
             }
             untagged.push(line);
         }

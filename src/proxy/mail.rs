@@ -57,16 +57,110 @@ pub enum MailSetupError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-/// How an upstream login attempt ended.
-#[derive(Debug)]
+/// Why a login upstream did not succeed.
+#[derive(Debug, thiserror::Error)]
 pub enum UpstreamLogin {
     /// The upstream refused the access token (its answer classified by
     /// [`crate::token::refusal`]).
+    #[error("the upstream refused the access token: {}", .0.text())]
     Rejected(Refusal),
-    /// A temporary upstream condition (4xx).
+    /// A temporary refusal (SMTP 4xx, IMAP `NO [UNAVAILABLE]`, POP3
+    /// `[SYS/TEMP]`), with the upstream's words.
+    #[error("the upstream refused the login for now: {0}")]
     Temporary(String),
-    /// Unreachable, TLS failure, protocol violation.
-    Failed(String),
+    /// No connection.
+    #[error("connecting to {upstream}")]
+    Connect {
+        /// `host:port`.
+        upstream: String,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step had no answer within `upstream_timeout`.
+    #[error("{step}: no answer from the upstream in time")]
+    Timeout {
+        /// Which step.
+        step: &'static str,
+    },
+    /// The TLS handshake failed (certificate, protocol).
+    #[error("TLS handshake with {upstream}")]
+    Tls {
+        /// `host:port`.
+        upstream: String,
+        /// What rustls said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing failed.
+    #[error("talking to the upstream")]
+    Io(#[from] std::io::Error),
+    /// The upstream closed the connection.
+    #[error("the upstream closed the connection")]
+    Closed,
+    /// The upstream offers no TLS upgrade: no token is sent in the clear.
+    #[error("the upstream does not offer {0}; refusing to send a token in the clear")]
+    NoTls(&'static str),
+    /// An answer that does not fit the protocol.
+    #[error("unexpected answer from the upstream to {step}: {said}")]
+    Unexpected {
+        /// Which step.
+        step: &'static str,
+        /// What it said (bounded, lossy).
+        said: String,
+    },
+}
+
+impl UpstreamLogin {
+    /// An unexpected answer, quoted (bounded).
+    pub fn unexpected(step: &'static str, said: &[u8]) -> UpstreamLogin {
+        let said = String::from_utf8_lossy(&said[..said.len().min(200)]).into_owned();
+        UpstreamLogin::Unexpected { step, said }
+    }
+}
+
+impl crate::error::Failure for UpstreamLogin {
+    fn origin(&self) -> crate::error::Origin {
+        crate::error::Origin::Upstream
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            UpstreamLogin::Rejected(Refusal::Permanent { .. })
+            | UpstreamLogin::NoTls(_)
+            | UpstreamLogin::Tls { .. } => false,
+            UpstreamLogin::Rejected(Refusal::Token { .. })
+            | UpstreamLogin::Temporary(_)
+            | UpstreamLogin::Connect { .. }
+            | UpstreamLogin::Timeout { .. }
+            | UpstreamLogin::Io(_)
+            | UpstreamLogin::Closed
+            | UpstreamLogin::Unexpected { .. } => true,
+        }
+    }
+}
+
+/// Reads one upstream line (`step` names it in errors) within `limit`.
+pub async fn upstream_line(
+    io: &mut LineIo<BoxIo>,
+    limit: Duration,
+    step: &'static str,
+) -> Result<bytes::Bytes, UpstreamLogin> {
+    match tokio::time::timeout(limit, io.read_line()).await {
+        Err(_) => Err(UpstreamLogin::Timeout { step }),
+        Ok(Ok(Some(line))) => Ok(line),
+        Ok(Ok(None)) => Err(UpstreamLogin::Closed),
+        Ok(Err(super::line::LineError::Io(e))) => Err(UpstreamLogin::Io(e)),
+        Ok(Err(super::line::LineError::TooLong)) => Err(UpstreamLogin::Unexpected {
+            step,
+            said: "a line over 64 KiB".into(),
+        }),
+    }
+}
+
+/// Writes to the upstream.
+pub async fn upstream_send(io: &mut LineIo<BoxIo>, data: &[u8]) -> Result<(), UpstreamLogin> {
+    Ok(io.send(data).await?)
 }
 
 /// Why a client login failed (the protocol chooses the words).
@@ -139,11 +233,10 @@ impl MailFrontEnd {
         let tcp =
             tokio::time::timeout(timeout, TcpStream::connect((self.host.as_str(), self.port)))
                 .await
-                .map_err(|_| {
-                    UpstreamLogin::Failed(format!("connecting to {} timed out", self.cfg.upstream))
-                })?
-                .map_err(|e| {
-                    UpstreamLogin::Failed(format!("cannot connect to {}: {e}", self.cfg.upstream))
+                .map_err(|_| UpstreamLogin::Timeout { step: "connect" })?
+                .map_err(|source| UpstreamLogin::Connect {
+                    upstream: self.cfg.upstream.clone(),
+                    source,
                 })?;
         let _ = tcp.set_nodelay(true);
         match self.cfg.upstream_tls {
@@ -164,12 +257,12 @@ impl MailFrontEnd {
             self.connector.connect(self.server_name.clone(), io),
         )
         .await
-        .map_err(|_| UpstreamLogin::Failed("upstream TLS handshake timed out".into()))?
-        .map_err(|e| {
-            UpstreamLogin::Failed(format!(
-                "upstream TLS handshake with {} failed: {e}",
-                self.cfg.upstream
-            ))
+        .map_err(|_| UpstreamLogin::Timeout {
+            step: "TLS handshake",
+        })?
+        .map_err(|source| UpstreamLogin::Tls {
+            upstream: self.cfg.upstream.clone(),
+            source,
         })?;
         Ok(Box::new(tls))
     }
@@ -181,8 +274,9 @@ impl MailFrontEnd {
     ) -> Result<LineIo<BoxIo>, UpstreamLogin> {
         let (io, buffered) = io.into_parts();
         if !buffered.is_empty() {
-            return Err(UpstreamLogin::Failed(
-                "upstream sent data after agreeing to start TLS".into(),
+            return Err(UpstreamLogin::unexpected(
+                "STARTTLS",
+                b"data after agreeing to start TLS",
             ));
         }
         let tls = self.tls_connect(io).await?;
@@ -288,15 +382,16 @@ impl MailFrontEnd {
                         }
                     }
                 }
-                Err(UpstreamLogin::Temporary(msg)) => {
-                    tracing::warn!(identity = %identity.name, protocol = ?p, %msg, "upstream refused the login temporarily");
+                Err(e) => {
+                    use crate::error::Failure as _;
+                    tracing::warn!(identity = %identity.name, protocol = ?p, error = %crate::token::idp::error_chain(&e), origin = ?e.origin(), retryable = e.retryable(), "upstream login failed");
                     m.request(p, Outcome::upstream_error);
-                    return Err(LoginFailure::UpstreamTemporary);
-                }
-                Err(UpstreamLogin::Failed(msg)) => {
-                    tracing::warn!(identity = %identity.name, protocol = ?p, %msg, "upstream login failed");
-                    m.request(p, Outcome::upstream_error);
-                    return Err(LoginFailure::UpstreamFailed);
+                    // A temporary refusal is answered as temporary and the
+                    // session goes on; anything else ends it.
+                    return Err(match e {
+                        UpstreamLogin::Temporary(_) => LoginFailure::UpstreamTemporary,
+                        _ => LoginFailure::UpstreamFailed,
+                    });
                 }
             }
         }

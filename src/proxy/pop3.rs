@@ -4,7 +4,7 @@
 //! AUTH XOAUTH2) and splices the streams.
 
 use super::line::{BoxIo, LineIo};
-use super::mail::{LoginFailure, MailFrontEnd, UpstreamLogin};
+use super::mail::{upstream_line, upstream_send, LoginFailure, MailFrontEnd, UpstreamLogin};
 use super::sasl::{self, Credentials};
 use super::session::{self, Dialect, Mech, Next, Session, Words};
 use crate::identity::Identity;
@@ -20,17 +20,7 @@ pub struct Pop3 {
 }
 
 async fn read(io: &mut LineIo<BoxIo>, t: Duration) -> Result<Bytes, UpstreamLogin> {
-    tokio::time::timeout(t, io.read_line())
-        .await
-        .map_err(|_| UpstreamLogin::Failed("upstream did not answer in time".into()))?
-        .map_err(|e| UpstreamLogin::Failed(format!("reading upstream: {e}")))?
-        .ok_or_else(|| UpstreamLogin::Failed("upstream closed the connection".into()))
-}
-
-async fn write(io: &mut LineIo<BoxIo>, data: &[u8]) -> Result<(), UpstreamLogin> {
-    io.send(data)
-        .await
-        .map_err(|e| UpstreamLogin::Failed(format!("writing to upstream: {e}")))
+    upstream_line(io, t, "a command").await
 }
 
 impl Pop3 {
@@ -48,35 +38,27 @@ impl Pop3 {
         let (mut up, tls) = self.front.connect_upstream().await?;
         let greeting = read(&mut up, t).await?;
         if !greeting.starts_with(b"+OK") {
-            return Err(UpstreamLogin::Failed(
-                "upstream greeting was not +OK".into(),
-            ));
+            return Err(UpstreamLogin::unexpected("the greeting", &greeting));
         }
         if !tls {
-            write(&mut up, b"STLS\r\n").await?;
+            upstream_send(&mut up, b"STLS\r\n").await?;
             let r = read(&mut up, t).await?;
             if !r.starts_with(b"+OK") {
-                return Err(UpstreamLogin::Failed(
-                    "upstream refused STLS; refusing to send a token in the clear".into(),
-                ));
+                return Err(UpstreamLogin::NoTls("STLS"));
             }
             up = self.front.upgrade_upstream(up).await?;
         }
-        write(&mut up, b"AUTH XOAUTH2\r\n").await?;
+        upstream_send(&mut up, b"AUTH XOAUTH2\r\n").await?;
         let cont = read(&mut up, t).await?;
         if !cont.starts_with(b"+") || cont.starts_with(b"+OK") {
-            return Err(if cont.starts_with(b"-ERR") {
-                UpstreamLogin::Failed("upstream does not accept AUTH XOAUTH2".into())
-            } else {
-                UpstreamLogin::Failed("unexpected upstream answer to AUTH".into())
-            });
+            return Err(UpstreamLogin::unexpected("AUTH XOAUTH2", &cont));
         }
         let ir = sasl::xoauth2(mailbox, token);
-        write(&mut up, format!("{}\r\n", ir.expose()).as_bytes()).await?;
+        upstream_send(&mut up, format!("{}\r\n", ir.expose()).as_bytes()).await?;
         let mut answer = read(&mut up, t).await?;
         if answer.starts_with(b"+ ") || answer.as_ref() == b"+" {
             // Error details as a challenge: answer with an empty line.
-            write(&mut up, b"\r\n").await?;
+            upstream_send(&mut up, b"\r\n").await?;
             answer = read(&mut up, t).await?;
         }
         if answer.starts_with(b"+OK") {

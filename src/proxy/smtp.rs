@@ -5,7 +5,7 @@
 //! BDAT and everything after pass byte-exact and are never held in memory.
 
 use super::line::{BoxIo, LineIo};
-use super::mail::{LoginFailure, MailFrontEnd, UpstreamLogin};
+use super::mail::{upstream_line, upstream_send, LoginFailure, MailFrontEnd, UpstreamLogin};
 use super::sasl;
 use super::session::{Dialect, Mech, Next, Session, Words};
 use crate::config::UpstreamTls;
@@ -46,18 +46,14 @@ struct Reply {
 async fn read_reply(io: &mut LineIo<BoxIo>, timeout: Duration) -> Result<Reply, UpstreamLogin> {
     let mut lines = Vec::new();
     loop {
-        let line = tokio::time::timeout(timeout, io.read_line())
-            .await
-            .map_err(|_| UpstreamLogin::Failed("upstream did not answer in time".into()))?
-            .map_err(|e| UpstreamLogin::Failed(format!("reading upstream reply: {e}")))?
-            .ok_or_else(|| UpstreamLogin::Failed("upstream closed the connection".into()))?;
+        let line = upstream_line(io, timeout, "a reply").await?;
         if line.len() < 3 || lines.len() > 200 {
-            return Err(UpstreamLogin::Failed("malformed upstream reply".into()));
+            return Err(UpstreamLogin::unexpected("a reply", &line));
         }
         let code: u16 = std::str::from_utf8(&line[..3])
             .ok()
             .and_then(|c| c.parse().ok())
-            .ok_or_else(|| UpstreamLogin::Failed("malformed upstream reply".into()))?;
+            .ok_or_else(|| UpstreamLogin::unexpected("a reply", &line))?;
         let more = line.get(3) == Some(&b'-');
         lines.push(String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned());
         if !more {
@@ -66,14 +62,20 @@ async fn read_reply(io: &mut LineIo<BoxIo>, timeout: Duration) -> Result<Reply, 
     }
 }
 
+/// A reply that does not fit the step, quoted.
+fn unexpected(step: &'static str, reply: &Reply) -> UpstreamLogin {
+    UpstreamLogin::Unexpected {
+        step,
+        said: format!("{} {}", reply.code, reply.lines.join(" ")),
+    }
+}
+
 async fn command(
     io: &mut LineIo<BoxIo>,
     line: &str,
     timeout: Duration,
 ) -> Result<Reply, UpstreamLogin> {
-    io.send(format!("{line}\r\n").as_bytes())
-        .await
-        .map_err(|e| UpstreamLogin::Failed(format!("writing to upstream: {e}")))?;
+    upstream_send(io, format!("{line}\r\n").as_bytes()).await?;
     read_reply(io, timeout).await
 }
 
@@ -122,41 +124,25 @@ impl Smtp {
         let (mut up, tls) = front.connect_upstream().await?;
         let greeting = read_reply(&mut up, t).await?;
         if greeting.code != 220 {
-            return Err(UpstreamLogin::Failed(format!(
-                "upstream greeting was {} {}",
-                greeting.code,
-                greeting.lines.join(" ")
-            )));
+            return Err(unexpected("the greeting", &greeting));
         }
         let mut ehlo = command(&mut up, &format!("EHLO {helo}"), t).await?;
         if ehlo.code != 250 {
-            return Err(UpstreamLogin::Failed(format!(
-                "upstream refused EHLO: {}",
-                ehlo.code
-            )));
+            return Err(unexpected("EHLO", &ehlo));
         }
         if !tls {
             debug_assert_eq!(front.cfg.upstream_tls, UpstreamTls::Starttls);
             if !has_extension(&extensions(&ehlo), "STARTTLS") {
-                return Err(UpstreamLogin::Failed(
-                    "upstream does not offer STARTTLS; refusing to send a token in the clear"
-                        .into(),
-                ));
+                return Err(UpstreamLogin::NoTls("STARTTLS"));
             }
             let r = command(&mut up, "STARTTLS", t).await?;
             if r.code != 220 {
-                return Err(UpstreamLogin::Failed(format!(
-                    "upstream refused STARTTLS: {}",
-                    r.code
-                )));
+                return Err(UpstreamLogin::NoTls("STARTTLS"));
             }
             up = front.upgrade_upstream(up).await?;
             ehlo = command(&mut up, &format!("EHLO {helo}"), t).await?;
             if ehlo.code != 250 {
-                return Err(UpstreamLogin::Failed(format!(
-                    "upstream refused EHLO: {}",
-                    ehlo.code
-                )));
+                return Err(unexpected("EHLO", &ehlo));
             }
         }
         let ext = extensions(&ehlo);
@@ -191,10 +177,7 @@ impl Smtp {
                 "{c} {}",
                 reply.lines.join(" ")
             ))),
-            c => Err(UpstreamLogin::Failed(format!(
-                "upstream answered AUTH with {c} {}",
-                reply.lines.join(" ")
-            ))),
+            _ => Err(unexpected("AUTH XOAUTH2", &reply)),
         }
     }
 

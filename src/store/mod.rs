@@ -129,6 +129,19 @@ pub enum StoreError {
     },
 }
 
+impl crate::error::Failure for StoreError {
+    fn origin(&self) -> crate::error::Origin {
+        crate::error::Origin::Store
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(_) | StoreError::Batch(_) | StoreError::Io { .. }
+        )
+    }
+}
+
 /// The key identities are looked up by: the name trimmed, in Unicode NFC,
 /// case-folded (see [`crate::names::lookup_key`]).
 pub fn name_key(name: &str) -> String {

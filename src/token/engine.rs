@@ -13,6 +13,7 @@ use super::error::IdpError;
 use super::idp::IdpClient;
 use super::refusal::{Refusal, Verdict};
 use crate::config::TokenConfig;
+use crate::error::Origin;
 use crate::identity::Identity;
 use crate::metrics::{FailureReason, Metrics, Protocol, RefreshResult};
 use crate::secret::Secret;
@@ -108,14 +109,21 @@ struct Shared {
 }
 
 impl AccessToken {
-    fn new(id: u64, secret: Secret, issued: Instant, lifetime: Duration, ahead: Duration) -> Self {
-        let mut header = http::HeaderValue::from_str(&format!("Bearer {}", secret.expose()))
-            .unwrap_or_else(|_| http::HeaderValue::from_static("Bearer invalid"));
+    /// `Err` when the token cannot be sent in an HTTP header (the platform
+    /// sent something that is not a token).
+    fn new(
+        id: u64,
+        secret: Secret,
+        issued: Instant,
+        lifetime: Duration,
+        ahead: Duration,
+    ) -> Result<Self, http::header::InvalidHeaderValue> {
+        let mut header = http::HeaderValue::from_str(&format!("Bearer {}", secret.expose()))?;
         header.set_sensitive(true);
         // Refresh ahead of expiry, but never in the first half of the
         // token's life (short-lived tokens would otherwise refresh constantly).
         let ahead = ahead.min(lifetime / 2);
-        AccessToken {
+        Ok(AccessToken {
             id,
             shared: Arc::new(Shared {
                 secret,
@@ -125,7 +133,7 @@ impl AccessToken {
             expires_at: issued + lifetime,
             refresh_at: issued + lifetime - ahead,
             after_refusal: false,
-        }
+        })
     }
 
     /// The token itself (for XOAUTH2).
@@ -179,6 +187,8 @@ pub enum TokenError {
         retry_after: Duration,
         /// What went wrong.
         message: String,
+        /// Whose failure it is: the identity platform's or the store's.
+        origin: Origin,
     },
     /// The upstream refused freshly issued tokens of this identity and
     /// scope set: no token is handed out before `retry_after`.
@@ -189,6 +199,20 @@ pub enum TokenError {
         /// When to try again.
         retry_after: Duration,
     },
+}
+
+impl crate::error::Failure for TokenError {
+    fn origin(&self) -> Origin {
+        match self {
+            TokenError::ReauthRequired { .. } => Origin::IdentityPlatform,
+            TokenError::Unavailable { origin, .. } => *origin,
+            TokenError::Refused { .. } => Origin::Upstream,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        !matches!(self, TokenError::ReauthRequired { .. })
+    }
 }
 
 impl TokenError {
@@ -220,6 +244,7 @@ struct Backoff {
     until: Instant,
     failures: u32,
     message: String,
+    origin: Origin,
 }
 
 struct Inner {
@@ -255,7 +280,7 @@ impl fmt::Debug for TokenEngine {
 enum Cached {
     Fresh(AccessToken),
     Ahead(AccessToken),
-    BackingOff(Duration, String),
+    BackingOff(Duration, String, Origin),
     /// The upstream refuses fresh tokens: nothing is handed out for a while.
     Refused(Duration),
     Missing,
@@ -304,13 +329,13 @@ impl TokenEngine {
             .backoff
             .as_ref()
             .filter(|b| b.until > now)
-            .map(|b| (b.until - now, b.message.clone()));
+            .map(|b| (b.until - now, b.message.clone(), b.origin));
         match (&slot.token, backoff) {
             (Some(t), _) if t.fresh(now) => Cached::Fresh(t.clone()),
             // Within the refresh window: keep serving it while it works.
             (Some(t), Some(_)) if t.usable(now) => Cached::Fresh(t.clone()),
             (Some(t), None) if t.usable(now) => Cached::Ahead(t.clone()),
-            (_, Some((left, message))) => Cached::BackingOff(left, message),
+            (_, Some((left, message, origin))) => Cached::BackingOff(left, message, origin),
             _ => Cached::Missing,
         }
     }
@@ -337,8 +362,8 @@ impl TokenEngine {
                 }
                 return Ok(t);
             }
-            Cached::BackingOff(left, message) => {
-                return Err(self.unavailable_or_reauth(identity, left, message))
+            Cached::BackingOff(left, message, origin) => {
+                return Err(self.unavailable_or_reauth(identity, left, message, origin))
             }
             Cached::Refused(left) => return Err(refused_error(identity, left)),
             Cached::Missing => {}
@@ -356,6 +381,7 @@ impl TokenEngine {
         identity: &Identity,
         left: Duration,
         message: String,
+        origin: Origin,
     ) -> TokenError {
         if identity.status() == Status::NeedsReauth {
             return reauth_error(identity);
@@ -364,6 +390,7 @@ impl TokenEngine {
             identity: identity.name.clone(),
             retry_after: left,
             message,
+            origin,
         }
     }
 
@@ -402,8 +429,8 @@ impl TokenEngine {
         // Somebody may have refreshed while we waited.
         match self.lookup(&key, Instant::now()) {
             Cached::Fresh(t) => return Ok(t),
-            Cached::BackingOff(left, message) => {
-                return Err(self.unavailable_or_reauth(&identity, left, message))
+            Cached::BackingOff(left, message, origin) => {
+                return Err(self.unavailable_or_reauth(&identity, left, message, origin))
             }
             Cached::Refused(left) => return Err(refused_error(&identity, left)),
             Cached::Ahead(_) | Cached::Missing => {}
@@ -416,7 +443,14 @@ impl TokenEngine {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(identity = %identity.name, error = %e, "cannot read refresh token");
-                return Err(self.transient(&key, &identity, None, format!("store: {e}"), false));
+                return Err(self.transient(
+                    &key,
+                    &identity,
+                    None,
+                    format!("store: {e}"),
+                    false,
+                    Origin::Store,
+                ));
             }
         };
         let Some((sealed, generation)) = stored else {
@@ -459,6 +493,7 @@ impl TokenEngine {
                         None,
                         format!("store: {e}"),
                         false,
+                        Origin::Store,
                     ));
                 }
             },
@@ -467,7 +502,14 @@ impl TokenEngine {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(identity = %identity.name, error = %e, "cannot unseal refresh token");
-                return Err(self.transient(&key, &identity, None, e.to_string(), true));
+                return Err(self.transient(
+                    &key,
+                    &identity,
+                    None,
+                    e.to_string(),
+                    true,
+                    Origin::Store,
+                ));
             }
         };
 
@@ -492,6 +534,7 @@ impl TokenEngine {
                                     identity: identity.name.clone(),
                                     retry_after: Duration::from_secs(1),
                                     message: "identity was re-linked during refresh".into(),
+                                    origin: Origin::Store,
                                 });
                             }
                             Err(e) => {
@@ -507,6 +550,7 @@ impl TokenEngine {
                                     None,
                                     format!("store: {e}"),
                                     false,
+                                    Origin::Store,
                                 ));
                             }
                         }
@@ -517,13 +561,23 @@ impl TokenEngine {
                         }
                     }
                 }
-                let mut token = AccessToken::new(
+                let Ok(mut token) = AccessToken::new(
                     inner.next_id.fetch_add(1, Ordering::Relaxed),
                     grant.access_token,
                     issued,
                     grant.expires_in,
                     inner.config.refresh_ahead,
-                );
+                ) else {
+                    tracing::error!(identity = %identity.name, "the identity platform returned an access token that cannot be sent in a header");
+                    return Err(self.transient(
+                        &key,
+                        &identity,
+                        None,
+                        "the identity platform returned a malformed access token".into(),
+                        false,
+                        Origin::IdentityPlatform,
+                    ));
+                };
                 let mut slot = inner.slots.entry(key).or_default();
                 token.after_refusal = std::mem::take(&mut slot.refusal_refresh);
                 slot.token = Some(token.clone());
@@ -570,11 +624,25 @@ impl TokenEngine {
                 retry_after,
             }) => {
                 tracing::warn!(identity = %identity.name, %message, "token refresh failed; will retry");
-                Err(self.transient(&key, &identity, retry_after, message, false))
+                Err(self.transient(
+                    &key,
+                    &identity,
+                    retry_after,
+                    message,
+                    false,
+                    Origin::IdentityPlatform,
+                ))
             }
             Err(e @ (IdpError::Configuration { .. } | IdpError::NotConfigured)) => {
                 tracing::error!(identity = %identity.name, error = %e, "token refresh refused: fix the app registration or configuration");
-                Err(self.transient(&key, &identity, None, e.to_string(), true))
+                Err(self.transient(
+                    &key,
+                    &identity,
+                    None,
+                    e.to_string(),
+                    true,
+                    Origin::IdentityPlatform,
+                ))
             }
         }
     }
@@ -588,6 +656,7 @@ impl TokenEngine {
         retry_after: Option<Duration>,
         message: String,
         slow: bool,
+        origin: Origin,
     ) -> TokenError {
         let inner = &self.inner;
         let cfg = &inner.config;
@@ -608,6 +677,7 @@ impl TokenEngine {
             until: Instant::now() + delay,
             failures,
             message: message.clone(),
+            origin,
         });
         drop(slot);
         inner
@@ -623,6 +693,7 @@ impl TokenEngine {
             identity: identity.name.clone(),
             retry_after: delay,
             message,
+            origin,
         }
     }
 
@@ -686,6 +757,7 @@ impl TokenEngine {
                     until: now + delay,
                     failures,
                     message: message.clone(),
+                    origin: Origin::Upstream,
                 });
                 slot.refusal_refresh = true;
                 drop(slot);
@@ -803,6 +875,18 @@ mod tests {
             now,
             Duration::from_secs(10),
             Duration::from_secs(300),
+        )
+        .unwrap();
+        assert!(
+            AccessToken::new(
+                2,
+                Secret::new("not\na token"),
+                now,
+                Duration::from_secs(10),
+                Duration::from_secs(1)
+            )
+            .is_err(),
+            "never sent as something else"
         );
         assert!(!format!("{t:?}").contains("eyJ0"));
         assert!(!format!("{:?}", t.bearer_header()).contains("eyJ0"));

@@ -46,6 +46,19 @@ pub enum IdpError {
     NotConfigured,
 }
 
+impl crate::error::Failure for IdpError {
+    fn origin(&self) -> crate::error::Origin {
+        match self {
+            IdpError::NotConfigured => crate::error::Origin::Internal,
+            _ => crate::error::Origin::IdentityPlatform,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(self, IdpError::Transient { .. })
+    }
+}
+
 impl IdpError {
     /// Transient with a message.
     pub fn transient(message: impl Into<String>) -> IdpError {
