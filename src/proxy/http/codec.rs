@@ -845,4 +845,204 @@ mod tests {
             assert_eq!(parse_length(bad), None, "{bad:?}");
         }
     }
+
+    mod properties {
+        //! Property tests over the codec, with a differential check: where
+        //! httparse also reads the same bytes, the codec agrees on every
+        //! message boundary or refuses the message.
+        use super::super::*;
+        use super::scan_all;
+        use proptest::prelude::*;
+
+        fn line_end() -> impl Strategy<Value = &'static str> {
+            prop_oneof![Just("\r\n"), Just("\n")]
+        }
+
+        fn field() -> impl Strategy<Value = (String, String)> {
+            (
+                prop_oneof![
+                    Just("Host".to_owned()),
+                    Just("authorization".to_owned()),
+                    Just("Content-Length".to_owned()),
+                    Just("Connection".to_owned()),
+                    Just("Transfer-Encoding".to_owned()),
+                    Just("Expect".to_owned()),
+                    Just("TE".to_owned()),
+                    "[A-Za-z][A-Za-z0-9-]{0,12}",
+                ],
+                "[ -~]{0,24}",
+            )
+        }
+
+        /// A request head, maybe damaged, and bytes after it.
+        fn request() -> impl Strategy<Value = Vec<u8>> {
+            (
+                prop_oneof![
+                    Just("GET".to_owned()),
+                    Just("POST".to_owned()),
+                    Just("HEAD".to_owned()),
+                    "[A-Z]{1,7}",
+                ],
+                "/[!-~]{0,20}",
+                prop_oneof![
+                    Just("HTTP/1.1".to_owned()),
+                    Just("HTTP/1.0".to_owned()),
+                    "HTTP/[0-9].[0-9]",
+                ],
+                proptest::collection::vec(field(), 0..8),
+                line_end(),
+                proptest::collection::vec(any::<u8>(), 0..16),
+                proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+            )
+                .prop_map(|(method, path, version, fields, eol, tail, damage)| {
+                    let mut b = format!("{method} {path} {version}{eol}");
+                    for (n, v) in fields {
+                        b.push_str(&format!("{n}: {v}{eol}"));
+                    }
+                    b.push_str(eol);
+                    let mut b = b.into_bytes();
+                    if let Some((at, byte)) = damage {
+                        let i = at.index(b.len());
+                        b[i] = byte;
+                    }
+                    b.extend(tail);
+                    b
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn request_heads_end_where_httparse_says_or_are_refused(b in request()) {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut req = httparse::Request::new(&mut headers);
+                let theirs = req.parse(&b);
+                let ours = HeadEnd::default().find(&b);
+                if let Ok(httparse::Status::Complete(n)) = theirs {
+                    prop_assert_eq!(ours, Some(n));
+                }
+                if let Some(end) = ours {
+                    let mut out = Vec::new();
+                    if let RequestParse::Native(h) = parse_request_head(&b[..end], b"", b"up", &mut out) {
+                        prop_assert_eq!(h.len, end);
+                        prop_assert_eq!(theirs.ok(), Some(httparse::Status::Complete(end)));
+                    }
+                }
+            }
+
+            #[test]
+            fn response_heads_end_where_httparse_says_or_are_refused(
+                status in 100u16..600,
+                fields in proptest::collection::vec(field(), 0..8),
+                eol in line_end(),
+                tail in proptest::collection::vec(any::<u8>(), 0..16),
+                head_request in any::<bool>(),
+            ) {
+                let mut b = format!("HTTP/1.1 {status} Reason{eol}");
+                for (n, v) in fields {
+                    b.push_str(&format!("{n}: {v}{eol}"));
+                }
+                b.push_str(eol);
+                let mut b = b.into_bytes();
+                b.extend(tail);
+                let end = HeadEnd::default().find(&b);
+                prop_assert!(end.is_some());
+                let end = end.unwrap_or_default();
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut res = httparse::Response::new(&mut headers);
+                let theirs = res.parse(&b);
+                if let Ok(Some(r)) = parse_response_head(&b[..end], head_request, &mut Vec::new()) {
+                    prop_assert_eq!(r.len, end);
+                    prop_assert_eq!(theirs.ok(), Some(httparse::Status::Complete(end)));
+                }
+            }
+
+            #[test]
+            fn chunked_bodies_end_where_a_reference_reader_says_or_are_refused(
+                chunks in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 1..40), proptest::option::of("[a-z=;]{1,8}")), 0..6),
+                trailers in proptest::collection::vec("[a-z]{1,8}: [ -~]{0,8}", 0..3),
+                tail in proptest::collection::vec(any::<u8>(), 0..8),
+                damage in proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+                step in 1usize..17,
+            ) {
+                let mut b = Vec::new();
+                for (data, ext) in &chunks {
+                    b.extend(format!("{:x}", data.len()).bytes());
+                    if let Some(e) = ext {
+                        b.push(b';');
+                        b.extend(e.bytes());
+                    }
+                    b.extend(b"\r\n");
+                    b.extend(data);
+                    b.extend(b"\r\n");
+                }
+                b.extend(b"0\r\n");
+                for t in &trailers {
+                    b.extend(t.bytes());
+                    b.extend(b"\r\n");
+                }
+                b.extend(b"\r\n");
+                let encoded = b.len();
+                b.extend(&tail);
+                if damage.is_none() {
+                    prop_assert_eq!(scan_all(&b, step).ok(), Some(Some(encoded)));
+                }
+                if let Some((at, byte)) = damage {
+                    let i = at.index(b.len());
+                    b[i] = byte;
+                }
+                let ours = scan_all(&b, step);
+                prop_assert_eq!(&ours, &scan_all(&b, b.len().max(1)), "reads do not matter");
+                if let Ok(Some(n)) = ours {
+                    prop_assert_eq!(reference_end(&b), Some(n));
+                }
+            }
+
+            #[test]
+            fn lengths_agree_with_the_standard_parser(v in "[0-9]{1,22}") {
+                prop_assert_eq!(parse_length(v.as_bytes()), v.parse::<u64>().ok());
+            }
+        }
+
+        /// Where a chunked body ends, read with httparse's chunk-size
+        /// parser and strict CRLF line ends; `None` when malformed.
+        fn reference_end(b: &[u8]) -> Option<usize> {
+            let mut pos = 0;
+            loop {
+                let size_line_end = b[pos..].windows(2).position(|w| w == b"\r\n")? + pos;
+                if b[pos..size_line_end].contains(&b'\n') {
+                    return None;
+                }
+                let (used, size) = match httparse::parse_chunk_size(&b[pos..]) {
+                    Ok(httparse::Status::Complete(v)) => v,
+                    _ => return None,
+                };
+                if pos + used != size_line_end + 2 {
+                    return None;
+                }
+                pos += used;
+                if size == 0 {
+                    break;
+                }
+                pos = pos.checked_add(usize::try_from(size).ok()?)?;
+                if b.get(pos..pos + 2)? != b"\r\n" {
+                    return None;
+                }
+                pos += 2;
+            }
+            // Trailer lines, then the empty line.
+            loop {
+                let rel = b[pos..].windows(2).position(|w| w == b"\r\n")?;
+                let line = &b[pos..pos + rel];
+                if line.contains(&b'\n') || line.contains(&b'\r') {
+                    return None;
+                }
+                pos += rel + 2;
+                if line.is_empty() {
+                    return Some(pos);
+                }
+            }
+        }
+    }
 }
