@@ -392,10 +392,11 @@ impl VerifiedCache {
     }
 }
 
-/// The address guessing is throttled under, if any: loopback is not (every
-/// local process shares it), IPv4-mapped IPv6 counts as IPv4, and IPv6
-/// counts by /64 (what one host usually holds).
-fn source_key(ip: IpAddr) -> Option<ThrottleKey> {
+/// The address a client counts under for per-source limits (throttling,
+/// connection shares), if any: none for loopback (every local process
+/// shares it, so it tells nothing apart), IPv4 for IPv4-mapped IPv6, and
+/// the /64 for IPv6 (what one host usually holds).
+pub fn source_address(ip: IpAddr) -> Option<IpAddr> {
     if ip.is_loopback() {
         return None;
     }
@@ -410,7 +411,12 @@ fn source_key(ip: IpAddr) -> Option<ThrottleKey> {
         },
         v4 => v4,
     };
-    (!ip.is_loopback()).then_some(ThrottleKey::Source(ip))
+    (!ip.is_loopback()).then_some(ip)
+}
+
+/// The throttle key of a source address (see [`source_address`]).
+fn source_key(ip: IpAddr) -> Option<ThrottleKey> {
+    source_address(ip).map(ThrottleKey::Source)
 }
 
 /// Checks local credentials; see the module docs.

@@ -416,14 +416,9 @@ impl Dialect for ImapSession {
                 }
             }
             "AUTHENTICATE" => {
-                let mut words = rest
-                    .split(|&b| b == b' ')
-                    .filter(|w| !w.trim_ascii().is_empty());
-                let mech = words
-                    .next()
-                    .map(|m| String::from_utf8_lossy(m).to_ascii_uppercase())
-                    .unwrap_or_default();
-                let initial = words.next().map(|w| Bytes::copy_from_slice(w.trim_ascii()));
+                // A copy that the initial response (a slice of it) owns
+                // alone once this returns, so that it can be wiped.
+                let (mech, initial) = session::sasl_request(&Bytes::copy_from_slice(&rest));
                 if mech != "PLAIN" {
                     format!("{tag} NO Unsupported authentication mechanism; use PLAIN\r\n")
                 } else {

@@ -135,14 +135,8 @@ impl Dialect for Pop3Session {
             },
             "AUTH" if rest.trim_ascii().is_empty() => "+OK\r\nPLAIN\r\n.\r\n".into(),
             "AUTH" => {
-                let mut words = rest
-                    .split(|&b| b == b' ')
-                    .filter(|w| !w.trim_ascii().is_empty());
-                let mech = words
-                    .next()
-                    .map(|m| String::from_utf8_lossy(m).to_ascii_uppercase())
-                    .unwrap_or_default();
-                let initial = words.next().map(|w| rest.slice_ref(w.trim_ascii()));
+                let (mech, initial) = session::sasl_request(&rest);
+                drop(rest);
                 if mech != "PLAIN" {
                     "-ERR Unsupported mechanism; use PLAIN\r\n".into()
                 } else {

@@ -295,6 +295,21 @@ impl Session<'_> {
     }
 }
 
+/// Splits the arguments of an AUTH / AUTHENTICATE command: the mechanism
+/// (upper case) and the initial response, if any (a slice of `args`, so
+/// that it can be wiped once used).
+pub fn sasl_request(args: &Bytes) -> (String, Option<Bytes>) {
+    let mut words = args
+        .split(|&b| b == b' ')
+        .filter(|w| !w.trim_ascii().is_empty());
+    let mech = words
+        .next()
+        .map(|m| String::from_utf8_lossy(m).trim().to_ascii_uppercase())
+        .unwrap_or_default();
+    let initial = words.next().map(|w| args.slice_ref(w.trim_ascii()));
+    (mech, initial)
+}
+
 /// Wipes a line that carried a password, when this is its only copy.
 pub fn wipe(line: Bytes) {
     if let Ok(mut m) = line.try_into_mut() {

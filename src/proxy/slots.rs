@@ -8,6 +8,7 @@
 //! clients out by holding idle connections. Only when every slot is held
 //! by a proved connection does the listener stop accepting until one ends.
 
+use crate::identity::source_address;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,26 +108,6 @@ impl Inner {
     }
 }
 
-/// The address a connection counts under: none for loopback (every local
-/// process shares it), IPv4 for IPv4-mapped IPv6, the /64 for IPv6.
-fn source_of(ip: IpAddr) -> Option<IpAddr> {
-    if ip.is_loopback() {
-        return None;
-    }
-    let ip = match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(o.into())
-            }
-        },
-        v4 => v4,
-    };
-    (!ip.is_loopback()).then_some(ip)
-}
-
 impl Slots {
     /// `max` slots, `per_source` of them at most for one non-loopback
     /// address.
@@ -168,7 +149,7 @@ impl Slots {
     /// share) is full. `None`: refused (the source's share is all proved,
     /// or the listener is full of proved connections).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
-        let source = source_of(ip);
+        let source = source_address(ip);
         let mut inner = self.lock();
         if let Some(src) = source {
             if inner.by_source.get(&src).copied().unwrap_or(0) >= self.per_source

@@ -7,7 +7,7 @@
 use super::line::{BoxIo, LineIo};
 use super::mail::{upstream_line, upstream_send, LoginFailure, MailFrontEnd, UpstreamLogin};
 use super::sasl;
-use super::session::{Dialect, Mech, Next, Session, Words};
+use super::session::{self, Dialect, Mech, Next, Session, Words};
 use crate::config::UpstreamTls;
 use crate::identity::Identity;
 use crate::secret::Secret;
@@ -274,15 +274,8 @@ impl Dialect for SmtpSession {
             let Some(helo) = self.helo.clone() else {
                 return Next::Error("503 5.5.1 Send EHLO first\r\n".into());
             };
-            let mut words = rest
-                .split(|&b| b == b' ')
-                .filter(|w| !w.trim_ascii().is_empty());
-            let mech = words
-                .next()
-                .map(|m| String::from_utf8_lossy(m).trim().to_ascii_uppercase())
-                .unwrap_or_default();
-            let initial = words.next().map(|w| rest.slice_ref(w.trim_ascii()));
-            drop(line);
+            let (mech, initial) = session::sasl_request(&rest);
+            drop((line, rest));
             return match mech.as_str() {
                 "PLAIN" => Next::Sasl {
                     ctx: helo,

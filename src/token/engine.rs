@@ -442,15 +442,7 @@ impl TokenEngine {
         let stored = match inner.store.refresh_token(identity.id).await {
             Ok(v) => v,
             Err(e) => {
-                tracing::error!(identity = %identity.name, error = %e, "cannot read refresh token");
-                return Err(self.transient(
-                    &key,
-                    &identity,
-                    None,
-                    format!("store: {e}"),
-                    false,
-                    Origin::Store,
-                ));
+                return Err(self.store_failed(&key, &identity, &e, "cannot read refresh token"));
             }
         };
         let Some((sealed, generation)) = stored else {
@@ -486,14 +478,11 @@ impl TokenEngine {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(identity = %identity.name, error = %e, "still cannot store the rotated refresh token");
-                    return Err(self.transient(
+                    return Err(self.store_failed(
                         &key,
                         &identity,
-                        None,
-                        format!("store: {e}"),
-                        false,
-                        Origin::Store,
+                        &e,
+                        "still cannot store the rotated refresh token",
                     ));
                 }
             },
@@ -543,15 +532,7 @@ impl TokenEngine {
                                 // the token to store it first next time (the
                                 // platform may have retired its predecessor).
                                 inner.unsaved.insert(identity.id, (generation, sealed));
-                                tracing::error!(identity = %identity.name, error = %e, "cannot store rotated refresh token; not using the new access token");
-                                return Err(self.transient(
-                                    &key,
-                                    &identity,
-                                    None,
-                                    format!("store: {e}"),
-                                    false,
-                                    Origin::Store,
-                                ));
+                                return Err(self.store_failed(&key, &identity, &e, "cannot store rotated refresh token; not using the new access token"));
                             }
                         }
                     }
@@ -645,6 +626,26 @@ impl TokenEngine {
                 ))
             }
         }
+    }
+
+    /// A store failure during a refresh: logged with `what`, and a
+    /// transient failure (backoff, clients get a temporary answer).
+    fn store_failed(
+        &self,
+        key: &Key,
+        identity: &Identity,
+        e: &crate::store::StoreError,
+        what: &str,
+    ) -> TokenError {
+        tracing::error!(identity = %identity.name, error = %e, "{what}");
+        self.transient(
+            key,
+            identity,
+            None,
+            format!("store: {e}"),
+            false,
+            Origin::Store,
+        )
     }
 
     /// Records a transient failure: backoff (jittered exponential, at least
