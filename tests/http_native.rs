@@ -311,6 +311,13 @@ async fn other_requests_are_handed_to_the_hyper_path_on_the_same_connection() {
     let targets: Vec<&str> = seen.iter().map(|r| r.target.as_str()).collect();
     assert_eq!(targets, ["/native", "/chunked", "/after"]);
     assert_eq!(seen[1].body, b"abcdefg");
+    // One upstream pool: the connection handed to hyper did not dial again.
+    assert!(
+        seen.iter().all(|r| r.connection == 1),
+        "{:?}",
+        seen.iter().map(|r| r.connection).collect::<Vec<_>>()
+    );
+    assert_eq!(up.connections(), 1);
 
     // HTTP/1.0 is served (by hyper), and closed after its answer.
     let mut c = Raw::connect(addr).await;

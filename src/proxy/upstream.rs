@@ -1,15 +1,18 @@
-//! Upstream HTTP/1.1 connections of the HTTP front end, with client
-//! affinity. Each client connection has a [`Lane`]: the upstream connection
-//! it last used, driven inside the client connection's own task (no pool
-//! task in between and no cross-task wake-up per request, the way nginx
-//! serves both sides from one event loop). When the client connection ends,
-//! a live idle upstream connection is parked in a shared LIFO so the next
-//! client connection (legacy clients often reconnect per request) starts
-//! warm. A request that meets an upstream connection closed while idle is
-//! re-sent on another one when hyper hands it back unsent. An upstream
-//! that picks HTTP/2 by ALPN is left to the shared pooled client, which
-//! multiplexes every client over one connection. The native HTTP/1.1
-//! relay (`proxy::http::h1`) dials and parks raw connections here too.
+//! Upstream HTTP/1.1 connections of the HTTP front end: one pool of idle
+//! connections for both wire halves. A connection waits in it as a plain
+//! stream between responses (newest first, at most [`MAX_IDLE`], closed
+//! after [`IDLE_TIMEOUT`]): the native HTTP/1.1 half takes and parks
+//! streams as they are, and the hyper half's [`Lane`] (the upstream
+//! connection of one client connection, driven inside that connection's
+//! task, with no pool task in between, the way nginx serves both sides
+//! from one event loop) runs hyper's HTTP/1.1 client over a parked stream
+//! and parks the stream again when the client connection ends. So a
+//! connection the native half hands to hyper reuses the upstream
+//! connection it had, and legacy clients that reconnect for every request
+//! start warm. A request that meets an upstream connection closed while
+//! idle is re-sent on another one when hyper hands it back unsent. An
+//! upstream that picks HTTP/2 by ALPN is left to the shared pooled client,
+//! which multiplexes every client over one connection.
 
 use super::line::BoxIo;
 use crate::tls::{BoxError, OutBody};
@@ -47,46 +50,38 @@ struct Conn {
     driver: Driver,
 }
 
-/// An upstream connection that can wait, parked, between client
-/// connections.
-trait Parkable {
-    /// Whether it is still open and usable, checked without a task to wake.
-    fn alive(&mut self) -> bool;
-}
-
-impl Parkable for Conn {
-    /// Polls the connection once without a task to wake: reads a close the
-    /// upstream already sent and lets an idle connection report itself
-    /// ready. The next real poll (in a lane) registers the right waker.
-    fn alive(&mut self) -> bool {
+impl Conn {
+    /// The stream under an idle connection (its last response read whole,
+    /// nothing read ahead), to park; `None` when it is busy or closed.
+    fn into_idle_stream(mut self) -> Option<BoxIo> {
+        // Polled once without a task to wake: reads a close the upstream
+        // already sent and lets an idle connection report itself ready.
         let mut cx = Context::from_waker(noop_waker_ref());
-        if self.driver.as_mut().poll(&mut cx).is_ready() {
-            return false;
+        if self.driver.as_mut().poll(&mut cx).is_ready()
+            || self.sender.is_closed()
+            || !self.sender.is_ready()
+        {
+            return None;
         }
-        !self.sender.is_closed() && self.sender.is_ready()
+        let parts = Pin::into_inner(self.driver).into_parts();
+        parts.read_buf.is_empty().then(|| parts.io.into_inner())
     }
 }
 
-impl Parkable for BoxIo {
-    fn alive(&mut self) -> bool {
-        raw_alive(self)
-    }
-}
-
-/// Parked idle connections, newest last: at most [`MAX_IDLE`], none idle
+/// Parked idle streams, newest last: at most [`MAX_IDLE`], none idle
 /// longer than [`IDLE_TIMEOUT`].
-struct Parked<T>(Mutex<Vec<(Instant, T)>>);
+struct Parked(Mutex<Vec<(Instant, BoxIo)>>);
 
-impl<T: Parkable> Parked<T> {
-    fn new() -> Parked<T> {
+impl Parked {
+    fn new() -> Parked {
         Parked(Mutex::new(Vec::new()))
     }
 
     /// The most recently parked live one.
-    fn take(&self) -> Option<T> {
+    fn take(&self) -> Option<BoxIo> {
         let mut idle = lock(&self.0);
         while let Some((since, mut conn)) = idle.pop() {
-            if since.elapsed() < IDLE_TIMEOUT && conn.alive() {
+            if since.elapsed() < IDLE_TIMEOUT && raw_alive(&mut conn) {
                 return Some(conn);
             }
         }
@@ -95,8 +90,8 @@ impl<T: Parkable> Parked<T> {
 
     /// Parks `conn` if it is alive (the oldest goes when full); whether it
     /// was parked.
-    fn put(&self, mut conn: T) -> bool {
-        if !conn.alive() {
+    fn put(&self, mut conn: BoxIo) -> bool {
+        if !raw_alive(&mut conn) {
             return false;
         }
         let mut idle = lock(&self.0);
@@ -109,7 +104,7 @@ impl<T: Parkable> Parked<T> {
 
     /// Closes the ones that timed out or that the upstream closed.
     fn sweep(&self) {
-        lock(&self.0).retain_mut(|(since, conn)| since.elapsed() < IDLE_TIMEOUT && conn.alive());
+        lock(&self.0).retain_mut(|(since, conn)| since.elapsed() < IDLE_TIMEOUT && raw_alive(conn));
     }
 }
 
@@ -121,8 +116,7 @@ pub struct Upstreams {
     connect_timeout: Duration,
     http2: AtomicBool,
     http1: AtomicBool,
-    idle: Parked<Conn>,
-    idle_raw: Parked<BoxIo>,
+    idle: Parked,
     sweeping: AtomicBool,
 }
 
@@ -188,7 +182,6 @@ impl Upstreams {
             connect_timeout,
             http2: AtomicBool::new(false),
             idle: Parked::new(),
-            idle_raw: Parked::new(),
             sweeping: AtomicBool::new(false),
         })
     }
@@ -240,24 +233,17 @@ impl Upstreams {
         let Some(stream) = self.connect().await? else {
             return Ok(Dialed::Http2);
         };
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        Ok(Dialed::Http1(Conn {
-            sender,
-            driver: Box::pin(conn),
-        }))
+        Ok(Dialed::Http1(handshake(stream).await?))
     }
 
-    /// The most recently parked live raw connection (for the native
-    /// HTTP/1.1 path, which does its own framing).
+    /// The most recently parked live connection, as a stream.
     pub fn checkout_raw(&self) -> Option<BoxIo> {
-        self.idle_raw.take()
+        self.idle.take()
     }
 
-    /// Parks a raw connection that is between responses.
+    /// Parks a connection that is between responses.
     pub fn checkin_raw(self: &Arc<Self>, io: BoxIo) {
-        if self.idle_raw.put(io) {
+        if self.idle.put(io) {
             self.start_sweeper();
         }
     }
@@ -269,17 +255,18 @@ impl Upstreams {
             }
         }
     }
+}
 
-    /// The most recently parked live connection.
-    fn checkout(&self) -> Option<Conn> {
-        self.idle.take()
-    }
-
-    fn checkin(self: &Arc<Self>, conn: Conn) {
-        if self.idle.put(conn) {
-            self.start_sweeper();
-        }
-    }
+/// hyper's HTTP/1.1 client over a stream (no I/O: the handshake of an
+/// HTTP/1.1 client connection only sets up its state).
+async fn handshake(stream: BoxIo) -> Result<Conn, hyper::Error> {
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await?;
+    Ok(Conn {
+        sender,
+        driver: Box::pin(conn),
+    })
 }
 
 /// Closes parked connections that timed out or that the upstream closed,
@@ -291,7 +278,6 @@ async fn sweep(upstreams: Weak<Upstreams>) {
             return;
         };
         upstreams.idle.sweep();
-        upstreams.idle_raw.sweep();
     }
 }
 
@@ -342,8 +328,14 @@ impl Lane {
             let taken = lock(&self.slot).sender.take();
             let (mut sender, reused) = match taken {
                 Some(sender) => (sender, true),
-                None => match self.upstreams.checkout() {
-                    Some(conn) => (self.install(conn), true),
+                None => match self.upstreams.checkout_raw() {
+                    Some(stream) => match handshake(stream).await {
+                        Ok(conn) => (self.install(conn), true),
+                        Err(e) => {
+                            last = Some(e);
+                            continue;
+                        }
+                    },
                     // Boxed: the TLS handshake's state would otherwise
                     // make every request's future larger.
                     None => match Box::pin(self.upstreams.dial())
@@ -404,7 +396,9 @@ impl Drop for Lane {
     fn drop(&mut self) {
         let slot = self.slot.get_mut().unwrap_or_else(|e| e.into_inner());
         if let (Some(sender), Some(driver)) = (slot.sender.take(), slot.driver.take()) {
-            self.upstreams.checkin(Conn { sender, driver });
+            if let Some(stream) = (Conn { sender, driver }).into_idle_stream() {
+                self.upstreams.checkin_raw(stream);
+            }
         }
     }
 }
