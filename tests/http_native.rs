@@ -757,3 +757,23 @@ async fn no_upstream_connection_is_opened_before_the_request_is_authenticated() 
     );
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn the_connection_that_learnt_http2_becomes_the_shared_one() {
+    // An upstream that offers HTTP/2: the first request learns it on the
+    // native half's first connection, which is then the one every client
+    // shares (it is not dropped and dialled again).
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let server = env.serve().await;
+    let addr = server.http_addr().unwrap();
+    for path in ["/one", "/two", "/three"] {
+        let mut c = Raw::connect(addr).await;
+        let (head, _) = c.response_to(&request("GET", path, "", "")).await;
+        assert_eq!(status(&head), 200, "{head}");
+    }
+    assert_eq!(env.ews.request_count(), 3);
+    assert_eq!(env.ews.connections(), 1, "one upstream connection in all");
+    server.shutdown(GRACE).await;
+}

@@ -11,15 +11,16 @@
 //! connection it had, and legacy clients that reconnect for every request
 //! start warm. A request that meets an upstream connection closed while
 //! idle is re-sent on another one when hyper hands it back unsent. An
-//! upstream that picks HTTP/2 by ALPN is left to the shared pooled client,
-//! which multiplexes every client over one connection.
+//! upstream that picks HTTP/2 by ALPN gets one shared HTTP/2 connection,
+//! which multiplexes every client: the connection on which that was learnt
+//! becomes it (it is not dropped and dialled again).
 
 use super::line::BoxIo;
 use crate::tls::{BoxError, OutBody};
 use futures_util::task::noop_waker_ref;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use std::future::Future;
@@ -117,6 +118,10 @@ pub struct Upstreams {
     http2: AtomicBool,
     http1: AtomicBool,
     idle: Parked,
+    /// The shared HTTP/2 connection, when the upstream chose HTTP/2.
+    h2: Mutex<Option<http2::SendRequest<OutBody>>>,
+    /// One dial at a time for a new HTTP/2 connection.
+    h2_dialing: tokio::sync::Mutex<()>,
     sweeping: AtomicBool,
 }
 
@@ -182,6 +187,8 @@ impl Upstreams {
             connect_timeout,
             http2: AtomicBool::new(false),
             idle: Parked::new(),
+            h2: Mutex::new(None),
+            h2_dialing: tokio::sync::Mutex::new(()),
             sweeping: AtomicBool::new(false),
         })
     }
@@ -221,6 +228,8 @@ impl Upstreams {
                 .map_err(|_| timed_out())??;
                 if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                     self.http2.store(true, Ordering::Relaxed);
+                    // This connection becomes the shared HTTP/2 one.
+                    self.adopt_h2(Box::new(tls)).await?;
                     return Ok(None);
                 }
                 self.http1.store(true, Ordering::Relaxed);
@@ -234,6 +243,53 @@ impl Upstreams {
             return Ok(Dialed::Http2);
         };
         Ok(Dialed::Http1(handshake(stream).await?))
+    }
+
+    /// Makes `stream` (ALPN `h2`) the shared HTTP/2 connection.
+    async fn adopt_h2(&self, stream: BoxIo) -> Result<(), BoxError> {
+        let (sender, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        *lock(&self.h2) = Some(sender);
+        Ok(())
+    }
+
+    fn h2_sender(&self) -> Option<http2::SendRequest<OutBody>> {
+        lock(&self.h2).as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// Sends `req` (absolute-form URI) over the shared HTTP/2 connection,
+    /// opening one when there is none (or it closed).
+    pub async fn send_h2(&self, req: Request<OutBody>) -> Result<Response<Incoming>, BoxError> {
+        let mut sender = match self.h2_sender() {
+            Some(s) => s,
+            None => {
+                let _one = self.h2_dialing.lock().await;
+                match self.h2_sender() {
+                    Some(s) => s,
+                    None => match Box::pin(self.connect()).await? {
+                        None => self
+                            .h2_sender()
+                            .ok_or("the upstream HTTP/2 connection closed")?,
+                        Some(h1) => {
+                            // The upstream went back to HTTP/1.1: park it
+                            // for the HTTP/1.1 paths and fail this one.
+                            self.idle.put(h1);
+                            return Err("the upstream stopped offering HTTP/2".into());
+                        }
+                    },
+                }
+            }
+        };
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
     }
 
     /// The most recently parked live connection, as a stream.

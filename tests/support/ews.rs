@@ -214,6 +214,11 @@ impl FakeEws {
         self.server.addr()
     }
 
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.server.connections()
+    }
+
     /// `https://127.0.0.1:PORT`
     pub fn base_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.addr().port())

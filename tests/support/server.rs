@@ -34,11 +34,17 @@ pub enum HttpMode {
 pub struct ServerHandle {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ServerHandle {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -63,6 +69,8 @@ where
         .await
         .expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local_addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
 
     let task = tokio::spawn(async move {
         // Dropping the JoinSet (when this task is aborted) aborts every
@@ -73,6 +81,7 @@ where
                 Ok(x) => x,
                 Err(_) => continue,
             };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             while conns.try_join_next().is_some() {}
             let acceptor = acceptor.clone();
             let handler = handler.clone();
@@ -93,7 +102,11 @@ where
             });
         }
     });
-    ServerHandle { addr, task }
+    ServerHandle {
+        addr,
+        task,
+        accepted,
+    }
 }
 
 /// Full body from bytes.

@@ -266,6 +266,9 @@ impl HttpProxy {
         parts.authority = Some(self.upstream.authority.clone());
         parts.path_and_query = req.uri().path_and_query().cloned();
         *req.uri_mut() = Uri::from_parts(parts)?;
+        if self.upstreams.speaks_http2() {
+            return Box::pin(self.upstreams.send_h2(req)).await;
+        }
         Ok(Box::pin(self.app.client.request(req)).await?)
     }
 
