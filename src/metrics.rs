@@ -269,6 +269,8 @@ pub struct Metrics {
     lockouts: Family<LockoutLabels, Counter>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
     pub replay_buffered: Gauge,
+    /// Idle HTTP/1.1 upstream connections parked in the pool.
+    pub upstream_idle: Gauge,
     /// Handles of the per-request series, resolved once: the families hash
     /// their labels and take a lock on every lookup, which the hot path
     /// would otherwise pay two or three times per request.
@@ -374,6 +376,12 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             replay_buffered.clone(),
         );
+        let upstream_idle = Gauge::default();
+        registry.register(
+            "http_upstream_idle_connections",
+            "Idle HTTP/1.1 upstream connections parked for the next request (both HTTP halves share them)",
+            upstream_idle.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -394,6 +402,7 @@ impl Metrics {
             connections,
             lockouts,
             replay_buffered,
+            upstream_idle,
             hot: HotHandles::default(),
         }
     }

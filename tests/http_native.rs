@@ -777,3 +777,67 @@ async fn the_connection_that_learnt_http2_becomes_the_shared_one() {
     assert_eq!(env.ews.connections(), 1, "one upstream connection in all");
     server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn http2_clients_share_the_pool_of_upstream_connections() {
+    use http_body_util::{BodyExt, Empty};
+    let Rig {
+        env: _env,
+        up,
+        server,
+        addr,
+    } = rig().await;
+    // An HTTP/1.1 client parks its upstream connection when it leaves...
+    let mut c = Raw::connect(addr).await;
+    let (head, body) = c.response_to(&request("GET", "/h1", "", "")).await;
+    assert_eq!(status(&head), 200, "{head}{body}");
+    c.close().await;
+    parked(&server).await;
+    // ... an HTTP/2 client's requests (served by the hyper half, without a
+    // lane) take it from the pool and put it back...
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    for path in ["/h2-a", "/h2-b"] {
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .header("authorization", auth())
+            .body(Empty::new())
+            .unwrap();
+        let res = h2.request(req).await.expect("HTTP/2 request");
+        assert_eq!(res.version(), http::Version::HTTP_2);
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, 200, "{body:?}");
+        // The connection goes back to the pool as soon as the response is
+        // read whole, from a task of its own.
+        parked(&server).await;
+    }
+    // ... and the next HTTP/1.1 client finds it there again.
+    let mut c = Raw::connect(addr).await;
+    let (head, _) = c.response_to(&request("GET", "/h1-again", "", "")).await;
+    assert_eq!(status(&head), 200);
+    let seen: Vec<(String, usize)> = up
+        .requests()
+        .iter()
+        .map(|r| (r.target.clone(), r.connection))
+        .collect();
+    assert_eq!(up.connections(), 1, "one upstream connection: {seen:?}");
+    server.shutdown(GRACE).await;
+}
+
+/// Waits (at most 5 s) until one upstream connection is parked in the pool.
+async fn parked(server: &authswap::server::Server) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !server
+        .app()
+        .metrics
+        .encode()
+        .contains("authswap_http_upstream_idle_connections 1\n")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no upstream connection parked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -165,6 +165,7 @@ impl HttpProxy {
             port,
             https.then(|| app.client_tls.clone()),
             crate::tls::CONNECT_TIMEOUT,
+            app.metrics.upstream_idle.clone(),
         )
         .map_err(|_| bad())?;
         let parts = uri.into_parts();

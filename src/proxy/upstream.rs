@@ -22,6 +22,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::ServerName;
 use std::future::Future;
 use std::io;
@@ -71,22 +72,37 @@ impl Conn {
 
 /// Parked idle streams, newest last: at most [`MAX_IDLE`], none idle
 /// longer than [`IDLE_TIMEOUT`].
-struct Parked(Mutex<Vec<(Instant, BoxIo)>>);
+/// Their number is kept in a gauge.
+struct Parked {
+    idle: Mutex<Vec<(Instant, BoxIo)>>,
+    gauge: Gauge,
+}
 
 impl Parked {
-    fn new() -> Parked {
-        Parked(Mutex::new(Vec::new()))
+    fn new(gauge: Gauge) -> Parked {
+        Parked {
+            idle: Mutex::new(Vec::new()),
+            gauge,
+        }
+    }
+
+    fn count(&self, idle: &[(Instant, BoxIo)]) {
+        self.gauge
+            .set(i64::try_from(idle.len()).unwrap_or(i64::MAX));
     }
 
     /// The most recently parked live one.
     fn take(&self) -> Option<BoxIo> {
-        let mut idle = lock(&self.0);
+        let mut idle = lock(&self.idle);
+        let mut found = None;
         while let Some((since, mut conn)) = idle.pop() {
             if since.elapsed() < IDLE_TIMEOUT && raw_alive(&mut conn) {
-                return Some(conn);
+                found = Some(conn);
+                break;
             }
         }
-        None
+        self.count(&idle);
+        found
     }
 
     /// Parks `conn` if it is alive (the oldest goes when full); whether it
@@ -95,17 +111,20 @@ impl Parked {
         if !raw_alive(&mut conn) {
             return false;
         }
-        let mut idle = lock(&self.0);
+        let mut idle = lock(&self.idle);
         if idle.len() >= MAX_IDLE {
             idle.remove(0);
         }
         idle.push((Instant::now(), conn));
+        self.count(&idle);
         true
     }
 
     /// Closes the ones that timed out or that the upstream closed.
     fn sweep(&self) {
-        lock(&self.0).retain_mut(|(since, conn)| since.elapsed() < IDLE_TIMEOUT && raw_alive(conn));
+        let mut idle = lock(&self.idle);
+        idle.retain_mut(|(since, conn)| since.elapsed() < IDLE_TIMEOUT && raw_alive(conn));
+        self.count(&idle);
     }
 }
 
@@ -166,6 +185,7 @@ impl Upstreams {
         port: u16,
         tls: Option<rustls::ClientConfig>,
         connect_timeout: Duration,
+        idle_gauge: Gauge,
     ) -> Result<Upstreams, rustls::pki_types::InvalidDnsNameError> {
         let host = host
             .trim_start_matches('[')
@@ -186,7 +206,7 @@ impl Upstreams {
             tls,
             connect_timeout,
             http2: AtomicBool::new(false),
-            idle: Parked::new(),
+            idle: Parked::new(idle_gauge),
             h2: Mutex::new(None),
             h2_dialing: tokio::sync::Mutex::new(()),
             sweeping: AtomicBool::new(false),
@@ -290,6 +310,70 @@ impl Upstreams {
         };
         sender.ready().await?;
         Ok(sender.send_request(req).await?)
+    }
+
+    /// Sends one request (origin-form URI, `Host` set) on a parked
+    /// connection or a new one, for a client that has no lane (an HTTP/2
+    /// client in front of an HTTP/1.1 upstream): the connection goes back
+    /// to the pool once its response has been read whole.
+    pub async fn send_once(
+        self: &Arc<Self>,
+        mut req: Request<OutBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut last: Option<hyper::Error> = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let (stream, reused) = match self.checkout_raw() {
+                Some(stream) => (stream, true),
+                None => match Box::pin(self.connect()).await.map_err(SendError::Connect)? {
+                    Some(stream) => (stream, false),
+                    None => return Err(SendError::Http2(Box::new(req))),
+                },
+            };
+            let (mut sender, conn) =
+                match http1::Builder::new().handshake(TokioIo::new(stream)).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                };
+            // Once the response is read and the sender gone, the connection
+            // ends without closing its stream, which is parked again.
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if let Ok(parts) = conn.without_shutdown().await {
+                    if parts.read_buf.is_empty() {
+                        pool.checkin_raw(parts.io.into_inner());
+                    }
+                }
+            });
+            if let Err(e) = sender.ready().await {
+                last = Some(e);
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(response),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => {
+                        req = unsent;
+                        last = Some(e.into_error());
+                    }
+                    None => {
+                        return Err(SendError::Failed {
+                            error: e.into_error(),
+                            reused,
+                        })
+                    }
+                },
+            }
+        }
+        Err(match last {
+            Some(error) => SendError::Failed {
+                error,
+                reused: true,
+            },
+            None => SendError::Connect("no upstream connection".into()),
+        })
     }
 
     /// The most recently parked live connection, as a stream.

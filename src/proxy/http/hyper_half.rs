@@ -204,9 +204,10 @@ impl HttpProxy {
         Ok((RequestBody::Buffered(bytes), Some(reservation)))
     }
 
-    /// Sends `req` upstream within `http.upstream_timeout`: on the lane of
-    /// `h1` (the HTTP/1.1 client connection it came on) when the upstream
-    /// speaks HTTP/1.1, else through the shared pooled client. `again` is
+    /// Sends `req` upstream within `http.upstream_timeout`: when the
+    /// upstream speaks HTTP/1.1, on the lane of `h1` (the HTTP/1.1 client
+    /// connection it came on), or on a connection of the pool for a client
+    /// without one (HTTP/2); else over the shared HTTP/2 connection. `again` is
     /// sent when `req` was lost on a reused connection after it was written
     /// (`again` exists only for idempotent requests: see [`may_resend`]).
     async fn send(
@@ -217,11 +218,18 @@ impl HttpProxy {
     ) -> Result<Response<Incoming>, Rejection> {
         let started = Instant::now();
         let lane = h1.map(|c| &c.lane);
+        let upstreams = &self.upstreams;
+        let send_h1 = |req: Request<OutBody>| async move {
+            match lane {
+                Some(lane) => lane.send(req).await,
+                None => upstreams.send_once(req).await,
+            }
+        };
         let attempt = async {
-            let Some(lane) = lane.filter(|_| !self.upstreams.speaks_http2()) else {
+            if upstreams.speaks_http2() {
                 return self.send_shared(req).await;
-            };
-            match lane.send(req).await {
+            }
+            match send_h1(req).await {
                 Ok(response) => Ok(response),
                 Err(SendError::Http2(req)) => self.send_shared(*req).await,
                 Err(SendError::Failed { reused, error }) => {
@@ -229,7 +237,7 @@ impl HttpProxy {
                         return Err(error.into());
                     };
                     tracing::debug!(error = %crate::token::idp::error_chain(&error), "reused upstream connection lost the request; sending it again");
-                    match lane.send(again).await {
+                    match send_h1(again).await {
                         Err(SendError::Http2(req)) => self.send_shared(*req).await,
                         other => other.map_err(SendError::into_boxed),
                     }
@@ -257,19 +265,15 @@ impl HttpProxy {
         }
     }
 
-    /// Sends through the shared pooled client (absolute-form URI). The
-    /// client's future is large: it is boxed so that it is not part of
-    /// every request's future.
+    /// Sends over the shared HTTP/2 connection (absolute-form URI). Boxed:
+    /// its future is large and not part of every request's.
     async fn send_shared(&self, mut req: Request<OutBody>) -> Result<Response<Incoming>, BoxError> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.upstream.scheme.clone());
         parts.authority = Some(self.upstream.authority.clone());
         parts.path_and_query = req.uri().path_and_query().cloned();
         *req.uri_mut() = Uri::from_parts(parts)?;
-        if self.upstreams.speaks_http2() {
-            return Box::pin(self.upstreams.send_h2(req)).await;
-        }
-        Ok(Box::pin(self.app.client.request(req)).await?)
+        Box::pin(self.upstreams.send_h2(req)).await
     }
 
     fn respond(&self, response: Response<Incoming>, conn: &Arc<Connection>) -> Response<OutBody> {
