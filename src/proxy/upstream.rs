@@ -347,33 +347,16 @@ impl Upstreams {
                     }
                 }
             });
-            if let Err(e) = sender.ready().await {
-                last = Some(e);
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(response),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => {
-                        req = unsent;
-                        last = Some(e.into_error());
-                    }
-                    None => {
-                        return Err(SendError::Failed {
-                            error: e.into_error(),
-                            reused,
-                        })
-                    }
-                },
+            match try_send(&mut sender, req, reused).await {
+                Attempt::Sent(response) => return Ok(response),
+                Attempt::Unsent(unsent, e) => {
+                    req = unsent;
+                    last = Some(e);
+                }
+                Attempt::Failed(e) => return Err(e),
             }
         }
-        Err(match last {
-            Some(error) => SendError::Failed {
-                error,
-                reused: true,
-            },
-            None => SendError::Connect("no upstream connection".into()),
-        })
+        Err(exhausted(last))
     }
 
     /// The most recently parked live connection, as a stream.
@@ -394,6 +377,44 @@ impl Upstreams {
                 runtime.spawn(sweep(Arc::downgrade(self)));
             }
         }
+    }
+}
+
+/// How sending on one connection went.
+enum Attempt {
+    Sent(Response<Incoming>),
+    /// Not sent (the connection turned out closed): try another one.
+    Unsent(Request<OutBody>, hyper::Error),
+    Failed(SendError),
+}
+
+/// Sends `req` on `sender` (a connection that had served others when
+/// `reused`), telling a request hyper hands back unsent from one that may
+/// have reached the upstream.
+async fn try_send(sender: &mut Sender, req: Request<OutBody>, reused: bool) -> Attempt {
+    if let Err(e) = sender.ready().await {
+        return Attempt::Unsent(req, e);
+    }
+    match sender.try_send_request(req).await {
+        Ok(response) => Attempt::Sent(response),
+        Err(mut e) => match e.take_message() {
+            Some(unsent) => Attempt::Unsent(unsent, e.into_error()),
+            None => Attempt::Failed(SendError::Failed {
+                error: e.into_error(),
+                reused,
+            }),
+        },
+    }
+}
+
+/// The error after [`MAX_ATTEMPTS`] connections turned out closed.
+fn exhausted(last: Option<hyper::Error>) -> SendError {
+    match last {
+        Some(error) => SendError::Failed {
+            error,
+            reused: true,
+        },
+        None => SendError::Connect("no upstream connection".into()),
     }
 }
 
@@ -487,37 +508,20 @@ impl Lane {
                     },
                 },
             };
-            if let Err(e) = sender.ready().await {
-                // Closed while idle; the driver clears itself.
-                last = Some(e);
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => {
+            // (A connection closed while idle clears itself in the driver.)
+            match try_send(&mut sender, req, reused).await {
+                Attempt::Sent(response) => {
                     lock(&self.slot).sender = Some(sender);
                     return Ok(response);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => {
-                        req = unsent;
-                        last = Some(e.into_error());
-                    }
-                    None => {
-                        return Err(SendError::Failed {
-                            error: e.into_error(),
-                            reused,
-                        })
-                    }
-                },
+                Attempt::Unsent(unsent, e) => {
+                    req = unsent;
+                    last = Some(e);
+                }
+                Attempt::Failed(e) => return Err(e),
             }
         }
-        Err(match last {
-            Some(error) => SendError::Failed {
-                error,
-                reused: true,
-            },
-            None => SendError::Connect("no upstream connection".into()),
-        })
+        Err(exhausted(last))
     }
 
     /// Makes `conn` the lane's connection and wakes the driver for it.
