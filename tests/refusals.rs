@@ -39,17 +39,25 @@ async fn stored_status(env: &Env, cond: impl Fn(Status) -> bool) -> (Status, Opt
     }
 }
 
+/// The doubles with alice linked; the EWS double speaks only HTTP/1.1
+/// (the native half serves the requests) when `http1`, else HTTP/2 too
+/// (the hyper half).
+async fn alice_env(http1: bool) -> Env {
+    let env = if http1 {
+        Env::start_http1().await
+    } else {
+        Env::start().await
+    };
+    env.add_linked("alice", ALICE, "pw-alice-123").await;
+    env
+}
+
 #[tokio::test]
 async fn http_tokens_revoked_three_times_in_a_row_cost_one_refresh_each() {
     // An HTTP/2 upstream (the hyper half) and an HTTP/1.1 one (the native
     // half): the same policy on both.
     for http1 in [false, true] {
-        let env = if http1 {
-            Env::start_http1().await
-        } else {
-            Env::start().await
-        };
-        env.add_linked("alice", ALICE, "pw-alice-123").await;
+        let env = alice_env(http1).await;
         let server = env.serve().await;
         let addr = server.http_addr().unwrap();
         let client = HttpClient::default();
@@ -83,12 +91,7 @@ async fn http_tokens_revoked_three_times_in_a_row_cost_one_refresh_each() {
 #[tokio::test]
 async fn http_upstream_refusing_every_token_gets_bounded_refreshes_and_503() {
     for http1 in [false, true] {
-        let env = if http1 {
-            Env::start_http1().await
-        } else {
-            Env::start().await
-        };
-        env.add_linked("alice", ALICE, "pw-alice-123").await;
+        let env = alice_env(http1).await;
         let server = env.serve_with(short_backoff).await;
         let addr = server.http_addr().unwrap();
         let client = HttpClient::default();
@@ -161,12 +164,7 @@ async fn http_upstream_refusing_every_token_gets_bounded_refreshes_and_503() {
 #[tokio::test]
 async fn http_403_from_the_upstream_passes_through_and_shows_in_the_status() {
     for http1 in [false, true] {
-        let env = if http1 {
-            Env::start_http1().await
-        } else {
-            Env::start().await
-        };
-        env.add_linked("alice", ALICE, "pw-alice-123").await;
+        let env = alice_env(http1).await;
         let server = env.serve().await;
         let addr = server.http_addr().unwrap();
         let client = HttpClient::default();
