@@ -29,6 +29,8 @@ fn record(id: i64, name: &str, hash: &str) -> IdentityRecord {
         created_at: 0,
         has_refresh_token: true,
         token_generation: 1,
+        account: None,
+        linked_at: None,
     }
 }
 

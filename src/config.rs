@@ -84,6 +84,10 @@ pub struct Config {
     pub pop3: MailConfig,
     /// The async runtime.
     pub runtime: RuntimeConfig,
+    /// Invitations and the public sign-in listener.
+    pub onboarding: OnboardingConfig,
+    /// Messages to users and admins when an identity needs attention.
+    pub notifications: NotificationsConfig,
 }
 
 /// `[runtime]`: how many threads serve connections.
@@ -127,6 +131,8 @@ impl Default for Config {
             imap: MailConfig::imap(),
             pop3: MailConfig::pop3(),
             runtime: RuntimeConfig::default(),
+            onboarding: OnboardingConfig::default(),
+            notifications: NotificationsConfig::default(),
         }
     }
 }
@@ -663,14 +669,180 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Admin listen address (metrics, health).
+    /// Admin listen address (metrics, health, console, API).
     pub listen: String,
+    /// File holding the admin credential (API bearer token, console
+    /// sign-in); generated 0600 on first start when missing.
+    pub token_file: PathBuf,
+    /// The admin credential itself, usually from `AUTHSWAP_ADMIN__TOKEN`;
+    /// takes precedence over `token_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// How long a console sign-in lasts.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Serve the admin listener over HTTPS (session cookies are then `Secure`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key for `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9090".into(),
+            token_file: PathBuf::from("data/admin.token"),
+            token: None,
+            session_ttl: Duration::from_secs(12 * 3600),
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+/// `[onboarding]`: invitations and the public listener where invited users
+/// sign in with Microsoft (authorization code + PKCE) or a device code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnboardingConfig {
+    /// Serve the onboarding listener.
+    pub enabled: bool,
+    /// Listen address of the onboarding pages and the OAuth callback.
+    pub listen: String,
+    /// Base URL users' browsers reach (a reverse proxy's HTTPS address);
+    /// used in invitation links and the redirect URI. Default: derived
+    /// from `listen` (`http://127.0.0.1:8081`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// Organisation named on the pages and in invitation e-mails.
+    pub organization: String,
+    /// How long an invitation stays valid.
+    #[serde(with = "humantime_serde")]
+    pub invitation_ttl: Duration,
+    /// How long a started browser sign-in may take (the `state` lifetime).
+    #[serde(with = "humantime_serde")]
+    pub signin_ttl: Duration,
+    /// Accounts accepted for a mailbox besides the mailbox itself
+    /// (aliases), keyed by mailbox; compared case-insensitively.
+    pub aliases: std::collections::BTreeMap<String, Vec<String>>,
+    /// Serve HTTPS directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key for `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl Default for OnboardingConfig {
+    fn default() -> Self {
+        OnboardingConfig {
+            enabled: true,
+            listen: "127.0.0.1:8081".into(),
+            public_url: None,
+            organization: "Your organisation".into(),
+            invitation_ttl: Duration::from_secs(7 * 24 * 3600),
+            signin_ttl: Duration::from_secs(15 * 60),
+            aliases: Default::default(),
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+impl OnboardingConfig {
+    /// The base URL of the onboarding pages, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let scheme = if self.tls_cert_file.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{}", self.listen)
+            }
+        }
+    }
+
+    /// The redirect URI registered in Entra ID.
+    pub fn redirect_uri(&self) -> String {
+        format!("{}/callback", self.base_url())
+    }
+
+    /// Whether `account` (the signed-in UPN) may link `mailbox`.
+    pub fn accepts(&self, mailbox: &str, account: &str) -> bool {
+        let account = account.trim();
+        if account.eq_ignore_ascii_case(mailbox.trim()) {
+            return true;
+        }
+        self.aliases
+            .iter()
+            .filter(|(m, _)| m.trim().eq_ignore_ascii_case(mailbox.trim()))
+            .flat_map(|(_, list)| list)
+            .any(|a| a.trim().eq_ignore_ascii_case(account))
+    }
+}
+
+/// `[notifications]`: what happens when an identity needs re-authentication
+/// or its refresh token nears Microsoft's 90-day inactivity limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotificationsConfig {
+    /// At most one notification per identity this often.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// Warn when a refresh token has not been used for this long
+    /// (Microsoft revokes it after 90 days of inactivity).
+    #[serde(with = "humantime_serde")]
+    pub inactivity_warning: Duration,
+    /// Webhook receiving a JSON POST per notification.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for the `X-Authswap-Signature` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<Secret>,
+    /// File holding `webhook_secret`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// E-mail the user (and `admin_email`) a fresh invitation.
+    pub email: bool,
+    /// Identity whose mailbox sends the e-mails (through the SMTP upstream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email_sender: Option<String>,
+    /// Copy every notification e-mail to this address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_email: Option<String>,
+    /// First retry delay after a failed delivery (doubling).
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Attempts per notification before giving up until the next interval.
+    pub max_attempts: u32,
+    /// How often the notifier looks for identities needing a message.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            min_interval: Duration::from_secs(24 * 3600),
+            inactivity_warning: Duration::from_secs(80 * 24 * 3600),
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_secret_file: None,
+            email: false,
+            email_sender: None,
+            admin_email: None,
+            retry_min: Duration::from_secs(5),
+            retry_max: Duration::from_secs(300),
+            max_attempts: 5,
+            check_interval: Duration::from_secs(60),
         }
     }
 }
@@ -894,6 +1066,27 @@ impl Config {
         if idp.client_secret.as_ref().is_some_and(Secret::is_empty) {
             idp.client_secret = None;
         }
+        let n = &mut self.notifications;
+        if let Some(file) = &n.webhook_secret_file {
+            if n.webhook_secret.is_some() {
+                return Err(invalid(
+                    "notifications.webhook_secret_file",
+                    "set either webhook_secret or webhook_secret_file, not both",
+                ));
+            }
+            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::File {
+                key: "notifications.webhook_secret_file",
+                path: file.clone(),
+                source,
+            })?;
+            n.webhook_secret = Some(Secret::new(text.trim().to_owned()));
+        }
+        if n.webhook_secret.as_ref().is_some_and(Secret::is_empty) {
+            n.webhook_secret = None;
+        }
+        if self.admin.token.as_ref().is_some_and(Secret::is_empty) {
+            self.admin.token = None;
+        }
         Ok(())
     }
 
@@ -906,6 +1099,7 @@ impl Config {
             ));
         }
         parse_listen("admin.listen", &self.admin.listen)?;
+        self.validate_admin_side()?;
         if self.http.enabled {
             parse_listen("http.listen", &self.http.listen)?;
         }
@@ -1039,6 +1233,87 @@ impl Config {
         Ok(())
     }
 
+    /// `[admin]`, `[onboarding]` and `[notifications]`.
+    fn validate_admin_side(&self) -> Result<(), ConfigError> {
+        let (a, o, n) = (&self.admin, &self.onboarding, &self.notifications);
+        if a.tls_cert_file.is_some() != a.tls_key_file.is_some() {
+            return Err(invalid(
+                "admin.tls_cert_file",
+                "tls_cert_file and tls_key_file must be set together",
+            ));
+        }
+        check_duration("admin.session_ttl", a.session_ttl)?;
+        if o.enabled {
+            parse_listen("onboarding.listen", &o.listen)?;
+        }
+        if o.tls_cert_file.is_some() != o.tls_key_file.is_some() {
+            return Err(invalid(
+                "onboarding.tls_cert_file",
+                "tls_cert_file and tls_key_file must be set together",
+            ));
+        }
+        if let Some(url) = &o.public_url {
+            let parsed = check_url("onboarding.public_url", url)?;
+            if parsed.query().is_some() || parsed.fragment().is_some() {
+                return Err(invalid(
+                    "onboarding.public_url",
+                    "must be a base URL without query or fragment",
+                ));
+            }
+        }
+        if o.invitation_ttl.is_zero() || o.invitation_ttl > Duration::from_secs(90 * 24 * 3600) {
+            return Err(invalid(
+                "onboarding.invitation_ttl",
+                "must be above zero and at most 90 days",
+            ));
+        }
+        check_duration("onboarding.signin_ttl", o.signin_ttl)?;
+        if o.organization.trim().is_empty() || o.organization.len() > 200 {
+            return Err(invalid(
+                "onboarding.organization",
+                "must be 1 to 200 characters",
+            ));
+        }
+        if n.min_interval.is_zero() {
+            return Err(invalid("notifications.min_interval", "must be above zero"));
+        }
+        if n.inactivity_warning.is_zero()
+            || n.inactivity_warning >= Duration::from_secs(90 * 24 * 3600)
+        {
+            return Err(invalid(
+                "notifications.inactivity_warning",
+                "must be above zero and below Microsoft's 90-day limit",
+            ));
+        }
+        if let Some(url) = &n.webhook_url {
+            check_url("notifications.webhook_url", url)?;
+        }
+        if n.email
+            && n.email_sender
+                .as_deref()
+                .is_none_or(|s| s.trim().is_empty())
+        {
+            return Err(invalid(
+                "notifications.email_sender",
+                "e-mail notifications need the identity whose mailbox sends them",
+            ));
+        }
+        if n.retry_min.is_zero() || n.retry_max < n.retry_min {
+            return Err(invalid(
+                "notifications.retry_max",
+                "retry_min must be above zero and retry_max at least retry_min",
+            ));
+        }
+        check_duration("notifications.check_interval", n.check_interval)?;
+        if n.max_attempts == 0 || n.max_attempts > 100 {
+            return Err(invalid(
+                "notifications.max_attempts",
+                "must be between 1 and 100",
+            ));
+        }
+        Ok(())
+    }
+
     /// Scopes requested by `identity login`: `identity_provider.login_scopes`,
     /// or the union of the enabled front ends' scopes (with `offline_access`).
     pub fn login_scopes(&self) -> Vec<String> {
@@ -1104,6 +1379,12 @@ impl Config {
         idp.authorize_endpoint = Some(redact(&idp.authorize_url()));
         idp.authority = redact(&idp.authority);
         shown.http.upstream = redact(&shown.http.upstream);
+        if let Some(url) = &mut shown.notifications.webhook_url {
+            *url = redact(url);
+        }
+        if let Some(url) = &mut shown.onboarding.public_url {
+            *url = redact(url);
+        }
         for mail in [&mut shown.smtp, &mut shown.imap, &mut shown.pop3] {
             mail.upstream = redact_host_port(&mail.upstream).into_owned();
         }

@@ -832,6 +832,8 @@ mod tests {
             created_at: 0,
             has_refresh_token: true,
             token_generation: 1,
+            account: None,
+            linked_at: None,
         }
     }
 

@@ -90,6 +90,176 @@ pub struct IdentityRecord {
     pub has_refresh_token: bool,
     /// Incremented each time a person links the identity (login, import).
     pub token_generation: i64,
+    /// The Microsoft account that signed in to link it (browser sign-in).
+    pub account: Option<LinkedAccount>,
+    /// Unix seconds of the last time a person linked it.
+    pub linked_at: Option<i64>,
+}
+
+/// The Microsoft account behind a link, read from the ID token.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct LinkedAccount {
+    /// `preferred_username` (or `upn`) of the account that signed in.
+    pub upn: String,
+    /// Object id of the account (`oid`).
+    pub oid: String,
+    /// Tenant id (`tid`).
+    pub tid: String,
+}
+
+/// Life cycle of an invitation. `Expired` is never stored: a pending
+/// invitation past its expiry reads as expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvitationState {
+    /// Waiting for the user.
+    Pending,
+    /// The user signed in and the identity was linked with it.
+    Completed,
+    /// Past its expiry, unused.
+    Expired,
+    /// Revoked by an admin or replaced by a newer invitation.
+    Revoked,
+}
+
+impl InvitationState {
+    /// Display form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvitationState::Pending => "pending",
+            InvitationState::Completed => "completed",
+            InvitationState::Expired => "expired",
+            InvitationState::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for InvitationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One invitation as stored (hashes only, never the link token or code).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InvitationRecord {
+    /// Row id.
+    pub id: i64,
+    /// Id of the invited identity.
+    pub identity_id: i64,
+    /// Name of the invited identity.
+    pub identity: String,
+    /// Its mailbox.
+    pub mailbox: String,
+    /// State (expiry applied at read time).
+    pub state: InvitationState,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// When it was completed or revoked.
+    pub finished_at: Option<i64>,
+    /// Who created it.
+    pub actor: String,
+}
+
+/// A new invitation: hashes of its link token and code.
+#[derive(Debug, Clone)]
+pub struct NewInvitation {
+    /// The invited identity.
+    pub identity_id: i64,
+    /// SHA-256 of the link token.
+    pub token_hash: Vec<u8>,
+    /// SHA-256 of the normalised short code.
+    pub code_hash: Vec<u8>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Who creates it (`cli`, `admin`, `notifier`).
+    pub actor: String,
+}
+
+/// A browser sign-in in progress (authorization code + PKCE).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Signin {
+    /// SHA-256 of the OAuth `state`.
+    pub state_hash: Vec<u8>,
+    /// The invitation it completes.
+    pub invitation_id: i64,
+    /// PKCE code verifier.
+    pub verifier: crate::secret::Secret,
+    /// OpenID Connect nonce expected in the ID token.
+    pub nonce: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl fmt::Debug for Signin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signin")
+            .field("invitation_id", &self.invitation_id)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Outcome of completing an invitation with a signed-in account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Linked: the token is durably stored and the invitation completed.
+    Linked,
+    /// The invitation is no longer pending (used, revoked or expired).
+    NotPending(InvitationState),
+}
+
+/// Result of proving one protocol end to end for an identity.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ValidationRecord {
+    /// `ews`/`http`, `smtp`, `imap`, `pop3`.
+    pub protocol: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// Whether the upstream accepted it.
+    pub ok: bool,
+    /// The upstream's own answer (or what failed before it).
+    pub answer: String,
+    /// What it means, in plain words.
+    pub meaning: String,
+}
+
+/// An audit log entry to write. Never put a secret in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAudit<'a> {
+    /// `cli`, `admin`, `api`, `user` (the invited person), `system`.
+    pub actor: &'a str,
+    /// Dotted action name (`invitation.create`, `identity.forget`, ...).
+    pub action: &'a str,
+    /// Identity name concerned, if any.
+    pub identity: Option<&'a str>,
+    /// `ok`, `refused`, `failed`, or a state name.
+    pub outcome: &'a str,
+    /// Plain-words detail.
+    pub detail: Option<&'a str>,
+}
+
+/// An audit log entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// Row id (increasing).
+    pub id: i64,
+    /// Unix seconds.
+    pub at: i64,
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// Which identity.
+    pub identity: Option<String>,
+    /// How it ended.
+    pub outcome: String,
+    /// Plain-words detail.
+    pub detail: Option<String>,
 }
 
 /// Which key sealed one identity's stored refresh token.
@@ -216,6 +386,81 @@ pub trait Store: Send + Sync + 'static {
     /// A number that changes whenever identities change in a way a running
     /// server must pick up.
     async fn revision(&self) -> Result<i64, StoreError>;
+    /// Links identity `id` with a browser sign-in's account and token:
+    /// stores the token (durably), marks it `linked`, bumps the token
+    /// generation and records the account. Like [`Store::link`].
+    async fn link_account(
+        &self,
+        id: i64,
+        token: &SealedToken,
+        account: &LinkedAccount,
+    ) -> Result<(), StoreError>;
+    /// Creates an invitation, revoking the identity's older pending ones in
+    /// the same transaction.
+    async fn create_invitation(&self, new: &NewInvitation) -> Result<InvitationRecord, StoreError>;
+    /// The invitation whose link token hashes to `token_hash`.
+    async fn invitation_by_token(
+        &self,
+        token_hash: &[u8],
+    ) -> Result<Option<InvitationRecord>, StoreError>;
+    /// The invitation whose short code hashes to `code_hash`.
+    async fn invitation_by_code(
+        &self,
+        code_hash: &[u8],
+    ) -> Result<Option<InvitationRecord>, StoreError>;
+    /// One invitation by id.
+    async fn invitation(&self, id: i64) -> Result<Option<InvitationRecord>, StoreError>;
+    /// Every invitation, newest first.
+    async fn list_invitations(&self) -> Result<Vec<InvitationRecord>, StoreError>;
+    /// Revokes the identity's pending invitations; returns how many.
+    async fn revoke_invitations(&self, identity_id: i64, at: i64) -> Result<u64, StoreError>;
+    /// In one durable transaction: checks the invitation is still pending
+    /// and unexpired, stores the token and account on its identity (as
+    /// [`Store::link_account`]) and marks the invitation completed.
+    async fn complete_invitation(
+        &self,
+        invitation_id: i64,
+        token: &SealedToken,
+        account: &LinkedAccount,
+        at: i64,
+    ) -> Result<Completion, StoreError>;
+    /// Records a browser sign-in in progress (and drops expired ones).
+    async fn put_signin(&self, signin: &Signin) -> Result<(), StoreError>;
+    /// Takes (deletes and returns) the sign-in with this state hash, if it
+    /// exists and has not expired: each `state` works once.
+    async fn take_signin(&self, state_hash: &[u8], now: i64) -> Result<Option<Signin>, StoreError>;
+    /// Stores the result of validating one protocol (replacing the last).
+    async fn record_validation(&self, id: i64, v: &ValidationRecord) -> Result<(), StoreError>;
+    /// The last validation results of every identity, by identity id.
+    async fn validations(&self) -> Result<Vec<(i64, ValidationRecord)>, StoreError>;
+    /// Claims the right to notify identity `id` about `kind`: true (and
+    /// records `now`) when nothing of that kind was sent since
+    /// `now - min_interval_secs`.
+    async fn claim_notification(
+        &self,
+        id: i64,
+        kind: &str,
+        now: i64,
+        min_interval_secs: i64,
+    ) -> Result<bool, StoreError>;
+    /// Deletes the identity's registration data: refresh token, account,
+    /// mailbox, last errors, validations, invitations, notification state
+    /// and the details of its audit entries. The name and local password
+    /// stay, status `pending`; the revision is bumped so cached access
+    /// tokens are dropped.
+    async fn forget(&self, name: &str) -> Result<(), StoreError>;
+    /// Sets the mailbox of an identity (after `forget`, or a correction).
+    async fn set_mailbox(&self, name: &str, mailbox: &str) -> Result<(), StoreError>;
+    /// Appends to the audit log.
+    async fn audit(&self, entry: &NewAudit<'_>) -> Result<(), StoreError>;
+    /// Audit entries, newest first: at most `limit`, with id below `before`
+    /// when given, for one identity when given.
+    async fn audit_log(
+        &self,
+        identity: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
     /// For every identity with a stored refresh token, the id of the key
     /// that sealed it, ordered by name (read-only; checked against the
     /// configured key before it is used, see [`open_sealer`]).

@@ -2,7 +2,11 @@
 //! committed rotated refresh token survives a crash or power loss), migrated
 //! on open, shared safely between `serve` and concurrent CLI commands.
 
-use super::{name_key, now_unix, IdentityRecord, SealedToken, Status, Store, StoreError};
+use super::{
+    name_key, now_unix, AuditEntry, Completion, IdentityRecord, InvitationRecord, InvitationState,
+    LinkedAccount, NewAudit, NewInvitation, SealedToken, Signin, Status, Store, StoreError,
+    ValidationRecord,
+};
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -17,7 +21,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 const COLUMNS: &str = "id, name, mailbox, password_hash, status, last_error, last_success_at, \
      last_failure_at, created_at, refresh_token IS NOT NULL AS has_token, token_generation, \
-     upstream_refusal";
+     upstream_refusal, account_upn, account_oid, account_tid, linked_at";
+
+const INVITATION_COLUMNS: &str = "i.id, i.identity_id, d.name, d.mailbox, i.state, i.created_at, \
+     i.expires_at, i.finished_at, i.actor";
 
 /// SQLite-backed [`Store`].
 #[derive(Clone, Debug)]
@@ -100,7 +107,10 @@ async fn rotate_batch(
         .bind(r.id)
         .execute(&mut *tx)
         .await?;
-        changed_status |= old != "linked";
+        if old != "linked" {
+            changed_status = true;
+            audit_status(&mut tx, r.id, "status.recovered", "linked", None, r.at).await?;
+        }
         outcomes.push(Ok(true));
     }
     if changed_status {
@@ -161,6 +171,22 @@ impl SqliteStore {
     async fn begin(&self) -> Result<Tx, StoreError> {
         Tx::begin(&self.pool).await
     }
+
+    async fn invitation_where(
+        &self,
+        condition: &str,
+        hash: &[u8],
+    ) -> Result<Option<InvitationRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {INVITATION_COLUMNS} FROM invitations i JOIN identities d \
+             ON d.id = i.identity_id WHERE {condition}"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let now = now_unix();
+        row.as_ref().map(|r| invitation_record(r, now)).transpose()
+    }
 }
 
 fn record(row: &SqliteRow) -> Result<IdentityRecord, StoreError> {
@@ -184,7 +210,115 @@ fn record(row: &SqliteRow) -> Result<IdentityRecord, StoreError> {
         created_at: row.try_get("created_at")?,
         has_refresh_token: row.try_get("has_token")?,
         token_generation: row.try_get("token_generation")?,
+        account: match row.try_get::<Option<String>, _>("account_upn")? {
+            Some(upn) => Some(LinkedAccount {
+                upn,
+                oid: row
+                    .try_get::<Option<String>, _>("account_oid")?
+                    .unwrap_or_default(),
+                tid: row
+                    .try_get::<Option<String>, _>("account_tid")?
+                    .unwrap_or_default(),
+            }),
+            None => None,
+        },
+        linked_at: row.try_get("linked_at")?,
     })
+}
+
+fn invitation_record(row: &SqliteRow, now: i64) -> Result<InvitationRecord, StoreError> {
+    let state: String = row.try_get("state")?;
+    let expires_at: i64 = row.try_get("expires_at")?;
+    let state = match state.as_str() {
+        "completed" => InvitationState::Completed,
+        "revoked" => InvitationState::Revoked,
+        _ if expires_at <= now => InvitationState::Expired,
+        _ => InvitationState::Pending,
+    };
+    Ok(InvitationRecord {
+        id: row.try_get("id")?,
+        identity_id: row.try_get("identity_id")?,
+        identity: row.try_get("name")?,
+        mailbox: row.try_get("mailbox")?,
+        state,
+        created_at: row.try_get("created_at")?,
+        expires_at,
+        finished_at: row.try_get("finished_at")?,
+        actor: row.try_get("actor")?,
+    })
+}
+
+/// Writes an audit entry inside `tx`.
+async fn audit_in(tx: &mut SqliteConnection, e: &NewAudit<'_>, at: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, action, identity, outcome, detail) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(at)
+    .bind(e.actor)
+    .bind(e.action)
+    .bind(e.identity)
+    .bind(e.outcome)
+    .bind(e.detail)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Audits a status change of identity `id` made by the token engine.
+async fn audit_status(
+    tx: &mut SqliteConnection,
+    id: i64,
+    action: &str,
+    outcome: &str,
+    detail: Option<&str>,
+    at: i64,
+) -> Result<(), StoreError> {
+    let name: Option<String> = sqlx::query_scalar("SELECT name FROM identities WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let entry = NewAudit {
+        actor: "system",
+        action,
+        identity: name.as_deref(),
+        outcome,
+        detail,
+    };
+    audit_in(tx, &entry, at).await
+}
+
+/// Stores a token on identity `id` as a person's new link.
+async fn link_in(
+    tx: &mut SqliteConnection,
+    id: i64,
+    token: &SealedToken,
+    account: Option<&LinkedAccount>,
+    now: i64,
+) -> Result<(), StoreError> {
+    let n = sqlx::query(
+        "UPDATE identities SET refresh_token = ?, key_id = ?, status = 'linked', \
+         last_error = NULL, upstream_refusal = NULL, upstream_refused_at = NULL, \
+         token_generation = token_generation + 1, last_success_at = ?, linked_at = ?, \
+         account_upn = COALESCE(?, account_upn), account_oid = COALESCE(?, account_oid), \
+         account_tid = COALESCE(?, account_tid), updated_at = ? WHERE id = ?",
+    )
+    .bind(&token.blob)
+    .bind(&token.key_id)
+    .bind(now)
+    .bind(now)
+    .bind(account.map(|a| a.upn.as_str()))
+    .bind(account.map(|a| a.oid.as_str()))
+    .bind(account.map(|a| a.tid.as_str()))
+    .bind(now)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("#{id}")));
+    }
+    audit_status(tx, id, "identity.linked", "linked", None, now).await
 }
 
 async fn bump(tx: &mut Tx) -> Result<(), StoreError> {
@@ -376,23 +510,7 @@ impl Store for SqliteStore {
     async fn link(&self, id: i64, token: &SealedToken) -> Result<(), StoreError> {
         let now = now_unix();
         let mut tx = self.begin().await?;
-        let n = sqlx::query(
-            "UPDATE identities SET refresh_token = ?, key_id = ?, status = 'linked', \
-             last_error = NULL, upstream_refusal = NULL, upstream_refused_at = NULL, \
-             token_generation = token_generation + 1, \
-             last_success_at = ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(&token.blob)
-        .bind(&token.key_id)
-        .bind(now)
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("#{id}")));
-        }
+        link_in(&mut tx, id, token, None, now).await?;
         bump(&mut tx).await?;
         tx.commit().await?;
         Ok(())
@@ -440,6 +558,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         if old != "linked" {
+            audit_status(&mut tx, id, "status.recovered", "linked", None, at).await?;
             bump(&mut tx).await?;
         }
         tx.commit().await?;
@@ -475,6 +594,20 @@ impl Store for SqliteStore {
         .await?
         .rows_affected();
         if n > 0 {
+            match refusal {
+                Some(text) => {
+                    audit_status(
+                        &mut tx,
+                        id,
+                        "status.upstream_refused",
+                        "upstream_refused",
+                        Some(text),
+                        at,
+                    )
+                    .await?
+                }
+                None => audit_status(&mut tx, id, "status.recovered", "linked", None, at).await?,
+            }
             bump(&mut tx).await?;
         }
         tx.commit().await?;
@@ -489,6 +622,10 @@ impl Store for SqliteStore {
         at: i64,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
+        let was: Option<String> = sqlx::query_scalar("SELECT status FROM identities WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
         let n = if needs_reauth {
             sqlx::query(
                 "UPDATE identities SET status = 'needs_reauth', last_error = ?, \
@@ -511,6 +648,17 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("#{id}")));
         }
         if needs_reauth {
+            if was.as_deref() != Some("needs_reauth") {
+                audit_status(
+                    &mut tx,
+                    id,
+                    "status.needs_reauth",
+                    "needs_reauth",
+                    Some(error),
+                    at,
+                )
+                .await?;
+            }
             bump(&mut tx).await?;
         }
         tx.commit().await?;
@@ -523,6 +671,359 @@ impl Store for SqliteStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    async fn link_account(
+        &self,
+        id: i64,
+        token: &SealedToken,
+        account: &LinkedAccount,
+    ) -> Result<(), StoreError> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        link_in(&mut tx, id, token, Some(account), now).await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_invitation(&self, new: &NewInvitation) -> Result<InvitationRecord, StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE invitations SET state = 'revoked', finished_at = ? \
+             WHERE identity_id = ? AND state = 'pending'",
+        )
+        .bind(new.created_at)
+        .bind(new.identity_id)
+        .execute(&mut *tx)
+        .await?;
+        let id = sqlx::query(
+            "INSERT INTO invitations (identity_id, token_hash, code_hash, state, created_at, \
+             expires_at, actor) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+        )
+        .bind(new.identity_id)
+        .bind(&new.token_hash)
+        .bind(&new.code_hash)
+        .bind(new.created_at)
+        .bind(new.expires_at)
+        .bind(&new.actor)
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        let row = sqlx::query(&format!(
+            "SELECT {INVITATION_COLUMNS} FROM invitations i JOIN identities d \
+             ON d.id = i.identity_id WHERE i.id = ?"
+        ))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let rec = invitation_record(&row, new.created_at)?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn invitation_by_token(
+        &self,
+        token_hash: &[u8],
+    ) -> Result<Option<InvitationRecord>, StoreError> {
+        self.invitation_where("i.token_hash = ?", token_hash).await
+    }
+
+    async fn invitation_by_code(
+        &self,
+        code_hash: &[u8],
+    ) -> Result<Option<InvitationRecord>, StoreError> {
+        self.invitation_where("i.code_hash = ?", code_hash).await
+    }
+
+    async fn invitation(&self, id: i64) -> Result<Option<InvitationRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {INVITATION_COLUMNS} FROM invitations i JOIN identities d \
+             ON d.id = i.identity_id WHERE i.id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let now = now_unix();
+        row.as_ref().map(|r| invitation_record(r, now)).transpose()
+    }
+
+    async fn list_invitations(&self) -> Result<Vec<InvitationRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {INVITATION_COLUMNS} FROM invitations i JOIN identities d \
+             ON d.id = i.identity_id ORDER BY i.id DESC"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let now = now_unix();
+        rows.iter().map(|r| invitation_record(r, now)).collect()
+    }
+
+    async fn revoke_invitations(&self, identity_id: i64, at: i64) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE invitations SET state = 'revoked', finished_at = ? \
+             WHERE identity_id = ? AND state = 'pending'",
+        )
+        .bind(at)
+        .bind(identity_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "DELETE FROM signins WHERE invitation_id IN \
+             (SELECT id FROM invitations WHERE identity_id = ?)",
+        )
+        .bind(identity_id)
+        .execute(&mut *tx)
+        .await?;
+        if n > 0 {
+            bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn complete_invitation(
+        &self,
+        invitation_id: i64,
+        token: &SealedToken,
+        account: &LinkedAccount,
+        at: i64,
+    ) -> Result<Completion, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {INVITATION_COLUMNS} FROM invitations i JOIN identities d \
+             ON d.id = i.identity_id WHERE i.id = ?"
+        ))
+        .bind(invitation_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Completion::NotPending(InvitationState::Revoked));
+        };
+        let inv = invitation_record(&row, at)?;
+        if inv.state != InvitationState::Pending {
+            return Ok(Completion::NotPending(inv.state));
+        }
+        link_in(&mut tx, inv.identity_id, token, Some(account), at).await?;
+        sqlx::query("UPDATE invitations SET state = 'completed', finished_at = ? WHERE id = ?")
+            .bind(at)
+            .bind(invitation_id)
+            .execute(&mut *tx)
+            .await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Completion::Linked)
+    }
+
+    async fn put_signin(&self, signin: &Signin) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM signins WHERE expires_at <= ?")
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO signins (state_hash, invitation_id, verifier, nonce, expires_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&signin.state_hash)
+        .bind(signin.invitation_id)
+        .bind(signin.verifier.expose())
+        .bind(&signin.nonce)
+        .bind(signin.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn take_signin(&self, state_hash: &[u8], now: i64) -> Result<Option<Signin>, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "DELETE FROM signins WHERE state_hash = ? \
+             RETURNING invitation_id, verifier, nonce, expires_at",
+        )
+        .bind(state_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let Some(row) = row else { return Ok(None) };
+        let expires_at: i64 = row.try_get("expires_at")?;
+        if expires_at <= now {
+            return Ok(None);
+        }
+        Ok(Some(Signin {
+            state_hash: state_hash.to_vec(),
+            invitation_id: row.try_get("invitation_id")?,
+            verifier: crate::secret::Secret::new(row.try_get::<String, _>("verifier")?),
+            nonce: row.try_get("nonce")?,
+            expires_at,
+        }))
+    }
+
+    async fn record_validation(&self, id: i64, v: &ValidationRecord) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO validations (identity_id, protocol, at, ok, answer, meaning) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (identity_id, protocol) DO UPDATE SET \
+             at = excluded.at, ok = excluded.ok, answer = excluded.answer, \
+             meaning = excluded.meaning",
+        )
+        .bind(id)
+        .bind(&v.protocol)
+        .bind(v.at)
+        .bind(v.ok)
+        .bind(&v.answer)
+        .bind(&v.meaning)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn validations(&self) -> Result<Vec<(i64, ValidationRecord)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT identity_id, protocol, at, ok, answer, meaning FROM validations \
+             ORDER BY identity_id, protocol",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("identity_id")?,
+                    ValidationRecord {
+                        protocol: r.try_get("protocol")?,
+                        at: r.try_get("at")?,
+                        ok: r.try_get("ok")?,
+                        answer: r.try_get("answer")?,
+                        meaning: r.try_get("meaning")?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn claim_notification(
+        &self,
+        id: i64,
+        kind: &str,
+        now: i64,
+        min_interval_secs: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "INSERT INTO notifications (identity_id, kind, last_sent_at) VALUES (?, ?, ?) \
+             ON CONFLICT (identity_id, kind) DO UPDATE SET last_sent_at = excluded.last_sent_at \
+             WHERE notifications.last_sent_at <= ?",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(now)
+        .bind(now - min_interval_secs)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn forget(&self, name: &str) -> Result<(), StoreError> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT id, name FROM identities WHERE name_key = ?")
+                .bind(name_key(name))
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((id, stored_name)) = row else {
+            return Err(StoreError::NotFound(name.to_owned()));
+        };
+        sqlx::query(
+            "UPDATE identities SET refresh_token = NULL, key_id = NULL, mailbox = '', \
+             status = 'pending', last_error = NULL, last_success_at = NULL, \
+             last_failure_at = NULL, upstream_refusal = NULL, upstream_refused_at = NULL, \
+             account_upn = NULL, account_oid = NULL, account_tid = NULL, linked_at = NULL, \
+             token_generation = token_generation + 1, updated_at = ? WHERE id = ?",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        for table in ["validations", "notifications", "invitations"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE identity_id = ?"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE audit_log SET detail = NULL WHERE identity = ?")
+            .bind(&stored_name)
+            .execute(&mut *tx)
+            .await?;
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        // Old row versions live on in WAL frames until a checkpoint.
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_mailbox(&self, name: &str, mailbox: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("UPDATE identities SET mailbox = ?, updated_at = ? WHERE name_key = ?")
+            .bind(mailbox.trim())
+            .bind(now_unix())
+            .bind(name_key(name))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound(name.to_owned()));
+        }
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit(&self, entry: &NewAudit<'_>) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        audit_in(&mut tx, entry, now_unix()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_log(
+        &self,
+        identity: Option<&str>,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, identity, outcome, detail FROM audit_log \
+             WHERE (?1 IS NULL OR identity = ?1) AND (?2 IS NULL OR id < ?2) \
+             ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(identity)
+        .bind(before)
+        .bind(limit.clamp(1, 10_000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    identity: r.try_get("identity")?,
+                    outcome: r.try_get("outcome")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
     }
 
     async fn token_keys(&self) -> Result<Vec<super::TokenKey>, StoreError> {
