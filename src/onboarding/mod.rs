@@ -1,0 +1,7 @@
+//! Onboarding: invitations (this module's [`invite`]), and the public
+//! listener where an invited person signs in with Microsoft to link an
+//! identity.
+
+pub mod invite;
+
+pub use invite::{hash_secret, issue, normalise_code, InviteError, IssuedInvitation};
