@@ -1291,7 +1291,7 @@ impl Config {
         if n.email
             && n.email_sender
                 .as_deref()
-                .is_none_or(|s| s.trim().is_empty())
+                .map_or(true, |s| s.trim().is_empty())
         {
             return Err(invalid(
                 "notifications.email_sender",

@@ -28,11 +28,19 @@ fn short_backoff(c: &mut Config) {
 /// The identity's status and last error as stored, once `cond` holds for
 /// them (at most 5 s).
 async fn stored_status(env: &Env, cond: impl Fn(Status) -> bool) -> (Status, Option<String>) {
+    stored_until(env, |s, _| cond(s)).await
+}
+
+/// Like [`stored_status`], with the last error in the condition too (the
+/// status may already match while a newer reason is still being written).
+async fn stored_until(env: &Env, cond: impl Fn(Status, &str) -> bool) -> (Status, Option<String>) {
     let store = env.store().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let r = store.get("alice").await.unwrap().unwrap();
-        if cond(r.status) || tokio::time::Instant::now() >= deadline {
+        if cond(r.status, r.last_error.as_deref().unwrap_or_default())
+            || tokio::time::Instant::now() >= deadline
+        {
             return (r.status, r.last_error);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -392,7 +400,10 @@ async fn smtp_refusing_every_token_answers_454_then_passes_a_permanent_code_thro
         m.env.idp.successful_refreshes() <= before + 1,
         "a permanent refusal needs no refresh"
     );
-    let (status, why) = stored_status(&m.env, |s| s == Status::UpstreamRefused).await;
+    let (status, why) = stored_until(&m.env, |s, why| {
+        s == Status::UpstreamRefused && why.contains("SmtpClientAuthentication is disabled")
+    })
+    .await;
     assert_eq!(status, Status::UpstreamRefused);
     assert!(
         why.as_deref()
@@ -454,7 +465,10 @@ async fn imap_and_pop3_refusals_answer_temporary_then_pass_permanent_ones_throug
         pop3_login(&m).await.trim_end(),
         "-ERR [SYS/PERM] POP3 is disabled for this mailbox"
     );
-    let (status, why) = stored_status(&m.env, |s| s == Status::UpstreamRefused).await;
+    let (status, why) = stored_until(&m.env, |s, why| {
+        s == Status::UpstreamRefused && why.contains("is disabled")
+    })
+    .await;
     assert_eq!(status, Status::UpstreamRefused);
     assert!(why.unwrap_or_default().contains("is disabled"));
 
