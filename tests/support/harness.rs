@@ -97,6 +97,9 @@ upstream_timeout = "10s"
 [admin]
 listen = "127.0.0.1:0"
 
+[onboarding]
+listen = "127.0.0.1:0"
+
 [auth]
 argon2_memory_kib = 256
 argon2_iterations = 1
