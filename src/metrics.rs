@@ -271,6 +271,9 @@ pub struct Metrics {
     pub replay_buffered: Gauge,
     /// Idle HTTP/1.1 upstream connections parked in the pool.
     pub upstream_idle: Gauge,
+    /// Failures per (configured identity, protocol), all reasons together,
+    /// for the admin console (the registry is write-only).
+    failure_counts: std::sync::Mutex<std::collections::HashMap<(String, Protocol), u64>>,
     /// Handles of the per-request series, resolved once: the families hash
     /// their labels and take a lock on every lookup, which the hot path
     /// would otherwise pay two or three times per request.
@@ -403,6 +406,7 @@ impl Metrics {
             lockouts,
             replay_buffered,
             upstream_idle,
+            failure_counts: Default::default(),
             hot: HotHandles::default(),
         }
     }
@@ -417,6 +421,27 @@ impl Metrics {
                 reason,
             })
             .inc();
+        if let Some(name) = identity {
+            let mut counts = self
+                .failure_counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *counts.entry((name.to_owned(), protocol)).or_insert(0) += 1;
+        }
+    }
+
+    /// Failures counted for `identity` since start (or since it was
+    /// forgotten), per protocol, all reasons together; protocols without
+    /// failures are left out.
+    pub fn failure_counts(&self, identity: &str) -> Vec<(Protocol, u64)> {
+        let counts = self
+            .failure_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Protocol::ALL
+            .iter()
+            .filter_map(|p| counts.get(&(identity.to_owned(), *p)).map(|n| (*p, *n)))
+            .collect()
     }
 
     /// Counts a name or source that started being throttled.
@@ -508,6 +533,10 @@ impl Metrics {
 
     /// Removes every series labelled with `identity` (it was deleted).
     pub fn forget_identity(&self, identity: &str) {
+        self.failure_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(name, _), _| name != identity);
         let id = IdentityLabel::new(identity);
         for protocol in Protocol::ALL {
             for reason in FailureReason::ALL {
@@ -575,8 +604,14 @@ mod tests {
         assert!(text.contains("authswap_upstream_request_duration_seconds_bucket"));
         assert!(text
             .contains("authswap_token_refreshes_total{identity=\"alice\",result=\"success\"} 1"));
+        m.auth_failure(Some("alice"), Protocol::smtp, FailureReason::token_rejected);
+        assert_eq!(
+            m.failure_counts("alice"),
+            vec![(Protocol::http, 1), (Protocol::smtp, 1)]
+        );
         m.forget_identity("alice");
         assert!(!m.encode().contains("\"alice\""));
+        assert!(m.failure_counts("alice").is_empty());
     }
 
     #[test]

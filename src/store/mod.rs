@@ -461,6 +461,12 @@ pub trait Store: Send + Sync + 'static {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Records a one-time admin console sign-in link by the SHA-256 of its
+    /// nonce, valid until `expires_at` (and drops expired ones).
+    async fn put_admin_link(&self, nonce_hash: &[u8], expires_at: i64) -> Result<(), StoreError>;
+    /// Takes (deletes) the admin sign-in link with this nonce hash: true
+    /// when it existed and had not expired at `now`. Each link works once.
+    async fn take_admin_link(&self, nonce_hash: &[u8], now: i64) -> Result<bool, StoreError>;
     /// For every identity with a stored refresh token, the id of the key
     /// that sealed it, ordered by name (read-only; checked against the
     /// configured key before it is used, see [`open_sealer`]).

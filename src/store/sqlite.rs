@@ -1026,6 +1026,32 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn put_admin_link(&self, nonce_hash: &[u8], expires_at: i64) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM admin_links WHERE expires_at <= ?")
+            .bind(now_unix())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO admin_links (nonce_hash, expires_at) VALUES (?, ?)")
+            .bind(nonce_hash)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn take_admin_link(&self, nonce_hash: &[u8], now: i64) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let expires_at: Option<i64> =
+            sqlx::query_scalar("DELETE FROM admin_links WHERE nonce_hash = ? RETURNING expires_at")
+                .bind(nonce_hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(expires_at.is_some_and(|e| e > now))
+    }
+
     async fn token_keys(&self) -> Result<Vec<super::TokenKey>, StoreError> {
         let rows: Vec<(String, Option<String>)> = sqlx::query_as(
             "SELECT name, key_id FROM identities WHERE refresh_token IS NOT NULL \

@@ -829,6 +829,24 @@ impl TokenEngine {
         // and a re-linked one's is ignored (older generation).
     }
 
+    /// When the latest-expiring access token cached for identity `id`
+    /// expires (wall-clock), if one is cached (read-only; for the admin
+    /// console).
+    pub fn cached_expiry(&self, id: i64) -> Option<SystemTime> {
+        let latest = self
+            .inner
+            .slots
+            .iter()
+            .filter(|e| e.key().0 == id)
+            .filter_map(|e| e.value().token.as_ref().map(|t| t.expires_at))
+            .max()?;
+        let now = Instant::now();
+        Some(match latest.checked_duration_since(now) {
+            Some(left) => SystemTime::now() + left,
+            None => SystemTime::now() - now.saturating_duration_since(latest),
+        })
+    }
+
     /// Number of cached (identity, scopes) slots.
     pub fn cached(&self) -> usize {
         self.inner.slots.len()
