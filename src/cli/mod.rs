@@ -2,6 +2,7 @@
 //! dispatch to one file per subcommand. `anyhow` is used only here, at the
 //! edge.
 
+mod admin;
 mod config_cmd;
 mod healthcheck;
 mod identity;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Admin console helpers.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Probe the admin listener's /healthz (for container HEALTHCHECKs); exit 0 when healthy.
     Healthcheck(HealthcheckArgs),
 }
@@ -117,6 +121,17 @@ pub enum StatusFilter {
     Error,
 }
 
+/// `admin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Print a one-time link that signs a browser in to the admin console (valid 60 s, single use).
+    SigninLink {
+        /// Page to open after signing in (a path such as /identities?status=error).
+        #[arg(long, default_value = "/identities")]
+        next: String,
+    },
+}
+
 /// `config` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
@@ -178,6 +193,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("the server thread panicked"))?
         }
         Command::Identity(cmd) => runtime(1)?.block_on(identity::run(&cli.config, cmd)),
+        Command::Admin(cmd) => runtime(1)?.block_on(admin::run(&cli.config, cmd)),
         Command::Config(ConfigCommand::Check) => config_cmd::check(&cli.config),
         Command::Healthcheck(args) => runtime(1)?.block_on(healthcheck::run(&cli.config, args)),
     }
