@@ -53,6 +53,9 @@ pub enum ServeError {
     /// A mail front end.
     #[error("{0}")]
     Mail(#[from] MailSetupError),
+    /// The admin credential.
+    #[error("{0}")]
+    Admin(#[from] admin::credential::CredentialError),
 }
 
 /// A running server.
@@ -103,17 +106,23 @@ impl Server {
                 source,
             })?;
         {
-            let app = app.clone();
+            let admin_tls = match (&cfg.admin.tls_cert_file, &cfg.admin.tls_key_file) {
+                (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+                    crate::tls::server_config(cert, key, &[b"http/1.1"])?,
+                )),
+                _ => None,
+            };
+            let admin = admin::AdminListener::new(app.clone(), admin_tls.is_some())?;
             let rx = rx.clone();
             tasks.spawn(async move {
                 let service = move |_peer: SocketAddr, _memo: ConnectionMemo| {
-                    let app = app.clone();
-                    let service = service_fn(move |req| admin::handle(app.clone(), req));
+                    let admin = admin.clone();
+                    let service = service_fn(move |req| admin.clone().handle(req));
                     (service, std::future::pending::<()>())
                 };
                 accept_loop(
                     admin_listener,
-                    None,
+                    admin_tls,
                     service,
                     64,
                     Duration::from_secs(10),

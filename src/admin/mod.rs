@@ -1,11 +1,20 @@
 //! The admin listener: `/metrics` (OpenMetrics text), `/healthz` (the
-//! process is alive) and `/readyz` (the store answers). Bind it to loopback
-//! or a pod-internal address: it is not authenticated.
+//! process is alive) and `/readyz` (the store answers) without
+//! authentication; the JSON API under `/api/v1` ([`api`]) and the console
+//! ([`console`]) behind the admin credential ([`credential`]). Bind it to
+//! loopback or a pod-internal address.
+
+pub mod api;
+pub mod console;
+pub mod credential;
+pub mod ops;
+pub mod web;
 
 use crate::app::App;
 use crate::proxy::http::{full, text};
 use crate::tls::OutBody;
 use bytes::Bytes;
+use credential::{Credential, CredentialError, Sessions};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,38 +22,153 @@ use std::sync::Arc;
 /// Content type of `/metrics`.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves one admin request.
-pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<OutBody>, Infallible> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return Ok(r);
+/// The admin listener's state: the application, the credential, console
+/// sessions and the compiled pages.
+pub struct AdminListener {
+    app: Arc<App>,
+    credential: Credential,
+    sessions: Sessions,
+    pages: console::Pages,
+    /// Served over TLS (cookies are `Secure`, origins `https://`).
+    secure: bool,
+}
+
+impl std::fmt::Debug for AdminListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminListener")
+            .field("secure", &self.secure)
+            .finish_non_exhaustive()
     }
-    let response = match req.uri().path() {
-        "/metrics" => {
-            let mut r = Response::new(full(Bytes::from(app.metrics.encode())));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
-            r
+}
+
+impl AdminListener {
+    /// Loads (or creates) the admin credential; `secure` when the listener
+    /// serves TLS.
+    pub fn new(app: Arc<App>, secure: bool) -> Result<Arc<AdminListener>, CredentialError> {
+        let credential = Credential::load(&app.config.admin)?;
+        let sessions = Sessions::new(app.config.admin.session_ttl);
+        Ok(Arc::new(AdminListener {
+            app,
+            credential,
+            sessions,
+            pages: console::Pages::new(),
+            secure,
+        }))
+    }
+
+    /// Serves one admin request.
+    pub async fn handle<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+    ) -> Result<Response<OutBody>, Infallible>
+    where
+        B: hyper::body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path();
+        if matches!(path, "/metrics" | "/healthz" | "/readyz") {
+            return Ok(self.open_endpoint(&req).await);
         }
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => match app.store.revision().await {
-            Ok(_) => {
-                let mut body = String::from("ready\n");
-                for missing in app.config.missing() {
-                    body.push_str("warning: ");
-                    body.push_str(&missing);
-                    body.push('\n');
+        let (parts, body) = req.into_parts();
+        let response = if parts.uri.path().starts_with("/api/") {
+            self.api(parts, body).await
+        } else {
+            console::serve(&self, parts, body).await
+        };
+        Ok(response)
+    }
+
+    async fn api<B>(&self, parts: http::request::Parts, body: B) -> Response<OutBody>
+    where
+        B: hyper::body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use api::ApiError;
+        let bearer = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.split_once(' ')
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, t)| t.trim())
+            });
+        let authorised = match bearer {
+            Some(token) => self.credential.matches(token),
+            // A console session may read (GET) the API, e.g. the OpenAPI document.
+            None => {
+                matches!(parts.method, Method::GET | Method::HEAD)
+                    && web::cookie(&parts.headers, console::SESSION_COOKIE)
+                        .is_some_and(|id| self.sessions.csrf(&id).is_some())
+            }
+        };
+        if !authorised {
+            let message = if bearer.is_some() {
+                "the bearer token is not the admin token"
+            } else {
+                "send the admin token as `Authorization: Bearer <token>`"
+            };
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).response();
+        }
+        let path = parts.uri.path();
+        let (route, params) = match api::resolve(&parts.method, path) {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API endpoint")
+                    .response()
+            }
+            Err(allowed) => {
+                let mut r = ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("this endpoint takes {}", allowed.join(", ")),
+                )
+                .response();
+                if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                    r.headers_mut().insert(header::ALLOW, v);
                 }
-                text(StatusCode::OK, &body)
+                return r;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "readiness check failed");
-                text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
+        };
+        let body = match web::read_body(&parts.headers, body, api::body_limit(route)).await {
+            Ok(b) => b,
+            Err(e) => return ApiError::from(e).response(),
+        };
+        let query = parts.uri.query().unwrap_or("");
+        api::serve(&self.app, route, params, &parts.headers, query, body).await
+    }
+
+    async fn open_endpoint<B>(&self, req: &Request<B>) -> Response<OutBody> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return r;
+        }
+        let app = &self.app;
+        match req.uri().path() {
+            "/metrics" => {
+                let mut r = Response::new(full(Bytes::from(app.metrics.encode())));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+                r
             }
-        },
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    };
-    Ok(response)
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            _ => match app.store.revision().await {
+                Ok(_) => {
+                    let mut body = String::from("ready\n");
+                    for missing in app.config.missing() {
+                        body.push_str("warning: ");
+                        body.push_str(&missing);
+                        body.push('\n');
+                    }
+                    text(StatusCode::OK, &body)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "readiness check failed");
+                    text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
+                }
+            },
+        }
+    }
 }
