@@ -96,6 +96,7 @@ upstream_timeout = "10s"
 
 [admin]
 listen = "127.0.0.1:0"
+token_file = "{d}/data/admin.token"
 
 [onboarding]
 listen = "127.0.0.1:0"

@@ -1,0 +1,1010 @@
+//! The admin console and JSON API on the admin listener: authentication
+//! (bearer token, console sessions, one-time links), CSRF, identities,
+//! invitations, forget, the audit log, the OpenAPI document, and the
+//! console as rendered by headless Chromium.
+
+mod support;
+
+use authswap::secret::Secret;
+use authswap::server::Server;
+use authswap::store::{
+    now_unix, open_sealer, KeyUse, LinkedAccount, Status, Store, ValidationRecord,
+};
+use reqwest::header::{HeaderMap, SET_COOKIE};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+use support::harness::{Env, HttpClient, SOAP};
+
+const TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// authswap with the admin token configured.
+async fn start(env: &Env) -> Server {
+    env.serve_with(|c| c.admin.token = Some(Secret::new(TOKEN)))
+        .await
+}
+
+fn base(server: &Server) -> String {
+    format!("http://{}", server.admin_addr())
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .cookie_store(true)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(server: &Server) -> Api {
+        Api {
+            base: base(server),
+            http: client(),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        };
+        (status, value)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call("GET", path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call("POST", path, Some(body)).await
+    }
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, code: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn api_without_or_with_a_wrong_token_is_refused_and_changes_nothing() {
+    let env = Env::start().await;
+    let server = start(&env).await;
+    let http = client();
+    let b = base(&server);
+    let create =
+        json!({"name": "mallory", "mailbox": "m@contoso.com", "password": "pw-123456789012"});
+    for auth in [None, Some("Bearer wrong-token"), Some("Basic YWRtaW46eA==")] {
+        for (method, path) in [
+            ("GET", "/api/v1/identities"),
+            ("POST", "/api/v1/identities"),
+            ("POST", "/api/v1/invitations"),
+            ("GET", "/api/v1/openapi.json"),
+            ("GET", "/api/v1/nowhere"),
+        ] {
+            let mut req = http.request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{b}{path}"),
+            );
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            if method == "POST" {
+                req = req.json(&create);
+            }
+            let res = req.send().await.unwrap();
+            assert_eq!(
+                res.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {auth:?}"
+            );
+            assert!(res.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer"));
+            assert_eq!(res.headers()["content-type"], "application/json");
+            let body: Value = res.json().await.unwrap();
+            assert_eq!(body["code"], "unauthorized");
+            assert!(!body.to_string().contains("wrong-token"));
+        }
+    }
+    assert!(env.store().await.list().await.unwrap().is_empty());
+    // Metrics and health stay open.
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let res = http.get(format!("{b}{path}")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    }
+    // The console sends unauthenticated browsers to the sign-in page.
+    let res = http.get(format!("{b}/identities")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(res.headers()["location"], "/login");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_token_file_is_generated_0600_and_works() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::start().await;
+    let server = env.serve().await;
+    let path = env.dir.path().join("data/admin.token");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+    assert!(token.len() >= 43, "{token}");
+    let res = client()
+        .get(format!("{}/api/v1/identities", base(&server)))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    server.shutdown(Duration::from_secs(5)).await;
+    // A token file others may read is refused at start.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Server::start(env.config()).await.unwrap_err().to_string();
+    assert!(err.contains("readable by group or others"), "{err}");
+    assert!(!err.contains(&token));
+}
+
+#[tokio::test]
+async fn api_manages_identities_invitations_and_audits_without_secrets() {
+    let env = Env::start().await;
+    env.add_linked("carol", "carol@contoso.com", "carol-password-1")
+        .await;
+    let server = start(&env).await;
+    let api = Api::new(&server);
+    let store = env.store().await;
+
+    // Create: generated password (returned once), given password, none.
+    let (s, alice) = api
+        .post(
+            "/api/v1/identities",
+            json!({"name": "alice", "mailbox": "alice@contoso.com", "generate": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{alice}");
+    let generated = alice["password"].as_str().unwrap().to_owned();
+    assert_eq!(generated.len(), 20);
+    assert_eq!(alice["identity"]["status"], "pending");
+    let (s, bob) = api
+        .post(
+            "/api/v1/identities",
+            json!({"name": "bob", "mailbox": "bob@contoso.com", "password": "bob-password-123"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{bob}");
+    assert!(bob["password"].is_null());
+    // The generated password works on the HTTP front end once linked;
+    // here: the stored hash verifies it.
+    let rec = store.get("alice").await.unwrap().unwrap();
+    assert!(rec.password_hash.starts_with("$argon2id$"));
+
+    // Refusals, each with its code.
+    let (s, e) = api
+        .post(
+            "/api/v1/identities",
+            json!({"name": "ALICE", "mailbox": "x@contoso.com"}),
+        )
+        .await;
+    assert_error(s, &e, StatusCode::CONFLICT, "already_exists");
+    let (s, e) = api
+        .post(
+            "/api/v1/identities",
+            json!({"name": "a:b", "mailbox": "x@contoso.com"}),
+        )
+        .await;
+    assert_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, "invalid_name");
+    let (s, e) = api
+        .post(
+            "/api/v1/identities",
+            json!({"name": "zed", "mailbox": "nope"}),
+        )
+        .await;
+    assert_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, "invalid_mailbox");
+    let (s, e) = api
+        .post(
+            "/api/v1/identities",
+            json!({"name": "zed", "mailbox": "z@c.com", "password": 12345}),
+        )
+        .await;
+    assert_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
+    assert!(!e.to_string().contains("12345"), "{e}");
+    let res = api
+        .http
+        .post(format!("{}/api/v1/identities", api.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(res.json::<Value>().await.unwrap()["code"], "invalid_json");
+    let res = api
+        .http
+        .post(format!("{}/api/v1/identities", api.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "text/plain")
+        .body("name=zed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["code"],
+        "unsupported_media_type"
+    );
+    let res = api
+        .http
+        .post(format!("{}/api/v1/identities", api.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 64 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(res.json::<Value>().await.unwrap()["code"], "body_too_large");
+    let (s, e) = api.call("PATCH", "/api/v1/identities", None).await;
+    assert_error(s, &e, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    let (s, e) = api.get("/api/v1/identities/nobody").await;
+    assert_error(s, &e, StatusCode::NOT_FOUND, "not_found");
+    let (s, e) = api.get("/api/v1/identities?status=weird").await;
+    assert_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, "invalid_filter");
+
+    // List, filters and search.
+    let (s, all) = api.get("/api/v1/identities").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(names(&all), ["alice", "bob", "carol"]);
+    let (_, ok) = api.get("/api/v1/identities?status=ok").await;
+    assert_eq!(names(&ok), ["carol"]);
+    let (_, err) = api.get("/api/v1/identities?status=error").await;
+    assert_eq!(names(&err), ["alice", "bob"]);
+    let (_, found) = api.get("/api/v1/identities?q=BOB%40contoso").await;
+    assert_eq!(names(&found), ["bob"]);
+    let (_, found) = api.get("/api/v1/identities?status=error&q=carol").await;
+    assert!(names(&found).is_empty());
+    let (s, one) = api.get("/api/v1/identities/Carol").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(one["status"], "linked");
+    assert_eq!(one["ok"], true);
+
+    // Password update.
+    let before = store.get("bob").await.unwrap().unwrap().password_hash;
+    let (s, p) = api
+        .call(
+            "PUT",
+            "/api/v1/identities/bob/password",
+            Some(json!({"password": "new-bob-password-1"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert!(p["password"].is_null());
+    assert_ne!(
+        store.get("bob").await.unwrap().unwrap().password_hash,
+        before
+    );
+    let (s, p) = api
+        .call(
+            "PUT",
+            "/api/v1/identities/bob/password",
+            Some(json!({"generate": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let bob_generated = p["password"].as_str().unwrap().to_owned();
+    let (s, e) = api
+        .call("PUT", "/api/v1/identities/bob/password", Some(json!({})))
+        .await;
+    assert_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
+
+    // Invitations: one unknown name without a mailbox refuses the whole
+    // request before anything is written.
+    let (s, e) = api
+        .post(
+            "/api/v1/invitations",
+            json!({"identities": ["alice", "nobody"]}),
+        )
+        .await;
+    assert_error(s, &e, StatusCode::NOT_FOUND, "not_found");
+    assert!(store.list_invitations().await.unwrap().is_empty());
+    // Many at once, creating dave on the fly.
+    let (s, inv) = api
+        .post(
+            "/api/v1/invitations",
+            json!({"identities": ["alice", {"name": "dave", "mailbox": "dave@contoso.com", "generate": true}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{inv}");
+    let list = inv["invitations"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    for i in list {
+        assert!(i["url"].as_str().unwrap().contains("/i/"), "{i}");
+        assert_eq!(i["code"].as_str().unwrap().len(), 11);
+        assert!(i["expires_at"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(list[0]["identity"], "alice");
+    assert_eq!(list[0]["created_identity"], false);
+    assert_eq!(list[1]["identity"], "dave");
+    assert_eq!(list[1]["created_identity"], true);
+    let dave_password = list[1]["password"].as_str().unwrap().to_owned();
+    assert_eq!(
+        store.get("dave").await.unwrap().unwrap().status,
+        Status::Pending
+    );
+    let first_url = list[0]["url"].as_str().unwrap().to_owned();
+    let first_code = list[0]["code"].as_str().unwrap().to_owned();
+
+    // Resend revokes the older pending one.
+    let (s, again) = api
+        .post("/api/v1/identities/alice/invitations/resend", json!({}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{again}");
+    assert_ne!(again["invitations"][0]["url"].as_str().unwrap(), first_url);
+    let (s, listed) = api.get("/api/v1/invitations?identity=alice").await;
+    assert_eq!(s, StatusCode::OK);
+    let states: Vec<&str> = listed["invitations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["pending", "revoked"]);
+    assert!(!listed.to_string().contains(&first_url));
+    // Revoke by identity.
+    let (s, r) = api
+        .post("/api/v1/identities/alice/invitations/revoke", json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["revoked"], 1);
+    let (_, pending) = api.get("/api/v1/invitations?state=pending").await;
+    let pending: Vec<&str> = pending["invitations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["identity"].as_str().unwrap())
+        .collect();
+    assert_eq!(pending, ["dave"]);
+    // Everyone not linked: alice, bob, dave (carol is linked).
+    let (s, allp) = api
+        .post("/api/v1/invitations", json!({"all_pending": true}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{allp}");
+    let invited: Vec<&str> = allp["invitations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["identity"].as_str().unwrap())
+        .collect();
+    assert_eq!(invited, ["alice", "bob", "dave"]);
+    let (s, e) = api
+        .post(
+            "/api/v1/invitations",
+            json!({"all_pending": true, "identities": ["bob"]}),
+        )
+        .await;
+    assert_error(s, &e, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
+
+    // Remove.
+    let (s, _) = api.call("DELETE", "/api/v1/identities/bob", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(store.get("bob").await.unwrap().is_none());
+    let (s, e) = api.call("DELETE", "/api/v1/identities/bob", None).await;
+    assert_error(s, &e, StatusCode::NOT_FOUND, "not_found");
+
+    // The audit log has every action, by `api`, and no secret.
+    let (s, audit) = api.get("/api/v1/audit?limit=500").await;
+    assert_eq!(s, StatusCode::OK);
+    let entries = audit["entries"].as_array().unwrap();
+    let has = |action: &str, identity: &str, outcome: &str| {
+        entries.iter().any(|e| {
+            e["action"] == action
+                && e["identity"] == identity
+                && e["outcome"] == outcome
+                && e["actor"] == "api"
+        })
+    };
+    assert!(has("identity.create", "alice", "ok"), "{audit}");
+    assert!(has("identity.create", "bob", "ok"));
+    assert!(has("identity.create", "dave", "ok"));
+    assert!(has("identity.create", "ALICE", "refused"));
+    assert!(has("identity.set_password", "bob", "ok"));
+    assert!(has("invitation.create", "alice", "ok"));
+    assert!(has("invitation.create", "nobody", "refused"));
+    assert!(has("invitation.revoke", "alice", "ok"));
+    assert!(has("identity.remove", "bob", "ok"));
+    let text = audit.to_string();
+    for secret in [
+        generated.as_str(),
+        bob_generated.as_str(),
+        dave_password.as_str(),
+        "bob-password-123",
+        "new-bob-password-1",
+        first_url.as_str(),
+        first_code.as_str(),
+        TOKEN,
+    ] {
+        assert!(!text.contains(secret), "audit holds a secret: {secret}");
+    }
+    let (_, alice_only) = api.get("/api/v1/audit?identity=alice&limit=2").await;
+    let page = alice_only["entries"].as_array().unwrap();
+    assert_eq!(page.len(), 2);
+    assert!(page.iter().all(|e| e["identity"] == "alice"));
+    let before = alice_only["next_before"].as_i64().unwrap();
+    let (_, older) = api
+        .get(&format!("/api/v1/audit?identity=alice&before={before}"))
+        .await;
+    assert!(older["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["id"].as_i64().unwrap() < before));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn forget_leaves_no_token_or_personal_data_in_the_database_file() {
+    let env = Env::start().await;
+    let mailbox = "erin.mailbox@contoso.com";
+    let refresh = env.add_linked("erin", mailbox, "erin-password-1").await;
+    let account = LinkedAccount {
+        upn: "erin.upn@contoso.com".into(),
+        oid: "0f1e2d3c-oid-4b5a-9687-erin00000001".into(),
+        tid: "tenant-erin-tid".into(),
+    };
+    {
+        let config = env.config();
+        let store = env.store().await;
+        let sealer = open_sealer(&config.store, &store, KeyUse::Link)
+            .await
+            .unwrap();
+        let id = store.get("erin").await.unwrap().unwrap().id;
+        store
+            .link_account(
+                id,
+                &sealer.seal(id, &Secret::new(refresh.clone())),
+                &account,
+            )
+            .await
+            .unwrap();
+        store
+            .record_validation(
+                id,
+                &ValidationRecord {
+                    protocol: "smtp".into(),
+                    at: now_unix(),
+                    ok: true,
+                    answer: format!("235 2.7.0 Authentication successful for {mailbox}"),
+                    meaning: "works".into(),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let server = start(&env).await;
+    // A proxied request caches an access token.
+    let http = HttpClient::default();
+    let r = http
+        .ews(server.http_addr().unwrap(), "erin", "erin-password-1", SOAP)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let api = Api::new(&server);
+    let (_, before) = api.get("/api/v1/identities/erin").await;
+    assert!(before["access_token_expires_at"].is_string(), "{before}");
+    assert_eq!(before["account"]["upn"], account.upn);
+    assert_eq!(before["validations"][0]["protocol"], "smtp");
+    let (s, _) = api
+        .post("/api/v1/invitations", json!({"identities": ["erin"]}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    let (s, after) = api.post("/api/v1/identities/erin/forget", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{after}");
+    assert_eq!(after["status"], "pending");
+    assert_eq!(after["mailbox"], "");
+    assert!(after["account"].is_null());
+    assert!(after["access_token_expires_at"].is_null(), "{after}");
+    assert!(after["validations"].as_array().unwrap().is_empty());
+    // The running server no longer serves it.
+    let r = http
+        .ews(server.http_addr().unwrap(), "erin", "erin-password-1", SOAP)
+        .await;
+    assert_ne!(r.status, 200);
+    // Nothing left in the database file or its WAL.
+    let db = env.dir.path().join("data/authswap.db");
+    let files = [
+        std::fs::read(&db).unwrap(),
+        std::fs::read(db.with_extension("db-wal")).unwrap_or_default(),
+    ];
+    for needle in [
+        refresh.as_str(),
+        mailbox,
+        account.upn.as_str(),
+        account.oid.as_str(),
+        account.tid.as_str(),
+    ] {
+        for f in &files {
+            assert!(!contains(f, needle), "{needle} is still in the database");
+        }
+    }
+    let (_, audit) = api.get("/api/v1/audit?identity=erin").await;
+    let entries = audit["entries"].as_array().unwrap();
+    assert!(entries
+        .iter()
+        .any(|e| e["action"] == "identity.forget" && e["outcome"] == "ok"));
+    assert!(!audit.to_string().contains(mailbox));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route() {
+    let env = Env::start().await;
+    let server = start(&env).await;
+    let api = Api::new(&server);
+    let (s, doc) = api.get("/api/v1/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    let mut listed = 0;
+    for (method, path, _) in authswap::admin::api::ROUTES {
+        let op = &paths
+            .get(*path)
+            .unwrap_or_else(|| panic!("{path} missing from {paths:?}"))[method.to_lowercase()];
+        assert!(op.is_object(), "{method} {path} missing");
+        assert!(op["responses"].is_object());
+        listed += 1;
+    }
+    let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+    assert_eq!(
+        documented, listed,
+        "the document has routes the server lacks"
+    );
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    assert!(doc["components"]["schemas"]["ApiError"].is_object());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+fn csrf_of(html: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = html.find(marker).expect("a CSRF field") + marker.len();
+    html[start..start + html[start..].find('"').unwrap()].to_owned()
+}
+
+fn set_cookie(headers: &HeaderMap) -> String {
+    headers
+        .get(SET_COOKIE)
+        .expect("Set-Cookie")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn console_sign_in_csrf_and_actions() {
+    let env = Env::start().await;
+    env.add_linked("carol", "carol@contoso.com", "carol-password-1")
+        .await;
+    let server = start(&env).await;
+    let b = base(&server);
+    let http = client();
+    let store = env.store().await;
+
+    let res = http.get(format!("{b}/login")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-frame-options"], "DENY");
+    assert!(res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
+    let res = http
+        .post(format!("{b}/login"))
+        .form(&[("token", "wrong")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert!(res.headers().get(SET_COOKIE).is_none());
+    // A sign-in form posted from another site is refused.
+    let res = http
+        .post(format!("{b}/login"))
+        .header("origin", "http://evil.example")
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let res = http
+        .post(format!("{b}/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(res.headers()["location"], "/identities");
+    let cookie = set_cookie(res.headers());
+    assert!(cookie.starts_with("authswap_admin="), "{cookie}");
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+
+    let page = http.get(format!("{b}/identities")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("carol@contoso.com"));
+    assert!(!html.contains(TOKEN));
+    let csrf = csrf_of(&html);
+
+    // The session may read the API, not write it.
+    let res = http
+        .get(format!("{b}/api/v1/identities"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = http
+        .post(format!("{b}/api/v1/identities"))
+        .json(&json!({"name": "x", "mailbox": "x@contoso.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+
+    let form = |csrf: Option<&str>| {
+        let mut f = vec![
+            ("name", "frank".to_owned()),
+            ("mailbox", "frank@contoso.com".to_owned()),
+            ("then", "invite".to_owned()),
+            ("generate", "yes".to_owned()),
+        ];
+        if let Some(c) = csrf {
+            f.push(("csrf", c.to_owned()));
+        }
+        f
+    };
+    // Without the CSRF token, with a wrong one, or from another origin:
+    // refused, nothing changes.
+    for (csrf, origin) in [
+        (None, None),
+        (Some("forged"), None),
+        (Some(csrf.as_str()), Some("http://evil.example")),
+    ] {
+        let mut req = http.post(format!("{b}/identities")).form(&form(csrf));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{csrf:?} {origin:?}");
+        assert!(store.get("frank").await.unwrap().is_none());
+    }
+    // With it: created and invited; the link and code are shown once.
+    let res = http
+        .post(format!("{b}/identities"))
+        .header("origin", &b)
+        .header("sec-fetch-site", "same-origin")
+        .form(&form(Some(&csrf)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // Autoescaping writes `/` as `&#x2f;`.
+    let html = res.text().await.unwrap().replace("&#x2f;", "/");
+    assert!(html.contains("/i/"), "{html}");
+    assert!(html.contains("Local password"));
+    assert_eq!(
+        store.get("frank").await.unwrap().unwrap().status,
+        Status::Pending
+    );
+    assert_eq!(store.list_invitations().await.unwrap().len(), 1);
+    // The invitations page shows it without its link.
+    let html = http
+        .get(format!("{b}/invitations"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .replace("&#x2f;", "/");
+    assert!(html.contains("frank") && html.contains("pending"));
+    assert!(!html.contains("/i/"));
+
+    // Remove needs a confirmation step.
+    let res = http
+        .get(format!("{b}/identities/frank/remove"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.text().await.unwrap().contains("Remove frank?"));
+    let res = http
+        .post(format!("{b}/identities/frank/remove"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert!(store.get("frank").await.unwrap().is_some());
+    let res = http
+        .post(format!("{b}/identities/frank/remove"))
+        .form(&[("csrf", csrf.as_str()), ("confirm", "yes")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(store.get("frank").await.unwrap().is_none());
+
+    // The audit view shows the console's actions.
+    let html = http
+        .get(format!("{b}/audit"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("identity.remove") && html.contains("console"));
+    assert!(html.contains("admin.signin"));
+
+    // Sign out ends the session.
+    let res = http
+        .post(format!("{b}/logout"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert!(set_cookie(res.headers()).contains("Max-Age=0"));
+    let res = http.get(format!("{b}/identities")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_signin_link_from_the_cli_works_once() {
+    let env = Env::start().await;
+    let server = start(&env).await;
+    let out = env.cli(&["admin", "signin-link", "--next", "/audit"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    // The test configuration listens on port 0: point it at the real port.
+    let link = printed.replace("127.0.0.1:0", &server.admin_addr().to_string());
+    assert!(link.contains("/login/once/"), "{link}");
+    let http = client();
+    let res = http.get(&link).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(res.headers()["location"], "/audit");
+    assert!(set_cookie(res.headers()).contains("HttpOnly"));
+    let res = http
+        .get(format!("{}/audit", base(&server)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // Used once: a second browser gets nothing.
+    let res = client().get(&link).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert!(res.headers().get(SET_COOKIE).is_none());
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Runs headless Chromium on `url` with extra `args`; returns stdout.
+async fn chromium(profile: &Path, url: &str, args: &[&str]) -> String {
+    let mut cmd = tokio::process::Command::new(CHROMIUM);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--hide-scrollbars",
+        "--virtual-time-budget=5000",
+        "--window-size=1440,900",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .args(args)
+    .arg(url)
+    .kill_on_drop(true)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("chromium finished in time")
+        .expect("chromium runs");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_renders_the_console_with_statuses_and_filters() {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "headless Chromium is missing at {CHROMIUM}: install Debian's `chromium` package \
+         (apt-get install -y chromium; .ci/run does this)"
+    );
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-password-1")
+        .await;
+    env.add_linked("carol", "carol@contoso.com", "carol-password-1")
+        .await;
+    {
+        let config = env.config();
+        let store = env.store().await;
+        let hash = authswap::identity::hash_password("bob-password-123", &config.auth).unwrap();
+        store.create("bob", "bob@contoso.com", &hash).await.unwrap();
+        let carol = store.get("carol").await.unwrap().unwrap();
+        store
+            .record_failure(
+                carol.id,
+                true,
+                "AADSTS700082: The refresh token has expired due to inactivity. The user must sign in again.",
+                now_unix() - 3600,
+            )
+            .await
+            .unwrap();
+        let alice = store.get("alice").await.unwrap().unwrap();
+        for (protocol, ok, answer, meaning) in [
+            ("ews", true, "GetFolder: NoError", "EWS works with the access token."),
+            (
+                "smtp",
+                false,
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+                "SMTP AUTH is disabled for the tenant or mailbox: enable it, or use another route.",
+            ),
+        ] {
+            store
+                .record_validation(
+                    alice.id,
+                    &ValidationRecord {
+                        protocol: protocol.into(),
+                        at: now_unix() - 600,
+                        ok,
+                        answer: answer.into(),
+                        meaning: meaning.into(),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let server = start(&env).await;
+    // Live state: a cached access token and a failed login for alice.
+    let http = HttpClient::default();
+    let r = http
+        .ews(
+            server.http_addr().unwrap(),
+            "alice",
+            "alice-password-1",
+            SOAP,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = http
+        .ews(server.http_addr().unwrap(), "alice", "wrong-password", SOAP)
+        .await;
+    assert_eq!(r.status, 401);
+
+    let store = env.store().await;
+    let b = base(&server);
+    let link = |next: &str, nonce: &Secret| {
+        format!(
+            "{b}/login/once/{}?next={}",
+            nonce.expose(),
+            url_encode(next)
+        )
+    };
+    let profiles = tempfile::tempdir().unwrap();
+
+    // All identities, with a screenshot.
+    let nonce = authswap::admin::credential::issue_signin_link(&store)
+        .await
+        .unwrap();
+    let dom = chromium(
+        &profiles.path().join("a"),
+        &link("/identities", &nonce),
+        &["--dump-dom"],
+    )
+    .await;
+    for text in [
+        "alice@contoso.com",
+        "bob@contoso.com",
+        "carol@contoso.com",
+        ">Linked<",
+        ">Pending<",
+        ">Needs re-auth<",
+        "AADSTS700082",
+        "smtp failed",
+        "http: 1",
+    ] {
+        assert!(dom.contains(text), "{text} not rendered:\n{dom}");
+    }
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console.png");
+    let _ = std::fs::remove_file(&shot);
+    let nonce = authswap::admin::credential::issue_signin_link(&store)
+        .await
+        .unwrap();
+    chromium(
+        &profiles.path().join("b"),
+        &link("/identities", &nonce),
+        &[&format!("--screenshot={}", shot.display())],
+    )
+    .await;
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    eprintln!("console screenshot: {}", shot.display());
+
+    // The error filter: the needs-re-auth and pending ones, not the linked one.
+    let nonce = authswap::admin::credential::issue_signin_link(&store)
+        .await
+        .unwrap();
+    let dom = chromium(
+        &profiles.path().join("c"),
+        &link("/identities?status=error", &nonce),
+        &["--dump-dom"],
+    )
+    .await;
+    assert!(dom.contains("carol@contoso.com"), "{dom}");
+    assert!(dom.contains(">Needs re-auth<"));
+    assert!(dom.contains("bob@contoso.com"));
+    assert!(!dom.contains("alice@contoso.com"), "{dom}");
+    assert!(!dom.contains(">Linked<"));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
