@@ -474,6 +474,47 @@ async fn api_manages_identities_invitations_and_audits_without_secrets() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test]
+async fn csv_import_through_the_api_is_all_or_nothing() {
+    let env = Env::start().await;
+    let server = start(&env).await;
+    let api = Api::new(&server);
+    let store = env.store().await;
+    let post = |body: &'static str, mime: &'static str| {
+        api.http
+            .post(format!("{}/api/v1/identities/import", api.base))
+            .bearer_auth(TOKEN)
+            .header("content-type", mime)
+            .body(body)
+            .send()
+    };
+    let res = post("name,mailbox\nx,x@contoso.com\n", "application/json")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let bad = "name,mailbox,password\nalice,alice@contoso.com,generate\nbob,not-a-mailbox,\n";
+    let res = post(bad, "text/csv").await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let e: Value = res.json().await.unwrap();
+    assert_eq!(e["code"], "invalid_rows", "{e}");
+    assert_eq!(e["rows"][0]["line"], 3, "{e}");
+    assert!(store.list().await.unwrap().is_empty());
+    let good = "name,mailbox,password\nalice,alice@contoso.com,generate\nbob,bob@contoso.com,\n";
+    let res = post(good, "text/csv; charset=utf-8").await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let ok: Value = res.json().await.unwrap();
+    assert_eq!(ok["imported"][0]["name"], "alice");
+    let generated = ok["imported"][0]["password"].as_str().unwrap().to_owned();
+    assert_eq!(generated.len(), 20);
+    assert!(ok["imported"][1]["password"].is_null());
+    assert_eq!(store.list().await.unwrap().len(), 2);
+    let (_, audit) = api.get("/api/v1/audit").await;
+    let text = audit.to_string();
+    assert!(text.contains("identity.import"), "{text}");
+    assert!(!text.contains(&generated));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
@@ -884,7 +925,7 @@ async fn headless_chromium_renders_the_console_with_statuses_and_filters() {
                 carol.id,
                 true,
                 "AADSTS700082: The refresh token has expired due to inactivity. The user must sign in again.",
-                now_unix() - 3600,
+                now_unix(),
             )
             .await
             .unwrap();

@@ -11,6 +11,7 @@ use super::ops::{
 };
 use super::web::{self, BodyError};
 use crate::app::App;
+use crate::onboarding::import::ImportError;
 use crate::proxy::http::full;
 use crate::secret::Secret;
 use crate::store::{AuditEntry, InvitationRecord};
@@ -27,8 +28,20 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong, in plain words (never a secret).
     pub message: String,
+    /// For `invalid_rows`: each bad row of a CSV import.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Vec<RowProblem>>,
     #[serde(skip)]
     status: StatusCode,
+}
+
+/// A CSV row that cannot be imported.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RowProblem {
+    /// Line number in the file (1 is the header).
+    pub line: u64,
+    /// What is wrong.
+    pub message: String,
 }
 
 impl ApiError {
@@ -37,6 +50,7 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            rows: None,
             status,
         }
     }
@@ -56,7 +70,22 @@ impl ApiError {
 
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> Self {
-        ApiError::new(e.status(), e.code(), e.to_string())
+        let mut api = ApiError::new(e.status(), e.code(), e.to_string());
+        if let AdminError::Import(ImportError::Rows(rows)) = &e {
+            api.message = format!(
+                "{} row(s) cannot be imported; nothing was imported",
+                rows.len()
+            );
+            api.rows = Some(
+                rows.iter()
+                    .map(|r| RowProblem {
+                        line: r.line,
+                        message: r.message.clone(),
+                    })
+                    .collect(),
+            );
+        }
+        api
     }
 }
 
@@ -96,6 +125,8 @@ pub enum Route {
     ListIdentities,
     /// `POST /api/v1/identities`
     CreateIdentity,
+    /// `POST /api/v1/identities/import`
+    Import,
     /// `GET /api/v1/identities/{name}`
     ShowIdentity,
     /// `DELETE /api/v1/identities/{name}`
@@ -122,6 +153,7 @@ pub enum Route {
 pub const ROUTES: &[(&str, &str, Route)] = &[
     ("GET", "/api/v1/identities", Route::ListIdentities),
     ("POST", "/api/v1/identities", Route::CreateIdentity),
+    ("POST", "/api/v1/identities/import", Route::Import),
     ("GET", "/api/v1/identities/{name}", Route::ShowIdentity),
     ("DELETE", "/api/v1/identities/{name}", Route::RemoveIdentity),
     (
@@ -232,8 +264,11 @@ pub fn resolve(
 }
 
 /// Largest body a route accepts.
-pub fn body_limit(_route: Route) -> usize {
-    web::BODY_LIMIT
+pub fn body_limit(route: Route) -> usize {
+    match route {
+        Route::Import => web::IMPORT_LIMIT,
+        _ => web::BODY_LIMIT,
+    }
 }
 
 /// Serves one authenticated API call.
@@ -245,11 +280,15 @@ pub async fn serve(
     query: &str,
     body: Bytes,
 ) -> Response<OutBody> {
-    if !body.is_empty() && !web::content_type_is(headers, "application/json") {
+    let mime = match route {
+        Route::Import => "text/csv",
+        _ => "application/json",
+    };
+    if !body.is_empty() && !web::content_type_is(headers, mime) {
         return ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            "send the body as application/json",
+            format!("send the body as {mime}"),
         )
         .response();
     }
@@ -262,6 +301,7 @@ pub async fn serve(
     let result = match route {
         Route::ListIdentities => list_identities(&call).await,
         Route::CreateIdentity => create_identity(&call).await,
+        Route::Import => import_identities(&call).await,
         Route::ShowIdentity => show_identity(&call).await,
         Route::RemoveIdentity => remove_identity(&call).await,
         Route::SetPassword => set_password(&call).await,
@@ -355,6 +395,45 @@ async fn create_identity(call: &Call<'_>) -> Reply {
             password: created.password.map(|p| p.expose().to_owned()),
         },
     ))
+}
+
+/// An identity created by a CSV import.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImportedView {
+    /// Identity name.
+    pub name: String,
+    /// Mailbox.
+    pub mailbox: String,
+    /// The generated local password (rows with `generate`), shown this once.
+    pub password: Option<String>,
+}
+
+/// The identities a CSV import created.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImportedList {
+    /// In file order.
+    pub imported: Vec<ImportedView>,
+}
+
+/// Create identities from CSV (`text/csv`, at most 1 MiB): a header row
+/// naming `name`, `mailbox` and optionally `password` (a password,
+/// `generate`, or empty for none yet). A file with a bad row imports
+/// nothing; the answer lists every bad row with its line number.
+#[utoipa::path(post, path = "/api/v1/identities/import", tag = "identities",
+    request_body(content = String, content_type = "text/csv", description = "name,mailbox,password"),
+    responses((status = 201, body = ImportedList), (status = 401, body = ApiError),
+        (status = 413, body = ApiError), (status = 415, body = ApiError), (status = 422, body = ApiError)))]
+async fn import_identities(call: &Call<'_>) -> Reply {
+    let list = call.admin().import_csv(&call.body).await?;
+    let imported = list
+        .into_iter()
+        .map(|i| ImportedView {
+            name: i.record.name.clone(),
+            mailbox: i.record.mailbox.clone(),
+            password: i.generated_password.map(|p| p.expose().to_owned()),
+        })
+        .collect();
+    Ok(json(StatusCode::CREATED, &ImportedList { imported }))
 }
 
 /// Show one identity.
@@ -784,10 +863,10 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "authswap admin API", description = "Identities, invitations and the audit log of an authswap instance. Every call needs `Authorization: Bearer <admin token>`."),
-    paths(list_identities, create_identity, show_identity, remove_identity, set_password,
+    paths(list_identities, create_identity, import_identities, show_identity, remove_identity, set_password,
         forget_identity, revoke_invitations, resend_invitation, create_invitations,
         list_invitations, audit_log, openapi_doc),
-    components(schemas(ApiError, IdentityView, ops::AccountView, ops::ValidationView, StatusFilter,
+    components(schemas(ApiError, RowProblem, ImportedView, ImportedList, IdentityView, ops::AccountView, ops::ValidationView, StatusFilter,
         IdentityList, CreateIdentity, CreatedIdentity, SetPassword, PasswordChanged, Revoked,
         IssuedView, IssuedList, Invitee, InviteeSpec, CreateInvitations, InvitationView,
         InvitationList, AuditView, AuditPage)),

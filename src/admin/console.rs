@@ -48,6 +48,7 @@ impl Pages {
         let mut env = Environment::new();
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
         env.add_filter("pathseg", |s: String| web::percent_encode(&s));
+        env.add_filter("when", when);
         for (name, source) in [
             ("base.html", include_str!("../../templates/admin/base.html")),
             (
@@ -82,6 +83,10 @@ impl Pages {
                 "audit.html",
                 include_str!("../../templates/admin/audit.html"),
             ),
+            (
+                "imported.html",
+                include_str!("../../templates/admin/imported.html"),
+            ),
         ] {
             env.add_template(name, source)
                 .unwrap_or_else(|e| panic!("template {name}: {e}"));
@@ -101,6 +106,14 @@ impl Pages {
                 )
             }
         }
+    }
+}
+
+/// RFC 3339 (`2026-12-02T14:24:30Z`) as people read it: `2026-12-02 14:24 UTC`.
+fn when(t: String) -> String {
+    match (t.get(..10), t.get(11..16)) {
+        (Some(day), Some(time)) if t.ends_with('Z') => format!("{day} {time} UTC"),
+        _ => t,
     }
 }
 
@@ -266,7 +279,12 @@ where
                 "/identities",
             );
         }
-        match web::read_body(&parts.headers, body, web::BODY_LIMIT).await {
+        let limit = if path == "/identities/import" {
+            web::IMPORT_LIMIT
+        } else {
+            web::BODY_LIMIT
+        };
+        match web::read_body(&parts.headers, body, limit).await {
             Ok(b) => web::form_pairs(&b),
             Err(e) => {
                 let status = match e {
@@ -358,6 +376,9 @@ where
             false => identities(&page, &query).await,
             true => create(&page, &form).await,
         };
+    }
+    if path == "/identities/import" && is_post {
+        return import(&page, &form).await;
     }
     if path == "/invitations" && !is_post {
         return invitations(&page).await;
@@ -494,6 +515,45 @@ async fn create(page: &Page<'_>, form: &[(String, String)]) -> Response<OutBody>
                 heading => format!("Identity {} added", c.record.name),
                 text => "It is pending: invite the user to sign in with Microsoft to link it.",
                 password => c.password.map(|p| p.expose().to_owned()),
+            },
+        ),
+        Err(e) => page.error(&e),
+    }
+}
+
+#[derive(Serialize)]
+struct ImportedRow {
+    name: String,
+    mailbox: String,
+    password: Option<String>,
+}
+
+async fn import(page: &Page<'_>, form: &[(String, String)]) -> Response<OutBody> {
+    let csv = web::field(form, "csv").unwrap_or("");
+    match page.ops().import_csv(csv.as_bytes()).await {
+        Ok(list) => {
+            let imported: Vec<ImportedRow> = list
+                .into_iter()
+                .map(|i| ImportedRow {
+                    name: i.record.name.clone(),
+                    mailbox: i.record.mailbox.clone(),
+                    password: i.generated_password.map(|p| p.expose().to_owned()),
+                })
+                .collect();
+            page.render(
+                StatusCode::OK,
+                "imported.html",
+                "identities",
+                context! { imported },
+            )
+        }
+        Err(AdminError::Import(crate::onboarding::import::ImportError::Rows(rows))) => page.render(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "imported.html",
+            "identities",
+            context! {
+                rows,
+                text => "Fix these rows and import the whole file again.",
             },
         ),
         Err(e) => page.error(&e),
@@ -651,6 +711,7 @@ mod tests {
             identities => vec![identity], filter => "all", q => evil, validate => true,
             labels => context! { needs_reauth => "Needs re-auth" },
             invitations => Vec::<u8>::new(), entries => Vec::<u8>::new(),
+            imported => Vec::<u8>::new(),
             heading => evil, text => evil, button => "Go", action => "/x",
             token_file => "data/admin.token", error => evil,
         };
@@ -663,6 +724,7 @@ mod tests {
             "identities.html",
             "invitations.html",
             "audit.html",
+            "imported.html",
         ] {
             let html = pages
                 .env
@@ -672,6 +734,12 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{name}: {e:#}"));
             assert!(!html.contains(evil), "{name} did not escape");
         }
+    }
+
+    #[test]
+    fn times_are_shown_in_minutes() {
+        assert_eq!(when("2026-12-02T14:24:30Z".into()), "2026-12-02 14:24 UTC");
+        assert_eq!(when("soon".into()), "soon");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use crate::app::App;
 use crate::names::{self, NameError};
+use crate::onboarding::import::{ImportError, Imported};
 use crate::onboarding::invite::{self, InviteError};
 use crate::secret::Secret;
 use crate::store::{
@@ -50,6 +51,9 @@ pub enum AdminError {
     /// The request makes no sense (empty list, duplicates, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A CSV import was refused (nothing was imported).
+    #[error("{0}")]
+    Import(ImportError),
     /// The store failed.
     #[error("the store failed; see the server log")]
     Store(#[from] StoreError),
@@ -70,7 +74,10 @@ impl AdminError {
             AdminError::NoMailbox(_) => "no_mailbox",
             AdminError::MailboxConflict(_) => "mailbox_conflict",
             AdminError::Invalid(_) => "invalid_request",
-            AdminError::Store(_) => "store_error",
+            AdminError::Import(ImportError::File(_)) => "invalid_csv",
+            AdminError::Import(ImportError::Rows(_)) => "invalid_rows",
+            AdminError::Import(ImportError::Hash(_)) => "internal_error",
+            AdminError::Import(ImportError::Store(_)) | AdminError::Store(_) => "store_error",
             AdminError::Internal(_) => "internal_error",
         }
     }
@@ -86,8 +93,13 @@ impl AdminError {
             AdminError::InvalidName(_)
             | AdminError::InvalidMailbox(_)
             | AdminError::InvalidPassword(_)
-            | AdminError::Invalid(_) => S::UNPROCESSABLE_ENTITY,
-            AdminError::Store(_) | AdminError::Internal(_) => S::INTERNAL_SERVER_ERROR,
+            | AdminError::Invalid(_)
+            | AdminError::Import(ImportError::File(_) | ImportError::Rows(_)) => {
+                S::UNPROCESSABLE_ENTITY
+            }
+            AdminError::Import(_) | AdminError::Store(_) | AdminError::Internal(_) => {
+                S::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -621,6 +633,41 @@ impl Admin<'_> {
         let r = self.audited("identity.forget", Some(name), r).await;
         self.reload().await;
         identity_view(self.app, &r?).await
+    }
+
+    /// Creates identities from a CSV file (columns `name`, `mailbox`,
+    /// `password` with `generate` or empty): all rows or, when one is
+    /// wrong, none.
+    pub async fn import_csv(&self, csv: &[u8]) -> Result<Vec<Imported>, AdminError> {
+        let r = crate::onboarding::import::import(
+            self.app.store.as_ref(),
+            &self.app.config.auth,
+            csv,
+            self.actor,
+        )
+        .await
+        .map_err(|e| match e {
+            ImportError::Store(s) => AdminError::Store(s),
+            other => AdminError::Import(other),
+        });
+        let detail = match &r {
+            Ok(list) => format!("{} identities imported", list.len()),
+            Err(AdminError::Import(ImportError::Rows(rows))) => {
+                format!("{} bad rows, nothing imported", rows.len())
+            }
+            Err(e) => e.code().to_owned(),
+        };
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        if let Err(AdminError::Store(e)) = &r {
+            tracing::warn!(error = %e, "CSV import failed");
+        }
+        self.audit("identity.import", None, outcome, Some(&detail))
+            .await;
+        self.reload().await;
+        r
     }
 
     /// Revokes the identity's pending invitations; returns how many.
