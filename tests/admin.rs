@@ -150,6 +150,8 @@ async fn api_without_or_with_a_wrong_token_is_refused_and_changes_nothing() {
     let res = http.get(format!("{b}/identities")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::SEE_OTHER);
     assert_eq!(res.headers()["location"], "/login");
+    let res = http.get(format!("{b}/nowhere")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
     server.shutdown(Duration::from_secs(5)).await;
 }
 

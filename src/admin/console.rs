@@ -335,6 +335,15 @@ where
         return signed_in(admin, session, safe_next(web::field(&query, "next")));
     }
 
+    // Unknown paths are 404 whether signed in or not.
+    if !is_page(&path) {
+        return page.message(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "There is no such page.",
+            "/identities",
+        );
+    }
     // Everything else needs a session; forms also its CSRF token.
     let Some(expected) = csrf.clone() else {
         if is_post {
@@ -402,6 +411,24 @@ where
         "There is no such page.",
         "/identities",
     )
+}
+
+/// Whether `path` is a console page (other than the sign-in pages).
+fn is_page(path: &str) -> bool {
+    matches!(
+        path,
+        "/" | "/logout"
+            | "/identities"
+            | "/identities/import"
+            | "/invitations"
+            | "/invitations/all-pending"
+            | "/audit"
+    ) || web::match_path("/identities/{name}/{action}", path).is_some_and(|p| {
+        matches!(
+            p[1].as_str(),
+            "invite" | "revoke" | "forget" | "remove" | "validate"
+        )
+    })
 }
 
 fn login_page(page: &Page<'_>, status: StatusCode, error: Option<&str>) -> Response<OutBody> {
