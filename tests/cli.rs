@@ -457,6 +457,10 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
             "AUTHSWAP_STORE__KEY_FILE",
             dir.path().join("db/authswap.key"),
         )
+        .env(
+            "AUTHSWAP_ADMIN__TOKEN_FILE",
+            dir.path().join("db/admin.token"),
+        )
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
