@@ -21,3 +21,4 @@ pub mod singleflight;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod validate;

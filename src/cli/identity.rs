@@ -7,7 +7,9 @@ use crate::config::Config;
 use crate::identity::hash_password;
 use crate::names::{self, Shown};
 use crate::secret::Secret;
-use crate::store::{now_unix, open_sealer, IdentityRecord, KeyUse, SqliteStore, Status, Store};
+use crate::store::{
+    now_unix, open_sealer, IdentityRecord, KeyUse, SqliteStore, Status, Store, ValidationRecord,
+};
 use crate::token::{IdpClient, IdpError};
 use anyhow::{anyhow, bail, Context};
 use std::io::{BufRead, IsTerminal, Write};
@@ -34,6 +36,7 @@ pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()>
             name,
             password_stdin,
         } => set_password(&config, &store, &name, password_stdin).await,
+        IdentityCommand::Validate { name, json } => validate(config, &name, json).await,
         IdentityCommand::Remove { name } => {
             store.remove(&name).await?;
             println!("identity {name} removed (refresh token and personal data deleted)");
@@ -265,6 +268,57 @@ async fn import(
     }
 }
 
+/// `identity validate NAME`: one line per protocol (or JSON); fails (exit
+/// 1) unless every protocol passed.
+async fn validate(config: Config, name: &str, json: bool) -> anyhow::Result<()> {
+    let app = crate::app::App::open(config).await?;
+    let results = crate::validate::validate(&app, name, "cli").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        for r in &results {
+            println!(
+                "{:<5} {:<6} {}  ({})",
+                r.protocol,
+                if r.ok { "ok" } else { "FAILED" },
+                Shown(&r.answer),
+                r.meaning
+            );
+        }
+    }
+    if results.is_empty() {
+        bail!("no front end is enabled: nothing to validate");
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.protocol.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "identity {} failed validation: {}",
+            Shown(name),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The last validation per protocol of identity `id`, compact:
+/// `ews:ok smtp:FAILED`, or `-`.
+fn validation_summary(all: &[(i64, ValidationRecord)], id: i64) -> String {
+    let parts: Vec<String> = all
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, v)| format!("{}:{}", v.protocol, if v.ok { "ok" } else { "FAILED" }))
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 /// Widest column of the `identity list` table, in characters.
 const MAX_COLUMN: usize = 64;
 
@@ -297,11 +351,18 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
             StatusFilter::Error => !is_ok(r),
         })
         .collect();
+    let validations = store.validations().await?;
     if json {
         let rows: Vec<serde_json::Value> = records
             .iter()
             .map(|r| {
+                let last: Vec<&ValidationRecord> = validations
+                    .iter()
+                    .filter(|(i, _)| *i == r.id)
+                    .map(|(_, v)| v)
+                    .collect();
                 serde_json::json!({
+                    "validation": last,
                     "name": r.name,
                     "mailbox": r.mailbox,
                     "status": r.status,
@@ -335,11 +396,16 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
     };
     let w_name = width(|r| &r.name, 4);
     let w_mail = width(|r| &r.mailbox, 7);
+    let summaries: Vec<String> = records
+        .iter()
+        .map(|r| validation_summary(&validations, r.id))
+        .collect();
+    let w_val = summaries.iter().map(|s| s.len()).max().unwrap_or(0).max(10);
     println!(
-        "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  LAST ERROR",
-        "NAME", "MAILBOX", "STATUS", "LAST SUCCESS", "LAST FAILURE"
+        "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  {:<w_val$}  LAST ERROR",
+        "NAME", "MAILBOX", "STATUS", "LAST SUCCESS", "LAST FAILURE", "VALIDATION"
     );
-    for r in &records {
+    for (r, summary) in records.iter().zip(&summaries) {
         // Padding by hand: `{:<w$}` pads by `char`s of the value, not of
         // its escaped display.
         let pad = |shown: Shown, w: usize| {
@@ -347,12 +413,13 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
             format!("{shown}{}", " ".repeat(w.saturating_sub(n)))
         };
         println!(
-            "{}  {}  {:<12}  {:<20}  {:<20}  {}",
+            "{}  {}  {:<12}  {:<20}  {:<20}  {:<w_val$}  {}",
             pad(Shown(&r.name), w_name),
             pad(Shown(&r.mailbox), w_mail),
             r.status.as_str(),
             time(r.last_success_at),
             time(r.last_failure_at),
+            summary,
             Shown(r.last_error.as_deref().unwrap_or("-"))
         );
     }
