@@ -13,6 +13,7 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod names;
+pub mod notify;
 pub mod onboarding;
 pub mod proxy;
 pub mod secret;

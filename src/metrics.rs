@@ -183,6 +183,26 @@ impl Outcome {
     pub const COUNT: usize = 7;
 }
 
+/// Channel a notification went through.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum NotifyChannel {
+    /// JSON POST to `[notifications] webhook_url`.
+    webhook,
+    /// E-mail through the SMTP upstream.
+    email,
+}
+
+/// Result of one notification delivery attempt.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum NotifyResult {
+    /// Delivered (webhook 2xx, message accepted by the SMTP upstream).
+    sent,
+    /// The attempt failed (it may be retried).
+    failed,
+}
+
 /// Outcome of a local password check.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -238,6 +258,12 @@ struct CheckLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotifyLabels {
+    channel: NotifyChannel,
+    result: NotifyResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     status: String,
 }
@@ -267,6 +293,7 @@ pub struct Metrics {
     identities: Family<StatusLabels, Gauge>,
     connections: Family<ProtocolLabels, Gauge>,
     lockouts: Family<LockoutLabels, Counter>,
+    notifications: Family<NotifyLabels, Counter>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
     pub replay_buffered: Gauge,
     /// Idle HTTP/1.1 upstream connections parked in the pool.
@@ -369,6 +396,17 @@ impl Metrics {
             "Names (identity or unknown_name) and source addresses whose failed logins reached auth.max_failures, so that their further checks are delayed",
             lockouts.clone(),
         );
+        let notifications = Family::<NotifyLabels, Counter>::default();
+        for channel in [NotifyChannel::webhook, NotifyChannel::email] {
+            for result in [NotifyResult::sent, NotifyResult::failed] {
+                let _ = notifications.get_or_create(&NotifyLabels { channel, result });
+            }
+        }
+        registry.register(
+            "notifications",
+            "Re-authentication notification delivery attempts (webhook, e-mail), by channel and result",
+            notifications.clone(),
+        );
         let replay_buffered = Gauge::default();
         registry.register_with_unit(
             "http_replay_buffer",
@@ -401,6 +439,7 @@ impl Metrics {
             identities,
             connections,
             lockouts,
+            notifications,
             replay_buffered,
             upstream_idle,
             hot: HotHandles::default(),
@@ -527,6 +566,13 @@ impl Metrics {
         let labels = IdentityLabels { identity: id };
         self.reauth_required.remove(&labels);
         self.token_expiry.remove(&labels);
+    }
+
+    /// Counts one notification delivery attempt.
+    pub fn notification(&self, channel: NotifyChannel, result: NotifyResult) {
+        self.notifications
+            .get_or_create(&NotifyLabels { channel, result })
+            .inc();
     }
 
     /// Renders OpenMetrics text.

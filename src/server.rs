@@ -230,6 +230,12 @@ impl Server {
                 let _ = handle.await;
             }
         });
+        tasks.spawn({
+            let handle = crate::notify::spawn(app.clone(), rx.clone());
+            async move {
+                let _ = handle.await;
+            }
+        });
         tracing::info!(
             admin = %admin_addr,
             http = %http_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
