@@ -349,3 +349,48 @@ async fn an_unused_refresh_token_gets_the_inactivity_warning() {
     assert_eq!(w.smtp.message_count(), 1);
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn invite_email_sends_the_invitation_through_the_smtp_upstream() {
+    let w = world().await;
+    let store = w.env.store().await;
+    store
+        .create("bob", "bob@contoso.com", "")
+        .await
+        .expect("create bob");
+    let config = w.env.write_config();
+    let port = w.smtp.port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_authswap"))
+            .arg("-c")
+            .arg(&config)
+            .args(["invite", "bob", "--email", "--json"])
+            .env("AUTHSWAP_SMTP__UPSTREAM", format!("localhost:{port}"))
+            .env("AUTHSWAP_SMTP__UPSTREAM_TLS", "starttls")
+            .env("AUTHSWAP_NOTIFICATIONS__EMAIL", "true")
+            .env("AUTHSWAP_NOTIFICATIONS__EMAIL_SENDER", "mailer")
+            .env("AUTHSWAP_ONBOARDING__ORGANIZATION", "Contoso Ltd")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run authswap")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("e-mailed to bob@contoso.com"), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let messages = w.smtp.wait_for_messages(1).await;
+    let m = &messages[0];
+    assert_eq!(m.authenticated_as, "mailer@contoso.com");
+    assert_eq!(m.rcpt_to, ["bob@contoso.com"]);
+    let text = unqp(&String::from_utf8_lossy(&m.message));
+    assert!(text.contains(json["url"].as_str().unwrap()), "{text}");
+    assert!(text.contains(json["code"].as_str().unwrap()), "{text}");
+    assert!(text.contains("Contoso Ltd"), "{text}");
+    let audit = store.audit_log(Some("bob"), None, 10).await.unwrap();
+    assert!(audit
+        .iter()
+        .any(|e| e.action == "notification.email" && e.outcome == "ok"));
+}
