@@ -3,5 +3,8 @@
 //! identity.
 
 pub mod invite;
+pub mod pages;
+pub mod server;
 
 pub use invite::{hash_secret, issue, normalise_code, InviteError, IssuedInvitation};
+pub use server::{Onboarding, OnboardingError, Peer};
