@@ -761,3 +761,45 @@ async fn identity_login_refuses_another_account() {
     assert_eq!(rec.status, Status::Pending);
     assert!(!rec.has_refresh_token);
 }
+
+/// Renders the invitation page with headless Chromium into
+/// `$ONBOARDING_SCREENSHOT` (default `target/onboarding.png`); the copy in
+/// `docs/` comes from here. Ignored by default: it needs `chromium`.
+#[tokio::test]
+#[ignore = "needs chromium; run with --ignored"]
+async fn screenshot_of_the_invitation_page() {
+    let env = Env::start().await;
+    let server = env
+        .serve_with(|c| c.onboarding.organization = "Contoso Ltd".into())
+        .await;
+    let inv = invite(&server, "bob", "bob.wilson@contoso.com", "bob-pw-123").await;
+    let out = std::env::var("ONBOARDING_SCREENSHOT").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/onboarding.png").to_owned()
+    });
+    if let Some(dir) = std::path::Path::new(&out).parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let profile = env.dir.path().join("chromium");
+    let status = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1100,800",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={out}"))
+        .arg(inv.url.expose())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(60), status)
+        .await
+        .expect("chromium finished")
+        .expect("chromium runs");
+    assert!(status.success());
+    assert!(std::fs::metadata(&out).unwrap().len() > 10_000);
+    server.shutdown(GRACE).await;
+}
