@@ -595,7 +595,13 @@ impl Authenticator {
         let ok = match &identity {
             Some(identity) => {
                 let key = self.cache_key(identity, password);
-                let hash: Arc<str> = identity.password_hash.as_str().into();
+                // No local password yet (invited, set later): never
+                // matches, and costs the same argon2 run as any name.
+                let hash: Arc<str> = if identity.password_hash.is_empty() {
+                    self.dummy_hash.clone()
+                } else {
+                    identity.password_hash.as_str().into()
+                };
                 let pw = zeroize::Zeroizing::new(password.to_vec());
                 let sem = self.hashing.clone();
                 // Only the request that starts the flight runs argon2 and

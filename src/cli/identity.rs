@@ -36,13 +36,41 @@ pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()>
         } => set_password(&config, &store, &name, password_stdin).await,
         IdentityCommand::Remove { name } => {
             store.remove(&name).await?;
+            audit_cli(&store, "identity.remove", &name).await;
             println!("identity {name} removed (refresh token and personal data deleted)");
             Ok(())
+        }
+        IdentityCommand::Forget { name } => {
+            store.forget(&name).await?;
+            audit_cli(&store, "identity.forget", &name).await;
+            println!(
+                "registration data of {name} deleted (refresh token, account, mailbox, \
+                 validations, invitations); set a mailbox and invite again to re-link it"
+            );
+            Ok(())
+        }
+        IdentityCommand::ImportCsv { file, json } => {
+            super::invite::import_csv(&config, &store, &file, json).await
         }
     }
 }
 
-fn read_stdin_line(what: &str) -> anyhow::Result<Secret> {
+/// Records an admin action taken at the command line (best effort: the
+/// action itself already happened).
+pub(super) async fn audit_cli(store: &SqliteStore, action: &str, name: &str) {
+    let entry = crate::store::NewAudit {
+        actor: "cli",
+        action,
+        identity: Some(name),
+        outcome: "ok",
+        detail: None,
+    };
+    if let Err(e) = store.audit(&entry).await {
+        eprintln!("warning: cannot write the audit log: {e}");
+    }
+}
+
+pub(super) fn read_stdin_line(what: &str) -> anyhow::Result<Secret> {
     let mut line = String::new();
     std::io::stdin()
         .lock()
@@ -54,7 +82,7 @@ fn read_stdin_line(what: &str) -> anyhow::Result<Secret> {
     Ok(Secret::new(value))
 }
 
-fn read_password(from_stdin: bool) -> anyhow::Result<Secret> {
+pub(super) fn read_password(from_stdin: bool) -> anyhow::Result<Secret> {
     let password = if from_stdin {
         read_stdin_line("password")?
     } else if std::io::stdin().is_terminal() {
@@ -309,7 +337,7 @@ fn is_ok(r: &IdentityRecord) -> bool {
         }
 }
 
-fn time(t: Option<i64>) -> String {
+pub(super) fn time(t: Option<i64>) -> String {
     t.and_then(|s| u64::try_from(s).ok())
         .map(|s| {
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))

@@ -5,6 +5,7 @@
 mod config_cmd;
 mod healthcheck;
 mod identity;
+mod invite;
 mod serve;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -45,6 +46,8 @@ pub enum Command {
     /// Manage identities.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Invite people to link identities in their browser; list and revoke invitations.
+    Invite(InviteArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -101,6 +104,69 @@ pub enum IdentityCommand {
     },
     /// Delete an identity with its tokens and personal data.
     Remove {
+        /// Identity name.
+        name: String,
+    },
+    /// Delete an identity's registration data (refresh token, cached
+    /// access tokens, Microsoft account, mailbox, validations,
+    /// invitations); the name and local password stay, status pending.
+    Forget {
+        /// Identity name.
+        name: String,
+    },
+    /// Create identities from a CSV file (header row: name, mailbox,
+    /// password; password `generate` makes one and prints it once, empty
+    /// sets none yet). A file with a bad row imports nothing.
+    ImportCsv {
+        /// The CSV file (UTF-8).
+        file: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `invite` arguments: `invite NAME`, `invite --all-pending`, or a subcommand.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct InviteArgs {
+    /// List or revoke invitations.
+    #[command(subcommand)]
+    pub command: Option<InviteCommand>,
+    /// Identity to invite (created when `--mailbox` is given and it does not exist).
+    #[arg(required_unless_present = "all_pending")]
+    pub name: Option<String>,
+    /// Mailbox (UPN) of the identity; required when the identity does not exist yet.
+    #[arg(long)]
+    pub mailbox: Option<String>,
+    /// Invite every identity that is not linked (pending, needs re-authentication).
+    #[arg(long, conflicts_with_all = ["name", "mailbox"])]
+    pub all_pending: bool,
+    /// For a new identity: read its local password from the first line of stdin.
+    #[arg(long, conflicts_with = "generate_password")]
+    pub password_stdin: bool,
+    /// For a new identity: generate a local password and print it once.
+    #[arg(long)]
+    pub generate_password: bool,
+    /// Also e-mail the invitation to the mailbox (needs `[notifications] email_sender`).
+    #[arg(long)]
+    pub email: bool,
+    /// One JSON object per invitation (`url`, `code`, `expires_at`, `identity`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `invite` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum InviteCommand {
+    /// List invitations (newest first) with their state.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an identity's pending invitations.
+    Revoke {
         /// Identity name.
         name: String,
     },
@@ -178,6 +244,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("the server thread panicked"))?
         }
         Command::Identity(cmd) => runtime(1)?.block_on(identity::run(&cli.config, cmd)),
+        Command::Invite(args) => runtime(1)?.block_on(invite::run(&cli.config, args)),
         Command::Config(ConfigCommand::Check) => config_cmd::check(&cli.config),
         Command::Healthcheck(args) => runtime(1)?.block_on(healthcheck::run(&cli.config, args)),
     }

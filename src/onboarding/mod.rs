@@ -2,6 +2,7 @@
 //! listener where an invited person signs in with Microsoft to link an
 //! identity.
 
+pub mod import;
 pub mod invite;
 pub mod pages;
 pub mod server;

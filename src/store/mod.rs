@@ -341,6 +341,13 @@ pub trait Store: Send + Sync + 'static {
         mailbox: &str,
         password_hash: &str,
     ) -> Result<IdentityRecord, StoreError>;
+    /// Creates several `pending` identities (name, mailbox, password hash)
+    /// in one transaction: all of them or, on any error, none.
+    async fn create_many(
+        &self,
+        rows: &[(String, String, String)],
+        actor: &str,
+    ) -> Result<Vec<IdentityRecord>, StoreError>;
     /// Replaces the local password hash.
     async fn set_password(&self, name: &str, password_hash: &str) -> Result<(), StoreError>;
     /// Deletes the identity with its token and personal data.

@@ -446,6 +446,58 @@ impl Store for SqliteStore {
         Ok(rec)
     }
 
+    async fn create_many(
+        &self,
+        rows: &[(String, String, String)],
+        actor: &str,
+    ) -> Result<Vec<IdentityRecord>, StoreError> {
+        let now = now_unix();
+        let mut tx = self.begin().await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (name, mailbox, hash) in rows {
+            let res = sqlx::query(
+                "INSERT INTO identities (name, name_key, mailbox, password_hash, status, \
+                 created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+            )
+            .bind(name.trim())
+            .bind(name_key(name))
+            .bind(mailbox.trim())
+            .bind(hash)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+            match res {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    return Err(StoreError::AlreadyExists(name.trim().to_owned()))
+                }
+                other => other?,
+            };
+            let row = sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM identities WHERE name_key = ?"
+            ))
+            .bind(name_key(name))
+            .fetch_one(&mut *tx)
+            .await?;
+            out.push(record(&row)?);
+            audit_in(
+                &mut tx,
+                &NewAudit {
+                    actor,
+                    action: "identity.create",
+                    identity: Some(name.trim()),
+                    outcome: "ok",
+                    detail: Some("imported"),
+                },
+                now,
+            )
+            .await?;
+        }
+        bump(&mut tx).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
     async fn set_password(&self, name: &str, password_hash: &str) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         let n = sqlx::query(
