@@ -762,6 +762,42 @@ async fn identity_login_refuses_another_account() {
     assert!(!rec.has_refresh_token);
 }
 
+#[tokio::test]
+async fn a_public_url_with_a_path_prefix_is_honoured() {
+    logs();
+    let env = Env::start().await;
+    // A proxy that keeps the prefix: links, forms, the redirect URI and
+    // the state cookie all carry it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = env
+        .serve_with(move |c| {
+            c.onboarding.listen = format!("127.0.0.1:{port}");
+            c.onboarding.public_url = Some(format!("http://127.0.0.1:{port}/authswap/"));
+        })
+        .await;
+    let inv = invite(&server, "ivan", "ivan@contoso.com", "ivan-pw-1").await;
+    let prefix = format!("http://127.0.0.1:{port}/authswap");
+    assert!(inv.url.expose().starts_with(&format!("{prefix}/i/")));
+    let b = browser();
+    let (status, html) = page(b.get(format!("{prefix}/")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(html.contains(r#"action="/authswap/""#), "{html}");
+    let (status, html) = sign_in(&b, &inv).await;
+    assert_eq!(status, 200, "{html}");
+    assert!(html.contains("You are done"), "{html}");
+    let auth = env.idp.authorize_requests();
+    assert_eq!(
+        auth[0].form_value("redirect_uri"),
+        Some(format!("{prefix}/callback").as_str())
+    );
+    assert_eq!(status_of(&server, "ivan").await, Status::Linked);
+    server.shutdown(GRACE).await;
+}
+
 /// Renders the invitation page with headless Chromium into
 /// `$ONBOARDING_SCREENSHOT` (default `target/onboarding.png`); the copy in
 /// `docs/` comes from here. Ignored by default: it needs `chromium`.

@@ -11,6 +11,7 @@ use std::time::{Duration, UNIX_EPOCH};
 pub struct Pages {
     env: Environment<'static>,
     organization: String,
+    root: String,
 }
 
 impl std::fmt::Debug for Pages {
@@ -163,11 +164,18 @@ impl Pages {
         Ok(Pages {
             env,
             organization: organization.to_owned(),
+            root: String::new(),
         })
     }
 
+    /// Links on the pages start with `root` (the path of `public_url`).
+    pub fn with_root(mut self, root: &str) -> Pages {
+        self.root = root.to_owned();
+        self
+    }
+
     fn render(&self, name: &str, ctx: minijinja::Value) -> String {
-        let ctx = context! { organization => &self.organization, ..ctx };
+        let ctx = context! { organization => &self.organization, root => &self.root, ..ctx };
         match self.env.get_template(name).and_then(|t| t.render(ctx)) {
             Ok(html) => html,
             Err(e) => {

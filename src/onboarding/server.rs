@@ -120,6 +120,9 @@ pub struct Onboarding {
     devices: Mutex<HashMap<String, DeviceSession>>,
     csp: HeaderValue,
     secure_cookie: bool,
+    /// Path of `public_url` (`""`, or `/authswap` behind a proxy that
+    /// serves the pages under a prefix): links and cookies use it.
+    root: String,
     /// Itself, for the device-code tasks it spawns.
     me: std::sync::Weak<Onboarding>,
 }
@@ -159,7 +162,12 @@ impl Onboarding {
         let csp = HeaderValue::from_str(&csp).unwrap_or_else(|_| {
             HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'")
         });
-        let secure_cookie = app.config.onboarding.base_url().starts_with("https://");
+        let base = app.config.onboarding.base_url();
+        let secure_cookie = base.starts_with("https://");
+        let root = url::Url::parse(&base)
+            .map(|u| u.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        let pages = pages.with_root(&root);
         Ok(Arc::new_cyclic(|me| Onboarding {
             app,
             pages,
@@ -167,6 +175,7 @@ impl Onboarding {
             devices: Mutex::new(HashMap::new()),
             csp,
             secure_cookie,
+            root,
             me: me.clone(),
         }))
     }
@@ -277,7 +286,19 @@ impl Onboarding {
 
     async fn route(&self, req: Request<hyper::body::Incoming>, peer: Peer) -> Answer {
         let (parts, body) = req.into_parts();
-        let path = parts.uri.path().to_owned();
+        let mut path = parts.uri.path().to_owned();
+        // Behind a proxy that keeps the `public_url` prefix.
+        if !self.root.is_empty() {
+            if let Some(rest) = path.strip_prefix(self.root.as_str()) {
+                if rest.is_empty() || rest.starts_with('/') {
+                    path = if rest.is_empty() {
+                        "/".into()
+                    } else {
+                        rest.to_owned()
+                    };
+                }
+            }
+        }
         let query = parts.uri.query().unwrap_or("").to_owned();
         if path.len() + query.len() > MAX_URI {
             return self.message(
@@ -459,7 +480,7 @@ impl Onboarding {
                     &inv.mailbox,
                     &pages::inviter(&inv.actor),
                     inv.expires_at,
-                    "/",
+                    &format!("{}/", self.root),
                     Some(&code),
                 ),
             ),
@@ -535,8 +556,9 @@ impl Onboarding {
         );
         let mut r = self.redirect(&url);
         let cookie = format!(
-            "{STATE_COOKIE}={}; Path=/callback; Max-Age={ttl}; HttpOnly; SameSite=Lax{}",
+            "{STATE_COOKIE}={}; Path={}/callback; Max-Age={ttl}; HttpOnly; SameSite=Lax{}",
             state.expose(),
+            self.root,
             if self.secure_cookie { "; Secure" } else { "" }
         );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
@@ -587,7 +609,8 @@ impl Onboarding {
         };
         let mut answer = self.finish_callback(&q, &signin).await;
         let clear = format!(
-            "{STATE_COOKIE}=; Path=/callback; Max-Age=0; HttpOnly; SameSite=Lax{}",
+            "{STATE_COOKIE}=; Path={}/callback; Max-Age=0; HttpOnly; SameSite=Lax{}",
+            self.root,
             if self.secure_cookie { "; Secure" } else { "" }
         );
         if let Ok(v) = HeaderValue::from_str(&clear) {
@@ -894,7 +917,7 @@ impl Onboarding {
             "device-code sign-in started from the onboarding page"
         );
         self.spawn_device(inv.clone(), login, id.clone(), expires_in);
-        self.redirect(&format!("/device/{id}"))
+        self.redirect(&format!("{}/device/{id}", self.root))
     }
 
     fn spawn_device(
