@@ -605,6 +605,18 @@ async fn callback_refuses_bad_state_verifier_account_and_error_redirects() {
     );
     env.idp.set_signin_account(None);
 
+    // No refresh token (offline_access not granted): nothing stored.
+    env.idp.omit_next_refresh_token();
+    let (status, html) = sign_in(&b, &inv).await;
+    assert_eq!(status, 502, "{html}");
+    assert!(html.contains("did not allow lasting access"), "{html}");
+    assert!(html.contains("offline_access"), "{html}");
+    assert_eq!(status_of(&server, "frank").await, Status::Pending);
+    assert_eq!(
+        invitation_state(&server, &inv).await,
+        InvitationState::Pending
+    );
+
     // Step by hand: the state works once, and only in the browser that
     // started the sign-in.
     let b = stepping_browser();
@@ -643,7 +655,7 @@ async fn callback_refuses_bad_state_verifier_account_and_error_redirects() {
         .text();
     for (result, n) in [
         ("invalid_state", 3.0),
-        ("idp_error", 3.0),
+        ("idp_error", 4.0),
         ("wrong_account", 1.0),
         ("linked", 1.0),
     ] {

@@ -234,6 +234,9 @@ struct Inner {
     tamper_challenge: bool,
     /// When set, authorize refuses other redirect URIs.
     expected_redirect_uri: Option<String>,
+    /// The next successful code redemption returns no refresh token (as
+    /// when `offline_access` was not granted).
+    omit_refresh_token: bool,
 }
 
 struct IdpState {
@@ -316,6 +319,7 @@ impl FakeIdp {
                 authorize_error: None,
                 tamper_challenge: false,
                 expected_redirect_uri: None,
+                omit_refresh_token: false,
             }),
             device_codes_tx,
             held: watch::channel(false).0,
@@ -368,6 +372,11 @@ impl FakeIdp {
     /// (AADSTS501481), as a tampered or lost verifier would.
     pub fn tamper_next_challenge(&self) {
         self.state.inner().tamper_challenge = true;
+    }
+
+    /// The next successful code redemption answers without a refresh token.
+    pub fn omit_next_refresh_token(&self) {
+        self.state.inner().omit_refresh_token = true;
     }
 
     /// Authorize refuses any other `redirect_uri` (like a registration).
@@ -1376,7 +1385,23 @@ fn code_grant(inner: &mut Inner, client_id: &str, form: &[(String, String)]) -> 
         )
     });
     let scope = resource_scope(&entry.scope);
-    issue_tokens_with(inner, &entry.account.upn, &scope, id_token)
+    let resp = issue_tokens_with(inner, &entry.account.upn, &scope, id_token.clone());
+    if !std::mem::take(&mut inner.omit_refresh_token) {
+        return resp;
+    }
+    drop(resp);
+    let n = next_counter(inner);
+    let at = format!("at-{n}-{}", random_hex(16));
+    let mut body = json!({
+        "token_type": "Bearer",
+        "scope": strip_offline_access(&scope),
+        "expires_in": inner.opts.expires_in,
+        "access_token": at,
+    });
+    if let Some(t) = id_token {
+        body["id_token"] = json!(t);
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 fn refresh_grant(inner: &mut Inner, form: &[(String, String)]) -> Response<RespBody> {
