@@ -218,6 +218,35 @@ pub enum CredentialCheck {
     shared,
 }
 
+/// How a sign-in on the onboarding listener ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SigninResult {
+    /// The identity was linked.
+    linked,
+    /// Someone signed in with another account than the invited mailbox.
+    wrong_account,
+    /// The identity platform refused (error redirect, code or ID token refused).
+    idp_error,
+    /// Missing, unknown, reused, expired or foreign `state` on the callback.
+    invalid_state,
+    /// The invitation was expired, revoked or already used.
+    expired_invitation,
+    /// An invitation link that matches no invitation.
+    unknown_invitation,
+    /// A typed code that matches no invitation.
+    bad_code,
+    /// Code attempts from a source over the limit.
+    throttled,
+    /// Store or internal failure.
+    failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SigninLabels {
+    result: SigninResult,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
     identity: IdentityLabel,
@@ -294,6 +323,7 @@ pub struct Metrics {
     connections: Family<ProtocolLabels, Gauge>,
     lockouts: Family<LockoutLabels, Counter>,
     notifications: Family<NotifyLabels, Counter>,
+    onboarding_signins: Family<SigninLabels, Counter>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
     pub replay_buffered: Gauge,
     /// Idle HTTP/1.1 upstream connections parked in the pool.
@@ -407,6 +437,12 @@ impl Metrics {
             "Re-authentication notification delivery attempts (webhook, e-mail), by channel and result",
             notifications.clone(),
         );
+        let onboarding_signins = Family::<SigninLabels, Counter>::default();
+        registry.register(
+            "onboarding_signins",
+            "Sign-ins and code look-ups on the onboarding listener, by result",
+            onboarding_signins.clone(),
+        );
         let replay_buffered = Gauge::default();
         registry.register_with_unit(
             "http_replay_buffer",
@@ -440,10 +476,18 @@ impl Metrics {
             connections,
             lockouts,
             notifications,
+            onboarding_signins,
             replay_buffered,
             upstream_idle,
             hot: HotHandles::default(),
         }
+    }
+
+    /// Counts a sign-in outcome on the onboarding listener.
+    pub fn onboarding_signin(&self, result: SigninResult) {
+        self.onboarding_signins
+            .get_or_create(&SigninLabels { result })
+            .inc();
     }
 
     /// Counts a failed authentication or request. `identity` is the configured

@@ -195,7 +195,8 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
     let rec = get(store, name).await?;
     let sealer = open_sealer(&config.store, store, KeyUse::Link).await?;
     let idp = idp(config)?;
-    let scopes = login_scopes(config);
+    // `openid profile`: the ID token names the account that signed in.
+    let scopes = crate::token::idp::with_signin_scopes(&login_scopes(config));
     let login = idp
         .start_device_login(&scopes)
         .await
@@ -229,10 +230,41 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
         IdpError::Reauth { message, .. } => anyhow!("login failed: {message}"),
         other => anyhow!("login failed: {other}"),
     })?;
+    let id_token = grant.id_token.as_ref().ok_or_else(|| {
+        anyhow!("the identity platform returned no ID token, so the account that signed in is unknown; nothing was stored (the app registration must allow the openid and profile scopes)")
+    })?;
+    let idp_config = &config.identity_provider;
+    let claims = crate::token::id_token::validate(
+        id_token.expose(),
+        &crate::token::id_token::Expected {
+            authority: &idp_config.authority,
+            tenant: &idp_config.tenant,
+            client_id: idp_config.client_id.trim(),
+            nonce: None,
+            now: now_unix(),
+        },
+    )
+    .map_err(|e| anyhow!("cannot verify the sign-in: {e}; nothing was stored"))?;
+    if !config.onboarding.accepts(&rec.mailbox, &claims.account) {
+        bail!(
+            "signed in as {} but identity {} is for {}; nothing was stored. Run the login again and sign in as {} (or add the account to [onboarding] aliases)",
+            Shown(&claims.account),
+            Shown(&rec.name),
+            Shown(&rec.mailbox),
+            Shown(&rec.mailbox)
+        );
+    }
     let refresh = grant.refresh_token.ok_or_else(|| {
         anyhow!("the identity platform returned no refresh token; include offline_access in identity_provider.login_scopes")
     })?;
-    store.link(rec.id, &sealer.seal(rec.id, &refresh)).await?;
+    let account = crate::store::LinkedAccount {
+        upn: claims.account,
+        oid: claims.oid,
+        tid: claims.tid,
+    };
+    store
+        .link_account(rec.id, &sealer.seal(rec.id, &refresh), &account)
+        .await?;
     println!(
         "identity {} linked to {}",
         Shown(&rec.name),
