@@ -638,6 +638,11 @@ pub struct HttpConfig {
     /// Private key (PEM) for `tls_cert_file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// Path that `identity validate` GETs upstream to prove a token
+    /// (success: 2xx). Unset, or the EWS path: an EWS `GetFolder` of the
+    /// inbox is POSTed to `/EWS/Exchange.asmx` instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_path: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -661,6 +666,7 @@ impl Default for HttpConfig {
             native_http1: true,
             tls_cert_file: None,
             tls_key_file: None,
+            probe_path: None,
         }
     }
 }
@@ -1138,6 +1144,14 @@ impl Config {
         check_duration("http.login_timeout", self.http.login_timeout)?;
         check_duration("http.header_read_timeout", self.http.header_read_timeout)?;
         check_duration("http.upstream_timeout", self.http.upstream_timeout)?;
+        if let Some(p) = &self.http.probe_path {
+            if !p.starts_with('/') || p.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(invalid(
+                    "http.probe_path",
+                    "must be an absolute path such as /api/ping, without spaces",
+                ));
+            }
+        }
         check_size(
             "http.replay_buffer_total",
             self.http.replay_buffer_total,

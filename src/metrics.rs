@@ -183,6 +183,26 @@ impl Outcome {
     pub const COUNT: usize = 7;
 }
 
+/// Channel a notification went through.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum NotifyChannel {
+    /// JSON POST to `[notifications] webhook_url`.
+    webhook,
+    /// E-mail through the SMTP upstream.
+    email,
+}
+
+/// Result of one notification delivery attempt.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum NotifyResult {
+    /// Delivered (webhook 2xx, message accepted by the SMTP upstream).
+    sent,
+    /// The attempt failed (it may be retried).
+    failed,
+}
+
 /// Outcome of a local password check.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -196,6 +216,35 @@ pub enum CredentialCheck {
     /// Waited for an argon2id check of the same name and password that
     /// another request had already started (one run serves both).
     shared,
+}
+
+/// How a sign-in on the onboarding listener ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SigninResult {
+    /// The identity was linked.
+    linked,
+    /// Someone signed in with another account than the invited mailbox.
+    wrong_account,
+    /// The identity platform refused (error redirect, code or ID token refused).
+    idp_error,
+    /// Missing, unknown, reused, expired or foreign `state` on the callback.
+    invalid_state,
+    /// The invitation was expired, revoked or already used.
+    expired_invitation,
+    /// An invitation link that matches no invitation.
+    unknown_invitation,
+    /// A typed code that matches no invitation.
+    bad_code,
+    /// Code attempts from a source over the limit.
+    throttled,
+    /// Store or internal failure.
+    failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SigninLabels {
+    result: SigninResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -238,6 +287,12 @@ struct CheckLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotifyLabels {
+    channel: NotifyChannel,
+    result: NotifyResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     status: String,
 }
@@ -267,6 +322,8 @@ pub struct Metrics {
     identities: Family<StatusLabels, Gauge>,
     connections: Family<ProtocolLabels, Gauge>,
     lockouts: Family<LockoutLabels, Counter>,
+    notifications: Family<NotifyLabels, Counter>,
+    onboarding_signins: Family<SigninLabels, Counter>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
     pub replay_buffered: Gauge,
     /// Idle HTTP/1.1 upstream connections parked in the pool.
@@ -372,6 +429,23 @@ impl Metrics {
             "Names (identity or unknown_name) and source addresses whose failed logins reached auth.max_failures, so that their further checks are delayed",
             lockouts.clone(),
         );
+        let notifications = Family::<NotifyLabels, Counter>::default();
+        for channel in [NotifyChannel::webhook, NotifyChannel::email] {
+            for result in [NotifyResult::sent, NotifyResult::failed] {
+                let _ = notifications.get_or_create(&NotifyLabels { channel, result });
+            }
+        }
+        registry.register(
+            "notifications",
+            "Re-authentication notification delivery attempts (webhook, e-mail), by channel and result",
+            notifications.clone(),
+        );
+        let onboarding_signins = Family::<SigninLabels, Counter>::default();
+        registry.register(
+            "onboarding_signins",
+            "Sign-ins and code look-ups on the onboarding listener, by result",
+            onboarding_signins.clone(),
+        );
         let replay_buffered = Gauge::default();
         registry.register_with_unit(
             "http_replay_buffer",
@@ -404,11 +478,20 @@ impl Metrics {
             identities,
             connections,
             lockouts,
+            notifications,
+            onboarding_signins,
             replay_buffered,
             upstream_idle,
             failure_counts: Default::default(),
             hot: HotHandles::default(),
         }
+    }
+
+    /// Counts a sign-in outcome on the onboarding listener.
+    pub fn onboarding_signin(&self, result: SigninResult) {
+        self.onboarding_signins
+            .get_or_create(&SigninLabels { result })
+            .inc();
     }
 
     /// Counts a failed authentication or request. `identity` is the configured
@@ -556,6 +639,13 @@ impl Metrics {
         let labels = IdentityLabels { identity: id };
         self.reauth_required.remove(&labels);
         self.token_expiry.remove(&labels);
+    }
+
+    /// Counts one notification delivery attempt.
+    pub fn notification(&self, channel: NotifyChannel, result: NotifyResult) {
+        self.notifications
+            .get_or_create(&NotifyLabels { channel, result })
+            .inc();
     }
 
     /// Renders OpenMetrics text.

@@ -56,6 +56,9 @@ pub enum ServeError {
     /// The admin credential.
     #[error("{0}")]
     Admin(#[from] admin::credential::CredentialError),
+    /// The onboarding pages.
+    #[error("{0}")]
+    Onboarding(#[from] crate::onboarding::OnboardingError),
 }
 
 /// A running server.
@@ -66,6 +69,7 @@ pub struct Server {
     smtp_addr: Option<SocketAddr>,
     imap_addr: Option<SocketAddr>,
     pop3_addr: Option<SocketAddr>,
+    onboarding_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -88,9 +92,39 @@ async fn bind(key: &'static str, value: &str) -> Result<TcpListener, ServeError>
 
 impl Server {
     /// Opens everything and starts serving. Listen ports may be 0.
-    pub async fn start(config: Config) -> Result<Server, ServeError> {
+    pub async fn start(mut config: Config) -> Result<Server, ServeError> {
         for missing in config.missing() {
             tracing::warn!("{missing}");
+        }
+        // Bound first: without `public_url`, links and the redirect URI use
+        // the address actually bound (port 0 in tests).
+        let mut onboarding_listener = None;
+        if config.onboarding.enabled {
+            let listener = bind("onboarding.listen", &config.onboarding.listen).await?;
+            let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+                key: "onboarding.listen",
+                addr: parse_listen("onboarding.listen", &config.onboarding.listen)
+                    .expect("validated"),
+                source,
+            })?;
+            if config.onboarding.public_url.is_none() {
+                let scheme = if config.onboarding.tls_cert_file.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let shown = if addr.ip().is_unspecified() {
+                    tracing::warn!(
+                        listen = %addr,
+                        "onboarding.listen accepts every address but onboarding.public_url is not set: invitation links name 127.0.0.1; set public_url to the address users' browsers reach"
+                    );
+                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+                } else {
+                    addr
+                };
+                config.onboarding.public_url = Some(format!("{scheme}://{shown}"));
+            }
+            onboarding_listener = Some((listener, addr));
         }
         let app = App::open(config).await?;
         let (shutdown, rx) = watch::channel(false);
@@ -125,6 +159,40 @@ impl Server {
                     admin_tls,
                     service,
                     64,
+                    Duration::from_secs(10),
+                    rx,
+                    None,
+                )
+                .await;
+            });
+        }
+
+        let mut onboarding_addr = None;
+        if let Some((listener, addr)) = onboarding_listener {
+            onboarding_addr = Some(addr);
+            let onboarding = crate::onboarding::Onboarding::new(app.clone())?;
+            let tls = match (&cfg.onboarding.tls_cert_file, &cfg.onboarding.tls_key_file) {
+                (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+                    crate::tls::server_config(cert, key, &[b"http/1.1"])?,
+                )),
+                _ => None,
+            };
+            let rx = rx.clone();
+            tasks.spawn(async move {
+                let service = move |peer: SocketAddr, _memo: ConnectionMemo| {
+                    let onboarding = onboarding.clone();
+                    let service = service_fn(move |req| {
+                        onboarding
+                            .clone()
+                            .handle(req, crate::onboarding::Peer(peer))
+                    });
+                    (service, std::future::pending::<()>())
+                };
+                accept_loop(
+                    listener,
+                    tls,
+                    service,
+                    256,
                     Duration::from_secs(10),
                     rx,
                     None,
@@ -239,12 +307,19 @@ impl Server {
                 let _ = handle.await;
             }
         });
+        tasks.spawn({
+            let handle = crate::notify::spawn(app.clone(), rx.clone());
+            async move {
+                let _ = handle.await;
+            }
+        });
         tracing::info!(
             admin = %admin_addr,
             http = %http_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
             smtp = %smtp_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
             imap = %imap_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
             pop3 = %pop3_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
+            onboarding = %onboarding_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
             identities = app.directory.len(),
             "authswap is serving"
         );
@@ -255,6 +330,7 @@ impl Server {
             smtp_addr,
             imap_addr,
             pop3_addr,
+            onboarding_addr,
             shutdown,
             tasks,
         })
@@ -283,6 +359,11 @@ impl Server {
     /// Address of the POP3 front end, if enabled.
     pub fn pop3_addr(&self) -> Option<SocketAddr> {
         self.pop3_addr
+    }
+
+    /// Address of the onboarding listener, if enabled.
+    pub fn onboarding_addr(&self) -> Option<SocketAddr> {
+        self.onboarding_addr
     }
 
     /// Address of the admin listener.

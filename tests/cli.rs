@@ -452,6 +452,7 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
         .env("AUTHSWAP_SMTP__LISTEN", "127.0.0.1:0")
         .env("AUTHSWAP_IMAP__LISTEN", "127.0.0.1:0")
         .env("AUTHSWAP_POP3__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_ONBOARDING__LISTEN", "127.0.0.1:0")
         .env("AUTHSWAP_STORE__PATH", dir.path().join("db/authswap.db"))
         .env(
             "AUTHSWAP_STORE__KEY_FILE",

@@ -7,7 +7,9 @@ use crate::config::Config;
 use crate::identity::hash_password;
 use crate::names::{self, Shown};
 use crate::secret::Secret;
-use crate::store::{now_unix, open_sealer, IdentityRecord, KeyUse, SqliteStore, Status, Store};
+use crate::store::{
+    now_unix, open_sealer, IdentityRecord, KeyUse, SqliteStore, Status, Store, ValidationRecord,
+};
 use crate::token::{IdpClient, IdpError};
 use anyhow::{anyhow, bail, Context};
 use std::io::{BufRead, IsTerminal, Write};
@@ -34,6 +36,7 @@ pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()>
             name,
             password_stdin,
         } => set_password(&config, &store, &name, password_stdin).await,
+        IdentityCommand::Validate { name, json } => validate(config, &name, json).await,
         IdentityCommand::Remove { name } => {
             store.remove(&name).await?;
             audit_cli(&store, "identity.remove", &name).await;
@@ -192,7 +195,8 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
     let rec = get(store, name).await?;
     let sealer = open_sealer(&config.store, store, KeyUse::Link).await?;
     let idp = idp(config)?;
-    let scopes = login_scopes(config);
+    // `openid profile`: the ID token names the account that signed in.
+    let scopes = crate::token::idp::with_signin_scopes(&login_scopes(config));
     let login = idp
         .start_device_login(&scopes)
         .await
@@ -226,10 +230,41 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
         IdpError::Reauth { message, .. } => anyhow!("login failed: {message}"),
         other => anyhow!("login failed: {other}"),
     })?;
+    let id_token = grant.id_token.as_ref().ok_or_else(|| {
+        anyhow!("the identity platform returned no ID token, so the account that signed in is unknown; nothing was stored (the app registration must allow the openid and profile scopes)")
+    })?;
+    let idp_config = &config.identity_provider;
+    let claims = crate::token::id_token::validate(
+        id_token.expose(),
+        &crate::token::id_token::Expected {
+            authority: &idp_config.authority,
+            tenant: &idp_config.tenant,
+            client_id: idp_config.client_id.trim(),
+            nonce: None,
+            now: now_unix(),
+        },
+    )
+    .map_err(|e| anyhow!("cannot verify the sign-in: {e}; nothing was stored"))?;
+    if !config.onboarding.accepts(&rec.mailbox, &claims.account) {
+        bail!(
+            "signed in as {} but identity {} is for {}; nothing was stored. Run the login again and sign in as {} (or add the account to [onboarding] aliases)",
+            Shown(&claims.account),
+            Shown(&rec.name),
+            Shown(&rec.mailbox),
+            Shown(&rec.mailbox)
+        );
+    }
     let refresh = grant.refresh_token.ok_or_else(|| {
         anyhow!("the identity platform returned no refresh token; include offline_access in identity_provider.login_scopes")
     })?;
-    store.link(rec.id, &sealer.seal(rec.id, &refresh)).await?;
+    let account = crate::store::LinkedAccount {
+        upn: claims.account,
+        oid: claims.oid,
+        tid: claims.tid,
+    };
+    store
+        .link_account(rec.id, &sealer.seal(rec.id, &refresh), &account)
+        .await?;
     println!(
         "identity {} linked to {}",
         Shown(&rec.name),
@@ -293,6 +328,57 @@ async fn import(
     }
 }
 
+/// `identity validate NAME`: one line per protocol (or JSON); fails (exit
+/// 1) unless every protocol passed.
+async fn validate(config: Config, name: &str, json: bool) -> anyhow::Result<()> {
+    let app = crate::app::App::open(config).await?;
+    let results = crate::validate::validate(&app, name, "cli").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        for r in &results {
+            println!(
+                "{:<5} {:<6} {}  ({})",
+                r.protocol,
+                if r.ok { "ok" } else { "FAILED" },
+                Shown(&r.answer),
+                r.meaning
+            );
+        }
+    }
+    if results.is_empty() {
+        bail!("no front end is enabled: nothing to validate");
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.protocol.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "identity {} failed validation: {}",
+            Shown(name),
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The last validation per protocol of identity `id`, compact:
+/// `ews:ok smtp:FAILED`, or `-`.
+fn validation_summary(all: &[(i64, ValidationRecord)], id: i64) -> String {
+    let parts: Vec<String> = all
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, v)| format!("{}:{}", v.protocol, if v.ok { "ok" } else { "FAILED" }))
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 /// Widest column of the `identity list` table, in characters.
 const MAX_COLUMN: usize = 64;
 
@@ -325,11 +411,18 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
             StatusFilter::Error => !is_ok(r),
         })
         .collect();
+    let validations = store.validations().await?;
     if json {
         let rows: Vec<serde_json::Value> = records
             .iter()
             .map(|r| {
+                let last: Vec<&ValidationRecord> = validations
+                    .iter()
+                    .filter(|(i, _)| *i == r.id)
+                    .map(|(_, v)| v)
+                    .collect();
                 serde_json::json!({
+                    "validation": last,
                     "name": r.name,
                     "mailbox": r.mailbox,
                     "status": r.status,
@@ -363,11 +456,16 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
     };
     let w_name = width(|r| &r.name, 4);
     let w_mail = width(|r| &r.mailbox, 7);
+    let summaries: Vec<String> = records
+        .iter()
+        .map(|r| validation_summary(&validations, r.id))
+        .collect();
+    let w_val = summaries.iter().map(|s| s.len()).max().unwrap_or(0).max(10);
     println!(
-        "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  LAST ERROR",
-        "NAME", "MAILBOX", "STATUS", "LAST SUCCESS", "LAST FAILURE"
+        "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  {:<w_val$}  LAST ERROR",
+        "NAME", "MAILBOX", "STATUS", "LAST SUCCESS", "LAST FAILURE", "VALIDATION"
     );
-    for r in &records {
+    for (r, summary) in records.iter().zip(&summaries) {
         // Padding by hand: `{:<w$}` pads by `char`s of the value, not of
         // its escaped display.
         let pad = |shown: Shown, w: usize| {
@@ -375,12 +473,13 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
             format!("{shown}{}", " ".repeat(w.saturating_sub(n)))
         };
         println!(
-            "{}  {}  {:<12}  {:<20}  {:<20}  {}",
+            "{}  {}  {:<12}  {:<20}  {:<20}  {:<w_val$}  {}",
             pad(Shown(&r.name), w_name),
             pad(Shown(&r.mailbox), w_mail),
             r.status.as_str(),
             time(r.last_success_at),
             time(r.last_failure_at),
+            summary,
             Shown(r.last_error.as_deref().unwrap_or("-"))
         );
     }

@@ -4,12 +4,13 @@
 
 use super::identity::{audit_cli, read_password, time};
 use super::{InviteArgs, InviteCommand};
+use crate::app::App;
 use crate::config::Config;
 use crate::identity::hash_password;
 use crate::names::{self, Shown};
 use crate::onboarding::import::{self, generate_password, ImportError};
 use crate::onboarding::invite::{self, IssuedInvitation};
-use crate::store::{now_unix, IdentityRecord, SqliteStore, Status, Store};
+use crate::store::{now_unix, IdentityRecord, NewAudit, SqliteStore, Status, Store};
 use anyhow::{anyhow, bail};
 use std::path::Path;
 
@@ -45,12 +46,46 @@ pub(super) async fn run(path: &Path, args: InviteArgs) -> anyhow::Result<()> {
     if targets.is_empty() {
         eprintln!("every identity is linked: nobody to invite");
     }
+    // E-mail goes out through the SMTP upstream as the sender identity:
+    // that needs the token engine.
+    let app = if args.email {
+        if config.notifications.email_sender.is_none() {
+            bail!("--email needs [notifications] email_sender: the identity whose mailbox sends invitations");
+        }
+        Some(App::open(config.clone()).await?)
+    } else {
+        None
+    };
+    let mut failed = 0;
     for rec in &targets {
         let issued = invite::issue(&store, &config, rec, "cli").await?;
         print_invitation(rec, &issued, args.json)?;
-        if args.email {
-            send_email(&config, rec, &issued).await?;
+        if let Some(app) = &app {
+            let outcome = crate::notify::send_invitation_email(app, rec, &issued).await;
+            let entry = NewAudit {
+                actor: "cli",
+                action: "notification.email",
+                identity: Some(&rec.name),
+                outcome: if outcome.is_ok() { "ok" } else { "failed" },
+                detail: Some("invitation e-mail"),
+            };
+            if let Err(e) = store.audit(&entry).await {
+                eprintln!("warning: cannot write the audit log: {e}");
+            }
+            match outcome {
+                Ok(()) => eprintln!("invitation e-mailed to {}", Shown(&rec.mailbox)),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!(
+                        "cannot e-mail the invitation to {}: {e}",
+                        Shown(&rec.mailbox)
+                    );
+                }
+            }
         }
+    }
+    if failed > 0 {
+        bail!("{failed} invitation e-mail(s) not sent (the invitations are valid: pass the links on another way)");
     }
     Ok(())
 }
@@ -149,15 +184,6 @@ fn print_invitation(
         );
     }
     Ok(())
-}
-
-async fn send_email(
-    config: &Config,
-    rec: &IdentityRecord,
-    issued: &IssuedInvitation,
-) -> anyhow::Result<()> {
-    let _ = (config, rec, issued);
-    bail!("sending invitations by e-mail is not available yet")
 }
 
 async fn list(store: &SqliteStore, json: bool) -> anyhow::Result<()> {

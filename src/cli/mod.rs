@@ -106,6 +106,14 @@ pub enum IdentityCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Prove the identity end to end: an access token per enabled front end, tried against its upstream (EWS GetFolder or the HTTP probe path, SMTP/IMAP/POP3 XOAUTH2 login). Exit 0 when every protocol passes.
+    Validate {
+        /// Identity name.
+        name: String,
+        /// JSON output (an array, one object per protocol).
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete an identity with its tokens and personal data.
     Remove {
         /// Identity name.

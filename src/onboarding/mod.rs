@@ -4,5 +4,8 @@
 
 pub mod import;
 pub mod invite;
+pub mod pages;
+pub mod server;
 
 pub use invite::{hash_secret, issue, normalise_code, InviteError, IssuedInvitation};
+pub use server::{Onboarding, OnboardingError, Peer};

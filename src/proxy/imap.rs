@@ -320,6 +320,19 @@ impl Imap {
         }
     }
 
+    /// Logs in upstream with `token` and says `LOGOUT`: proves that the
+    /// upstream accepts the token for `mailbox` (validation). Returns the
+    /// upstream's tagged `OK` answer.
+    pub async fn probe(&self, mailbox: &str, token: &Secret) -> Result<String, UpstreamLogin> {
+        let t = self.front.cfg.upstream_timeout;
+        let mut up = self.upstream_login(mailbox, token).await?;
+        let answer = format!("OK {}", up.ok_text);
+        if upstream_send(&mut up.io, b"A3 LOGOUT\r\n").await.is_ok() {
+            let _ = tagged(&mut up.io, "A3", t).await;
+        }
+        Ok(answer)
+    }
+
     /// The state of a new client session.
     pub(crate) fn dialect(self: &Arc<Self>) -> ImapSession {
         ImapSession { imap: self.clone() }

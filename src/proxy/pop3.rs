@@ -78,6 +78,18 @@ impl Pop3 {
         }
     }
 
+    /// Logs in upstream with `token` and says `QUIT`: proves that the
+    /// upstream accepts the token for `mailbox` (validation). Returns the
+    /// upstream's `+OK` answer.
+    pub async fn probe(&self, mailbox: &str, token: &Secret) -> Result<String, UpstreamLogin> {
+        let t = self.front.cfg.upstream_timeout;
+        let (mut up, answer) = self.upstream_login(mailbox, token).await?;
+        if upstream_send(&mut up, b"QUIT\r\n").await.is_ok() {
+            let _ = read(&mut up, t).await;
+        }
+        Ok(String::from_utf8_lossy(&answer).trim_end().to_owned())
+    }
+
     fn capa(&self, tls: bool) -> String {
         let mut s = String::from("+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n");
         if self.front.acceptor.is_some() && !tls {

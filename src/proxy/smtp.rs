@@ -91,6 +91,30 @@ fn has_extension(ext: &[String], name: &str) -> bool {
     })
 }
 
+/// `message` ready for `DATA`: lines end in CRLF, a leading `.` is doubled
+/// (RFC 5321 4.5.2), and the terminating `.` line is appended.
+pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 64);
+    let mut at_line_start = true;
+    let mut prev = 0u8;
+    for &b in message {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+        prev = b;
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
 /// The SMTP front end.
 pub struct Smtp {
     front: Arc<MailFrontEnd>,
@@ -159,6 +183,73 @@ impl Smtp {
         mailbox: &str,
         token: &Secret,
     ) -> Result<LineIo<BoxIo>, UpstreamLogin> {
+        Ok(self.authenticate(helo, mailbox, token).await?.0)
+    }
+
+    /// Logs in upstream with `token` and says `QUIT`: proves that the
+    /// upstream accepts the token for `mailbox` (validation). Returns the
+    /// upstream's `235` answer.
+    pub async fn probe(&self, mailbox: &str, token: &Secret) -> Result<String, UpstreamLogin> {
+        let t = self.front.cfg.upstream_timeout;
+        let helo = self.front.cfg.hostname.clone();
+        let (mut up, answer) = self.authenticate(&helo, mailbox, token).await?;
+        let _ = command(&mut up, "QUIT", t).await;
+        Ok(answer)
+    }
+
+    /// Logs in upstream as `mailbox` with `token` and submits one message:
+    /// `MAIL FROM:<from>`, `RCPT TO:<..>` for each of `to`, `DATA` with
+    /// `message` (a complete RFC 5322 message; dot-stuffed here), `QUIT`.
+    /// Returns the upstream's answer to the end of `DATA`. A refused
+    /// envelope or message is [`UpstreamLogin::Unexpected`] with the
+    /// upstream's words.
+    pub async fn send_message(
+        &self,
+        mailbox: &str,
+        token: &Secret,
+        from: &str,
+        to: &[String],
+        message: &[u8],
+    ) -> Result<String, UpstreamLogin> {
+        let t = self.front.cfg.upstream_timeout;
+        let helo = self.front.cfg.hostname.clone();
+        let (mut up, _) = self.authenticate(&helo, mailbox, token).await?;
+        let clean = |a: &str| {
+            a.chars()
+                .filter(|c| !c.is_control() && *c != '<' && *c != '>')
+                .collect::<String>()
+        };
+        let r = command(&mut up, &format!("MAIL FROM:<{}>", clean(from)), t).await?;
+        if r.code != 250 {
+            return Err(unexpected("MAIL FROM", &r));
+        }
+        for rcpt in to {
+            let r = command(&mut up, &format!("RCPT TO:<{}>", clean(rcpt)), t).await?;
+            if r.code != 250 && r.code != 251 {
+                return Err(unexpected("RCPT TO", &r));
+            }
+        }
+        let r = command(&mut up, "DATA", t).await?;
+        if r.code != 354 {
+            return Err(unexpected("DATA", &r));
+        }
+        upstream_send(&mut up, &dot_stuff(message)).await?;
+        let r = read_reply(&mut up, t).await?;
+        if r.code != 250 {
+            return Err(unexpected("the end of DATA", &r));
+        }
+        let _ = command(&mut up, "QUIT", t).await;
+        Ok(format!("{} {}", r.code, r.lines.join(" ")))
+    }
+
+    /// Logs in upstream with `token`; returns the connection and the
+    /// upstream's success answer.
+    async fn authenticate(
+        &self,
+        helo: &str,
+        mailbox: &str,
+        token: &Secret,
+    ) -> Result<(LineIo<BoxIo>, String), UpstreamLogin> {
         let t = self.front.cfg.upstream_timeout;
         let (mut up, _) = self.open_upstream(helo).await?;
         let ir = sasl::xoauth2(mailbox, token);
@@ -168,7 +259,7 @@ impl Smtp {
             reply = command(&mut up, "", t).await?;
         }
         match reply.code {
-            235 => Ok(up),
+            235 => Ok((up, format!("235 {}", reply.lines.join(" ")))),
             535 | 534 | 530 => Err(UpstreamLogin::Rejected(refusal::smtp(
                 reply.code,
                 &reply.lines.join(" "),
@@ -397,5 +488,17 @@ impl Dialect for SmtpSession {
 
     fn say(&self, line: &'static str) -> String {
         line.replace("{host}", self.host())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dot_stuff;
+
+    #[test]
+    fn dot_stuffing_doubles_leading_dots_and_ends_with_the_dot_line() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n");
+        assert_eq!(dot_stuff(b".\nx"), b"..\r\nx\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b"\r\n.\r\n");
     }
 }

@@ -2,7 +2,9 @@
 //! `oauth2` crate, driven by authswap's own hyper + rustls client (one HTTP
 //! stack in the binary). Microsoft's error bodies (`error_codes`) and the
 //! HTTP status / `Retry-After` of each answer feed the classification in
-//! [`super::error`].
+//! [`super::error`]. Browser sign-in (authorization code + PKCE S256) builds
+//! its authorization URL and redeems the code here too; the ID token that
+//! comes with the code is read by [`super::id_token`].
 
 use super::error::{classify, IdpError};
 use crate::config::IdpConfig;
@@ -14,11 +16,13 @@ use oauth2::basic::{
     BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenType,
 };
 use oauth2::{
-    AsyncHttpClient, AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl,
-    EndpointNotSet, EndpointSet, HttpRequest, HttpResponse, RefreshToken, RequestTokenError, Scope,
+    AsyncHttpClient, AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
+    DeviceAuthorizationUrl, EndpointNotSet, EndpointSet, HttpRequest, HttpResponse,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
     StandardDeviceAuthorizationResponse, StandardRevocableToken, TokenResponse, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +43,12 @@ pub struct MsErrorResponse {
     /// Numeric AADSTS codes.
     #[serde(default)]
     pub error_codes: Vec<u32>,
+    /// Microsoft's correlation id (for support requests).
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    /// Microsoft's trace id.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 impl fmt::Display for MsErrorResponse {
@@ -65,6 +75,9 @@ pub struct MsTokenResponse {
     expires_in: Option<u64>,
     #[serde(default)]
     refresh_token: Option<oauth2::RefreshToken>,
+    /// OpenID Connect ID token (when `openid` was asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_token: Option<Secret>,
 }
 
 impl TokenResponse for MsTokenResponse {
@@ -143,6 +156,83 @@ pub struct TokenGrant {
     pub expires_in: Duration,
     /// A rotated refresh token, when the platform sent one.
     pub refresh_token: Option<Secret>,
+    /// The ID token, when `openid` was among the scopes (sign-in grants).
+    pub id_token: Option<Secret>,
+}
+
+/// Scopes OpenID Connect sign-ins add to the resource scopes: an ID token
+/// naming the account, and a refresh token.
+pub const SIGNIN_SCOPES: [&str; 3] = ["openid", "profile", "offline_access"];
+
+/// `scopes` plus [`SIGNIN_SCOPES`], without duplicates, in order.
+pub fn with_signin_scopes(scopes: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = scopes.to_vec();
+    for s in SIGNIN_SCOPES {
+        if !all.iter().any(|x| x == s) {
+            all.push(s.to_owned());
+        }
+    }
+    all
+}
+
+/// What an authorization request carries besides the client's settings.
+#[derive(Clone)]
+pub struct AuthorizeParams<'a> {
+    /// Registered redirect URI (`{public_url}/callback`).
+    pub redirect_uri: &'a str,
+    /// Scopes (resource scopes plus [`SIGNIN_SCOPES`]).
+    pub scopes: &'a [String],
+    /// The `state` value bound to this sign-in.
+    pub state: &'a Secret,
+    /// PKCE code verifier; its S256 challenge goes into the URL.
+    pub verifier: &'a Secret,
+    /// OpenID Connect nonce expected back in the ID token.
+    pub nonce: &'a str,
+    /// `login_hint`: the invited mailbox.
+    pub login_hint: &'a str,
+}
+
+impl fmt::Debug for AuthorizeParams<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthorizeParams")
+            .field("redirect_uri", &self.redirect_uri)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the identity platform said when it refused something, for the
+/// person's page and the administrator (no secrets: codes and ids only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlatformDetails {
+    /// OAuth `error` (`invalid_grant`, `access_denied`, ...).
+    pub error: String,
+    /// The first AADSTS code, if any.
+    pub aadsts: Option<u32>,
+    /// Correlation id, if given.
+    pub correlation_id: Option<String>,
+    /// Trace id, if given.
+    pub trace_id: Option<String>,
+}
+
+/// A refused or failed code redemption: the classification plus what the
+/// platform said.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{class}")]
+pub struct CodeError {
+    /// How the failure is classified.
+    pub class: IdpError,
+    /// The platform's codes (empty when it did not answer).
+    pub details: PlatformDetails,
+}
+
+/// A fresh random value for `state`, PKCE verifiers and nonces: 32 random
+/// bytes, base64url (43 characters, as RFC 7636 asks of verifiers).
+pub fn random_token() -> Secret {
+    use base64::Engine;
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    Secret::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
 /// A device-code login in progress: show `verification_uri` and `user_code`.
@@ -347,6 +437,85 @@ impl IdpClient {
         }
     }
 
+    /// The authorization URL of a browser sign-in: authorization code with
+    /// PKCE (S256), `state`, `nonce`, `login_hint`, `prompt=select_account`
+    /// and `response_mode=query`.
+    pub fn authorization_url(&self, p: &AuthorizeParams<'_>) -> Result<String, IdpError> {
+        let client = self.client()?;
+        let redirect =
+            RedirectUrl::new(p.redirect_uri.to_owned()).map_err(|e| IdpError::Configuration {
+                message: format!("bad redirect URI: {e}"),
+            })?;
+        let challenge = PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(
+            p.verifier.expose().to_owned(),
+        ));
+        let state = p.state.expose().to_owned();
+        let (url, _) = client
+            .authorize_url(move || CsrfToken::new(state))
+            .set_redirect_uri(Cow::Owned(redirect))
+            .set_pkce_challenge(challenge)
+            .add_scopes(p.scopes.iter().map(|s| Scope::new(s.clone())))
+            .add_extra_param("nonce", p.nonce.to_owned())
+            .add_extra_param("login_hint", p.login_hint.to_owned())
+            .add_extra_param("prompt", "select_account")
+            .add_extra_param("response_mode", "query")
+            .url();
+        Ok(url.into())
+    }
+
+    /// Redeems an authorization code with its PKCE verifier (and the client
+    /// secret for confidential clients).
+    pub async fn redeem_code(
+        &self,
+        code: &Secret,
+        verifier: &Secret,
+        redirect_uri: &str,
+    ) -> Result<TokenGrant, CodeError> {
+        let client = self.client().map_err(|class| CodeError {
+            class,
+            details: PlatformDetails::default(),
+        })?;
+        let redirect = RedirectUrl::new(redirect_uri.to_owned()).map_err(|e| CodeError {
+            class: IdpError::Configuration {
+                message: format!("bad redirect URI: {e}"),
+            },
+            details: PlatformDetails::default(),
+        })?;
+        let exchange = Exchange::new(&self.http, self.timeout);
+        let result = client
+            .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose().to_owned()))
+            .set_redirect_uri(Cow::Owned(redirect))
+            .request_async(&exchange)
+            .await;
+        match result {
+            Ok(resp) => Ok(grant(&resp)),
+            Err(e) => {
+                let details = match &e {
+                    RequestTokenError::ServerResponse(r) => PlatformDetails {
+                        error: r.error.clone(),
+                        aadsts: r
+                            .error_codes
+                            .first()
+                            .copied()
+                            .or_else(|| r.error_description.as_deref().and_then(first_aadsts)),
+                        correlation_id: r.correlation_id.clone(),
+                        trace_id: r.trace_id.clone(),
+                    },
+                    _ => PlatformDetails::default(),
+                };
+                let class = map_error(e, exchange.last(), |r: &MsErrorResponse| {
+                    (
+                        r.error.clone(),
+                        r.error_description.clone().unwrap_or_default(),
+                        r.error_codes.clone(),
+                    )
+                });
+                Err(CodeError { class, details })
+            }
+        }
+    }
+
     /// Starts a device-code login for `scopes`.
     pub async fn start_device_login(&self, scopes: &[String]) -> Result<DeviceLogin, IdpError> {
         let client = self.client()?;
@@ -417,6 +586,16 @@ impl IdpClient {
     }
 }
 
+/// The first `AADSTSnnnn` code in a text.
+pub fn first_aadsts(text: &str) -> Option<u32> {
+    let i = text.find("AADSTS")?;
+    let digits: String = text[i + 6..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
 fn grant(resp: &MsTokenResponse) -> TokenGrant {
     TokenGrant {
         access_token: Secret::new(resp.access_token().secret().clone()),
@@ -424,6 +603,7 @@ fn grant(resp: &MsTokenResponse) -> TokenGrant {
         refresh_token: resp
             .refresh_token()
             .map(|t| Secret::new(t.secret().clone())),
+        id_token: resp.id_token.clone(),
     }
 }
 

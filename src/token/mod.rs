@@ -4,10 +4,11 @@
 
 pub mod engine;
 pub mod error;
+pub mod id_token;
 pub mod idp;
 pub mod refusal;
 
 pub use engine::{AccessToken, Scopes, TokenEngine, TokenError};
 pub use error::IdpError;
-pub use idp::{DeviceLogin, IdpClient, TokenGrant};
+pub use idp::{CodeError, DeviceLogin, IdpClient, PlatformDetails, TokenGrant};
 pub use refusal::{Refusal, Verdict};

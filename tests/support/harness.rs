@@ -82,6 +82,7 @@ key_file = "{d}/data/authswap.key"
 authority = "{authority}"
 tenant = "{TENANT}"
 client_id = "{client_id}"
+authorize_endpoint = "{authorize}"
 timeout = "5s"
 
 [tls]
@@ -125,6 +126,7 @@ retry_max = "5s"
 "#,
             authority = self.idp.base_url(),
             client_id = self.idp.client_id(),
+            authorize = self.idp.authorize_endpoint(TENANT),
             ca = self.ca_file.display(),
             upstream = self.ews.base_url(),
         )

@@ -1,8 +1,15 @@
 //! Fake Microsoft identity platform (Entra ID v2.0 endpoints) over TLS /
-//! HTTP/1.1: `/{tenant}/oauth2/v2.0/token` (refresh_token and device_code
-//! grants) and `/{tenant}/oauth2/v2.0/devicecode`, with Microsoft-shaped
+//! HTTP/1.1: `/{tenant}/oauth2/v2.0/token` (refresh_token, device_code and
+//! authorization_code grants, the last with PKCE S256 and single-use
+//! codes) and `/{tenant}/oauth2/v2.0/devicecode`, with Microsoft-shaped
 //! error bodies, fault switches, request records and a [`TokenValidator`]
-//! that the fake EWS uses to check the access tokens issued here.
+//! that the fake EWS uses to check the access tokens issued here. The
+//! browser-facing `/{tenant}/oauth2/v2.0/authorize` is also served over
+//! plain HTTP ([`FakeIdp::authorize_endpoint`]), because test browsers
+//! speak plain HTTP: it signs in a configurable account at once (no login
+//! page) and redirects with a code, or with a configured error. Grants
+//! that asked for `openid` carry an ID token (unsigned-looking JWT with
+//! `iss`, `aud`, `exp`, `iat`, `nonce`, `tid`, `oid`, `preferred_username`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,8 +24,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::server::{
-    full, lock, random_hex, random_uuid, read_body_limited, spawn_tls_server, utc_timestamp,
-    BodyError, HttpMode, RespBody, ServerHandle,
+    full, lock, random_hex, random_uuid, read_body_limited, spawn_plain_server, spawn_tls_server,
+    utc_timestamp, BodyError, HttpMode, RespBody, ServerHandle,
 };
 
 /// Largest accepted request body (bigger → 413).
@@ -27,6 +34,10 @@ pub const IDP_MAX_BODY: usize = 64 * 1024;
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// Scope recorded on seeded refresh tokens when nothing else is known.
 pub const DEFAULT_EWS_SCOPE: &str = "https://outlook.office365.com/EWS.AccessAsUser.All";
+/// The `grant_type` of the authorization code grant.
+pub const AUTH_CODE_GRANT: &str = "authorization_code";
+/// Tenant id (`tid`) of signed-in accounts unless set otherwise.
+pub const DEFAULT_TID: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
 /// How long `wait_for_device_code` waits before panicking.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -76,6 +87,9 @@ pub enum ClientAuth {
 pub enum IdpEndpoint {
     Token,
     DeviceCode,
+    /// The browser-facing authorization endpoint (GET, query parameters
+    /// recorded as `form`).
+    Authorize,
     /// Anything else (answered 404, or 503/429 while faulted).
     Other,
 }
@@ -105,6 +119,57 @@ impl IdpRequestRecord {
     pub fn form_value(&self, name: &str) -> Option<&str> {
         form_get(&self.form, name)
     }
+}
+
+/// The account the authorize endpoint signs in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedInAccount {
+    /// `preferred_username` (the UPN); the tokens belong to this mailbox.
+    pub upn: String,
+    /// `oid`.
+    pub oid: String,
+    /// `tid`.
+    pub tid: String,
+}
+
+impl SignedInAccount {
+    /// `upn` with a stable `oid` derived from it and [`DEFAULT_TID`].
+    pub fn new(upn: &str) -> SignedInAccount {
+        SignedInAccount {
+            upn: upn.to_string(),
+            oid: oid_for(upn),
+            tid: DEFAULT_TID.to_string(),
+        }
+    }
+}
+
+/// A stable object id for a UPN.
+pub fn oid_for(upn: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    upn.to_ascii_lowercase().hash(&mut h);
+    let a = h.finish();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (a >> 52) & 0xfff,
+        a & 0xffff_ffff_ffff
+    )
+}
+
+/// An authorization code handed out by the authorize endpoint.
+#[derive(Clone, Debug)]
+struct CodeEntry {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    scope: String,
+    nonce: Option<String>,
+    account: SignedInAccount,
+    used: bool,
+    expires_at: Instant,
 }
 
 #[derive(Clone, Debug)]
@@ -157,6 +222,21 @@ struct Inner {
     delay: Duration,
     next_error: Option<(StatusCode, Value)>,
     slow_down_once: bool,
+    /// `iss` base of ID tokens (`https://127.0.0.1:PORT`).
+    issuer_base: String,
+    codes: HashMap<String, CodeEntry>,
+    /// Who the authorize endpoint signs in (None: the `login_hint`).
+    account: Option<SignedInAccount>,
+    /// The next authorize request redirects with this error.
+    authorize_error: Option<(String, u32, String)>,
+    /// The next authorize request's challenge is stored altered (so the
+    /// client's verifier no longer matches).
+    tamper_challenge: bool,
+    /// When set, authorize refuses other redirect URIs.
+    expected_redirect_uri: Option<String>,
+    /// The next successful code redemption returns no refresh token (as
+    /// when `offline_access` was not granted).
+    omit_refresh_token: bool,
 }
 
 struct IdpState {
@@ -198,6 +278,8 @@ impl std::fmt::Debug for TokenValidator {
 /// The running fake IdP. Shuts down when dropped.
 pub struct FakeIdp {
     server: ServerHandle,
+    /// Plain-HTTP listener for the browser-facing authorize endpoint.
+    browser: ServerHandle,
     state: Arc<IdpState>,
 }
 
@@ -231,6 +313,13 @@ impl FakeIdp {
                 delay: Duration::ZERO,
                 next_error: None,
                 slow_down_once: false,
+                issuer_base: String::new(),
+                codes: HashMap::new(),
+                account: None,
+                authorize_error: None,
+                tamper_challenge: false,
+                expected_redirect_uri: None,
+                omit_refresh_token: false,
             }),
             device_codes_tx,
             held: watch::channel(false).0,
@@ -241,7 +330,80 @@ impl FakeIdp {
             async move { handle(st, req).await }
         })
         .await;
-        FakeIdp { server, state }
+        let st = state.clone();
+        let browser = spawn_plain_server(move |req| {
+            let st = st.clone();
+            async move { handle(st, req).await }
+        })
+        .await;
+        state.inner().issuer_base = format!("https://127.0.0.1:{}", server.addr().port());
+        FakeIdp {
+            server,
+            browser,
+            state,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/{tenant}/oauth2/v2.0/authorize` on the plain
+    /// HTTP listener (what a test browser can follow).
+    pub fn authorize_endpoint(&self, tenant: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}/{}/oauth2/v2.0/authorize",
+            self.browser.addr().port(),
+            tenant
+        )
+    }
+
+    /// The authorize endpoint signs in `account` from now on (default: the
+    /// request's `login_hint`).
+    pub fn set_signin_account(&self, account: Option<SignedInAccount>) {
+        self.state.inner().account = account;
+    }
+
+    /// The next authorize request redirects back with `error` and an
+    /// `error_description` starting `AADSTS{code}: {text}`, plus
+    /// `correlation_id` and `trace_id`.
+    pub fn fail_next_authorize(&self, error: &str, code: u32, text: &str) {
+        self.state.inner().authorize_error = Some((error.into(), code, text.into()));
+    }
+
+    /// The next authorize request stores a different PKCE challenge than it
+    /// got, so redeeming its code with the client's verifier fails
+    /// (AADSTS501481), as a tampered or lost verifier would.
+    pub fn tamper_next_challenge(&self) {
+        self.state.inner().tamper_challenge = true;
+    }
+
+    /// The next successful code redemption answers without a refresh token.
+    pub fn omit_next_refresh_token(&self) {
+        self.state.inner().omit_refresh_token = true;
+    }
+
+    /// Authorize refuses any other `redirect_uri` (like a registration).
+    pub fn expect_redirect_uri(&self, uri: &str) {
+        self.state.inner().expected_redirect_uri = Some(uri.to_string());
+    }
+
+    /// Recorded authorize requests (query parameters in `form`).
+    pub fn authorize_requests(&self) -> Vec<IdpRequestRecord> {
+        self.state
+            .inner()
+            .records
+            .iter()
+            .filter(|r| r.endpoint == IdpEndpoint::Authorize)
+            .cloned()
+            .collect()
+    }
+
+    /// Token requests with the authorization_code grant.
+    pub fn code_redemptions(&self) -> Vec<IdpRequestRecord> {
+        self.state
+            .inner()
+            .records
+            .iter()
+            .filter(|r| r.grant_type.as_deref() == Some(AUTH_CODE_GRANT))
+            .cloned()
+            .collect()
     }
 
     // ---- addresses -------------------------------------------------------
@@ -580,7 +742,7 @@ impl FakeIdp {
             .inner()
             .records
             .iter()
-            .filter(|r| r.endpoint != IdpEndpoint::Other)
+            .filter(|r| matches!(r.endpoint, IdpEndpoint::Token | IdpEndpoint::DeviceCode))
             .map(|r| r.tenant.clone())
             .collect()
     }
@@ -629,6 +791,7 @@ fn parse_route(path: &str) -> (IdpEndpoint, String) {
             match *last {
                 "token" => return (IdpEndpoint::Token, tenant.to_string()),
                 "devicecode" => return (IdpEndpoint::DeviceCode, tenant.to_string()),
+                "authorize" => return (IdpEndpoint::Authorize, tenant.to_string()),
                 _ => {}
             }
         }
@@ -733,9 +896,15 @@ async fn handle(state: Arc<IdpState>, req: Request<Incoming>) -> Response<RespBo
     let body = read_body_limited(body, IDP_MAX_BODY).await;
     let too_large = matches!(body, Err(BodyError::TooLarge));
     let body = body.unwrap_or_default();
-    let form: Vec<(String, String)> = url::form_urlencoded::parse(&body)
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
+    let form: Vec<(String, String)> = if endpoint == IdpEndpoint::Authorize {
+        url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    } else {
+        url::form_urlencoded::parse(&body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    };
     let (client_auth, client_id, client_secret) = client_credentials(&parts.headers, &form);
     let grant_type = form_get(&form, "grant_type").map(str::to_string);
 
@@ -795,6 +964,10 @@ fn respond(
     client_id: Option<String>,
     client_secret: Option<String>,
 ) -> Response<RespBody> {
+    // The browser-facing endpoint: no faults (they target the back channel).
+    if endpoint == IdpEndpoint::Authorize {
+        return authorize(&mut state.inner(), method, form);
+    }
     // Global faults first: they apply to every path.
     {
         let mut inner = state.inner();
@@ -896,6 +1069,7 @@ fn respond(
             match form_get(form, "grant_type") {
                 Some("refresh_token") => refresh_grant(&mut inner, form),
                 Some(DEVICE_CODE_GRANT) => device_grant(&mut inner, form),
+                Some(AUTH_CODE_GRANT) => code_grant(&mut inner, &client_id, form),
                 Some(other) => ms_error(
                     StatusCode::BAD_REQUEST,
                     "unsupported_grant_type",
@@ -905,7 +1079,7 @@ fn respond(
                 None => missing_param("grant_type"),
             }
         }
-        IdpEndpoint::Other => unreachable!(),
+        IdpEndpoint::Other | IdpEndpoint::Authorize => unreachable!(),
     }
 }
 
@@ -918,6 +1092,73 @@ fn strip_offline_access(scope: &str) -> String {
 }
 
 fn issue_tokens(inner: &mut Inner, mailbox: &str, scope: &str) -> Response<RespBody> {
+    issue_tokens_with(inner, mailbox, scope, None)
+}
+
+/// An ID token for `account` (JWT: header, payload, fake signature).
+pub fn make_id_token(
+    issuer_base: &str,
+    client_id: &str,
+    account: &SignedInAccount,
+    nonce: Option<&str>,
+) -> String {
+    let now = SystemTimeNow::secs();
+    let e = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let mut payload = json!({
+        "aud": client_id,
+        "iss": format!("{issuer_base}/{}/v2.0", account.tid),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 3600,
+        "name": account.upn.split('@').next().unwrap_or(""),
+        "oid": account.oid,
+        "preferred_username": account.upn,
+        "sub": format!("sub-{}", account.oid),
+        "tid": account.tid,
+        "ver": "2.0",
+    });
+    if let Some(n) = nonce {
+        payload["nonce"] = json!(n);
+    }
+    format!(
+        "{}.{}.{}",
+        e(br#"{"typ":"JWT","alg":"RS256","kid":"test-key"}"#),
+        e(payload.to_string().as_bytes()),
+        e(random_hex(32).as_bytes())
+    )
+}
+
+struct SystemTimeNow;
+
+impl SystemTimeNow {
+    fn secs() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+}
+
+fn wants_openid(scope: &str) -> bool {
+    scope.split_whitespace().any(|s| s == "openid")
+}
+
+/// Resource scopes of a grant (what access tokens are for): without the
+/// OpenID Connect ones.
+fn resource_scope(scope: &str) -> String {
+    scope
+        .split_whitespace()
+        .filter(|s| !matches!(*s, "openid" | "profile" | "email"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn issue_tokens_with(
+    inner: &mut Inner,
+    mailbox: &str,
+    scope: &str,
+    id_token: Option<String>,
+) -> Response<RespBody> {
     let n = next_counter(inner);
     let at = format!("at-{n}-{}", random_hex(16));
     let rt = format!("rt-{n}-{}", random_hex(24));
@@ -940,17 +1181,227 @@ fn issue_tokens(inner: &mut Inner, mailbox: &str, scope: &str) -> Response<RespB
         },
     );
     inner.issued_refresh.push(rt.clone());
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "token_type": "Bearer",
-            "scope": strip_offline_access(scope),
-            "expires_in": expires_in,
-            "ext_expires_in": expires_in,
-            "access_token": at,
-            "refresh_token": rt,
-        }),
-    )
+    let mut body = json!({
+        "token_type": "Bearer",
+        "scope": strip_offline_access(scope),
+        "expires_in": expires_in,
+        "ext_expires_in": expires_in,
+        "access_token": at,
+        "refresh_token": rt,
+    });
+    if let Some(t) = id_token {
+        body["id_token"] = json!(t);
+    }
+    json_response(StatusCode::OK, &body)
+}
+
+fn redirect(to: &str) -> Response<RespBody> {
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(header::LOCATION, to)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(Bytes::new()))
+        .expect("response")
+}
+
+fn browser_error(status: StatusCode, code: u32, text: &str) -> Response<RespBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(format!("AADSTS{code}: {text}\n")))
+        .expect("response")
+}
+
+fn with_query(base: &str, pairs: &[(&str, &str)]) -> String {
+    let mut url = url::Url::parse(base).expect("redirect_uri is a URL");
+    {
+        let mut q = url.query_pairs_mut();
+        for (k, v) in pairs {
+            q.append_pair(k, v);
+        }
+    }
+    url.into()
+}
+
+fn authorize(inner: &mut Inner, method: &Method, q: &[(String, String)]) -> Response<RespBody> {
+    if method != Method::GET {
+        return browser_error(StatusCode::METHOD_NOT_ALLOWED, 900561, "Use GET.");
+    }
+    let get = |k: &str| form_get(q, k).unwrap_or("");
+    if get("client_id") != inner.opts.client_id {
+        return browser_error(
+            StatusCode::BAD_REQUEST,
+            700016,
+            "Application with identifier was not found in the directory.",
+        );
+    }
+    let redirect_uri = get("redirect_uri").to_string();
+    if url::Url::parse(&redirect_uri).is_err()
+        || inner
+            .expected_redirect_uri
+            .as_deref()
+            .is_some_and(|e| e != redirect_uri)
+    {
+        return browser_error(
+            StatusCode::BAD_REQUEST,
+            50011,
+            "The redirect URI specified in the request does not match the redirect URIs configured for the application.",
+        );
+    }
+    let state = get("state").to_string();
+    let correlation_id = random_uuid();
+    let trace_id = random_uuid();
+    let fail = |error: &str, code: u32, text: &str| {
+        redirect(&with_query(
+            &redirect_uri,
+            &[
+                ("error", error),
+                (
+                    "error_description",
+                    &format!("AADSTS{code}: {text} Trace ID: {trace_id} Correlation ID: {correlation_id} Timestamp: {}", utc_timestamp()),
+                ),
+                ("error_uri", &format!("https://login.microsoftonline.com/error?code={code}")),
+                ("state", &state),
+                ("correlation_id", &correlation_id),
+                ("trace_id", &trace_id),
+            ],
+        ))
+    };
+    if get("response_type") != "code" {
+        return fail(
+            "unsupported_response_type",
+            700054,
+            "response_type 'code' is required.",
+        );
+    }
+    if get("code_challenge_method") != "S256" || get("code_challenge").len() < 43 {
+        return fail(
+            "invalid_request",
+            501491,
+            "Invalid size of Code_Challenge parameter or method is not S256.",
+        );
+    }
+    if let Some((error, code, text)) = inner.authorize_error.take() {
+        return fail(&error, code, &text);
+    }
+    let account = inner
+        .account
+        .clone()
+        .unwrap_or_else(|| SignedInAccount::new(get("login_hint")));
+    let mut challenge = get("code_challenge").to_string();
+    if std::mem::take(&mut inner.tamper_challenge) {
+        challenge = format!("x{}", &challenge[1..]);
+    }
+    let code = format!("0.AAAA{}", random_hex(48));
+    inner.codes.insert(
+        code.clone(),
+        CodeEntry {
+            client_id: get("client_id").to_string(),
+            redirect_uri: redirect_uri.clone(),
+            challenge,
+            scope: get("scope").to_string(),
+            nonce: form_get(q, "nonce").map(str::to_string),
+            account,
+            used: false,
+            expires_at: Instant::now() + Duration::from_secs(600),
+        },
+    );
+    redirect(&with_query(
+        &redirect_uri,
+        &[
+            ("code", &code),
+            ("state", &state),
+            ("session_state", &random_uuid()),
+        ],
+    ))
+}
+
+fn code_grant(inner: &mut Inner, client_id: &str, form: &[(String, String)]) -> Response<RespBody> {
+    let Some(code) = form_get(form, "code") else {
+        return missing_param("code");
+    };
+    let Some(entry) = inner.codes.get_mut(code) else {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            9002313,
+            "Invalid request. Request is malformed or invalid.",
+        );
+    };
+    if entry.used {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            54005,
+            "OAuth2 Authorization code was already redeemed, please retry with a new valid code or use an existing refresh token.",
+        );
+    }
+    // A code is good for one redemption attempt.
+    entry.used = true;
+    let entry = entry.clone();
+    if Instant::now() >= entry.expires_at {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            70008,
+            "The provided authorization code or refresh token has expired due to inactivity.",
+        );
+    }
+    if entry.client_id != client_id {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            70000,
+            "The code was issued to another client.",
+        );
+    }
+    if form_get(form, "redirect_uri") != Some(entry.redirect_uri.as_str()) {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            70002,
+            "The redirect_uri does not match the one of the authorization request.",
+        );
+    }
+    let verified = form_get(form, "code_verifier").is_some_and(|v| {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(v.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest) == entry.challenge
+    });
+    if !verified {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            501481,
+            "The Code_Verifier does not match the code_challenge supplied in the authorization request.",
+        );
+    }
+    let id_token = wants_openid(&entry.scope).then(|| {
+        make_id_token(
+            &inner.issuer_base,
+            &entry.client_id,
+            &entry.account,
+            entry.nonce.as_deref(),
+        )
+    });
+    let scope = resource_scope(&entry.scope);
+    let resp = issue_tokens_with(inner, &entry.account.upn, &scope, id_token.clone());
+    if !std::mem::take(&mut inner.omit_refresh_token) {
+        return resp;
+    }
+    drop(resp);
+    let n = next_counter(inner);
+    let at = format!("at-{n}-{}", random_hex(16));
+    let mut body = json!({
+        "token_type": "Bearer",
+        "scope": strip_offline_access(&scope),
+        "expires_in": inner.opts.expires_in,
+        "access_token": at,
+    });
+    if let Some(t) = id_token {
+        body["id_token"] = json!(t);
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 fn refresh_grant(inner: &mut Inner, form: &[(String, String)]) -> Response<RespBody> {
@@ -1041,7 +1492,15 @@ fn device_grant(inner: &mut Inner, form: &[(String, String)]) -> Response<RespBo
         DeviceStatus::Approved(mailbox) => {
             dev.status = DeviceStatus::Redeemed;
             let scope = dev.scope.clone();
-            issue_tokens(inner, &mailbox, &scope)
+            let id_token = wants_openid(&scope).then(|| {
+                make_id_token(
+                    &inner.issuer_base,
+                    &inner.opts.client_id,
+                    &SignedInAccount::new(&mailbox),
+                    None,
+                )
+            });
+            issue_tokens_with(inner, &mailbox, &resource_scope(&scope), id_token)
         }
     }
 }

@@ -18,7 +18,10 @@ pub use ews::{
     big_response_byte, expected_big_response, server_busy_body, server_busy_response,
     CannedResponse, EwsOptions, FakeEws, RecordedRequest,
 };
-pub use idp::{ms_error_body, ClientAuth, FakeIdp, IdpOptions, IdpRequestRecord, TokenValidator};
+pub use idp::{
+    ms_error_body, ClientAuth, FakeIdp, IdpOptions, IdpRequestRecord, SignedInAccount,
+    TokenValidator,
+};
 pub mod harness;
 pub mod mail;
 pub mod mailrig;

@@ -109,6 +109,47 @@ where
     }
 }
 
+/// Binds 127.0.0.1:0 and serves plain HTTP/1.1 with `handler` (for the
+/// browser-facing endpoints of a double: test browsers speak plain HTTP).
+pub async fn spawn_plain_server<F, Fut>(handler: F) -> ServerHandle
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<RespBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local_addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let (tcp, _peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(_) => continue,
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            while conns.try_join_next().is_some() {}
+            let handler = handler.clone();
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    ServerHandle {
+        addr,
+        task,
+        accepted,
+    }
+}
+
 /// Full body from bytes.
 pub fn full(b: impl Into<Bytes>) -> RespBody {
     Full::new(b.into()).boxed()
