@@ -517,6 +517,35 @@ async fn csv_import_through_the_api_is_all_or_nothing() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test]
+async fn validate_through_the_api_records_results() {
+    let env = Env::start().await;
+    env.add_linked("carol", "carol@contoso.com", "carol-password-1")
+        .await;
+    let server = start(&env).await;
+    let api = Api::new(&server);
+    let (s, v) = api
+        .post("/api/v1/identities/carol/validate", json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["identity"], "carol");
+    let results = v["results"].as_array().unwrap();
+    assert!(!results.is_empty(), "{v}");
+    // The EWS double's default answer is not a GetFolder answer: the
+    // result itself is tests/validate.rs's concern; here it is recorded.
+    assert_eq!(results[0]["protocol"], "ews", "{v}");
+    let (_, shown) = api.get("/api/v1/identities/carol").await;
+    assert_eq!(
+        shown["validations"][0]["protocol"], results[0]["protocol"],
+        "{shown}"
+    );
+    let (s, e) = api
+        .post("/api/v1/identities/nobody/validate", json!({}))
+        .await;
+    assert_error(s, &e, StatusCode::NOT_FOUND, "not_found");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }

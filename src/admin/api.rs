@@ -19,6 +19,7 @@ use crate::tls::OutBody;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 /// An error answer: a stable code and human words.
@@ -135,6 +136,8 @@ pub enum Route {
     SetPassword,
     /// `POST /api/v1/identities/{name}/forget`
     Forget,
+    /// `POST /api/v1/identities/{name}/validate`
+    Validate,
     /// `POST /api/v1/identities/{name}/invitations/revoke`
     RevokeInvitations,
     /// `POST /api/v1/identities/{name}/invitations/resend`
@@ -164,6 +167,11 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("POST", "/api/v1/identities/{name}/forget", Route::Forget),
     (
         "POST",
+        "/api/v1/identities/{name}/validate",
+        Route::Validate,
+    ),
+    (
+        "POST",
         "/api/v1/identities/{name}/invitations/revoke",
         Route::RevokeInvitations,
     ),
@@ -180,7 +188,7 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
 
 /// One API call, authenticated.
 pub struct Call<'a> {
-    app: &'a App,
+    app: &'a Arc<App>,
     params: Vec<String>,
     query: Vec<(String, String)>,
     body: Bytes,
@@ -273,7 +281,7 @@ pub fn body_limit(route: Route) -> usize {
 
 /// Serves one authenticated API call.
 pub async fn serve(
-    app: &App,
+    app: &Arc<App>,
     route: Route,
     params: Vec<String>,
     headers: &HeaderMap,
@@ -306,6 +314,7 @@ pub async fn serve(
         Route::RemoveIdentity => remove_identity(&call).await,
         Route::SetPassword => set_password(&call).await,
         Route::Forget => forget_identity(&call).await,
+        Route::Validate => validate_identity(&call).await,
         Route::RevokeInvitations => revoke_invitations(&call).await,
         Route::ResendInvitation => resend_invitation(&call).await,
         Route::CreateInvitations => create_invitations(&call).await,
@@ -505,6 +514,29 @@ async fn set_password(call: &Call<'_>) -> Reply {
 async fn forget_identity(call: &Call<'_>) -> Reply {
     let view = call.admin().forget(call.name()).await?;
     Ok(json(StatusCode::OK, &view))
+}
+
+/// Results of validating an identity.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Validated {
+    /// The identity.
+    pub identity: String,
+    /// One result per enabled front end.
+    pub results: Vec<ops::ValidationView>,
+}
+
+/// Prove an identity end to end: for each enabled front end, get an
+/// access token and use it upstream (EWS `GetFolder`, SMTP `AUTH`, IMAP
+/// `AUTHENTICATE`, POP3 `AUTH`); the results are stored and shown in the
+/// identity's `validations`. A failing protocol is a result with
+/// `ok: false`, not an error.
+#[utoipa::path(post, path = "/api/v1/identities/{name}/validate", tag = "identities",
+    params(("name" = String, Path, description = "Identity name")),
+    responses((status = 200, body = Validated), (status = 401, body = ApiError), (status = 404, body = ApiError)))]
+async fn validate_identity(call: &Call<'_>) -> Reply {
+    let results = ops::validate(call.app, "api", call.name()).await?;
+    let identity = ops::identity_view(call.app, call.name()).await?.name;
+    Ok(json(StatusCode::OK, &Validated { identity, results }))
 }
 
 /// Revoked invitations.
@@ -864,10 +896,10 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "authswap admin API", description = "Identities, invitations and the audit log of an authswap instance. Every call needs `Authorization: Bearer <admin token>`."),
     paths(list_identities, create_identity, import_identities, show_identity, remove_identity, set_password,
-        forget_identity, revoke_invitations, resend_invitation, create_invitations,
+        forget_identity, validate_identity, revoke_invitations, resend_invitation, create_invitations,
         list_invitations, audit_log, openapi_doc),
     components(schemas(ApiError, RowProblem, ImportedView, ImportedList, IdentityView, ops::AccountView, ops::ValidationView, StatusFilter,
-        IdentityList, CreateIdentity, CreatedIdentity, SetPassword, PasswordChanged, Revoked,
+        IdentityList, Validated, CreateIdentity, CreatedIdentity, SetPassword, PasswordChanged, Revoked,
         IssuedView, IssuedList, Invitee, InviteeSpec, CreateInvitations, InvitationView,
         InvitationList, AuditView, AuditPage)),
     modifiers(&BearerAuth),

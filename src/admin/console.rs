@@ -494,7 +494,7 @@ async fn identities(page: &Page<'_>, query: &[(String, String)]) -> Response<Out
                 identities,
                 filter => filter.as_str(),
                 q,
-                validate => false,
+                validate => true,
                 labels => context! {
                     linked => "Linked",
                     pending => "Pending",
@@ -648,6 +648,32 @@ async fn identity_action(
                 Err(e) => page.error(&e),
             }
         }
+        ("validate", true) => match ops::validate(&page.admin.app, "console", name).await {
+            Ok(results) => {
+                let words: Vec<String> = results
+                    .iter()
+                    .map(|v| {
+                        if v.ok {
+                            format!("{}: ok", v.protocol)
+                        } else {
+                            format!("{}: failed, {} ({})", v.protocol, v.meaning, v.answer)
+                        }
+                    })
+                    .collect();
+                let text = if words.is_empty() {
+                    "No front end is enabled, so there was nothing to prove.".to_owned()
+                } else {
+                    words.join("; ")
+                };
+                page.message(
+                    StatusCode::OK,
+                    &format!("Validation of {name}"),
+                    &text,
+                    "/identities",
+                )
+            }
+            Err(e) => page.error(&e),
+        },
         ("revoke", true) => match page.ops().revoke(name).await {
             Ok(n) => page.message(
                 StatusCode::OK,

@@ -846,6 +846,33 @@ impl Admin<'_> {
     }
 }
 
+/// Proves identity `name` end to end on every enabled front end
+/// ([`crate::validate`]), which stores and audits the results.
+pub async fn validate(
+    app: &std::sync::Arc<App>,
+    actor: &'static str,
+    name: &str,
+) -> Result<Vec<ValidationView>, AdminError> {
+    use crate::validate::ValidateError;
+    let r = crate::validate::validate(app, name, actor)
+        .await
+        .map_err(|e| match e {
+            ValidateError::NotFound(n) => AdminError::NotFound(n),
+            ValidateError::Store(s) => AdminError::Store(s),
+            ValidateError::Setup(s) => AdminError::Internal(s.to_string()),
+        });
+    match r {
+        Ok(list) => Ok(list.iter().map(ValidationView::from).collect()),
+        Err(e) => Admin {
+            app: app.as_ref(),
+            actor,
+        }
+        .audited_err("identity.validate", name, Err::<(), _>(e))
+        .await
+        .map(|_| Vec::new()),
+    }
+}
+
 /// Every invitation, newest first, optionally for one identity.
 pub async fn invitations(
     app: &App,
