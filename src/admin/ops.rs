@@ -203,17 +203,6 @@ impl StatusFilter {
     }
 }
 
-/// Linked, and the last token refresh (if any) did not fail after the
-/// last success (as `identity list --status ok`).
-pub fn is_ok(r: &IdentityRecord) -> bool {
-    r.status == Status::Linked
-        && match (r.last_failure_at, r.last_success_at) {
-            (Some(f), Some(s)) => s >= f,
-            (Some(_), None) => false,
-            _ => true,
-        }
-}
-
 /// RFC 3339 (UTC, seconds) of Unix seconds.
 pub fn rfc3339(t: i64) -> String {
     let t = u64::try_from(t).unwrap_or(0);
@@ -304,7 +293,7 @@ pub struct IdentityView {
 pub fn status_text(r: &IdentityRecord) -> &'static str {
     match r.status {
         Status::Pending => "Not linked yet: invite the user to sign in with Microsoft.",
-        Status::Linked if is_ok(r) => "Linked and working.",
+        Status::Linked if r.is_ok() => "Linked and working.",
         Status::Linked => "Linked, but the last token refresh failed (retrying).",
         Status::NeedsReauth => {
             "Microsoft refused the stored sign-in: the user must sign in again (re-invite them)."
@@ -327,8 +316,8 @@ pub async fn identity_views(
         .into_iter()
         .filter(|r| match filter {
             StatusFilter::All => true,
-            StatusFilter::Ok => is_ok(r),
-            StatusFilter::Error => !is_ok(r),
+            StatusFilter::Ok => r.is_ok(),
+            StatusFilter::Error => !r.is_ok(),
         })
         .filter(|r| {
             needle.is_empty()
@@ -355,7 +344,7 @@ fn view(app: &App, r: &IdentityRecord, validations: Vec<ValidationView>) -> Iden
         name: r.name.clone(),
         mailbox: r.mailbox.clone(),
         status: r.status.as_str().to_owned(),
-        ok: is_ok(r),
+        ok: r.is_ok(),
         status_text: status_text(r).to_owned(),
         has_refresh_token: r.has_refresh_token,
         last_error: r.last_error.clone(),

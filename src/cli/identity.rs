@@ -8,7 +8,7 @@ use crate::identity::hash_password;
 use crate::names::{self, Shown};
 use crate::secret::Secret;
 use crate::store::{
-    now_unix, open_sealer, IdentityRecord, KeyUse, SqliteStore, Status, Store, ValidationRecord,
+    now_unix, open_sealer, IdentityRecord, KeyUse, SqliteStore, Store, ValidationRecord,
 };
 use crate::token::{IdpClient, IdpError};
 use anyhow::{anyhow, bail, Context};
@@ -382,15 +382,6 @@ fn validation_summary(all: &[(i64, ValidationRecord)], id: i64) -> String {
 /// Widest column of the `identity list` table, in characters.
 const MAX_COLUMN: usize = 64;
 
-fn is_ok(r: &IdentityRecord) -> bool {
-    r.status == Status::Linked
-        && match (r.last_failure_at, r.last_success_at) {
-            (Some(f), Some(s)) => s >= f,
-            (Some(_), None) => false,
-            _ => true,
-        }
-}
-
 pub(super) fn time(t: Option<i64>) -> String {
     t.and_then(|s| u64::try_from(s).ok())
         .map(|s| {
@@ -407,8 +398,8 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
         .into_iter()
         .filter(|r| match filter {
             StatusFilter::All => true,
-            StatusFilter::Ok => is_ok(r),
-            StatusFilter::Error => !is_ok(r),
+            StatusFilter::Ok => r.is_ok(),
+            StatusFilter::Error => !r.is_ok(),
         })
         .collect();
     let validations = store.validations().await?;
@@ -426,7 +417,7 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
                     "name": r.name,
                     "mailbox": r.mailbox,
                     "status": r.status,
-                    "ok": is_ok(r),
+                    "ok": r.is_ok(),
                     "linked": r.has_refresh_token,
                     "last_error": r.last_error,
                     "last_success_at": r.last_success_at.map(|t| time(Some(t))),

@@ -96,6 +96,20 @@ pub struct IdentityRecord {
     pub linked_at: Option<i64>,
 }
 
+impl IdentityRecord {
+    /// Linked, and the last refresh (if any) did not fail after the last
+    /// success: what `identity list --status ok`, the API and the console
+    /// call "ok"; everything else needs attention.
+    pub fn is_ok(&self) -> bool {
+        self.status == Status::Linked
+            && match (self.last_failure_at, self.last_success_at) {
+                (Some(f), Some(s)) => s >= f,
+                (Some(_), None) => false,
+                _ => true,
+            }
+    }
+}
+
 /// The Microsoft account behind a link, read from the ID token.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct LinkedAccount {
