@@ -851,3 +851,58 @@ async fn screenshot_of_the_invitation_page() {
     assert!(std::fs::metadata(&out).unwrap().len() > 10_000);
     server.shutdown(GRACE).await;
 }
+
+/// Polls a device-code status page until it stops waiting.
+async fn device_outcome(b: &reqwest::Client, page_url: &str) -> String {
+    let mut html = String::new();
+    for _ in 0..100 {
+        html = page(b.get(page_url).send().await.unwrap()).await.1;
+        if !html.contains("Waiting for you") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    html
+}
+
+#[tokio::test]
+async fn device_code_fallback_refuses_another_account_a_decline_and_an_expiry() {
+    logs();
+    let env = Env::start().await;
+    let server = env.serve().await;
+    for (name, how) in [("hal", "wrong"), ("ivy", "decline"), ("jon", "expire")] {
+        let mailbox = format!("{name}@contoso.com");
+        let inv = invite(&server, name, &mailbox, "pw-device-123").await;
+        let b = browser();
+        let r = b
+            .post(inv.url.expose())
+            .form(&[("action", "device")])
+            .send()
+            .await
+            .unwrap();
+        let page_url = r.url().to_string();
+        assert!(page_url.contains("/device/"), "{page_url}");
+        let user_code = env.idp.wait_for_device_code().await;
+        let acted = match how {
+            "wrong" => env.idp.approve_device(&user_code, "mallory@contoso.com"),
+            "decline" => env.idp.decline_device(&user_code),
+            _ => env.idp.expire_device(&user_code),
+        };
+        assert!(acted, "{how}");
+        let html = device_outcome(&b, &page_url).await;
+        assert!(!html.contains("You are done"), "{how}: {html}");
+        assert!(!html.contains("Waiting for you"), "{how}: {html}");
+        match how {
+            "wrong" => assert!(html.contains("but this invitation is for"), "{how}: {html}"),
+            "expire" => assert!(html.contains("expired"), "{how}: {html}"),
+            _ => {}
+        }
+        assert_eq!(status_of(&server, name).await, Status::Pending, "{how}");
+        assert_eq!(
+            invitation_state(&server, &inv).await,
+            InvitationState::Pending,
+            "{how}: the invitation can be used again"
+        );
+    }
+    server.shutdown(GRACE).await;
+}
