@@ -768,7 +768,15 @@ impl OnboardingConfig {
                 } else {
                     "http"
                 };
-                format!("{scheme}://{}", self.listen)
+                // An address that accepts every interface is not one a
+                // browser can open: name loopback (as `serve` does).
+                let listen = match self.listen.parse::<SocketAddr>() {
+                    Ok(a) if a.ip().is_unspecified() => {
+                        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port()).to_string()
+                    }
+                    _ => self.listen.clone(),
+                };
+                format!("{scheme}://{listen}")
             }
         }
     }
@@ -1517,6 +1525,18 @@ mod tests {
             fig = fig.merge((*k, *v));
         }
         Config::finish(fig)
+    }
+
+    #[test]
+    fn onboarding_base_url_never_names_an_unspecified_address() {
+        let mut o = OnboardingConfig::default();
+        assert_eq!(o.base_url(), "http://127.0.0.1:8081");
+        o.listen = "0.0.0.0:8081".into();
+        assert_eq!(o.redirect_uri(), "http://127.0.0.1:8081/callback");
+        o.listen = "[::]:9000".into();
+        assert_eq!(o.base_url(), "http://127.0.0.1:9000");
+        o.public_url = Some("https://onboarding.contoso.com/".into());
+        assert_eq!(o.base_url(), "https://onboarding.contoso.com");
     }
 
     #[test]
