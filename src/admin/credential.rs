@@ -134,22 +134,7 @@ impl Credential {
 }
 
 fn write_new_token_file(path: &Path, token: &Secret) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(token.expose().as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()
+    crate::store::seal::write_new_secret_file(path, token.expose().as_bytes())
 }
 
 fn check_permissions(path: &Path) -> Result<(), CredentialError> {

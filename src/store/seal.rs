@@ -372,6 +372,14 @@ fn decode_key(text: &str) -> Result<Zeroizing<[u8; 32]>, String> {
 }
 
 fn write_new_key_file(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
+    let hex: Zeroizing<String> = Zeroizing::new(key.iter().map(|b| format!("{b:02x}")).collect());
+    write_new_secret_file(path, hex.as_bytes())
+}
+
+/// Creates `path` (never replacing a file) with mode 0600 in a 0700
+/// directory, writes `secret` and a newline, and syncs it: the sealing key
+/// and the admin token.
+pub(crate) fn write_new_secret_file(path: &Path, secret: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
@@ -384,8 +392,7 @@ fn write_new_key_file(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(path)?;
-    let hex: Zeroizing<String> = Zeroizing::new(key.iter().map(|b| format!("{b:02x}")).collect());
-    file.write_all(hex.as_bytes())?;
+    file.write_all(secret)?;
     file.write_all(b"\n")?;
     file.sync_all()
 }

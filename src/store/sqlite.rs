@@ -248,6 +248,41 @@ fn invitation_record(row: &SqliteRow, now: i64) -> Result<InvitationRecord, Stor
     })
 }
 
+/// Inserts a `pending` identity inside `tx` and returns it as stored.
+async fn insert_identity(
+    tx: &mut SqliteConnection,
+    name: &str,
+    mailbox: &str,
+    password_hash: &str,
+    now: i64,
+) -> Result<IdentityRecord, StoreError> {
+    let res = sqlx::query(
+        "INSERT INTO identities (name, name_key, mailbox, password_hash, status, created_at, \
+         updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+    )
+    .bind(name.trim())
+    .bind(name_key(name))
+    .bind(mailbox.trim())
+    .bind(password_hash)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await;
+    match res {
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            return Err(StoreError::AlreadyExists(name.trim().to_owned()))
+        }
+        other => other?,
+    };
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM identities WHERE name_key = ?"
+    ))
+    .bind(name_key(name))
+    .fetch_one(&mut *tx)
+    .await?;
+    record(&row)
+}
+
 /// Writes an audit entry inside `tx`.
 async fn audit_in(tx: &mut SqliteConnection, e: &NewAudit<'_>, at: i64) -> Result<(), StoreError> {
     sqlx::query(
@@ -414,34 +449,9 @@ impl Store for SqliteStore {
         mailbox: &str,
         password_hash: &str,
     ) -> Result<IdentityRecord, StoreError> {
-        let now = now_unix();
         let mut tx = self.begin().await?;
-        let res = sqlx::query(
-            "INSERT INTO identities (name, name_key, mailbox, password_hash, status, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        )
-        .bind(name.trim())
-        .bind(name_key(name))
-        .bind(mailbox.trim())
-        .bind(password_hash)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await;
-        match res {
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Err(StoreError::AlreadyExists(name.trim().to_owned()))
-            }
-            other => other?,
-        };
+        let rec = insert_identity(&mut tx, name, mailbox, password_hash, now_unix()).await?;
         bump(&mut tx).await?;
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM identities WHERE name_key = ?"
-        ))
-        .bind(name_key(name))
-        .fetch_one(&mut *tx)
-        .await?;
-        let rec = record(&row)?;
         tx.commit().await?;
         Ok(rec)
     }
@@ -455,31 +465,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let mut out = Vec::with_capacity(rows.len());
         for (name, mailbox, hash) in rows {
-            let res = sqlx::query(
-                "INSERT INTO identities (name, name_key, mailbox, password_hash, status, \
-                 created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-            )
-            .bind(name.trim())
-            .bind(name_key(name))
-            .bind(mailbox.trim())
-            .bind(hash)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await;
-            match res {
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                    return Err(StoreError::AlreadyExists(name.trim().to_owned()))
-                }
-                other => other?,
-            };
-            let row = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM identities WHERE name_key = ?"
-            ))
-            .bind(name_key(name))
-            .fetch_one(&mut *tx)
-            .await?;
-            out.push(record(&row)?);
+            out.push(insert_identity(&mut tx, name, mailbox, hash, now).await?);
             audit_in(
                 &mut tx,
                 &NewAudit {
