@@ -31,6 +31,9 @@ fn record(id: i64, name: &str, hash: &str) -> IdentityRecord {
         token_generation: 1,
         account: None,
         linked_at: None,
+        tenant: "default".into(),
+        mode: Default::default(),
+        tenant_block: None,
     }
 }
 

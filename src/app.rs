@@ -9,8 +9,9 @@ use crate::metrics::Metrics;
 use crate::store::{
     open_sealer, KeyError, KeyUse, SealError, Sealer, SqliteStore, Status, Store, StoreError,
 };
+use crate::tenant::{TenantError, Tenants};
 use crate::tls::{HttpsClient, TlsError};
-use crate::token::{IdpClient, TokenEngine};
+use crate::token::TokenEngine;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -30,6 +31,9 @@ pub enum AppError {
     /// TLS setup failed.
     #[error("{0}")]
     Tls(#[from] TlsError),
+    /// A tenant's app credential cannot be loaded.
+    #[error("{0}")]
+    Tenant(#[from] TenantError),
 }
 
 /// Everything a front end needs.
@@ -72,14 +76,15 @@ impl App {
         let sealer = open_sealer(&config.store, store.as_ref(), KeyUse::Serve).await?;
         let client_config = crate::tls::client_config(&config.tls)?;
         let client = crate::tls::https_client(client_config.clone(), crate::tls::CONNECT_TIMEOUT);
-        let idp = IdpClient::new(&config.identity_provider, client.clone());
+        let tenants = Arc::new(Tenants::new(&config, client.clone())?);
         let metrics = Arc::new(Metrics::new());
+        tenants.report_expiry(&metrics);
         let directory = Arc::new(Directory::default());
         let auth = Authenticator::new(directory.clone(), metrics.clone(), config.auth.clone());
         let tokens = TokenEngine::new(
             store.clone(),
             sealer.clone(),
-            idp,
+            tenants,
             metrics.clone(),
             config.tokens.clone(),
         );
@@ -107,6 +112,8 @@ impl App {
             return Ok(false);
         }
         let records = self.store.list().await?;
+        let blocks = self.store.tenant_blocks().await?;
+        self.tokens.tenants().sync_blocks(&blocks, &self.metrics);
         let changes = self.directory.apply(&records);
         for gone in &changes.removed {
             self.tokens.forget(gone.id);
@@ -142,6 +149,8 @@ impl App {
             }
             self.metrics
                 .set_reauth_required(&r.name, r.status == Status::NeedsReauth);
+            self.metrics
+                .set_identity_info(&r.name, &r.tenant, r.mode.as_str());
         }
         self.metrics.set_identity_counts(&counts);
         if !changes.replaced.is_empty() || !changes.removed.is_empty() {
@@ -178,6 +187,10 @@ impl App {
                 n += 1;
                 if n % 60 == 0 {
                     app.auth.prune();
+                }
+                // Expiring app credentials: warned about again every day.
+                if n % (86_400 / app.config.tokens.reload_interval.as_secs().max(1)).max(1) == 0 {
+                    app.tokens.tenants().report_expiry(&app.metrics);
                 }
             }
         })

@@ -6,6 +6,8 @@ use crate::secret::Secret;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,7 +34,7 @@ pub enum ConfigError {
     #[error("{key}: {message}")]
     Invalid {
         /// Dotted key, e.g. `http.upstream`.
-        key: &'static str,
+        key: Cow<'static, str>,
         /// What is wrong and what to do.
         message: String,
     },
@@ -40,7 +42,7 @@ pub enum ConfigError {
     #[error("{key}: cannot read {path}: {source}")]
     File {
         /// Dotted key.
-        key: &'static str,
+        key: Cow<'static, str>,
         /// The file.
         path: PathBuf,
         /// Underlying error.
@@ -48,9 +50,9 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+fn invalid(key: impl Into<Cow<'static, str>>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.into(),
         message: message.into(),
     }
 }
@@ -61,8 +63,18 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Embedded store and its sealing key.
     pub store: StoreConfig,
-    /// Microsoft identity platform (or another OAuth 2.0 provider).
+    /// Microsoft identity platform (or another OAuth 2.0 provider): the
+    /// tenant named `default`.
     pub identity_provider: IdpConfig,
+    /// More tenants, by name (`[tenants.NAME]`, same keys as
+    /// `[identity_provider]`); `[tenants.default]` may stand in for
+    /// `[identity_provider]`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenants: BTreeMap<String, IdpConfig>,
+    /// Keys whose secret is written in the TOML file itself (config check
+    /// warns); filled by [`Config::load`].
+    #[serde(skip)]
+    pub secrets_in_file: Vec<String>,
     /// Trust roots for outbound TLS.
     pub tls: TlsConfig,
     /// The HTTP (EWS) front end.
@@ -122,6 +134,8 @@ impl Default for Config {
         Config {
             store: StoreConfig::default(),
             identity_provider: IdpConfig::default(),
+            tenants: BTreeMap::new(),
+            secrets_in_file: Vec::new(),
             tls: TlsConfig::default(),
             http: HttpConfig::default(),
             admin: AdminConfig::default(),
@@ -170,6 +184,9 @@ pub struct MailConfig {
     /// Scopes requested for this protocol's tokens.
     #[serde(deserialize_with = "scopes_de")]
     pub scopes: Vec<String>,
+    /// Scopes of app-only identities' tokens (client-credentials grant).
+    #[serde(default = "default_app_scopes", deserialize_with = "scopes_de")]
+    pub app_scopes: Vec<String>,
     /// Certificate chain (PEM) to offer STARTTLS (or implicit TLS) to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
@@ -205,6 +222,77 @@ pub struct MailConfig {
     pub max_connections_per_source: usize,
 }
 
+/// How far ahead an expiring app credential is warned about.
+pub const CREDENTIAL_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A warning when the `what` of `section` expires within
+/// [`CREDENTIAL_WARNING`] of `now`, or has expired.
+pub fn expiry_warning(
+    section: &str,
+    what: &str,
+    at: std::time::SystemTime,
+    now: std::time::SystemTime,
+) -> Option<String> {
+    let when = humantime::format_rfc3339_seconds(at);
+    match at.duration_since(now) {
+        Err(_) => Some(format!(
+            "{section}: the {what} expired at {when}: every identity of this tenant is blocked until it is renewed"
+        )),
+        Ok(left) if left <= CREDENTIAL_WARNING => Some(format!(
+            "{section}: the {what} expires at {when}, in {} days: renew it in Entra ID \
+             (App registrations → Certificates & secrets) and update the configuration",
+            left.as_secs() / 86_400
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// Whether `name` may name a tenant (it appears in metric labels and
+/// on the command line).
+pub fn valid_tenant_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !name.starts_with(['-', '_'])
+}
+
+/// Parses an expiry: a date (`2027-06-30`, midnight UTC) or RFC 3339.
+pub fn parse_expiry(text: &str) -> Result<std::time::SystemTime, String> {
+    let t = text.trim();
+    let full = if t.len() == 10 {
+        format!("{t}T00:00:00Z")
+    } else {
+        t.to_owned()
+    };
+    humantime::parse_rfc3339_weak(full.trim_end_matches('Z'))
+        .map_err(|e| format!("`{t}` is not a date (2027-06-30) or an RFC 3339 time: {e}"))
+}
+
+fn check_app_scopes(key: &'static str, scopes: &[String]) -> Result<(), ConfigError> {
+    if scopes.is_empty() {
+        return Err(invalid(key, "at least one scope is required"));
+    }
+    if let Some(bad) = scopes.iter().find(|s| !s.ends_with("/.default")) {
+        return Err(invalid(
+            key,
+            format!(
+                "`{bad}`: app-only tokens take a resource's `/.default` scope, \
+                 e.g. https://outlook.office365.com/.default"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The scope of app-only tokens for Exchange Online (EWS, SMTP, IMAP, POP).
+pub const EXCHANGE_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+
+fn default_app_scopes() -> Vec<String> {
+    vec![EXCHANGE_APP_SCOPE.into()]
+}
+
 fn default_hostname() -> String {
     "authswap".into()
 }
@@ -235,6 +323,7 @@ impl MailConfig {
             upstream: upstream.into(),
             upstream_tls: tls,
             scopes: vec![scope.into(), OFFLINE_ACCESS.into()],
+            app_scopes: default_app_scopes(),
             tls_cert_file: None,
             tls_key_file: None,
             implicit_tls: false,
@@ -305,6 +394,7 @@ impl MailConfig {
         if self.scopes.is_empty() {
             return Err(invalid(keys.scopes, "at least one scope is required"));
         }
+        check_app_scopes(keys.app_scopes, &self.app_scopes)?;
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err(invalid(
                 keys.tls_cert_file,
@@ -336,6 +426,7 @@ struct MailKeys {
     listen: &'static str,
     upstream: &'static str,
     scopes: &'static str,
+    app_scopes: &'static str,
     tls_cert_file: &'static str,
     implicit_tls: &'static str,
     max_line: &'static str,
@@ -352,6 +443,7 @@ macro_rules! mail_keys {
             listen: concat!($section, ".listen"),
             upstream: concat!($section, ".upstream"),
             scopes: concat!($section, ".scopes"),
+            app_scopes: concat!($section, ".app_scopes"),
             tls_cert_file: concat!($section, ".tls_cert_file"),
             implicit_tls: concat!($section, ".implicit_tls"),
             max_line: concat!($section, ".max_line"),
@@ -503,6 +595,18 @@ pub struct IdpConfig {
     /// File containing the client secret.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_secret_file: Option<PathBuf>,
+    /// When the client secret expires (`2027-06-30` or RFC 3339), as shown
+    /// in Entra ID: warned about 30 days ahead and exported as a metric.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_expires: Option<String>,
+    /// Certificate credential: the certificate (PEM) registered on the app.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_file: Option<PathBuf>,
+    /// The certificate's RSA private key (PEM, PKCS#8 or PKCS#1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key_file: Option<PathBuf>,
+    /// Signature algorithm of client assertions: `PS256` or `RS256`.
+    pub assertion_algorithm: AssertionAlgorithm,
     /// Token endpoint; derived from authority and tenant when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_endpoint: Option<String>,
@@ -537,6 +641,10 @@ impl Default for IdpConfig {
             client_id: String::new(),
             client_secret: None,
             client_secret_file: None,
+            client_secret_expires: None,
+            certificate_file: None,
+            private_key_file: None,
+            assertion_algorithm: AssertionAlgorithm::default(),
             token_endpoint: None,
             device_code_endpoint: None,
             authorize_endpoint: None,
@@ -546,7 +654,110 @@ impl Default for IdpConfig {
     }
 }
 
+pub use crate::token::assertion::AssertionAlgorithm;
+
+/// How a tenant's app registration proves itself to the identity platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// Public client: no credential (delegated identities only).
+    None,
+    /// A client secret.
+    Secret,
+    /// A certificate and its private key (client assertion).
+    Certificate,
+}
+
+impl CredentialKind {
+    /// Display form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::None => "none",
+            CredentialKind::Secret => "client secret",
+            CredentialKind::Certificate => "certificate",
+        }
+    }
+}
+
 impl IdpConfig {
+    /// Which credential is configured.
+    pub fn credential_kind(&self) -> CredentialKind {
+        if self.certificate_file.is_some() {
+            CredentialKind::Certificate
+        } else if self.client_secret.is_some() {
+            CredentialKind::Secret
+        } else {
+            CredentialKind::None
+        }
+    }
+
+    /// The configured expiry of the client secret (validated at load).
+    pub fn secret_expiry(&self) -> Option<std::time::SystemTime> {
+        self.client_secret_expires
+            .as_deref()
+            .and_then(|s| parse_expiry(s).ok())
+    }
+
+    /// Reads the `*_file` secret of section `section`.
+    fn resolve_files(&mut self, section: &str) -> Result<(), ConfigError> {
+        if let Some(file) = &self.client_secret_file {
+            if self.client_secret.is_some() {
+                return Err(invalid(
+                    format!("{section}.client_secret_file"),
+                    "set either client_secret or client_secret_file, not both",
+                ));
+            }
+            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::File {
+                key: format!("{section}.client_secret_file").into(),
+                path: file.clone(),
+                source,
+            })?;
+            self.client_secret = Some(Secret::new(text.trim().to_owned()));
+        }
+        if self.client_secret.as_ref().is_some_and(Secret::is_empty) {
+            self.client_secret = None;
+        }
+        Ok(())
+    }
+
+    /// Checks the section `section` (`identity_provider` or `tenants.NAME`).
+    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{section}.{k}");
+        check_url(key("authority"), &self.authority)?;
+        if self.tenant.trim().is_empty() || self.tenant.contains('/') {
+            return Err(invalid(
+                key("tenant"),
+                "must be a tenant id, a domain, `organizations` or `common`",
+            ));
+        }
+        check_url(key("token_endpoint"), &self.token_url())?;
+        check_url(key("device_code_endpoint"), &self.device_code_url())?;
+        check_url(key("authorize_endpoint"), &self.authorize_url())?;
+        if self.timeout.is_zero() || self.timeout > MAX_DURATION {
+            return Err(invalid(
+                key("timeout"),
+                "must be above zero and at most 24h",
+            ));
+        }
+        if self.certificate_file.is_some() != self.private_key_file.is_some() {
+            return Err(invalid(
+                key("certificate_file"),
+                "certificate_file and private_key_file must be set together",
+            ));
+        }
+        if self.certificate_file.is_some() && self.client_secret.is_some() {
+            return Err(invalid(
+                key("certificate_file"),
+                "configure one credential: a client secret or a certificate, not both",
+            ));
+        }
+        if let Some(text) = &self.client_secret_expires {
+            if let Err(e) = parse_expiry(text) {
+                return Err(invalid(key("client_secret_expires"), e));
+            }
+        }
+        Ok(())
+    }
+
     fn derived(&self, explicit: &Option<String>, leaf: &str) -> String {
         match explicit {
             Some(url) => url.clone(),
@@ -597,6 +808,13 @@ pub struct HttpConfig {
     /// Scopes requested for HTTP upstream tokens.
     #[serde(deserialize_with = "scopes_de")]
     pub scopes: Vec<String>,
+    /// Scopes of app-only identities' tokens (client-credentials grant).
+    #[serde(deserialize_with = "scopes_de")]
+    pub app_scopes: Vec<String>,
+    /// With an app-only token, act as the identity's mailbox the way EWS
+    /// requires: `X-AnchorMailbox` and an `ExchangeImpersonation` SOAP
+    /// header (inserted when absent). Turn off for other HTTP APIs.
+    pub ews_impersonation: bool,
     /// Request bodies up to this size are buffered so they can be replayed
     /// after a token refresh; larger ones stream without replay.
     pub replay_buffer_limit: ByteSize,
@@ -652,6 +870,8 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8080".into(),
             upstream: "https://outlook.office365.com".into(),
             scopes: vec![EWS_SCOPE.into(), OFFLINE_ACCESS.into()],
+            app_scopes: default_app_scopes(),
+            ews_impersonation: true,
             replay_buffer_limit: ByteSize(8 * 1024 * 1024),
             max_header_bytes: ByteSize(64 * 1024),
             max_body_bytes: ByteSize(0),
@@ -1056,29 +1276,46 @@ impl Config {
 
     fn finish(figment: Figment) -> Result<Config, ConfigError> {
         let mut config: Config = figment.extract().map_err(Box::new)?;
+        // Secrets belong in files or the environment: note the ones the
+        // TOML file itself holds, for `config check` to warn about.
+        let mut keys: Vec<String> = vec![
+            "identity_provider.client_secret".into(),
+            "admin.token".into(),
+            "notifications.webhook_secret".into(),
+        ];
+        keys.extend(
+            config
+                .tenants
+                .keys()
+                .map(|name| format!("tenants.{name}.client_secret")),
+        );
+        config.secrets_in_file = keys
+            .into_iter()
+            .filter(|k| {
+                figment.find_value(k).is_ok()
+                    && figment
+                        .find_metadata(k)
+                        .is_some_and(|m| matches!(m.source, Some(figment::Source::File(_))))
+            })
+            .collect();
         config.resolve_files()?;
         config.validate()?;
         Ok(config)
     }
 
     fn resolve_files(&mut self) -> Result<(), ConfigError> {
-        let idp = &mut self.identity_provider;
-        if let Some(file) = &idp.client_secret_file {
-            if idp.client_secret.is_some() {
+        if let Some(default) = self.tenants.remove(crate::store::DEFAULT_TENANT) {
+            if !self.identity_provider.client_id.trim().is_empty() {
                 return Err(invalid(
-                    "identity_provider.client_secret_file",
-                    "set either client_secret or client_secret_file, not both",
+                    "tenants.default",
+                    "the default tenant is [identity_provider]: configure it there or in [tenants.default], not both",
                 ));
             }
-            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::File {
-                key: "identity_provider.client_secret_file",
-                path: file.clone(),
-                source,
-            })?;
-            idp.client_secret = Some(Secret::new(text.trim().to_owned()));
+            self.identity_provider = default;
         }
-        if idp.client_secret.as_ref().is_some_and(Secret::is_empty) {
-            idp.client_secret = None;
+        self.identity_provider.resolve_files("identity_provider")?;
+        for (name, tenant) in &mut self.tenants {
+            tenant.resolve_files(&format!("tenants.{name}"))?;
         }
         let n = &mut self.notifications;
         if let Some(file) = &n.webhook_secret_file {
@@ -1089,7 +1326,7 @@ impl Config {
                 ));
             }
             let text = std::fs::read_to_string(file).map_err(|source| ConfigError::File {
-                key: "notifications.webhook_secret_file",
+                key: "notifications.webhook_secret_file".into(),
                 path: file.clone(),
                 source,
             })?;
@@ -1121,6 +1358,7 @@ impl Config {
         if self.http.scopes.is_empty() {
             return Err(invalid("http.scopes", "at least one scope is required"));
         }
+        check_app_scopes("http.app_scopes", &self.http.app_scopes)?;
         if self.http.tls_cert_file.is_some() != self.http.tls_key_file.is_some() {
             return Err(invalid(
                 "http.tls_cert_file",
@@ -1173,21 +1411,16 @@ impl Config {
                 "must be at least 1 byte per second",
             ));
         }
-        let idp = &self.identity_provider;
-        check_url("identity_provider.authority", &idp.authority)?;
-        if idp.tenant.trim().is_empty() || idp.tenant.contains('/') {
-            return Err(invalid(
-                "identity_provider.tenant",
-                "must be a tenant id, a domain, `organizations` or `common`",
-            ));
+        self.identity_provider.validate("identity_provider")?;
+        for (name, tenant) in &self.tenants {
+            if !valid_tenant_name(name) {
+                return Err(invalid(
+                    format!("tenants.{name}"),
+                    "a tenant name is 1 to 64 lowercase letters, digits, `-` or `_`, starting with a letter or digit",
+                ));
+            }
+            tenant.validate(&format!("tenants.{name}"))?;
         }
-        check_url("identity_provider.token_endpoint", &idp.token_url())?;
-        check_url(
-            "identity_provider.device_code_endpoint",
-            &idp.device_code_url(),
-        )?;
-        check_url("identity_provider.authorize_endpoint", &idp.authorize_url())?;
-        check_duration("identity_provider.timeout", idp.timeout)?;
         if self.tokens.retry_min.is_zero() || self.tokens.retry_max < self.tokens.retry_min {
             return Err(invalid(
                 "tokens.retry_max",
@@ -1387,7 +1620,81 @@ impl Config {
                     .to_owned(),
             );
         }
+        for key in &self.secrets_in_file {
+            let env = format!("AUTHSWAP_{}", key.replace('.', "__").to_uppercase());
+            out.push(format!(
+                "{key} is written in the configuration file: keep secrets out of it, in \
+                 {key}_file (mode 0600) or the environment variable {env}"
+            ));
+        }
+        let now = std::time::SystemTime::now();
+        for (name, section, idp) in self.tenant_configs() {
+            if idp.credential_kind() != CredentialKind::None
+                && matches!(
+                    idp.tenant.as_str(),
+                    "organizations" | "common" | "consumers"
+                )
+            {
+                out.push(format!(
+                    "{section}.tenant = {}: app-only identities of tenant `{name}` need the \
+                     tenant's id or domain (the client-credentials grant has no `organizations`)",
+                    idp.tenant
+                ));
+            }
+            if let Some(at) = idp.secret_expiry() {
+                if let Some(w) = expiry_warning(&section, "client secret", at, now) {
+                    out.push(w);
+                }
+            }
+        }
         out
+    }
+
+    /// Every tenant: (name, config section, settings), `default` first.
+    pub fn tenant_configs(&self) -> Vec<(&str, String, &IdpConfig)> {
+        let mut out = vec![(
+            crate::store::DEFAULT_TENANT,
+            "identity_provider".to_owned(),
+            &self.identity_provider,
+        )];
+        out.extend(
+            self.tenants
+                .iter()
+                .map(|(name, idp)| (name.as_str(), format!("tenants.{name}"), idp)),
+        );
+        out
+    }
+
+    /// Whether an identity of `mode` may belong to tenant `tenant`: the
+    /// tenant is configured, and app-only identities need its credential.
+    pub fn check_identity_tenant(
+        &self,
+        tenant: &str,
+        mode: crate::store::Mode,
+    ) -> Result<(), String> {
+        let Some(idp) = self.tenant(tenant) else {
+            let known: Vec<&str> = self.tenant_configs().iter().map(|t| t.0).collect();
+            return Err(format!(
+                "no tenant named `{tenant}` is configured (known: {}); add a [tenants.{tenant}] section",
+                known.join(", ")
+            ));
+        };
+        if mode == crate::store::Mode::App && idp.credential_kind() == CredentialKind::None {
+            return Err(format!(
+                "tenant `{tenant}` has no client secret or certificate: app-only identities need one \
+                 (client_secret_file, or certificate_file and private_key_file)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings of tenant `name` (`default` is `[identity_provider]`).
+    pub fn tenant(&self, name: &str) -> Option<&IdpConfig> {
+        if name == crate::store::DEFAULT_TENANT {
+            Some(&self.identity_provider)
+        } else {
+            self.tenants.get(name)
+        }
     }
 
     /// The effective configuration as TOML, secrets redacted, derived
@@ -1395,11 +1702,12 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
         let redact = |url: &str| redact_userinfo(url).into_owned();
-        let idp = &mut shown.identity_provider;
-        idp.token_endpoint = Some(redact(&idp.token_url()));
-        idp.device_code_endpoint = Some(redact(&idp.device_code_url()));
-        idp.authorize_endpoint = Some(redact(&idp.authorize_url()));
-        idp.authority = redact(&idp.authority);
+        for idp in std::iter::once(&mut shown.identity_provider).chain(shown.tenants.values_mut()) {
+            idp.token_endpoint = Some(redact(&idp.token_url()));
+            idp.device_code_endpoint = Some(redact(&idp.device_code_url()));
+            idp.authorize_endpoint = Some(redact(&idp.authorize_url()));
+            idp.authority = redact(&idp.authority);
+        }
         shown.http.upstream = redact(&shown.http.upstream);
         if let Some(url) = &mut shown.notifications.webhook_url {
             *url = redact(url);
@@ -1477,7 +1785,10 @@ pub fn is_loopback_host(host: &url::Host<&str>) -> bool {
 }
 
 /// Accepts `https://` URLs, and `http://` only to a loopback host.
-pub fn check_url(key: &'static str, value: &str) -> Result<Url, ConfigError> {
+pub fn check_url(key: impl Into<Cow<'static, str>>, value: &str) -> Result<Url, ConfigError> {
+    let key: Cow<'static, str> = key.into();
+    let invalid = |k: &Cow<'static, str>, m: String| invalid(k.clone(), m);
+    let key = &key;
     let shown = redact_userinfo(value);
     let url =
         Url::parse(value).map_err(|e| invalid(key, format!("`{shown}` is not a URL: {e}")))?;

@@ -17,7 +17,7 @@
 use crate::config::AuthConfig;
 use crate::metrics::{CredentialCheck, FailureReason, LockoutScope, Metrics, Protocol};
 use crate::singleflight::SingleFlight;
-use crate::store::{name_key, IdentityRecord, Status};
+use crate::store::{name_key, IdentityRecord, Mode, Status};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use blake2::digest::{consts::U32, Mac};
@@ -41,6 +41,10 @@ pub struct Identity {
     pub mailbox: String,
     /// Bumped each time a person links the identity.
     pub token_generation: i64,
+    /// Configured tenant name.
+    pub tenant: String,
+    /// Delegated or app-only.
+    pub mode: Mode,
     password_hash: String,
     status: AtomicU8,
     last_error: Mutex<Option<String>>,
@@ -69,6 +73,8 @@ impl Identity {
             name: r.name.clone(),
             mailbox: r.mailbox.clone(),
             token_generation: r.token_generation,
+            tenant: r.tenant.clone(),
+            mode: r.mode,
             password_hash: r.password_hash.clone(),
             status: AtomicU8::new(status_code(r.status)),
             last_error: Mutex::new(r.last_error.clone()),
@@ -162,6 +168,8 @@ impl Identity {
             && self.mailbox == r.mailbox
             && self.token_generation == r.token_generation
             && self.name == r.name
+            && self.tenant == r.tenant
+            && self.mode == r.mode
     }
 }
 
@@ -840,6 +848,9 @@ mod tests {
             token_generation: 1,
             account: None,
             linked_at: None,
+            tenant: "default".into(),
+            mode: Default::default(),
+            tenant_block: None,
         }
     }
 

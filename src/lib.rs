@@ -20,6 +20,7 @@ pub mod secret;
 pub mod server;
 pub mod singleflight;
 pub mod store;
+pub mod tenant;
 pub mod tls;
 pub mod token;
 pub mod validate;

@@ -107,11 +107,14 @@ pub enum FailureReason {
     refresh_failed,
     /// The identity needs a person to sign in again.
     reauth_required,
+    /// The identity platform refuses the tenant's app credential (secret
+    /// expired or wrong, certificate refused): an admin must renew it.
+    app_credential,
 }
 
 impl FailureReason {
     /// Every reason (to remove an identity's series).
-    pub const ALL: [FailureReason; 9] = [
+    pub const ALL: [FailureReason; 10] = [
         FailureReason::bad_request,
         FailureReason::bad_password,
         FailureReason::unknown_identity,
@@ -121,6 +124,7 @@ impl FailureReason {
         FailureReason::upstream_refused,
         FailureReason::refresh_failed,
         FailureReason::reauth_required,
+        FailureReason::app_credential,
     ];
 }
 
@@ -298,6 +302,18 @@ struct StatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    identity: IdentityLabel,
+    tenant: String,
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -324,6 +340,11 @@ pub struct Metrics {
     lockouts: Family<LockoutLabels, Counter>,
     notifications: Family<NotifyLabels, Counter>,
     onboarding_signins: Family<SigninLabels, Counter>,
+    identity_info: Family<InfoLabels, Gauge>,
+    credential_expiry: Family<TenantLabels, Gauge>,
+    credential_blocked: Family<TenantLabels, Gauge>,
+    /// The (tenant, mode) each identity's info series carries.
+    info: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
     pub replay_buffered: Gauge,
     /// Idle HTTP/1.1 upstream connections parked in the pool.
@@ -446,6 +467,25 @@ impl Metrics {
             "Sign-ins and code look-ups on the onboarding listener, by result",
             onboarding_signins.clone(),
         );
+        let identity_info = Family::<InfoLabels, Gauge>::default();
+        registry.register(
+            "identity_info",
+            "1 per configured identity, naming its tenant and mode (delegated or app); join on identity",
+            identity_info.clone(),
+        );
+        let credential_expiry = Family::<TenantLabels, Gauge>::default();
+        registry.register_with_unit(
+            "app_credential_expiry_timestamp",
+            "Unix time at which the tenant's app credential expires (certificate notAfter, or the configured client_secret_expires)",
+            prometheus_client::registry::Unit::Seconds,
+            credential_expiry.clone(),
+        );
+        let credential_blocked = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "app_credential_blocked",
+            "1 while the identity platform refuses the tenant's app credential (every identity of the tenant is blocked), else 0",
+            credential_blocked.clone(),
+        );
         let replay_buffered = Gauge::default();
         registry.register_with_unit(
             "http_replay_buffer",
@@ -480,6 +520,10 @@ impl Metrics {
             lockouts,
             notifications,
             onboarding_signins,
+            identity_info,
+            credential_expiry,
+            credential_blocked,
+            info: Default::default(),
             replay_buffered,
             upstream_idle,
             failure_counts: Default::default(),
@@ -614,8 +658,62 @@ impl Metrics {
         ConnectionGuard(gauge)
     }
 
+    /// Sets `authswap_identity_info{identity,tenant,mode}` (replacing the
+    /// series of an identity whose tenant or mode changed).
+    pub fn set_identity_info(&self, identity: &str, tenant: &str, mode: &str) {
+        let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+        let now = (tenant.to_owned(), mode.to_owned());
+        if let Some(old) = info.insert(identity.to_owned(), now.clone()) {
+            if old == now {
+                return;
+            }
+            self.identity_info.remove(&InfoLabels {
+                identity: IdentityLabel::new(identity),
+                tenant: old.0,
+                mode: old.1,
+            });
+        }
+        self.identity_info
+            .get_or_create(&InfoLabels {
+                identity: IdentityLabel::new(identity),
+                tenant: now.0,
+                mode: now.1,
+            })
+            .set(1);
+    }
+
+    /// Sets when tenant `tenant`'s app credential expires.
+    pub fn set_credential_expiry(&self, tenant: &str, unix_seconds: i64) {
+        self.credential_expiry
+            .get_or_create(&TenantLabels {
+                tenant: tenant.to_owned(),
+            })
+            .set(unix_seconds);
+    }
+
+    /// Sets whether tenant `tenant`'s app credential is refused.
+    pub fn set_credential_blocked(&self, tenant: &str, blocked: bool) {
+        self.credential_blocked
+            .get_or_create(&TenantLabels {
+                tenant: tenant.to_owned(),
+            })
+            .set(i64::from(blocked));
+    }
+
     /// Removes every series labelled with `identity` (it was deleted).
     pub fn forget_identity(&self, identity: &str) {
+        if let Some((tenant, mode)) = self
+            .info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(identity)
+        {
+            self.identity_info.remove(&InfoLabels {
+                identity: IdentityLabel::new(identity),
+                tenant,
+                mode,
+            });
+        }
         self.failure_counts
             .lock()
             .unwrap_or_else(|e| e.into_inner())

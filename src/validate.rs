@@ -21,7 +21,7 @@ use crate::proxy::pop3::Pop3;
 use crate::proxy::smtp::Smtp;
 use crate::store::{now_unix, NewAudit, StoreError, ValidationRecord};
 use crate::token::idp::error_chain;
-use crate::token::{refusal, AccessToken, Scopes, TokenError, Verdict};
+use crate::token::{refusal, AccessToken, ScopeSet, Scopes, TokenError, Verdict};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use std::future::Future;
@@ -97,7 +97,8 @@ impl UseTokenError {
     pub fn answer(&self) -> String {
         let text = match self {
             UseTokenError::Token(TokenError::ReauthRequired { message, .. })
-            | UseTokenError::Token(TokenError::Unavailable { message, .. }) => message.clone(),
+            | UseTokenError::Token(TokenError::Unavailable { message, .. })
+            | UseTokenError::Token(TokenError::AppCredential { message, .. }) => message.clone(),
             UseTokenError::Token(e @ TokenError::Refused { .. }) => e.to_string(),
             UseTokenError::Upstream(UpstreamLogin::Rejected(r)) => r.text().to_owned(),
             UseTokenError::Upstream(UpstreamLogin::Temporary(t)) => t.clone(),
@@ -193,10 +194,14 @@ pub async fn validate(
             Some(p) if !p.eq_ignore_ascii_case(EWS_PATH) => ("http", Some(p.to_owned())),
             _ => ("ews", None),
         };
-        let scopes = Scopes::new(&cfg.http.scopes);
-        let outcome = with_token(app, &identity, &scopes, Protocol::http, |token| {
-            http_probe(app, &identity.mailbox, token, path.clone())
-        })
+        let scopes = ScopeSet::new(&cfg.http.scopes, &cfg.http.app_scopes);
+        let outcome = with_token(
+            app,
+            &identity,
+            scopes.of(&identity),
+            Protocol::http,
+            |token| http_probe(app, &identity.mailbox, token, path.clone()),
+        )
         .await;
         run(label, outcome);
     }
@@ -207,7 +212,7 @@ pub async fn validate(
             Protocol::smtp,
             "smtp.upstream",
         )?;
-        let scopes = front.scopes.clone();
+        let scopes = front.scopes.of(&identity).clone();
         let smtp = Smtp::new(Arc::new(front));
         let outcome = with_token(app, &identity, &scopes, Protocol::smtp, |token| {
             let smtp = smtp.clone();
@@ -224,7 +229,7 @@ pub async fn validate(
             Protocol::imap,
             "imap.upstream",
         )?;
-        let scopes = front.scopes.clone();
+        let scopes = front.scopes.of(&identity).clone();
         let imap = Imap::new(Arc::new(front));
         let outcome = with_token(app, &identity, &scopes, Protocol::imap, |token| {
             let imap = imap.clone();
@@ -241,7 +246,7 @@ pub async fn validate(
             Protocol::pop3,
             "pop3.upstream",
         )?;
-        let scopes = front.scopes.clone();
+        let scopes = front.scopes.of(&identity).clone();
         let pop3 = Pop3::new(Arc::new(front));
         let outcome = with_token(app, &identity, &scopes, Protocol::pop3, |token| {
             let pop3 = pop3.clone();
@@ -433,6 +438,9 @@ pub fn meaning(protocol: &str, e: &UseTokenError) -> String {
         }
         UseTokenError::Token(TokenError::Unavailable { .. }) => s(
             "no access token could be obtained right now (identity platform unreachable, throttled or failing, or the store failed): try again later",
+        ),
+        UseTokenError::Token(TokenError::AppCredential { tenant, .. }) => format!(
+            "the identity platform refuses the app credential of tenant {tenant} (secret expired or wrong, certificate not accepted): an administrator must renew it; nobody needs to sign in again"
         ),
         UseTokenError::Token(TokenError::Refused { .. }) => s(
             "the upstream kept refusing freshly issued tokens of this identity; authswap is backing off: check the mailbox's permissions and protocol settings",

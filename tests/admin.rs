@@ -949,7 +949,14 @@ async fn headless_chromium_renders_the_console_with_statuses_and_filters() {
         let config = env.config();
         let store = env.store().await;
         let hash = authswap::identity::hash_password("bob-password-123", &config.auth).unwrap();
-        store.create("bob", "bob@contoso.com", &hash).await.unwrap();
+        store
+            .create(&authswap::store::NewIdentity::delegated(
+                "bob",
+                "bob@contoso.com",
+                &hash,
+            ))
+            .await
+            .unwrap();
         let carol = store.get("carol").await.unwrap().unwrap();
         store
             .record_failure(

@@ -558,15 +558,30 @@ async fn identity_names_are_restricted_and_list_copes_with_odd_stored_values() {
     let store = env.store().await;
     use authswap::store::Store;
     store
-        .create("alice\u{200b}", "alice@contoso.com", "$argon2id$x")
+        .create(&authswap::store::NewIdentity::delegated(
+            "alice\u{200b}",
+            "alice@contoso.com",
+            "$argon2id$x",
+        ))
         .await
         .unwrap();
     store
-        .create("evil\u{1b}[2J", "evil@contoso.com", "$argon2id$x")
+        .create(&authswap::store::NewIdentity::delegated(
+            "evil\u{1b}[2J",
+            "evil@contoso.com",
+            "$argon2id$x",
+        ))
         .await
         .unwrap();
     let huge = format!("{}@contoso.com", "m".repeat(100_000));
-    store.create("huge", &huge, "$argon2id$x").await.unwrap();
+    store
+        .create(&authswap::store::NewIdentity::delegated(
+            "huge",
+            &huge,
+            "$argon2id$x",
+        ))
+        .await
+        .unwrap();
     let out = add(&env, "Alice", "alice2@contoso.com");
     assert!(!out.status.success());
     let err = text(&out.stderr);

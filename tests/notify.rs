@@ -355,7 +355,11 @@ async fn invite_email_sends_the_invitation_through_the_smtp_upstream() {
     let w = world().await;
     let store = w.env.store().await;
     store
-        .create("bob", "bob@contoso.com", "")
+        .create(&authswap::store::NewIdentity::delegated(
+            "bob",
+            "bob@contoso.com",
+            "",
+        ))
         .await
         .expect("create bob");
     let config = w.env.write_config();

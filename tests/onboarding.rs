@@ -93,7 +93,13 @@ async fn invite(server: &Server, name: &str, mailbox: &str, password: &str) -> I
     let hash = hash_password(password, &app.config.auth).unwrap();
     let rec = match app.store.get(name).await.unwrap() {
         Some(r) => r,
-        None => app.store.create(name, mailbox, &hash).await.unwrap(),
+        None => app
+            .store
+            .create(&authswap::store::NewIdentity::delegated(
+                name, mailbox, &hash,
+            ))
+            .await
+            .unwrap(),
     };
     issue(app.store.as_ref(), &app.config, &rec, "cli")
         .await
@@ -391,7 +397,11 @@ async fn code_start_page_expired_revoked_unknown_and_throttled() {
     // Expired.
     let store = server.app().store.clone();
     let erin = store
-        .create("erin", "erin@contoso.com", "$unused")
+        .create(&authswap::store::NewIdentity::delegated(
+            "erin",
+            "erin@contoso.com",
+            "$unused",
+        ))
         .await
         .unwrap();
     let now = authswap::store::now_unix();

@@ -377,6 +377,14 @@ pub struct CreateIdentity {
     /// Generate a local password and return it once.
     #[serde(default)]
     pub generate: bool,
+    /// Configured tenant (default `default`, the `[identity_provider]`).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// `delegated` (default: a person consents) or `app` (app-only: the
+    /// tenant's app credential acts for the mailbox).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub mode: Option<crate::store::Mode>,
 }
 
 /// An identity just created.
@@ -395,7 +403,16 @@ pub struct CreatedIdentity {
 async fn create_identity(call: &Call<'_>) -> Reply {
     let req: CreateIdentity = call.json()?;
     let choice = PasswordChoice::from_fields(req.password, req.generate)?;
-    let created = call.admin().create(&req.name, &req.mailbox, choice).await?;
+    let created = call
+        .admin()
+        .create(
+            &req.name,
+            &req.mailbox,
+            choice,
+            req.tenant.as_deref(),
+            req.mode.unwrap_or_default(),
+        )
+        .await?;
     let identity = ops::identity_view(call.app, &created.record.name).await?;
     Ok(json(
         StatusCode::CREATED,
@@ -619,6 +636,7 @@ async fn resend_invitation(call: &Call<'_>) -> Reply {
             name: call.name().to_owned(),
             mailbox: None,
             password: None,
+            tenant: None,
         }])
         .await?;
     Ok(json(StatusCode::CREATED, &issued(list)))
@@ -649,6 +667,9 @@ pub struct InviteeSpec {
     /// Generate a local password and return it once.
     #[serde(default)]
     pub generate: bool,
+    /// Tenant of a new identity (default `default`).
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// Body of `POST /api/v1/invitations`.
@@ -680,6 +701,7 @@ async fn create_invitations(call: &Call<'_>) -> Reply {
                         name,
                         mailbox: None,
                         password: None,
+                        tenant: None,
                     },
                     Invitee::Full(s) => {
                         let choice = PasswordChoice::from_fields(s.password, s.generate)?;
@@ -687,6 +709,7 @@ async fn create_invitations(call: &Call<'_>) -> Reply {
                             name: s.name,
                             mailbox: s.mailbox,
                             password: Some(choice),
+                            tenant: s.tenant,
                         }
                     }
                 });

@@ -12,6 +12,7 @@ use super::web;
 use super::AdminListener;
 use crate::proxy::http::full;
 use crate::secret::Secret;
+use crate::store::Mode;
 use crate::tls::OutBody;
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderValue, Method, Response, StatusCode};
@@ -495,11 +496,13 @@ async fn identities(page: &Page<'_>, query: &[(String, String)]) -> Response<Out
                 filter => filter.as_str(),
                 q,
                 validate => true,
+                tenants => page.admin.app.config.tenant_configs().iter().map(|t| t.0.to_owned()).collect::<Vec<_>>(),
                 labels => context! {
                     linked => "Linked",
                     pending => "Pending",
                     needs_reauth => "Needs re-auth",
                     upstream_refused => "Upstream refused",
+                    app_credential => "App credential refused",
                 },
             },
         ),
@@ -514,15 +517,29 @@ async fn create(page: &Page<'_>, form: &[(String, String)]) -> Response<OutBody>
         .filter(|p| !p.is_empty())
         .map(Secret::new);
     let generate = web::field(form, "generate").is_some();
+    let tenant = web::field(form, "tenant")
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let mode = match web::field(form, "mode")
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
+        None => Mode::Delegated,
+        Some(m) => match Mode::parse(m) {
+            Some(m) => m,
+            None => return page.error(&AdminError::Invalid(format!("`{m}` is not a mode"))),
+        },
+    };
     let choice = match PasswordChoice::from_fields(password, generate) {
         Ok(c) => c,
         Err(e) => return page.error(&e),
     };
-    if web::field(form, "then") == Some("invite") {
+    if web::field(form, "then") == Some("invite") && mode == Mode::Delegated {
         let target = InviteTarget {
             name: name.to_owned(),
             mailbox: Some(mailbox.to_owned()),
             password: Some(choice),
+            tenant: tenant.map(str::to_owned),
         };
         // An existing name is refused rather than silently re-invited.
         if let Ok(Some(r)) = page.admin.app.store.get(name).await {
@@ -533,14 +550,17 @@ async fn create(page: &Page<'_>, form: &[(String, String)]) -> Response<OutBody>
             Err(e) => page.error(&e),
         };
     }
-    match page.ops().create(name, mailbox, choice).await {
+    match page.ops().create(name, mailbox, choice, tenant, mode).await {
         Ok(c) => page.render(
             StatusCode::OK,
             "created.html",
             "identities",
             context! {
                 heading => format!("Identity {} added", c.record.name),
-                text => "It is pending: invite the user to sign in with Microsoft to link it.",
+                text => match c.record.mode {
+                    Mode::Delegated => "It is pending: invite the user to sign in with Microsoft to link it.",
+                    Mode::App => "It is app-only: the tenant's app credential acts for its mailbox, nobody signs in. Validate it to check the permissions.",
+                },
                 password => c.password.map(|p| p.expose().to_owned()),
             },
         ),
@@ -642,6 +662,7 @@ async fn identity_action(
                 name: name.to_owned(),
                 mailbox: None,
                 password: None,
+                tenant: None,
             };
             match page.ops().invite(vec![target]).await {
                 Ok(list) => invited(page, list),

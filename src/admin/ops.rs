@@ -10,7 +10,8 @@ use crate::onboarding::import::{ImportError, Imported};
 use crate::onboarding::invite::{self, InviteError};
 use crate::secret::Secret;
 use crate::store::{
-    AuditEntry, IdentityRecord, InvitationRecord, NewAudit, Status, StoreError, ValidationRecord,
+    AuditEntry, IdentityRecord, InvitationRecord, Mode, NewAudit, NewIdentity, Status, StoreError,
+    ValidationRecord, DEFAULT_TENANT,
 };
 use base64::Engine as _;
 use rand::Rng;
@@ -261,8 +262,13 @@ pub struct IdentityView {
     pub name: String,
     /// Upstream mailbox (empty after `forget`).
     pub mailbox: String,
-    /// `pending`, `linked`, `needs_reauth` or `upstream_refused`.
+    /// `pending`, `linked`, `needs_reauth`, `upstream_refused`, or
+    /// `app_credential` while the tenant's app credential is refused.
     pub status: String,
+    /// Configured tenant.
+    pub tenant: String,
+    /// `delegated` or `app`.
+    pub mode: String,
     /// Linked and the last refresh did not fail.
     pub ok: bool,
     /// What the status means, in plain words.
@@ -291,6 +297,18 @@ pub struct IdentityView {
 
 /// Plain words for a status.
 pub fn status_text(r: &IdentityRecord) -> &'static str {
+    if r.tenant_block.is_some() {
+        return "Blocked by the tenant's app credential (secret expired or wrong, certificate refused): an administrator must renew it; nobody needs to sign in again.";
+    }
+    match (r.mode, r.status) {
+        (Mode::App, Status::Linked) if r.is_ok() => {
+            return "App-only: the tenant's app credential acts for this mailbox."
+        }
+        (Mode::App, Status::Linked) => {
+            return "App-only, but the last token request failed (retrying)."
+        }
+        _ => {}
+    }
     match r.status {
         Status::Pending => "Not linked yet: invite the user to sign in with Microsoft.",
         Status::Linked if r.is_ok() => "Linked and working.",
@@ -323,7 +341,8 @@ pub async fn identity_views(
             needle.is_empty()
                 || r.name.to_lowercase().contains(&needle)
                 || r.mailbox.to_lowercase().contains(&needle)
-                || r.status.as_str().contains(&needle)
+                || r.shown_status().contains(&needle)
+                || r.tenant.contains(&needle)
                 || r.account
                     .as_ref()
                     .is_some_and(|a| a.upn.to_lowercase().contains(&needle))
@@ -343,11 +362,13 @@ fn view(app: &App, r: &IdentityRecord, validations: Vec<ValidationView>) -> Iden
     IdentityView {
         name: r.name.clone(),
         mailbox: r.mailbox.clone(),
-        status: r.status.as_str().to_owned(),
+        status: r.shown_status().to_owned(),
+        tenant: r.tenant.clone(),
+        mode: r.mode.as_str().to_owned(),
         ok: r.is_ok(),
         status_text: status_text(r).to_owned(),
         has_refresh_token: r.has_refresh_token,
-        last_error: r.last_error.clone(),
+        last_error: r.shown_error().map(str::to_owned),
         last_failure_at: r.last_failure_at.map(rfc3339),
         last_success_at: r.last_success_at.map(rfc3339),
         created_at: rfc3339(r.created_at),
@@ -434,6 +455,8 @@ pub struct InviteTarget {
     pub mailbox: Option<String>,
     /// Local password (for a new identity, or to replace the current one).
     pub password: Option<PasswordChoice>,
+    /// Tenant of a new identity (default `default`).
+    pub tenant: Option<String>,
 }
 
 impl Admin<'_> {
@@ -535,11 +558,28 @@ impl Admin<'_> {
         name: &str,
         mailbox: &str,
         password: &PasswordChoice,
+        tenant: Option<&str>,
+        mode: Mode,
     ) -> Result<Created, AdminError> {
         password.check()?;
+        let tenant = tenant
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .unwrap_or(DEFAULT_TENANT);
+        self.app
+            .config
+            .check_identity_tenant(tenant, mode)
+            .map_err(AdminError::Invalid)?;
         let (name, mailbox) = self.check_new(name, mailbox).await?;
         let (hash, shown) = self.hash(password).await?;
-        let record = match self.app.store.create(&name, &mailbox, &hash).await {
+        let new = NewIdentity {
+            name,
+            mailbox,
+            password_hash: hash,
+            tenant: tenant.to_owned(),
+            mode,
+        };
+        let record = match self.app.store.create(&new).await {
             Err(StoreError::AlreadyExists(n)) => return Err(AdminError::AlreadyExists(n)),
             other => other?,
         };
@@ -555,8 +595,12 @@ impl Admin<'_> {
         name: &str,
         mailbox: &str,
         password: PasswordChoice,
+        tenant: Option<&str>,
+        mode: Mode,
     ) -> Result<Created, AdminError> {
-        let r = self.create_unaudited(name, mailbox, &password).await;
+        let r = self
+            .create_unaudited(name, mailbox, &password, tenant, mode)
+            .await;
         let r = self.audited("identity.create", Some(name), r).await;
         self.reload().await;
         r
@@ -630,7 +674,7 @@ impl Admin<'_> {
     pub async fn import_csv(&self, csv: &[u8]) -> Result<Vec<Imported>, AdminError> {
         let r = crate::onboarding::import::import(
             self.app.store.as_ref(),
-            &self.app.config.auth,
+            &self.app.config,
             csv,
             self.actor,
         )
@@ -682,11 +726,12 @@ impl Admin<'_> {
             .await?
             .into_iter()
             .filter(|r| matches!(r.status, Status::Pending | Status::NeedsReauth))
-            .filter(|r| !r.mailbox.trim().is_empty())
+            .filter(|r| r.mode == Mode::Delegated && !r.mailbox.trim().is_empty())
             .map(|r| InviteTarget {
                 name: r.name,
                 mailbox: None,
                 password: None,
+                tenant: None,
             })
             .collect();
         if targets.is_empty() {
@@ -761,6 +806,18 @@ impl Admin<'_> {
                 t.name
             )));
         }
+        if let Some(r) = existing.as_ref().filter(|r| r.mode == Mode::App) {
+            return Err(AdminError::Invalid(format!(
+                "identity `{}` is app-only: the tenant's app credential acts for its mailbox, nobody signs in, so there is nothing to invite to",
+                r.name
+            )));
+        }
+        if let (None, Some(tenant)) = (&existing, &t.tenant) {
+            self.app
+                .config
+                .check_identity_tenant(tenant, Mode::Delegated)
+                .map_err(AdminError::Invalid)?;
+        }
         match (&existing, &t.mailbox) {
             (None, None) => Err(AdminError::NotFound(t.name.clone())),
             (None, Some(mailbox)) => {
@@ -814,7 +871,15 @@ impl Admin<'_> {
             None => {
                 let mailbox = t.mailbox.as_deref().unwrap_or_default();
                 let password = t.password.clone().unwrap_or(PasswordChoice::Later);
-                let c = self.create_unaudited(&t.name, mailbox, &password).await?;
+                let c = self
+                    .create_unaudited(
+                        &t.name,
+                        mailbox,
+                        &password,
+                        t.tenant.as_deref(),
+                        Mode::Delegated,
+                    )
+                    .await?;
                 self.audit("identity.create", Some(&c.record.name), "ok", None)
                     .await;
                 (c.record, true, c.password)

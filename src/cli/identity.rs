@@ -8,7 +8,8 @@ use crate::identity::hash_password;
 use crate::names::{self, Shown};
 use crate::secret::Secret;
 use crate::store::{
-    now_unix, open_sealer, IdentityRecord, KeyUse, SqliteStore, Store, ValidationRecord,
+    now_unix, open_sealer, IdentityRecord, KeyUse, Mode, NewIdentity, SqliteStore, Store,
+    ValidationRecord, DEFAULT_TENANT,
 };
 use crate::token::{IdpClient, IdpError};
 use anyhow::{anyhow, bail, Context};
@@ -24,7 +25,18 @@ pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()>
             name,
             mailbox,
             password_stdin,
-        } => add(&config, &store, &name, &mailbox, password_stdin).await,
+            tenant,
+            mode,
+        } => {
+            let who = NewIdentity {
+                name,
+                mailbox,
+                password_hash: String::new(),
+                tenant,
+                mode,
+            };
+            add(&config, &store, who, password_stdin).await
+        }
         IdentityCommand::Login { name } => login(&config, &store, &name).await,
         IdentityCommand::Import {
             name,
@@ -112,12 +124,14 @@ pub(super) fn read_password(from_stdin: bool) -> anyhow::Result<Secret> {
 async fn add(
     config: &Config,
     store: &SqliteStore,
-    name: &str,
-    mailbox: &str,
+    mut new: NewIdentity,
     password_stdin: bool,
 ) -> anyhow::Result<()> {
-    let name = names::validate_name(name)?;
-    let mailbox = names::validate_mailbox(mailbox)?;
+    let name = names::validate_name(&new.name)?;
+    let mailbox = names::validate_mailbox(&new.mailbox)?;
+    config
+        .check_identity_tenant(&new.tenant, new.mode)
+        .map_err(|e| anyhow!(e))?;
     // Compare with every existing name the way a person reads them: case,
     // Unicode normalisation and invisible characters (which older stores
     // may hold) do not make a name different.
@@ -140,14 +154,29 @@ async fn add(
         );
     }
     let password = read_password(password_stdin)?;
-    let hash = hash_password(password.expose(), &config.auth).map_err(|e| anyhow!(e))?;
-    let rec = store.create(&name, &mailbox, &hash).await?;
-    println!(
-        "identity {} added for {} (pending); link it with: authswap identity login {}",
-        Shown(&rec.name),
-        Shown(&rec.mailbox),
-        Shown(&rec.name)
-    );
+    new.password_hash = hash_password(password.expose(), &config.auth).map_err(|e| anyhow!(e))?;
+    new.name = name;
+    new.mailbox = mailbox;
+    let rec = store.create(&new).await?;
+    let tenant = if rec.tenant == DEFAULT_TENANT {
+        String::new()
+    } else {
+        format!(", tenant {}", rec.tenant)
+    };
+    match rec.mode {
+        Mode::Delegated => println!(
+            "identity {} added for {} (pending{tenant}); link it with: authswap identity login {}",
+            Shown(&rec.name),
+            Shown(&rec.mailbox),
+            Shown(&rec.name)
+        ),
+        Mode::App => println!(
+            "identity {} added for {} (app-only{tenant}): no sign-in needed; check it with: authswap identity validate {}",
+            Shown(&rec.name),
+            Shown(&rec.mailbox),
+            Shown(&rec.name)
+        ),
+    }
     Ok(())
 }
 
@@ -172,13 +201,28 @@ async fn get(store: &SqliteStore, name: &str) -> anyhow::Result<IdentityRecord> 
         .ok_or_else(|| anyhow!("no identity named `{name}`"))
 }
 
-fn idp(config: &Config) -> anyhow::Result<IdpClient> {
-    if config.identity_provider.client_id.trim().is_empty() {
-        bail!("identity_provider.client_id is not set: register an app in Entra ID and configure it first");
+/// The identity-platform client of `rec`'s tenant, for a person's link;
+/// app-only identities have nothing to link.
+fn idp(config: &Config, rec: &IdentityRecord) -> anyhow::Result<IdpClient> {
+    if rec.mode == Mode::App {
+        bail!(
+            "identity {} is app-only: the tenant's app credential acts for its mailbox, nobody signs in",
+            Shown(&rec.name)
+        );
+    }
+    let Some(idp) = config.tenant(&rec.tenant) else {
+        bail!(
+            "identity {} belongs to tenant `{}`, which is not configured",
+            Shown(&rec.name),
+            rec.tenant
+        );
+    };
+    if idp.client_id.trim().is_empty() {
+        bail!("the client_id of tenant `{}` is not set: register an app in Entra ID and configure it first", rec.tenant);
     }
     let tls = crate::tls::client_config(&config.tls)?;
     let client = crate::tls::https_client(tls, crate::tls::CONNECT_TIMEOUT);
-    Ok(IdpClient::new(&config.identity_provider, client))
+    Ok(crate::tenant::idp_client(idp, client)?)
 }
 
 /// Scopes requested at login.
@@ -193,8 +237,8 @@ fn format_left(d: Duration) -> String {
 
 async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Result<()> {
     let rec = get(store, name).await?;
+    let idp = idp(config, &rec)?;
     let sealer = open_sealer(&config.store, store, KeyUse::Link).await?;
-    let idp = idp(config)?;
     // `openid profile`: the ID token names the account that signed in.
     let scopes = crate::token::idp::with_signin_scopes(&login_scopes(config));
     let login = idp
@@ -233,7 +277,9 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
     let id_token = grant.id_token.as_ref().ok_or_else(|| {
         anyhow!("the identity platform returned no ID token, so the account that signed in is unknown; nothing was stored (the app registration must allow the openid and profile scopes)")
     })?;
-    let idp_config = &config.identity_provider;
+    let idp_config = config
+        .tenant(&rec.tenant)
+        .ok_or_else(|| anyhow!("tenant `{}` is not configured", rec.tenant))?;
     let claims = crate::token::id_token::validate(
         id_token.expose(),
         &crate::token::id_token::Expected {
@@ -280,6 +326,7 @@ async fn import(
     no_verify: bool,
 ) -> anyhow::Result<()> {
     let rec = get(store, name).await?;
+    let idp = idp(config, &rec)?;
     let sealer = open_sealer(&config.store, store, KeyUse::Link).await?;
     let token = read_stdin_line("refresh token")?;
     let token = Secret::new(token.expose().trim().to_owned());
@@ -288,14 +335,13 @@ async fn import(
     }
     store.link(rec.id, &sealer.seal(rec.id, &token)).await?;
     let generation = rec.token_generation + 1;
-    if no_verify || config.identity_provider.client_id.trim().is_empty() {
+    if no_verify {
         println!(
             "identity {} linked with the imported refresh token (not verified)",
             Shown(&rec.name)
         );
         return Ok(());
     }
-    let idp = idp(config)?;
     match idp.refresh(&token, &login_scopes(config)).await {
         Ok(grant) => {
             if let Some(new) = grant.refresh_token.filter(|n| n != &token) {
@@ -416,7 +462,10 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
                     "validation": last,
                     "name": r.name,
                     "mailbox": r.mailbox,
-                    "status": r.status,
+                    "tenant": r.tenant,
+                    "mode": r.mode,
+                    "status": r.shown_status(),
+                    "tenant_block": r.tenant_block,
                     "ok": r.is_ok(),
                     "linked": r.has_refresh_token,
                     "last_error": r.last_error,
@@ -447,14 +496,15 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
     };
     let w_name = width(|r| &r.name, 4);
     let w_mail = width(|r| &r.mailbox, 7);
+    let w_tenant = width(|r| &r.tenant, 6);
     let summaries: Vec<String> = records
         .iter()
         .map(|r| validation_summary(&validations, r.id))
         .collect();
     let w_val = summaries.iter().map(|s| s.len()).max().unwrap_or(0).max(10);
     println!(
-        "{:<w_name$}  {:<w_mail$}  {:<12}  {:<20}  {:<20}  {:<w_val$}  LAST ERROR",
-        "NAME", "MAILBOX", "STATUS", "LAST SUCCESS", "LAST FAILURE", "VALIDATION"
+        "{:<w_name$}  {:<w_mail$}  {:<w_tenant$}  {:<9}  {:<16}  {:<20}  {:<20}  {:<w_val$}  LAST ERROR",
+        "NAME", "MAILBOX", "TENANT", "MODE", "STATUS", "LAST SUCCESS", "LAST FAILURE", "VALIDATION"
     );
     for (r, summary) in records.iter().zip(&summaries) {
         // Padding by hand: `{:<w$}` pads by `char`s of the value, not of
@@ -464,14 +514,16 @@ async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::
             format!("{shown}{}", " ".repeat(w.saturating_sub(n)))
         };
         println!(
-            "{}  {}  {:<12}  {:<20}  {:<20}  {:<w_val$}  {}",
+            "{}  {}  {:<w_tenant$}  {:<9}  {:<16}  {:<20}  {:<20}  {:<w_val$}  {}",
             pad(Shown(&r.name), w_name),
             pad(Shown(&r.mailbox), w_mail),
-            r.status.as_str(),
+            r.tenant,
+            r.mode.as_str(),
+            r.shown_status(),
             time(r.last_success_at),
             time(r.last_failure_at),
             summary,
-            Shown(r.last_error.as_deref().unwrap_or("-"))
+            Shown(r.shown_error().unwrap_or("-"))
         );
     }
     Ok(())

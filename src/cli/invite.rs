@@ -10,7 +10,10 @@ use crate::identity::hash_password;
 use crate::names::{self, Shown};
 use crate::onboarding::import::{self, generate_password, ImportError};
 use crate::onboarding::invite::{self, IssuedInvitation};
-use crate::store::{now_unix, IdentityRecord, NewAudit, SqliteStore, Status, Store};
+use crate::store::{
+    now_unix, IdentityRecord, Mode, NewAudit, NewIdentity, SqliteStore, Status, Store,
+    DEFAULT_TENANT,
+};
 use anyhow::{anyhow, bail};
 use std::path::Path;
 
@@ -104,6 +107,19 @@ async fn target(
         .map(names::validate_mailbox)
         .transpose()?;
     if let Some(rec) = store.get(name).await? {
+        if rec.mode == Mode::App {
+            bail!(
+                "identity `{}` is app-only: the tenant's app credential acts for its mailbox, nobody signs in, so there is nothing to invite to",
+                Shown(&rec.name)
+            );
+        }
+        if let Some(t) = args.tenant.as_deref().filter(|t| *t != rec.tenant) {
+            bail!(
+                "identity `{}` belongs to tenant `{}`, not `{t}`",
+                Shown(&rec.name),
+                rec.tenant
+            );
+        }
         return match mailbox {
             Some(m) if rec.mailbox.is_empty() => {
                 store.set_mailbox(&rec.name, &m).await?;
@@ -139,7 +155,22 @@ async fn target(
         // No local password yet: `identity set-password` later.
         (String::new(), None)
     };
-    let rec = store.create(&name, &mailbox, &hash).await?;
+    let tenant = args
+        .tenant
+        .clone()
+        .unwrap_or_else(|| DEFAULT_TENANT.to_owned());
+    config
+        .check_identity_tenant(&tenant, Mode::Delegated)
+        .map_err(|e| anyhow!(e))?;
+    let rec = store
+        .create(&NewIdentity {
+            name,
+            mailbox,
+            password_hash: hash.clone(),
+            tenant,
+            mode: Mode::Delegated,
+        })
+        .await?;
     audit_cli(store, "identity.create", &rec.name).await;
     match generated {
         Some(pw) => eprintln!(
@@ -235,7 +266,7 @@ pub(super) async fn import_csv(
     json: bool,
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?;
-    let imported = match import::import(store, &config.auth, &bytes, "cli").await {
+    let imported = match import::import(store, config, &bytes, "cli").await {
         Ok(v) => v,
         Err(ImportError::Rows(rows)) => {
             for r in &rows {

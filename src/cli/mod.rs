@@ -9,6 +9,7 @@ mod identity;
 mod invite;
 mod serve;
 
+use crate::store::Mode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -72,6 +73,14 @@ pub enum IdentityCommand {
         /// Read the local password from the first line of stdin.
         #[arg(long)]
         password_stdin: bool,
+        /// Configured tenant the mailbox belongs to (`default` is
+        /// `[identity_provider]`).
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// `delegated` (a person consents once) or `app` (the tenant's app
+        /// credential acts for the mailbox; no sign-in).
+        #[arg(long, default_value = "delegated", value_parser = parse_mode)]
+        mode: Mode,
     },
     /// Link an identity to its Microsoft account with the device-code flow.
     Login {
@@ -160,6 +169,10 @@ pub struct InviteArgs {
     /// For a new identity: generate a local password and print it once.
     #[arg(long)]
     pub generate_password: bool,
+    /// For a new identity: its configured tenant (`default` is
+    /// `[identity_provider]`).
+    #[arg(long, conflicts_with = "all_pending")]
+    pub tenant: Option<String>,
     /// Also e-mail the invitation to the mailbox (needs `[notifications] email_sender`).
     #[arg(long)]
     pub email: bool,
@@ -294,4 +307,9 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> {
     Ok(crate::config::Config::load(path)?)
+}
+
+/// Parses `--mode`.
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    Mode::parse(s).ok_or_else(|| format!("`{s}` is not a mode: use `delegated` or `app`"))
 }

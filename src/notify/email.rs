@@ -165,7 +165,7 @@ pub(super) async fn send(
     let scopes = front.scopes.clone();
     let smtp = Smtp::new(Arc::new(front));
     let recipients = Arc::new(recipients);
-    with_token(app, &sender, &scopes, Protocol::smtp, |token| {
+    with_token(app, &sender, scopes.of(&sender), Protocol::smtp, |token| {
         let (smtp, bytes, recipients) = (smtp.clone(), bytes.clone(), recipients.clone());
         let mailbox = sender.mailbox.clone();
         async move {

@@ -344,6 +344,9 @@ mod tests {
             token_generation: 1,
             account: None,
             linked_at: Some(0),
+            tenant: "default".into(),
+            mode: Default::default(),
+            tenant_block: None,
         }
     }
 

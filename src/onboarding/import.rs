@@ -3,11 +3,11 @@
 //! written, and the rows are written in one transaction, so a file with a
 //! bad row imports nothing.
 
-use crate::config::AuthConfig;
+use crate::config::Config;
 use crate::identity::hash_password;
 use crate::names;
 use crate::secret::Secret;
-use crate::store::{IdentityRecord, Store, StoreError};
+use crate::store::{IdentityRecord, Mode, NewIdentity, Store, StoreError, DEFAULT_TENANT};
 use rand::Rng;
 use std::collections::HashMap;
 use std::fmt;
@@ -49,6 +49,10 @@ pub struct ImportRow {
     pub mailbox: String,
     /// Password column.
     pub password: PasswordChoice,
+    /// `tenant` column (default `default`).
+    pub tenant: String,
+    /// `mode` column (default `delegated`).
+    pub mode: Mode,
 }
 
 /// A row that cannot be imported.
@@ -133,10 +137,19 @@ pub fn generate_password() -> Secret {
     )
 }
 
+/// Whether an identity of a mode may belong to a tenant
+/// ([`crate::config::Config::check_identity_tenant`]).
+pub type TenantCheck<'a> = &'a (dyn Fn(&str, Mode) -> Result<(), String> + Sync);
+
 /// Parses and checks a CSV file with a header row naming the columns
-/// `name`, `mailbox` and optionally `password` (any order, any case).
-/// `existing` are the identities already stored (their names are taken).
-pub fn parse(bytes: &[u8], existing: &[IdentityRecord]) -> Result<Vec<ImportRow>, ImportError> {
+/// `name`, `mailbox` and optionally `password`, `tenant` and `mode` (any
+/// order, any case). `existing` are the identities already stored (their
+/// names are taken); `tenants` checks each row's tenant and mode.
+pub fn parse(
+    bytes: &[u8],
+    existing: &[IdentityRecord],
+    tenants: TenantCheck<'_>,
+) -> Result<Vec<ImportRow>, ImportError> {
     if bytes.len() > MAX_CSV_BYTES {
         return Err(ImportError::File(format!(
             "the file is larger than {} MiB",
@@ -160,6 +173,8 @@ pub fn parse(bytes: &[u8], existing: &[IdentityRecord]) -> Result<Vec<ImportRow>
         ));
     };
     let password_col = column("password");
+    let tenant_col = column("tenant");
+    let mode_col = column("mode");
     let taken: HashMap<String, String> = existing
         .iter()
         .map(|r| (names::same_name_key(&r.name), r.name.clone()))
@@ -229,11 +244,37 @@ pub fn parse(bytes: &[u8], existing: &[IdentityRecord]) -> Result<Vec<ImportRow>
             p if p.eq_ignore_ascii_case("generate") => PasswordChoice::Generate,
             p => PasswordChoice::Given(Secret::new(p)),
         };
+        let tenant = match tenant_col.map(field).unwrap_or("") {
+            "" => DEFAULT_TENANT.to_owned(),
+            t => t.to_owned(),
+        };
+        let mode = match mode_col.map(field).unwrap_or("") {
+            "" => Mode::Delegated,
+            m => match Mode::parse(&m.to_ascii_lowercase()) {
+                Some(m) => m,
+                None => {
+                    errors.push(RowError {
+                        line,
+                        message: format!("mode: `{}` is not `delegated` or `app`", names::Shown(m)),
+                    });
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = tenants(&tenant, mode) {
+            errors.push(RowError {
+                line,
+                message: format!("tenant: {e}"),
+            });
+            continue;
+        }
         rows.push(ImportRow {
             line,
             name,
             mailbox,
             password,
+            tenant,
+            mode,
         });
     }
     if !errors.is_empty() {
@@ -255,13 +296,13 @@ fn csv_error(e: &csv::Error) -> String {
 /// Parses, checks, hashes and stores: all rows, or nothing.
 pub async fn import(
     store: &dyn Store,
-    auth: &AuthConfig,
+    config: &Config,
     bytes: &[u8],
     actor: &str,
 ) -> Result<Vec<Imported>, ImportError> {
     let existing = store.list().await?;
-    let rows = parse(bytes, &existing)?;
-    let auth = auth.clone();
+    let rows = parse(bytes, &existing, &|t, m| config.check_identity_tenant(t, m))?;
+    let auth = config.auth.clone();
     // argon2 runs off the async threads.
     let prepared = tokio::task::spawn_blocking(move || {
         rows.into_iter()
@@ -281,11 +322,17 @@ pub async fn import(
     .await
     .map_err(|e| ImportError::Hash(e.to_string()))?
     .map_err(ImportError::Hash)?;
-    let triples: Vec<(String, String, String)> = prepared
+    let new: Vec<NewIdentity> = prepared
         .iter()
-        .map(|(row, hash, _)| (row.name.clone(), row.mailbox.clone(), hash.clone()))
+        .map(|(row, hash, _)| NewIdentity {
+            name: row.name.clone(),
+            mailbox: row.mailbox.clone(),
+            password_hash: hash.clone(),
+            tenant: row.tenant.clone(),
+            mode: row.mode,
+        })
         .collect();
-    let records = store.create_many(&triples, actor).await?;
+    let records = store.create_many(&new, actor).await?;
     Ok(records
         .into_iter()
         .zip(prepared)
@@ -301,11 +348,14 @@ mod tests {
     use super::*;
     use crate::store::SqliteStore;
 
-    fn cheap() -> AuthConfig {
-        AuthConfig {
-            argon2_memory_kib: 256,
-            argon2_iterations: 1,
-            ..AuthConfig::default()
+    fn cheap() -> Config {
+        Config {
+            auth: crate::config::AuthConfig {
+                argon2_memory_kib: 256,
+                argon2_iterations: 1,
+                ..crate::config::AuthConfig::default()
+            },
+            ..Config::default()
         }
     }
 
@@ -314,7 +364,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("a.db")).await.unwrap();
         store
-            .create("carol", "carol@contoso.com", "$h")
+            .create(&crate::store::NewIdentity::delegated(
+                "carol",
+                "carol@contoso.com",
+                "$h",
+            ))
             .await
             .unwrap();
         let csv = "name,mailbox,password\n\
@@ -360,7 +414,7 @@ mod tests {
         assert!(out[1].generated_password.is_none());
         let list = store.list().await.unwrap();
         let bob = list.iter().find(|r| r.name == "bob").unwrap();
-        assert!(crate::identity::hash_password("x", &cheap()).is_ok());
+        assert!(crate::identity::hash_password("x", &cheap().auth).is_ok());
         assert!(bob.password_hash.starts_with("$argon2id$"));
         let carol = list.iter().find(|r| r.name == "carol").unwrap();
         assert!(carol.password_hash.is_empty());
@@ -372,7 +426,7 @@ mod tests {
     #[test]
     fn invalid_utf8_is_reported_with_its_line() {
         let bytes = b"name,mailbox\nalice,alice@contoso.com\nb\xffb,bob@contoso.com\n";
-        let Err(ImportError::Rows(rows)) = parse(bytes, &[]) else {
+        let Err(ImportError::Rows(rows)) = parse(bytes, &[], &|_, _| Ok(())) else {
             panic!()
         };
         assert_eq!(rows[0].line, 3);

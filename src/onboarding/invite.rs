@@ -163,7 +163,11 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("a.db")).await.unwrap();
         let config = Config::default();
         let alice = store
-            .create("alice", "alice@contoso.com", "$h")
+            .create(&crate::store::NewIdentity::delegated(
+                "alice",
+                "alice@contoso.com",
+                "$h",
+            ))
             .await
             .unwrap();
         let first = issue(&store, &config, &alice, "cli").await.unwrap();

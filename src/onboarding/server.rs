@@ -507,6 +507,14 @@ impl Onboarding {
         )
     }
 
+    /// The identity-platform client of the invited identity's tenant.
+    fn idp(&self, inv: &InvitationRecord) -> &crate::token::IdpClient {
+        self.app
+            .tokens
+            .idp_for(&inv.tenant)
+            .unwrap_or_else(|| self.app.tokens.idp())
+    }
+
     /// Starts the browser sign-in: `state`, PKCE verifier and nonce, stored
     /// for `signin_ttl`, then off to the authorization endpoint.
     async fn start_signin(&self, inv: &InvitationRecord, peer: Peer) -> Answer {
@@ -524,7 +532,7 @@ impl Onboarding {
         };
         let scopes = with_signin_scopes(&config.login_scopes());
         let redirect_uri = config.onboarding.redirect_uri();
-        let url = match self.app.tokens.idp().authorization_url(&AuthorizeParams {
+        let url = match self.idp(inv).authorization_url(&AuthorizeParams {
             redirect_uri: &redirect_uri,
             scopes: &scopes,
             state: &state,
@@ -656,9 +664,7 @@ impl Onboarding {
         let code = Secret::new(code.to_owned());
         let redirect_uri = self.app.config.onboarding.redirect_uri();
         let grant = match self
-            .app
-            .tokens
-            .idp()
+            .idp(&inv)
             .redeem_code(&code, &signin.verifier, &redirect_uri)
             .await
         {
@@ -741,7 +747,9 @@ impl Onboarding {
                 &["The sign-in finished without the account details authswap needs. Tell your administrator (the openid scope must be allowed)."],
             ));
         };
-        let idp = &config.identity_provider;
+        let idp = config
+            .tenant(&inv.tenant)
+            .unwrap_or(&config.identity_provider);
         let claims = match id_token::validate(
             id_token.expose(),
             &Expected {
@@ -885,7 +893,7 @@ impl Onboarding {
             }
         }
         let scopes = with_signin_scopes(&config.login_scopes());
-        let login = match self.app.tokens.idp().start_device_login(&scopes).await {
+        let login = match self.idp(inv).start_device_login(&scopes).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start a device-code sign-in");
@@ -934,11 +942,8 @@ impl Onboarding {
             // Bounded: the platform stops the code at its expiry; the
             // timeout covers a platform that keeps answering "pending".
             let limit = expires_in + Duration::from_secs(30);
-            let result = tokio::time::timeout(
-                limit,
-                me.app.tokens.idp().finish_device_login(&login, |_| {}),
-            )
-            .await;
+            let result =
+                tokio::time::timeout(limit, me.idp(&inv).finish_device_login(&login, |_| {})).await;
             let outcome = match result {
                 Err(_) => Err(Refusal::error(
                     StatusCode::GONE,

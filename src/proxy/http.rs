@@ -28,7 +28,7 @@ use crate::error::{Failure as _, Origin};
 use crate::identity::{AuthError, ConnectionMemo};
 use crate::metrics::{FailureReason, Outcome, Protocol};
 use crate::tls::{BoxError, OutBody};
-use crate::token::{AccessToken, Scopes, TokenError};
+use crate::token::{AccessToken, ScopeSet, TokenError};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -51,7 +51,7 @@ pub struct HttpProxy {
     app: Arc<App>,
     upstream: Arc<Upstream>,
     upstreams: Arc<Upstreams>,
-    scopes: Scopes,
+    scopes: ScopeSet,
     replay_limit: usize,
     replay_budget: Arc<ReplayBudget>,
     max_body: usize,
@@ -179,7 +179,7 @@ impl HttpProxy {
                 .unwrap_or_default(),
         };
         Ok(HttpProxy {
-            scopes: Scopes::new(&cfg.scopes),
+            scopes: ScopeSet::new(&cfg.scopes, &cfg.app_scopes),
             replay_limit: cfg.replay_buffer_limit.as_usize(),
             replay_budget: Arc::new(ReplayBudget {
                 used: Default::default(),
@@ -260,7 +260,7 @@ impl HttpProxy {
     ) -> Result<AccessToken, Rejection> {
         self.app
             .tokens
-            .access_token(identity, &self.scopes)
+            .access_token(identity, self.scopes.of(identity))
             .await
             .map_err(Rejection::Token)
     }
@@ -537,6 +537,22 @@ impl Rejection {
                 };
                 LocalAnswer::text(StatusCode::SERVICE_UNAVAILABLE, why)
                     .with(header::RETRY_AFTER, retry_after_value(retry_after))
+            }
+            Rejection::Token(TokenError::AppCredential {
+                identity,
+                tenant,
+                retry_after,
+                ..
+            }) => {
+                m.request(p, Outcome::unavailable);
+                m.auth_failure(Some(&identity), p, FailureReason::app_credential);
+                LocalAnswer::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "the identity platform refuses the app credential of tenant {tenant}: an administrator must renew it; try again later\n"
+                    ),
+                )
+                .with(header::RETRY_AFTER, retry_after_value(retry_after))
             }
             Rejection::Token(TokenError::Refused {
                 identity,

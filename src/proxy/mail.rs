@@ -10,7 +10,7 @@ use crate::app::App;
 use crate::config::{MailConfig, UpstreamTls};
 use crate::identity::{AuthError, Identity};
 use crate::metrics::{FailureReason, Outcome, Protocol};
-use crate::token::{AccessToken, Refusal, Scopes, TokenError, Verdict};
+use crate::token::{AccessToken, Refusal, ScopeSet, TokenError, Verdict};
 use rustls::pki_types::ServerName;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,7 +32,7 @@ pub struct MailFrontEnd {
     /// Which protocol (metrics, logs).
     pub protocol: Protocol,
     /// Token scopes.
-    pub scopes: Scopes,
+    pub scopes: ScopeSet,
     /// Local TLS (STARTTLS or implicit) when a certificate is configured.
     pub acceptor: Option<tokio_rustls::TlsAcceptor>,
     connector: tokio_rustls::TlsConnector,
@@ -214,7 +214,7 @@ impl MailFrontEnd {
             _ => None,
         };
         Ok(MailFrontEnd {
-            scopes: Scopes::new(&cfg.scopes),
+            scopes: ScopeSet::new(&cfg.scopes, &cfg.app_scopes),
             connector: tokio_rustls::TlsConnector::from(Arc::new(client_config)),
             app,
             cfg,
@@ -344,7 +344,11 @@ impl MailFrontEnd {
         };
         let mut retried = false;
         loop {
-            let token = match app.tokens.access_token(&identity, &self.scopes).await {
+            let token = match app
+                .tokens
+                .access_token(&identity, self.scopes.of(&identity))
+                .await
+            {
                 Ok(t) => t,
                 Err(e) => return Err(self.no_token(e)),
             };
@@ -353,16 +357,20 @@ impl MailFrontEnd {
             m.upstream_duration(p, started.elapsed().as_secs_f64());
             match result {
                 Ok(u) => {
-                    app.tokens.accepted(&identity, &self.scopes, &token);
+                    app.tokens
+                        .accepted(&identity, self.scopes.of(&identity), &token);
                     m.request(p, Outcome::forwarded);
                     tracing::info!(identity = %identity.name, protocol = ?p, "logged in upstream");
                     return Ok((identity, u));
                 }
                 Err(UpstreamLogin::Rejected(refusal)) => {
-                    match app
-                        .tokens
-                        .refused(&identity, &self.scopes, &token, p, &refusal)
-                    {
+                    match app.tokens.refused(
+                        &identity,
+                        self.scopes.of(&identity),
+                        &token,
+                        p,
+                        &refusal,
+                    ) {
                         Verdict::Retry if !retried => retried = true,
                         // Refused again after this login's one refresh.
                         Verdict::Retry | Verdict::Backoff { .. } => {
@@ -409,6 +417,11 @@ impl MailFrontEnd {
             TokenError::Unavailable { identity, .. } => {
                 m.request(p, Outcome::unavailable);
                 m.auth_failure(Some(&identity), p, FailureReason::refresh_failed);
+                LoginFailure::Unavailable
+            }
+            TokenError::AppCredential { identity, .. } => {
+                m.request(p, Outcome::unavailable);
+                m.auth_failure(Some(&identity), p, FailureReason::app_credential);
                 LoginFailure::Unavailable
             }
             TokenError::Refused { identity, .. } => {

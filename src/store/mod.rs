@@ -65,6 +65,81 @@ impl fmt::Display for Status {
     }
 }
 
+/// How an identity gets its access tokens.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// A person consents once; their refresh token is stored (delegated
+    /// permissions such as `SMTP.Send`).
+    #[default]
+    Delegated,
+    /// The tenant's app credential gets client-credentials tokens for the
+    /// identity's mailbox (application permissions such as
+    /// `SMTP.SendAsApp`); no person signs in, nothing is stored.
+    App,
+}
+
+impl Mode {
+    /// Database and display form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Delegated => "delegated",
+            Mode::App => "app",
+        }
+    }
+
+    /// Parses the database and command-line form.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s.trim() {
+            "delegated" => Some(Mode::Delegated),
+            "app" => Some(Mode::App),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The shown status of identities whose tenant's app credential is refused.
+pub const APP_CREDENTIAL_STATUS: &str = "app_credential";
+
+/// The tenant of identities created without one: `[identity_provider]`.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// An identity to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewIdentity {
+    /// Name the legacy client logs in with.
+    pub name: String,
+    /// Upstream mailbox (UPN or SMTP address).
+    pub mailbox: String,
+    /// argon2id PHC string of the local password.
+    pub password_hash: String,
+    /// Configured tenant name.
+    pub tenant: String,
+    /// Delegated or app-only.
+    pub mode: Mode,
+}
+
+impl NewIdentity {
+    /// A delegated identity of the default tenant.
+    pub fn delegated(name: &str, mailbox: &str, password_hash: &str) -> NewIdentity {
+        NewIdentity {
+            name: name.to_owned(),
+            mailbox: mailbox.to_owned(),
+            password_hash: password_hash.to_owned(),
+            tenant: DEFAULT_TENANT.to_owned(),
+            mode: Mode::Delegated,
+        }
+    }
+}
+
 /// One identity as stored (without its refresh token).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityRecord {
@@ -94,14 +169,38 @@ pub struct IdentityRecord {
     pub account: Option<LinkedAccount>,
     /// Unix seconds of the last time a person linked it.
     pub linked_at: Option<i64>,
+    /// Configured tenant name.
+    pub tenant: String,
+    /// Delegated or app-only.
+    pub mode: Mode,
+    /// Why the tenant's app credential is refused, while it is: every
+    /// identity of the tenant is blocked by it, not by its own link.
+    pub tenant_block: Option<String>,
 }
 
 impl IdentityRecord {
+    /// The status shown to people: `app_credential` while the tenant's app
+    /// credential is refused (an admin must renew it; nobody needs to sign
+    /// in again), else the identity's own.
+    pub fn shown_status(&self) -> &'static str {
+        if self.tenant_block.is_some() {
+            APP_CREDENTIAL_STATUS
+        } else {
+            self.status.as_str()
+        }
+    }
+
+    /// The error shown with [`IdentityRecord::shown_status`].
+    pub fn shown_error(&self) -> Option<&str> {
+        self.tenant_block.as_deref().or(self.last_error.as_deref())
+    }
+
     /// Linked, and the last refresh (if any) did not fail after the last
     /// success: what `identity list --status ok`, the API and the console
     /// call "ok"; everything else needs attention.
     pub fn is_ok(&self) -> bool {
         self.status == Status::Linked
+            && self.tenant_block.is_none()
             && match (self.last_failure_at, self.last_success_at) {
                 (Some(f), Some(s)) => s >= f,
                 (Some(_), None) => false,
@@ -165,6 +264,8 @@ pub struct InvitationRecord {
     pub identity: String,
     /// Its mailbox.
     pub mailbox: String,
+    /// Its tenant (whose app registration signs the person in).
+    pub tenant: String,
     /// State (expiry applied at read time).
     pub state: InvitationState,
     /// Unix seconds.
@@ -348,20 +449,27 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<IdentityRecord>, StoreError>;
     /// One identity by (case-insensitive) name.
     async fn get(&self, name: &str) -> Result<Option<IdentityRecord>, StoreError>;
-    /// Creates a `pending` identity.
-    async fn create(
-        &self,
-        name: &str,
-        mailbox: &str,
-        password_hash: &str,
-    ) -> Result<IdentityRecord, StoreError>;
-    /// Creates several `pending` identities (name, mailbox, password hash)
-    /// in one transaction: all of them or, on any error, none.
+    /// Creates an identity: `pending` when delegated (a person must link
+    /// it), `linked` when app-only (nothing to link).
+    async fn create(&self, new: &NewIdentity) -> Result<IdentityRecord, StoreError>;
+    /// Creates several identities in one transaction: all of them or, on
+    /// any error, none.
     async fn create_many(
         &self,
-        rows: &[(String, String, String)],
+        rows: &[NewIdentity],
         actor: &str,
     ) -> Result<Vec<IdentityRecord>, StoreError>;
+    /// Records that tenant `tenant`'s app credential is refused (`Some`,
+    /// with the reason in plain words) or works again (`None`); whether
+    /// this changed anything.
+    async fn set_tenant_block(
+        &self,
+        tenant: &str,
+        reason: Option<&str>,
+        at: i64,
+    ) -> Result<bool, StoreError>;
+    /// Tenants whose app credential is refused: (tenant, reason, since).
+    async fn tenant_blocks(&self) -> Result<Vec<(String, String, i64)>, StoreError>;
     /// Replaces the local password hash.
     async fn set_password(&self, name: &str, password_hash: &str) -> Result<(), StoreError>;
     /// Deletes the identity with its token and personal data.

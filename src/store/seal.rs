@@ -503,8 +503,22 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("a.db")).await.unwrap();
         let key_file = dir.path().join("key");
         let cfg = config(&key_file, None);
-        let rec = store.create("alice", "a@contoso.com", "h").await.unwrap();
-        store.create("bob", "b@contoso.com", "h").await.unwrap();
+        let rec = store
+            .create(&crate::store::NewIdentity::delegated(
+                "alice",
+                "a@contoso.com",
+                "h",
+            ))
+            .await
+            .unwrap();
+        store
+            .create(&crate::store::NewIdentity::delegated(
+                "bob",
+                "b@contoso.com",
+                "h",
+            ))
+            .await
+            .unwrap();
         // No sealed token yet: the key is created.
         let first = open_sealer(&cfg, &store, KeyUse::Serve).await.unwrap();
         store

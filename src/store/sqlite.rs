@@ -4,8 +4,8 @@
 
 use super::{
     name_key, now_unix, AuditEntry, Completion, IdentityRecord, InvitationRecord, InvitationState,
-    LinkedAccount, NewAudit, NewInvitation, SealedToken, Signin, Status, Store, StoreError,
-    ValidationRecord,
+    LinkedAccount, Mode, NewAudit, NewIdentity, NewInvitation, SealedToken, Signin, Status, Store,
+    StoreError, ValidationRecord,
 };
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
@@ -21,10 +21,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 const COLUMNS: &str = "id, name, mailbox, password_hash, status, last_error, last_success_at, \
      last_failure_at, created_at, refresh_token IS NOT NULL AS has_token, token_generation, \
-     upstream_refusal, account_upn, account_oid, account_tid, linked_at";
+     upstream_refusal, account_upn, account_oid, account_tid, linked_at, tenant, mode, \
+     (SELECT reason FROM tenant_blocks b WHERE b.tenant = identities.tenant) AS tenant_block";
 
-const INVITATION_COLUMNS: &str = "i.id, i.identity_id, d.name, d.mailbox, i.state, i.created_at, \
-     i.expires_at, i.finished_at, i.actor";
+const INVITATION_COLUMNS: &str = "i.id, i.identity_id, d.name, d.mailbox, d.tenant, i.state, \
+     i.created_at, i.expires_at, i.finished_at, i.actor";
 
 /// SQLite-backed [`Store`].
 #[derive(Clone, Debug)]
@@ -223,6 +224,9 @@ fn record(row: &SqliteRow) -> Result<IdentityRecord, StoreError> {
             None => None,
         },
         linked_at: row.try_get("linked_at")?,
+        tenant: row.try_get("tenant")?,
+        mode: Mode::parse(&row.try_get::<String, _>("mode")?).unwrap_or_default(),
+        tenant_block: row.try_get("tenant_block")?,
     })
 }
 
@@ -240,6 +244,7 @@ fn invitation_record(row: &SqliteRow, now: i64) -> Result<InvitationRecord, Stor
         identity_id: row.try_get("identity_id")?,
         identity: row.try_get("name")?,
         mailbox: row.try_get("mailbox")?,
+        tenant: row.try_get("tenant")?,
         state,
         created_at: row.try_get("created_at")?,
         expires_at,
@@ -248,22 +253,29 @@ fn invitation_record(row: &SqliteRow, now: i64) -> Result<InvitationRecord, Stor
     })
 }
 
-/// Inserts a `pending` identity inside `tx` and returns it as stored.
+/// Inserts an identity inside `tx` (`pending` when delegated, `linked`
+/// when app-only) and returns it as stored.
 async fn insert_identity(
     tx: &mut SqliteConnection,
-    name: &str,
-    mailbox: &str,
-    password_hash: &str,
+    new: &NewIdentity,
     now: i64,
 ) -> Result<IdentityRecord, StoreError> {
+    let name = new.name.as_str();
+    let status = match new.mode {
+        Mode::Delegated => Status::Pending,
+        Mode::App => Status::Linked,
+    };
     let res = sqlx::query(
-        "INSERT INTO identities (name, name_key, mailbox, password_hash, status, created_at, \
-         updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+        "INSERT INTO identities (name, name_key, mailbox, password_hash, status, tenant, mode, \
+         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(name.trim())
     .bind(name_key(name))
-    .bind(mailbox.trim())
-    .bind(password_hash)
+    .bind(new.mailbox.trim())
+    .bind(&new.password_hash)
+    .bind(status.as_str())
+    .bind(new.tenant.trim())
+    .bind(new.mode.as_str())
     .bind(now)
     .bind(now)
     .execute(&mut *tx)
@@ -443,14 +455,9 @@ impl Store for SqliteStore {
         row.as_ref().map(record).transpose()
     }
 
-    async fn create(
-        &self,
-        name: &str,
-        mailbox: &str,
-        password_hash: &str,
-    ) -> Result<IdentityRecord, StoreError> {
+    async fn create(&self, new: &NewIdentity) -> Result<IdentityRecord, StoreError> {
         let mut tx = self.begin().await?;
-        let rec = insert_identity(&mut tx, name, mailbox, password_hash, now_unix()).await?;
+        let rec = insert_identity(&mut tx, new, now_unix()).await?;
         bump(&mut tx).await?;
         tx.commit().await?;
         Ok(rec)
@@ -458,20 +465,20 @@ impl Store for SqliteStore {
 
     async fn create_many(
         &self,
-        rows: &[(String, String, String)],
+        rows: &[NewIdentity],
         actor: &str,
     ) -> Result<Vec<IdentityRecord>, StoreError> {
         let now = now_unix();
         let mut tx = self.begin().await?;
         let mut out = Vec::with_capacity(rows.len());
-        for (name, mailbox, hash) in rows {
-            out.push(insert_identity(&mut tx, name, mailbox, hash, now).await?);
+        for new in rows {
+            out.push(insert_identity(&mut tx, new, now).await?);
             audit_in(
                 &mut tx,
                 &NewAudit {
                     actor,
                     action: "identity.create",
-                    identity: Some(name.trim()),
+                    identity: Some(new.name.trim()),
                     outcome: "ok",
                     detail: Some("imported"),
                 },
@@ -650,6 +657,53 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn set_tenant_block(
+        &self,
+        tenant: &str,
+        reason: Option<&str>,
+        at: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let n = match reason {
+            Some(reason) => sqlx::query(
+                "INSERT INTO tenant_blocks (tenant, reason, since) VALUES (?, ?, ?) \
+                 ON CONFLICT (tenant) DO UPDATE SET reason = excluded.reason \
+                 WHERE tenant_blocks.reason IS NOT excluded.reason",
+            )
+            .bind(tenant)
+            .bind(reason)
+            .bind(at),
+            None => sqlx::query("DELETE FROM tenant_blocks WHERE tenant = ?").bind(tenant),
+        }
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            let entry = NewAudit {
+                actor: "system",
+                action: match reason {
+                    Some(_) => "tenant.blocked",
+                    None => "tenant.recovered",
+                },
+                identity: None,
+                outcome: tenant,
+                detail: reason,
+            };
+            audit_in(&mut tx, &entry, at).await?;
+            bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    async fn tenant_blocks(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT tenant, reason, since FROM tenant_blocks ORDER BY tenant")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     async fn record_failure(
@@ -1121,13 +1175,19 @@ mod tests {
             .unwrap();
         let r0 = store.revision().await.unwrap();
         let rec = store
-            .create("Alice", "alice@contoso.com", "$hash")
+            .create(&NewIdentity::delegated(
+                "Alice",
+                "alice@contoso.com",
+                "$hash",
+            ))
             .await
             .unwrap();
         assert_eq!(rec.status, Status::Pending);
         assert!(store.revision().await.unwrap() > r0);
         assert!(matches!(
-            store.create("ALICE", "x", "y").await,
+            store
+                .create(&NewIdentity::delegated("ALICE", "x", "y"))
+                .await,
             Err(StoreError::AlreadyExists(_))
         ));
         let sealer = Sealer::from_key(&[1; 32]);
@@ -1216,7 +1276,10 @@ mod tests {
         let sealer = Sealer::from_key(&[3; 32]);
         let mut ids = Vec::new();
         for i in 0..50 {
-            let rec = store.create(&format!("u{i}"), "m@x", "h").await.unwrap();
+            let rec = store
+                .create(&NewIdentity::delegated(&format!("u{i}"), "m@x", "h"))
+                .await
+                .unwrap();
             store
                 .link(rec.id, &sealer.seal(rec.id, &Secret::new("rt-0")))
                 .await

@@ -18,7 +18,8 @@ use crate::identity::Identity;
 use crate::metrics::{FailureReason, Metrics, Protocol, RefreshResult};
 use crate::secret::Secret;
 use crate::singleflight::SingleFlight;
-use crate::store::{now_unix, Sealer, Status, Store};
+use crate::store::{now_unix, Mode, Sealer, Status, Store};
+use crate::tenant::{Tenant, Tenants};
 use dashmap::DashMap;
 use rand::Rng;
 use std::fmt;
@@ -88,6 +89,32 @@ impl fmt::Debug for Scopes {
     }
 }
 
+/// The scopes one front end asks for: delegated identities' (a refresh
+/// token's) and app-only identities' (a resource's `/.default`).
+#[derive(Clone, Debug)]
+pub struct ScopeSet {
+    delegated: Scopes,
+    app: Scopes,
+}
+
+impl ScopeSet {
+    /// Normalises both sets.
+    pub fn new<S: AsRef<str>>(delegated: &[S], app: &[S]) -> ScopeSet {
+        ScopeSet {
+            delegated: Scopes::new(delegated),
+            app: Scopes::new(app),
+        }
+    }
+
+    /// The set for `identity`'s mode.
+    pub fn of(&self, identity: &Identity) -> &Scopes {
+        match identity.mode {
+            Mode::Delegated => &self.delegated,
+            Mode::App => &self.app,
+        }
+    }
+}
+
 /// An access token held in memory. `Debug` never shows it.
 #[derive(Clone)]
 pub struct AccessToken {
@@ -97,6 +124,7 @@ pub struct AccessToken {
     /// When it stops working.
     pub expires_at: Instant,
     refresh_at: Instant,
+    issued: Instant,
     /// Issued by a refresh that an upstream refusal caused.
     after_refusal: bool,
 }
@@ -132,6 +160,7 @@ impl AccessToken {
             header,
             expires_at: issued + lifetime,
             refresh_at: issued + lifetime - ahead,
+            issued,
             after_refusal: false,
         })
     }
@@ -145,6 +174,13 @@ impl AccessToken {
     /// upstream since: a refusal of it counts as a consecutive one.
     fn fresh_after_refusal(&self) -> bool {
         self.after_refusal && !self.shared.proven.load(Ordering::Relaxed)
+    }
+
+    /// Accepted by the upstream recently: a refusal of this shared app
+    /// token for one mailbox is about that mailbox.
+    fn recently_proven(&self, now: Instant) -> bool {
+        self.shared.proven.load(Ordering::Relaxed)
+            && now.saturating_duration_since(self.issued) < PROVEN_APP_TOKEN
     }
 
     /// `Bearer <token>`, marked sensitive.
@@ -190,6 +226,20 @@ pub enum TokenError {
         /// Whose failure it is: the identity platform's or the store's.
         origin: Origin,
     },
+    /// The identity platform refuses the app credential of the identity's
+    /// tenant (secret expired or wrong, certificate refused): an admin
+    /// must renew it; every identity of the tenant waits for that.
+    #[error("the app credential of tenant {tenant} is refused (identity {identity}, retry in {retry_after:?}): {message}")]
+    AppCredential {
+        /// Identity name.
+        identity: String,
+        /// Tenant name.
+        tenant: String,
+        /// What the platform said, in plain words.
+        message: String,
+        /// When authswap tries again.
+        retry_after: Duration,
+    },
     /// The upstream refused freshly issued tokens of this identity and
     /// scope set: no token is handed out before `retry_after`.
     #[error("the upstream refused freshly issued access tokens of {identity} (retry in {retry_after:?})")]
@@ -204,7 +254,9 @@ pub enum TokenError {
 impl crate::error::Failure for TokenError {
     fn origin(&self) -> Origin {
         match self {
-            TokenError::ReauthRequired { .. } => Origin::IdentityPlatform,
+            TokenError::ReauthRequired { .. } | TokenError::AppCredential { .. } => {
+                Origin::IdentityPlatform
+            }
             TokenError::Unavailable { origin, .. } => *origin,
             TokenError::Refused { .. } => Origin::Upstream,
         }
@@ -221,13 +273,22 @@ impl TokenError {
         match self {
             TokenError::ReauthRequired { identity, .. }
             | TokenError::Unavailable { identity, .. }
+            | TokenError::AppCredential { identity, .. }
             | TokenError::Refused { identity, .. } => identity,
         }
     }
 }
 
-/// (identity id, scope-set id).
+/// (identity id, scope-set id); app-only tokens, shared by a tenant's app
+/// identities, use a negative id derived from the tenant
+/// ([`TokenEngine::token_key`]).
 type Key = (i64, u32);
+
+/// How long after it is issued a shared app-only token that the upstream
+/// already accepted for another mailbox is trusted when the upstream
+/// refuses it for one mailbox: within this time the refusal is that
+/// mailbox's problem (its permissions), not the token's.
+const PROVEN_APP_TOKEN: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Slot {
@@ -250,7 +311,7 @@ struct Backoff {
 struct Inner {
     store: Arc<dyn Store>,
     sealer: Sealer,
-    idp: IdpClient,
+    tenants: Arc<Tenants>,
     metrics: Arc<Metrics>,
     config: TokenConfig,
     slots: DashMap<Key, Slot>,
@@ -291,7 +352,7 @@ impl TokenEngine {
     pub fn new(
         store: Arc<dyn Store>,
         sealer: Sealer,
-        idp: IdpClient,
+        tenants: Arc<Tenants>,
         metrics: Arc<Metrics>,
         config: TokenConfig,
     ) -> TokenEngine {
@@ -300,7 +361,7 @@ impl TokenEngine {
             inner: Arc::new(Inner {
                 store,
                 sealer,
-                idp,
+                tenants,
                 metrics,
                 config,
                 slots: DashMap::new(),
@@ -313,9 +374,38 @@ impl TokenEngine {
         }
     }
 
-    /// The identity-platform client (for logins).
+    /// The identity-platform client of the default tenant.
     pub fn idp(&self) -> &IdpClient {
-        &self.inner.idp
+        &self.inner.tenants.default_tenant().idp
+    }
+
+    /// The identity-platform client of tenant `name` (for logins).
+    pub fn idp_for(&self, name: &str) -> Option<&IdpClient> {
+        self.inner.tenants.get(name).map(|t| &t.idp)
+    }
+
+    /// The configured tenants.
+    pub fn tenants(&self) -> &Arc<Tenants> {
+        &self.inner.tenants
+    }
+
+    /// The cache key of `identity`'s tokens for `scopes`: its own, or its
+    /// tenant's shared app-only token.
+    fn token_key(&self, identity: &Identity, scopes: &Scopes) -> Key {
+        match (identity.mode, self.inner.tenants.get(&identity.tenant)) {
+            (Mode::App, Some(t)) => (-1 - i64::from(t.index), scopes.id),
+            _ => (identity.id, scopes.id),
+        }
+    }
+
+    /// Time left on `identity`'s own refusal backoff (app identities keep
+    /// it apart from their tenant's shared token).
+    fn own_refusal(&self, identity: &Identity, scopes: &Scopes, now: Instant) -> Option<Duration> {
+        let slot = self.inner.slots.get(&(identity.id, scopes.id))?;
+        slot.refused
+            .as_ref()
+            .filter(|b| b.until > now)
+            .map(|b| b.until - now)
     }
 
     fn lookup(&self, key: &Key, now: Instant) -> Cached {
@@ -347,8 +437,13 @@ impl TokenEngine {
         identity: &Arc<Identity>,
         scopes: &Scopes,
     ) -> Result<AccessToken, TokenError> {
-        let key: Key = (identity.id, scopes.id);
+        let key = self.token_key(identity, scopes);
         let now = Instant::now();
+        if identity.mode == Mode::App {
+            if let Some(left) = self.own_refusal(identity, scopes, now) {
+                return Err(refused_error(identity, left));
+            }
+        }
         match self.lookup(&key, now) {
             Cached::Fresh(t) => return Ok(t),
             Cached::Ahead(t) => {
@@ -368,7 +463,7 @@ impl TokenEngine {
             Cached::Refused(left) => return Err(refused_error(identity, left)),
             Cached::Missing => {}
         }
-        if identity.status() == Status::NeedsReauth {
+        if identity.mode == Mode::Delegated && identity.status() == Status::NeedsReauth {
             return Err(reauth_error(identity));
         }
         // Boxed: the refresh path is rare, and every request's future
@@ -383,8 +478,18 @@ impl TokenEngine {
         message: String,
         origin: Origin,
     ) -> TokenError {
-        if identity.status() == Status::NeedsReauth {
+        if identity.mode == Mode::Delegated && identity.status() == Status::NeedsReauth {
             return reauth_error(identity);
+        }
+        if let Some(tenant) = self.inner.tenants.get(&identity.tenant) {
+            if let Some(reason) = tenant.blocked() {
+                return TokenError::AppCredential {
+                    identity: identity.name.clone(),
+                    tenant: tenant.name.clone(),
+                    message: reason,
+                    retry_after: left,
+                };
+            }
         }
         TokenError::Unavailable {
             identity: identity.name.clone(),
@@ -416,7 +521,13 @@ impl TokenEngine {
         identity: Arc<Identity>,
         scopes: Scopes,
     ) -> Result<AccessToken, TokenError> {
+        if identity.mode == Mode::App {
+            return self.refresh_app(key, identity, scopes).await;
+        }
         let inner = &self.inner;
+        let Some(tenant) = inner.tenants.get(&identity.tenant).cloned() else {
+            return Err(self.no_tenant(&key, &identity));
+        };
         // Serialise refreshes of one identity across scope sets: each one
         // must start from the refresh token the previous one stored.
         let lock = inner
@@ -504,9 +615,10 @@ impl TokenEngine {
 
         let _permit = inner.refresh_permits.acquire().await;
         let issued = Instant::now();
-        let result = inner.idp.refresh(&refresh_token, scopes.list()).await;
+        let result = tenant.idp.refresh(&refresh_token, scopes.list()).await;
         match result {
             Ok(grant) => {
+                self.credential_works(&tenant);
                 let at = now_unix();
                 match grant.refresh_token.filter(|new| new != &refresh_token) {
                     Some(new) => {
@@ -614,6 +726,9 @@ impl TokenEngine {
                     Origin::IdentityPlatform,
                 ))
             }
+            Err(IdpError::AppCredential { message, .. }) => {
+                Err(self.credential_refused(&key, &identity, &tenant, message))
+            }
             Err(e @ (IdpError::Configuration { .. } | IdpError::NotConfigured)) => {
                 tracing::error!(identity = %identity.name, error = %e, "token refresh refused: fix the app registration or configuration");
                 Err(self.transient(
@@ -625,6 +740,149 @@ impl TokenEngine {
                     Origin::IdentityPlatform,
                 ))
             }
+        }
+    }
+
+    /// Gets the app-only token shared by `identity`'s tenant for `scopes`
+    /// (client-credentials grant); `key` is the tenant's.
+    async fn refresh_app(
+        &self,
+        key: Key,
+        identity: Arc<Identity>,
+        scopes: Scopes,
+    ) -> Result<AccessToken, TokenError> {
+        let inner = &self.inner;
+        let Some(tenant) = inner.tenants.get(&identity.tenant).cloned() else {
+            return Err(self.no_tenant(&key, &identity));
+        };
+        let _permit = inner.refresh_permits.acquire().await;
+        let issued = Instant::now();
+        match tenant.idp.app_token(scopes.list()).await {
+            Ok(grant) => {
+                self.credential_works(&tenant);
+                let Ok(mut token) = AccessToken::new(
+                    inner.next_id.fetch_add(1, Ordering::Relaxed),
+                    grant.access_token,
+                    issued,
+                    grant.expires_in,
+                    inner.config.refresh_ahead,
+                ) else {
+                    return Err(self.transient(
+                        &key,
+                        &identity,
+                        None,
+                        "the identity platform returned a malformed access token".into(),
+                        false,
+                        Origin::IdentityPlatform,
+                    ));
+                };
+                let mut slot = inner.slots.entry(key).or_default();
+                token.after_refusal = std::mem::take(&mut slot.refusal_refresh);
+                slot.token = Some(token.clone());
+                slot.backoff = None;
+                drop(slot);
+                inner
+                    .metrics
+                    .refresh(&identity.name, RefreshResult::success);
+                let expiry = SystemTime::now() + grant.expires_in;
+                let unix = expiry
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                inner.metrics.set_token_expiry(&identity.name, unix);
+                tracing::info!(tenant = %tenant.name, identity = %identity.name, expires_in = ?grant.expires_in, "obtained an app-only access token for the tenant");
+                Ok(token)
+            }
+            Err(IdpError::AppCredential { message, .. }) => {
+                Err(self.credential_refused(&key, &identity, &tenant, message))
+            }
+            Err(IdpError::Transient {
+                message,
+                retry_after,
+            }) => {
+                tracing::warn!(tenant = %tenant.name, identity = %identity.name, %message, "app-only token request failed; will retry");
+                Err(self.transient(
+                    &key,
+                    &identity,
+                    retry_after,
+                    message,
+                    false,
+                    Origin::IdentityPlatform,
+                ))
+            }
+            Err(e) => {
+                tracing::error!(tenant = %tenant.name, identity = %identity.name, error = %e, "app-only token request refused: fix the app registration or configuration");
+                Err(self.transient(
+                    &key,
+                    &identity,
+                    None,
+                    e.to_string(),
+                    true,
+                    Origin::IdentityPlatform,
+                ))
+            }
+        }
+    }
+
+    /// The identity's tenant is not configured (any more).
+    fn no_tenant(&self, key: &Key, identity: &Identity) -> TokenError {
+        tracing::error!(identity = %identity.name, tenant = %identity.tenant, "the identity's tenant is not configured");
+        self.transient(
+            key,
+            identity,
+            None,
+            format!(
+                "tenant `{}` is not configured: add [tenants.{}] or move the identity",
+                identity.tenant, identity.tenant
+            ),
+            true,
+            Origin::Internal,
+        )
+    }
+
+    /// A token grant of `tenant` worked: a block of its app credential ends.
+    fn credential_works(&self, tenant: &Tenant) {
+        if tenant.blocked().is_some() {
+            let inner = &self.inner;
+            inner
+                .tenants
+                .set_block(&tenant.name, None, &inner.metrics, &inner.store);
+        }
+    }
+
+    /// The identity platform refused `tenant`'s app credential: the tenant
+    /// is blocked (every identity of it shows it), and this key backs off
+    /// slowly.
+    fn credential_refused(
+        &self,
+        key: &Key,
+        identity: &Identity,
+        tenant: &Tenant,
+        message: String,
+    ) -> TokenError {
+        let inner = &self.inner;
+        inner.tenants.set_block(
+            &tenant.name,
+            Some(format!("tenant {}: {message}", tenant.name)),
+            &inner.metrics,
+            &inner.store,
+        );
+        let retry_after = match self.transient(
+            key,
+            identity,
+            None,
+            message.clone(),
+            true,
+            Origin::IdentityPlatform,
+        ) {
+            TokenError::Unavailable { retry_after, .. } => retry_after,
+            _ => inner.config.retry_max,
+        };
+        TokenError::AppCredential {
+            identity: identity.name.clone(),
+            tenant: tenant.name.clone(),
+            message,
+            retry_after,
         }
     }
 
@@ -684,12 +942,16 @@ impl TokenEngine {
         inner
             .metrics
             .refresh(&identity.name, RefreshResult::transient_error);
-        let store = inner.store.clone();
-        let id = identity.id;
-        let msg = message.clone();
-        tokio::spawn(async move {
-            let _ = store.record_failure(id, false, &msg, now_unix()).await;
-        });
+        // An app identity's tokens are its tenant's: their failures are
+        // the tenant's (see `credential_refused`), not the identity's.
+        if identity.mode == Mode::Delegated {
+            let store = inner.store.clone();
+            let id = identity.id;
+            let msg = message.clone();
+            tokio::spawn(async move {
+                let _ = store.record_failure(id, false, &msg, now_unix()).await;
+            });
+        }
         TokenError::Unavailable {
             identity: identity.name.clone(),
             retry_after: delay,
@@ -735,45 +997,63 @@ impl TokenEngine {
             protocol,
             FailureReason::token_rejected,
         );
-        let key: Key = (identity.id, scopes.id);
+        let app = identity.mode == Mode::App;
+        let tkey = self.token_key(identity, scopes);
+        let rkey: Key = (identity.id, scopes.id);
         let now = Instant::now();
-        let mut slot = inner.slots.entry(key).or_default();
-        let current = slot.token.as_ref().is_some_and(|t| t.id == token.id);
-        if current {
-            slot.token = None;
-            if token.fresh_after_refusal() {
-                // Refused again although freshly issued: back off.
-                let cfg = &inner.config;
-                let failures = slot.refused.as_ref().map_or(0, |b| b.failures) + 1;
-                let delay = cfg
-                    .refused_backoff_min
-                    .saturating_mul(1u32 << (failures - 1).min(16))
-                    .min(cfg.refused_backoff_max)
-                    .max(retry_after.unwrap_or_default());
-                let message = format!(
+        // The token's slot (the tenant's, for an app identity): forget the
+        // refused token so the next request refreshes, unless it is a shared
+        // app token other mailboxes use: then the refusal is this mailbox's.
+        let (current, own) = {
+            let mut slot = inner.slots.entry(tkey).or_default();
+            let current = slot.token.as_ref().is_some_and(|t| t.id == token.id);
+            let own = app && token.recently_proven(now);
+            if current && !own {
+                slot.token = None;
+                slot.refusal_refresh = true;
+            }
+            (current, own)
+        };
+        if current && (own || token.fresh_after_refusal()) {
+            // Refused again although freshly issued (or refused for this
+            // mailbox only): this identity backs off.
+            let cfg = &inner.config;
+            let mut slot = inner.slots.entry(rkey).or_default();
+            let failures = slot.refused.as_ref().map_or(0, |b| b.failures) + 1;
+            let delay = cfg
+                .refused_backoff_min
+                .saturating_mul(1u32 << (failures - 1).min(16))
+                .min(cfg.refused_backoff_max)
+                .max(retry_after.unwrap_or_default());
+            let message = if own {
+                format!(
+                    "the {} refused the app's access to mailbox {} {failures} time(s) in a row while it accepts the same token for others (check the application access policy or RBAC for Applications scope): {text}",
+                    protocol.upstream_name(),
+                    identity.mailbox
+                )
+            } else {
+                format!(
                     "the {} refused freshly issued access tokens {failures} time(s) in a row: {text}",
                     protocol.upstream_name()
-                );
-                slot.refused = Some(Backoff {
-                    until: now + delay,
-                    failures,
-                    message: message.clone(),
-                    origin: Origin::Upstream,
-                });
-                slot.refusal_refresh = true;
-                drop(slot);
-                tracing::warn!(identity = %identity.name, ?protocol, upstream = %text, failures, retry_in = ?delay, "the upstream refused a freshly issued access token too; answering temporary errors until the backoff ends (check the mailbox's permissions and protocol settings)");
-                self.mark_upstream_refused(identity, message);
-                return Verdict::Backoff { retry_after: delay };
-            }
-            slot.refusal_refresh = true;
+                )
+            };
+            slot.refused = Some(Backoff {
+                until: now + delay,
+                failures,
+                message: message.clone(),
+                origin: Origin::Upstream,
+            });
+            drop(slot);
+            tracing::warn!(identity = %identity.name, ?protocol, upstream = %text, failures, retry_in = ?delay, "the upstream refused a freshly issued access token too; answering temporary errors until the backoff ends (check the mailbox's permissions and protocol settings)");
+            self.mark_upstream_refused(identity, message);
+            return Verdict::Backoff { retry_after: delay };
+        }
+        if current {
             tracing::info!(identity = %identity.name, ?protocol, upstream = %text, "upstream refused the access token; refreshing");
         }
         // Another request met the same refusal first and decided.
-        match slot.refused.as_ref().filter(|b| b.until > now) {
-            Some(b) => Verdict::Backoff {
-                retry_after: b.until - now,
-            },
+        match self.own_refusal(identity, scopes, now) {
+            Some(left) => Verdict::Backoff { retry_after: left },
             None => Verdict::Retry,
         }
     }
@@ -783,9 +1063,13 @@ impl TokenEngine {
     /// `upstream_refused` is linked again. Costs two atomic loads when
     /// there is nothing to do (every request calls it).
     pub fn accepted(&self, identity: &Identity, scopes: &Scopes, token: &AccessToken) {
-        if token.after_refusal && !token.shared.proven.swap(true, Ordering::Relaxed) {
+        let first = !token.shared.proven.load(Ordering::Relaxed)
+            && !token.shared.proven.swap(true, Ordering::Relaxed);
+        if (first && token.after_refusal) || identity.mode == Mode::App {
             if let Some(mut slot) = self.inner.slots.get_mut(&(identity.id, scopes.id)) {
-                slot.refused = None;
+                if slot.refused.is_some() {
+                    slot.refused = None;
+                }
             }
         }
         if identity.status() == Status::UpstreamRefused && identity.clear_upstream_refusal() {

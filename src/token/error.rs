@@ -10,8 +10,12 @@ const REAUTH_CODES: &[u32] = &[
     50173, 70008, 700082, 700084, 70043, 50076, 50078, 50079, 65001, 90094, 53003, 50126, 50055,
     50057, 50034, 70000,
 ];
-/// AADSTS codes that mean the app registration or its credential is broken.
-const APP_CODES: &[u32] = &[7000215, 7000222, 700027, 700016, 70011, 7000218, 700024];
+/// AADSTS codes that mean the app's credential (secret, certificate) or
+/// its registration in the tenant is broken: every identity of the tenant
+/// is blocked until an admin fixes it.
+const CREDENTIAL_CODES: &[u32] = &[7000215, 7000222, 700027, 700016, 7000218, 700024];
+/// AADSTS codes that mean the app registration is misconfigured otherwise.
+const APP_CODES: &[u32] = &[70011];
 /// AADSTS codes that are transient.
 const TRANSIENT_CODES: &[u32] = &[50033, 90006, 90024, 90033, 90090, 50087, 90015];
 
@@ -40,6 +44,16 @@ pub enum IdpError {
         message: String,
         /// The platform's `Retry-After`, if any.
         retry_after: Option<Duration>,
+    },
+    /// The app's credential is refused (secret expired or wrong, assertion
+    /// or certificate not accepted, app unknown in the tenant): an admin
+    /// must fix it, and every identity of the tenant waits for that.
+    #[error("the identity platform refused the app credential: {message}")]
+    AppCredential {
+        /// The AADSTS code, when given.
+        code: Option<u32>,
+        /// What to do, in plain words, then what the platform said.
+        message: String,
     },
     /// `identity_provider.client_id` is not set.
     #[error("identity_provider.client_id is not configured")]
@@ -93,6 +107,17 @@ fn codes_in(description: &str) -> Vec<u32> {
         .collect()
 }
 
+/// What a refused app credential means, in words an admin acts on.
+fn credential_words(code: Option<u32>) -> &'static str {
+    match code {
+        Some(7000222) => "the app's client secret has expired: create a new one in Entra ID (App registrations → Certificates & secrets) and update client_secret_file",
+        Some(7000215) => "the app's client secret is wrong: copy the secret's value (not its id) from Entra ID into client_secret_file",
+        Some(700027) | Some(7000218) | Some(700024) => "the app's certificate credential was refused: upload the certificate to the app registration (Certificates & secrets), check it has not expired and the private key matches",
+        Some(700016) => "the app is not known in this tenant: an admin of the tenant must consent to it (admin consent) or the tenant or client id is wrong",
+        _ => "the identity platform refused the app's credential: check the client id and its secret or certificate",
+    }
+}
+
 /// Classifies an OAuth error response.
 pub fn classify(
     status: Option<u16>,
@@ -123,10 +148,17 @@ pub fn classify(
             retry_after,
         };
     }
+    if has(CREDENTIAL_CODES) || error == "invalid_client" {
+        let code = codes.iter().copied().find(|c| CREDENTIAL_CODES.contains(c));
+        return IdpError::AppCredential {
+            code,
+            message: format!("{} ({message})", credential_words(code)),
+        };
+    }
     if has(APP_CODES)
         || matches!(
             error,
-            "invalid_client" | "unauthorized_client" | "invalid_scope" | "unsupported_grant_type"
+            "unauthorized_client" | "invalid_scope" | "unsupported_grant_type"
         )
     {
         return IdpError::Configuration { message };
@@ -172,6 +204,23 @@ mod tests {
                 "invalid_client",
                 "AADSTS7000215: bad secret",
                 &[7000215],
+                None
+            ),
+            IdpError::AppCredential {
+                code: Some(7000215),
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(Some(401), "invalid_client", "AADSTS7000222: The provided client secret keys for app 'x' are expired.", &[], None),
+            IdpError::AppCredential { code: Some(7000222), ref message } if message.contains("expired") && message.contains("AADSTS7000222")
+        ));
+        assert!(matches!(
+            classify(
+                Some(400),
+                "invalid_scope",
+                "AADSTS70011: bad scope",
+                &[70011],
                 None
             ),
             IdpError::Configuration { .. }

@@ -366,7 +366,20 @@ pub struct IdpClient {
     client: Option<MsClient>,
     http: HttpsClient,
     timeout: Duration,
+    /// A certificate credential: every token request carries a fresh
+    /// client assertion signed with it.
+    certificate: Option<Certificate>,
 }
+
+struct Certificate {
+    cert: std::sync::Arc<super::assertion::AppCertificate>,
+    algorithm: crate::config::AssertionAlgorithm,
+    client_id: String,
+    token_url: String,
+}
+
+/// The `client_assertion_type` of JWT client assertions (RFC 7523).
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 impl fmt::Debug for IdpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -403,11 +416,79 @@ impl IdpClient {
             client,
             http,
             timeout: config.timeout,
+            certificate: None,
         }
+    }
+
+    /// Authenticates every token request with a client assertion signed by
+    /// `cert` (a certificate credential) instead of a secret.
+    pub fn with_certificate(
+        mut self,
+        cert: std::sync::Arc<super::assertion::AppCertificate>,
+        algorithm: crate::config::AssertionAlgorithm,
+    ) -> IdpClient {
+        let (client_id, token_url) = match &self.client {
+            Some(c) => (
+                c.client_id().as_str().to_owned(),
+                c.token_uri().as_str().to_owned(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        self.certificate = Some(Certificate {
+            cert,
+            algorithm,
+            client_id,
+            token_url,
+        });
+        self
     }
 
     fn client(&self) -> Result<&MsClient, IdpError> {
         self.client.as_ref().ok_or(IdpError::NotConfigured)
+    }
+
+    /// The client-assertion parameters of the next token request (empty
+    /// without a certificate credential).
+    fn assertion(&self) -> Result<Vec<(&'static str, String)>, IdpError> {
+        let Some(c) = &self.certificate else {
+            return Ok(Vec::new());
+        };
+        let jwt = c
+            .cert
+            .assertion(&c.client_id, &c.token_url, c.algorithm)
+            .map_err(|e| IdpError::AppCredential {
+                code: None,
+                message: format!("cannot sign the client assertion: {e}"),
+            })?;
+        Ok(vec![
+            ("client_assertion_type", JWT_BEARER_ASSERTION.to_owned()),
+            ("client_assertion", jwt.expose().to_owned()),
+        ])
+    }
+
+    /// An app-only access token (client-credentials grant) for `scopes`
+    /// (a resource's `/.default`), authenticated with the tenant's secret
+    /// or certificate.
+    pub async fn app_token(&self, scopes: &[String]) -> Result<TokenGrant, IdpError> {
+        let client = self.client()?;
+        let extra = self.assertion()?;
+        let exchange = Exchange::new(&self.http, self.timeout);
+        let mut request = client
+            .exchange_client_credentials()
+            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())));
+        for (k, v) in extra {
+            request = request.add_extra_param(k, v);
+        }
+        match request.request_async(&exchange).await {
+            Ok(resp) => Ok(grant(&resp)),
+            Err(e) => Err(map_error(e, exchange.last(), |r: &MsErrorResponse| {
+                (
+                    r.error.clone(),
+                    r.error_description.clone().unwrap_or_default(),
+                    r.error_codes.clone(),
+                )
+            })),
+        }
     }
 
     /// Exchanges a refresh token for an access token (and usually a rotated
@@ -418,13 +499,16 @@ impl IdpClient {
         scopes: &[String],
     ) -> Result<TokenGrant, IdpError> {
         let client = self.client()?;
+        let extra = self.assertion()?;
         let exchange = Exchange::new(&self.http, self.timeout);
         let rt = RefreshToken::new(refresh_token.expose().to_owned());
-        let result = client
+        let mut request = client
             .exchange_refresh_token(&rt)
-            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
-            .request_async(&exchange)
-            .await;
+            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())));
+        for (k, v) in extra {
+            request = request.add_extra_param(k, v);
+        }
+        let result = request.request_async(&exchange).await;
         match result {
             Ok(resp) => Ok(grant(&resp)),
             Err(e) => Err(map_error(e, exchange.last(), |r: &MsErrorResponse| {
@@ -481,13 +565,19 @@ impl IdpClient {
             },
             details: PlatformDetails::default(),
         })?;
+        let extra = self.assertion().map_err(|class| CodeError {
+            class,
+            details: PlatformDetails::default(),
+        })?;
         let exchange = Exchange::new(&self.http, self.timeout);
-        let result = client
+        let mut request = client
             .exchange_code(AuthorizationCode::new(code.expose().to_owned()))
             .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose().to_owned()))
-            .set_redirect_uri(Cow::Owned(redirect))
-            .request_async(&exchange)
-            .await;
+            .set_redirect_uri(Cow::Owned(redirect));
+        for (k, v) in extra {
+            request = request.add_extra_param(k, v);
+        }
+        let result = request.request_async(&exchange).await;
         match result {
             Ok(resp) => Ok(grant(&resp)),
             Err(e) => {

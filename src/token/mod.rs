@@ -10,7 +10,7 @@ pub mod idp;
 pub mod refusal;
 
 pub use assertion::{AppCertificate, AssertionAlgorithm, CredentialError};
-pub use engine::{AccessToken, Scopes, TokenEngine, TokenError};
+pub use engine::{AccessToken, ScopeSet, Scopes, TokenEngine, TokenError};
 pub use error::IdpError;
 pub use idp::{CodeError, DeviceLogin, IdpClient, PlatformDetails, TokenGrant};
 pub use refusal::{Refusal, Verdict};

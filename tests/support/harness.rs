@@ -157,7 +157,12 @@ retry_max = "5s"
         let config = self.config();
         let store = self.store().await;
         let hash = hash_password(password, &config.auth).expect("hash");
-        let rec = store.create(name, mailbox, &hash).await.expect("create");
+        let rec = store
+            .create(&authswap::store::NewIdentity::delegated(
+                name, mailbox, &hash,
+            ))
+            .await
+            .expect("create");
         let rt = self.idp.seed_refresh_token(mailbox);
         let sealer = open_sealer(&config.store, &store, KeyUse::Link)
             .await

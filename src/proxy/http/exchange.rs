@@ -83,12 +83,16 @@ impl HttpProxy {
             let answer = sent?;
             let verdict = match half.refusal(&answer) {
                 None => {
-                    tokens.accepted(&identity, &self.scopes, &token);
+                    tokens.accepted(&identity, self.scopes.of(&identity), &token);
                     Verdict::PassThrough
                 }
-                Some(refusal) => {
-                    tokens.refused(&identity, &self.scopes, &token, Protocol::http, &refusal)
-                }
+                Some(refusal) => tokens.refused(
+                    &identity,
+                    self.scopes.of(&identity),
+                    &token,
+                    Protocol::http,
+                    &refusal,
+                ),
             };
             if verdict == Verdict::PassThrough {
                 metrics.request(Protocol::http, Outcome::forwarded);
