@@ -1839,6 +1839,147 @@ mod tests {
     }
 
     #[test]
+    fn tenants_are_named_sections_and_identity_provider_is_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("fabrikam.secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let c = load_str(
+            &format!(
+                "[identity_provider]\nclient_id = \"a\"\n\
+                 [tenants.fabrikam]\ntenant = \"fabrikam.onmicrosoft.com\"\nclient_id = \"b\"\n\
+                 client_secret_file = {:?}\nclient_secret_expires = \"2099-01-31\"\n",
+                secret
+            ),
+            &[],
+        )
+        .unwrap();
+        let names: Vec<&str> = c.tenant_configs().iter().map(|t| t.0).collect();
+        assert_eq!(names, ["default", "fabrikam"]);
+        let f = c.tenant("fabrikam").unwrap();
+        assert_eq!(f.client_secret.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(f.credential_kind(), CredentialKind::Secret);
+        assert!(f.secret_expiry().is_some());
+        assert_eq!(
+            f.token_url(),
+            "https://login.microsoftonline.com/fabrikam.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert!(c
+            .check_identity_tenant("fabrikam", crate::store::Mode::App)
+            .is_ok());
+        let e = c
+            .check_identity_tenant("default", crate::store::Mode::App)
+            .unwrap_err();
+        assert!(e.contains("no client secret or certificate"), "{e}");
+        assert!(c
+            .check_identity_tenant("nope", crate::store::Mode::Delegated)
+            .unwrap_err()
+            .contains("no tenant named `nope`"));
+        assert!(!c.to_redacted_toml().contains("s3cret"));
+
+        // [tenants.default] stands in for [identity_provider], but not both.
+        let c = load_str("[tenants.default]\nclient_id = \"x\"\n", &[]).unwrap();
+        assert_eq!(c.identity_provider.client_id, "x");
+        assert!(c.tenants.is_empty());
+        let e = load_str(
+            "[identity_provider]\nclient_id = \"a\"\n[tenants.default]\nclient_id = \"x\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("tenants.default"), "{e}");
+    }
+
+    #[test]
+    fn tenant_settings_are_checked() {
+        for (toml, key) in [
+            ("[tenants.Big]\nclient_id = \"a\"\n", "tenants.Big"),
+            (
+                "[tenants.t]\nclient_id = \"a\"\ncertificate_file = \"c.pem\"\n",
+                "tenants.t.certificate_file",
+            ),
+            (
+                "[tenants.t]\nclient_id = \"a\"\nclient_secret = \"x\"\ncertificate_file = \"c\"\nprivate_key_file = \"k\"\n",
+                "tenants.t.certificate_file",
+            ),
+            (
+                "[tenants.t]\nclient_secret_expires = \"soon\"\n",
+                "tenants.t.client_secret_expires",
+            ),
+            (
+                "[tenants.t]\nauthority = \"http://login.example.com\"\n",
+                "tenants.t.authority",
+            ),
+            (
+                "[smtp]\napp_scopes = [\"https://outlook.office.com/SMTP.SendAsApp\"]\n",
+                "smtp.app_scopes",
+            ),
+        ] {
+            let e = load_str(toml, &[]).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_secret_in_the_file_is_warned_about_but_not_one_from_the_environment() {
+        let c = load_str(
+            "[tenants.t]\ntenant = \"contoso.com\"\nclient_id = \"a\"\nclient_secret = \"in-file\"\n",
+            &[],
+        )
+        .unwrap();
+        let w = c.missing().join("\n");
+        assert!(
+            w.contains("tenants.t.client_secret is written in the configuration file"),
+            "{w}"
+        );
+        assert!(w.contains("AUTHSWAP_TENANTS__T__CLIENT_SECRET"), "{w}");
+        assert!(!w.contains("in-file"));
+        let c = load_str(
+            "[tenants.t]\ntenant = \"contoso.com\"\nclient_id = \"a\"\n",
+            &[("tenants.t.client_secret", "from-env")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.tenants["t"].client_secret.as_ref().unwrap().expose(),
+            "from-env"
+        );
+        assert!(!c
+            .missing()
+            .join("\n")
+            .contains("written in the configuration file"));
+        // A credential without a specific tenant cannot get app tokens.
+        let c = load_str(
+            "[tenants.t]\nclient_id = \"a\"\nclient_secret = \"x\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(c
+            .missing()
+            .join("\n")
+            .contains("tenants.t.tenant = organizations"));
+    }
+
+    #[test]
+    fn expiring_credentials_are_warned_about_30_days_ahead() {
+        let now = std::time::SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let w = expiry_warning(
+            "tenants.t",
+            "client secret",
+            now + 10 * day + Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
+        assert!(w.contains("in 10 days"), "{w}");
+        assert!(expiry_warning("tenants.t", "x", now + 31 * day, now).is_none());
+        assert!(expiry_warning("tenants.t", "x", now - day, now)
+            .unwrap()
+            .contains("expired"));
+        assert_eq!(
+            parse_expiry("2027-06-30").unwrap(),
+            parse_expiry("2027-06-30T00:00:00Z").unwrap()
+        );
+    }
+
+    #[test]
     fn onboarding_base_url_never_names_an_unspecified_address() {
         let mut o = OnboardingConfig::default();
         assert_eq!(o.base_url(), "http://127.0.0.1:8081");

@@ -778,11 +778,13 @@ mod tests {
         let identity = context! {
             name => evil, mailbox => "a@b", status => "needs_reauth", ok => false,
             status_text => "x", last_error => evil, validations => Vec::<u8>::new(),
+            tenant => evil, mode => "app",
             failures => context! { http => 2 },
         };
         let ctx = context! {
             signed_in => true, csrf => "tok", nav => "identities",
             identities => vec![identity], filter => "all", q => evil, validate => true,
+            tenants => vec![evil, "default"],
             labels => context! { needs_reauth => "Needs re-auth" },
             invitations => Vec::<u8>::new(), entries => Vec::<u8>::new(),
             imported => Vec::<u8>::new(),
