@@ -744,3 +744,65 @@ async fn client_credentials_with_certificates() {
     assert!(!v.accepts_for(&tokens[1], "room2@fabrikam.com"));
     assert_eq!(idp.issued_app_tokens(), tokens);
 }
+
+/// A hand-made assertion signed with `key_pem` (RSA PKCS #8), header
+/// `x5t#S256` = `x5t`, with the given claims.
+fn forged_assertion(key_pem: &str, x5t: &str, claims: &Value) -> String {
+    let der = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let info = pkcs8::PrivateKeyInfo::try_from(der.secret_der()).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.x5t_s256 = Some(x5t.to_string());
+    let key = jsonwebtoken::EncodingKey::from_rsa_der(info.private_key);
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn client_assertion_claim_checks() {
+    use support::certs::{app_certificate, APP_KEY_1, APP_KEY_2};
+    use support::idp::{thumbprint_s256, AppCredential};
+
+    let idp = FakeIdp::start().await;
+    let c = client(false);
+    let (_, der1) = app_certificate(APP_KEY_1, 10);
+    let x5t = thumbprint_s256(&der1);
+    idp.register_app(
+        APP_TENANT,
+        "app-c",
+        AppCredential::Certificate { cert_der: der1 },
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |nbf: u64, exp: u64, jti: &str| {
+        serde_json::json!({
+            "aud": idp.token_endpoint(APP_TENANT),
+            "iss": "app-c", "sub": "app-c",
+            "jti": jti, "nbf": nbf, "iat": nbf, "exp": exp,
+        })
+    };
+    let cases = [
+        // (signing key, claims, word in the description)
+        (APP_KEY_1, claims(now - 900, now - 300, "j1"), "expired"),
+        (APP_KEY_1, claims(now, now + 3600, "j2"), "lifetime"),
+        (APP_KEY_1, claims(now, now + 300, ""), "jti"),
+        (
+            APP_KEY_2,
+            claims(now, now + 300, "j3"),
+            "signature does not verify",
+        ),
+    ];
+    for (key, claims, word) in cases {
+        let jwt = forged_assertion(key, &x5t, &claims);
+        let r = app_assertion_grant(&c, &idp, "app-c", &jwt).await;
+        assert_ms_error(&r, 401, "invalid_client", 700027);
+        let desc = r.json()["error_description"].as_str().unwrap().to_string();
+        assert!(desc.contains(word), "{word}: {desc}");
+    }
+    // Within the rules, a hand-made assertion is accepted.
+    let jwt = forged_assertion(APP_KEY_1, &x5t, &claims(now, now + 300, "j4"));
+    assert_app_token(&app_assertion_grant(&c, &idp, "app-c", &jwt).await);
+    assert_eq!(idp.client_credentials_calls(APP_TENANT), 5);
+}

@@ -1386,10 +1386,7 @@ fn client_credentials_grant(
             &audience,
             assertion,
         ) {
-            return invalid_client(
-                700027,
-                &format!("Client assertion failed signature validation: {why}"),
-            );
+            return invalid_client(700027, &format!("Client assertion is not valid: {why}"));
         }
     } else if let Some(secret) = client_secret {
         let matches = reg
