@@ -1,6 +1,7 @@
 //! Self-test of the in-process test doubles in `tests/support/` (fake IdP,
-//! fake EWS, test PKI), driven by a plain hyper-util client. Does not use the
-//! `authswap` library.
+//! fake EWS, test PKI), driven by a plain hyper-util client. Uses the
+//! `authswap` library only to sign client assertions
+//! ([`authswap::token::AppCertificate`]).
 
 mod support;
 
@@ -534,4 +535,274 @@ async fn servers_stop_when_dropped() {
             tokio::task::yield_now().await;
         }
     }
+}
+
+// ---- app-only access: the client-credentials grant ---------------------------
+
+const APP_SCOPE: &str = "https://outlook.office365.com/.default";
+const APP_TENANT: &str = "fabrikam.onmicrosoft.com";
+
+async fn app_secret_grant(c: &HttpsClient, idp: &FakeIdp, client_id: &str, secret: &str) -> Resp {
+    post_form(
+        c,
+        &idp.token_endpoint(APP_TENANT),
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("scope", APP_SCOPE),
+        ],
+        None,
+    )
+    .await
+}
+
+async fn app_assertion_grant(c: &HttpsClient, idp: &FakeIdp, client_id: &str, jwt: &str) -> Resp {
+    post_form(
+        c,
+        &idp.token_endpoint(APP_TENANT),
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_assertion_type", support::idp::JWT_BEARER_ASSERTION),
+            ("client_assertion", jwt),
+            ("scope", APP_SCOPE),
+        ],
+        None,
+    )
+    .await
+}
+
+fn assert_app_token(r: &Resp) -> String {
+    assert_eq!(r.status, StatusCode::OK, "body: {:?}", r.body);
+    let j = r.json();
+    assert_eq!(j["token_type"], "Bearer");
+    assert_eq!(j["expires_in"], 3600);
+    assert!(j.get("refresh_token").is_none(), "{j}");
+    j["access_token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn client_credentials_with_secrets() {
+    use support::idp::{AppCredential, AppToken};
+    let idp = FakeIdp::start().await;
+    let c = client(false);
+    idp.register_app(APP_TENANT, "app-s", AppCredential::Secret("s3cret".into()));
+
+    let at = assert_app_token(&app_secret_grant(&c, &idp, "app-s", "s3cret").await);
+    assert_eq!(
+        idp.app_token(&at),
+        Some(AppToken {
+            tenant: APP_TENANT.into(),
+            client_id: "app-s".into()
+        })
+    );
+    let v = idp.validator();
+    assert_eq!(v.validate(&at), None, "app tokens are not delegated tokens");
+    assert!(v.accepts_for(&at, "anyone@fabrikam.com"));
+
+    let r = app_secret_grant(&c, &idp, "app-s", "wrong").await;
+    assert_ms_error(&r, 401, "invalid_client", 7000215);
+    let r = app_secret_grant(&c, &idp, "unknown-app", "s3cret").await;
+    assert_ms_error(&r, 400, "unauthorized_client", 700016);
+    // The registration is per tenant segment.
+    let r = post_form(
+        &c,
+        &idp.token_endpoint("other.onmicrosoft.com"),
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", "app-s"),
+            ("client_secret", "s3cret"),
+            ("scope", APP_SCOPE),
+        ],
+        None,
+    )
+    .await;
+    assert_ms_error(&r, 400, "unauthorized_client", 700016);
+    let r = post_form(
+        &c,
+        &idp.token_endpoint(APP_TENANT),
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", "app-s"),
+            ("client_secret", "s3cret"),
+            ("scope", "https://outlook.office365.com/Mail.Send"),
+        ],
+        None,
+    )
+    .await;
+    assert_ms_error(&r, 400, "invalid_scope", 1002012);
+
+    // Faults apply to this grant too.
+    idp.set_unavailable(true);
+    let r = app_secret_grant(&c, &idp, "app-s", "s3cret").await;
+    assert_ms_error(&r, 503, "temporarily_unavailable", 90006);
+    idp.set_unavailable(false);
+
+    idp.expire_app_secret(APP_TENANT, "app-s");
+    let r = app_secret_grant(&c, &idp, "app-s", "s3cret").await;
+    assert_ms_error(&r, 401, "invalid_client", 7000222);
+    assert_eq!(idp.client_credentials_calls(APP_TENANT), 6);
+    assert_eq!(idp.client_credentials_calls("other.onmicrosoft.com"), 1);
+
+    // Restricted mailboxes, revocation and expiry.
+    assert!(idp.restrict_app_mailboxes(APP_TENANT, "app-s", &["Shared@fabrikam.com"]));
+    assert!(v.accepts_for(&at, "shared@fabrikam.com"));
+    assert!(!v.accepts_for(&at, "ceo@fabrikam.com"));
+    assert!(idp.expire_access_token(&at));
+    assert!(v.app_token(&at).is_none());
+    assert!(!v.accepts_for(&at, "shared@fabrikam.com"));
+}
+
+#[tokio::test]
+async fn client_credentials_with_certificates() {
+    use authswap::token::{AppCertificate, AssertionAlgorithm};
+    use support::certs::{app_certificate, APP_KEY_1, APP_KEY_2};
+    use support::idp::AppCredential;
+
+    let idp = FakeIdp::start().await;
+    let c = client(false);
+    let (pem1, der1) = app_certificate(APP_KEY_1, 10);
+    let (pem2, _) = app_certificate(APP_KEY_2, 10);
+    let cert1 = AppCertificate::from_pem(pem1.as_bytes(), APP_KEY_1.as_bytes()).unwrap();
+    let cert2 = AppCertificate::from_pem(pem2.as_bytes(), APP_KEY_2.as_bytes()).unwrap();
+    idp.register_app(
+        APP_TENANT,
+        "app-c",
+        AppCredential::Certificate { cert_der: der1 },
+    );
+    let endpoint = idp.token_endpoint(APP_TENANT);
+
+    let mut tokens = Vec::new();
+    for alg in [AssertionAlgorithm::Rs256, AssertionAlgorithm::Ps256] {
+        let jwt = cert1.assertion("app-c", &endpoint, alg).unwrap();
+        let r = app_assertion_grant(&c, &idp, "app-c", jwt.expose()).await;
+        tokens.push(assert_app_token(&r));
+
+        // The same assertion again: its jti was used.
+        let r = app_assertion_grant(&c, &idp, "app-c", jwt.expose()).await;
+        assert_ms_error(&r, 401, "invalid_client", 700027);
+        assert!(r.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("jti"));
+    }
+
+    // Wrong audience.
+    let jwt = cert1
+        .assertion(
+            "app-c",
+            &idp.token_endpoint("other.onmicrosoft.com"),
+            AssertionAlgorithm::Ps256,
+        )
+        .unwrap();
+    let r = app_assertion_grant(&c, &idp, "app-c", jwt.expose()).await;
+    assert_ms_error(&r, 401, "invalid_client", 700027);
+    assert!(r.json()["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("aud"));
+
+    // Signed with another certificate: its x5t#S256 matches no registration.
+    let jwt = cert2
+        .assertion("app-c", &endpoint, AssertionAlgorithm::Ps256)
+        .unwrap();
+    let r = app_assertion_grant(&c, &idp, "app-c", jwt.expose()).await;
+    assert_ms_error(&r, 401, "invalid_client", 700027);
+    assert!(r.json()["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("x5t#S256"));
+
+    // Another client id in iss/sub than the one authenticating.
+    idp.register_app(
+        APP_TENANT,
+        "app-d",
+        AppCredential::Certificate {
+            cert_der: cert1.certificate_der().to_vec(),
+        },
+    );
+    let jwt = cert1
+        .assertion("app-c", &endpoint, AssertionAlgorithm::Rs256)
+        .unwrap();
+    let r = app_assertion_grant(&c, &idp, "app-d", jwt.expose()).await;
+    assert_ms_error(&r, 401, "invalid_client", 700027);
+
+    // A secret does not authenticate a certificate-only app.
+    let r = app_secret_grant(&c, &idp, "app-c", "guess").await;
+    assert_ms_error(&r, 401, "invalid_client", 7000215);
+
+    // The tokens are app tokens, for every mailbox until restricted.
+    let v = idp.validator();
+    for at in &tokens {
+        assert!(v.accepts_for(at, "room1@fabrikam.com"));
+    }
+    idp.restrict_app_mailboxes(APP_TENANT, "app-c", &["room2@fabrikam.com"]);
+    assert!(!v.accepts_for(&tokens[0], "room1@fabrikam.com"));
+    assert!(v.accepts_for(&tokens[0], "room2@fabrikam.com"));
+    idp.revoke_all_access_tokens();
+    assert!(!v.accepts_for(&tokens[1], "room2@fabrikam.com"));
+    assert_eq!(idp.issued_app_tokens(), tokens);
+}
+
+/// A hand-made assertion signed with `key_pem` (RSA PKCS #8), header
+/// `x5t#S256` = `x5t`, with the given claims.
+fn forged_assertion(key_pem: &str, x5t: &str, claims: &Value) -> String {
+    let der = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let info = pkcs8::PrivateKeyInfo::try_from(der.secret_der()).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.x5t_s256 = Some(x5t.to_string());
+    let key = jsonwebtoken::EncodingKey::from_rsa_der(info.private_key);
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn client_assertion_claim_checks() {
+    use support::certs::{app_certificate, APP_KEY_1, APP_KEY_2};
+    use support::idp::{thumbprint_s256, AppCredential};
+
+    let idp = FakeIdp::start().await;
+    let c = client(false);
+    let (_, der1) = app_certificate(APP_KEY_1, 10);
+    let x5t = thumbprint_s256(&der1);
+    idp.register_app(
+        APP_TENANT,
+        "app-c",
+        AppCredential::Certificate { cert_der: der1 },
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |nbf: u64, exp: u64, jti: &str| {
+        serde_json::json!({
+            "aud": idp.token_endpoint(APP_TENANT),
+            "iss": "app-c", "sub": "app-c",
+            "jti": jti, "nbf": nbf, "iat": nbf, "exp": exp,
+        })
+    };
+    let cases = [
+        // (signing key, claims, word in the description)
+        (APP_KEY_1, claims(now - 900, now - 300, "j1"), "expired"),
+        (APP_KEY_1, claims(now, now + 3600, "j2"), "lifetime"),
+        (APP_KEY_1, claims(now, now + 300, ""), "jti"),
+        (
+            APP_KEY_2,
+            claims(now, now + 300, "j3"),
+            "signature does not verify",
+        ),
+    ];
+    for (key, claims, word) in cases {
+        let jwt = forged_assertion(key, &x5t, &claims);
+        let r = app_assertion_grant(&c, &idp, "app-c", &jwt).await;
+        assert_ms_error(&r, 401, "invalid_client", 700027);
+        let desc = r.json()["error_description"].as_str().unwrap().to_string();
+        assert!(desc.contains(word), "{word}: {desc}");
+    }
+    // Within the rules, a hand-made assertion is accepted.
+    let jwt = forged_assertion(APP_KEY_1, &x5t, &claims(now, now + 300, "j4"));
+    assert_app_token(&app_assertion_grant(&c, &idp, "app-c", &jwt).await);
+    assert_eq!(idp.client_credentials_calls(APP_TENANT), 5);
 }

@@ -290,6 +290,44 @@ async fn smtp_bad_token_basic_auth_and_forced_rejection() {
 }
 
 #[tokio::test]
+async fn xoauth2_accepts_app_tokens_for_permitted_mailboxes() {
+    let idp = FakeIdp::start().await;
+    let app = idp.seed_app_token("fabrikam.onmicrosoft.com", "app-1");
+    let opts = SmtpOptions {
+        tls: TlsMode::Implicit,
+        ..SmtpOptions::default()
+    };
+    let smtp = FakeSmtp::start(idp.validator(), opts).await;
+    let mut c = Client::tls(smtp.addr()).await;
+    assert_eq!(c.line().await, "220 fake.outlook ESMTP");
+    c.send("EHLO client.test\r\n").await;
+    c.reply().await;
+    // Any mailbox while the app is unrestricted.
+    c.send(auth_line("AUTH XOAUTH2", "bob@contoso.test", &app))
+        .await;
+    assert_eq!(c.line().await, "235 2.7.0 Authentication successful");
+    let mut c = Client::tls(smtp.addr()).await;
+    c.line().await;
+    c.send("EHLO client.test\r\n").await;
+    c.reply().await;
+    idp.restrict_app_mailboxes("fabrikam.onmicrosoft.com", "app-1", &[USER]);
+    c.send(auth_line("AUTH XOAUTH2", "bob@contoso.test", &app))
+        .await;
+    assert!(c.line().await.starts_with("535 5.7.3 "));
+    c.send(auth_line("AUTH XOAUTH2", USER, &app)).await;
+    assert_eq!(c.line().await, "235 2.7.0 Authentication successful");
+    // Revoked app tokens are refused.
+    idp.revoke_all_access_tokens();
+    let mut c = Client::tls(smtp.addr()).await;
+    c.line().await;
+    c.send("EHLO client.test\r\n").await;
+    c.reply().await;
+    c.send(auth_line("AUTH XOAUTH2", USER, &app)).await;
+    assert!(c.line().await.starts_with("535 5.7.3 "));
+    assert_eq!(smtp.auth_successes(), 2);
+}
+
+#[tokio::test]
 async fn smtp_google_style_failure() {
     let idp = FakeIdp::start().await;
     let opts = SmtpOptions {

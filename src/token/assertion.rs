@@ -198,6 +198,14 @@ impl AppCertificate {
 
         // The private key, as PKCS #1.
         let key_pkcs1 = private_key_pkcs1(key_pem, key_name)?;
+        if let Some(bits) = pkcs1_modulus_bits(&key_pkcs1) {
+            if bits < MIN_RSA_BITS {
+                return Err(CredentialError::KeyTooSmall {
+                    source_name: key_name.to_string(),
+                    bits,
+                });
+            }
+        }
         let pair = ring::signature::RsaKeyPair::from_der(&key_pkcs1).map_err(|e| {
             CredentialError::BadKey {
                 source_name: key_name.to_string(),
@@ -354,6 +362,16 @@ fn private_key_pkcs1(pem: &[u8], name: &str) -> Result<Zeroizing<Vec<u8>>, Crede
     })
 }
 
+/// Size in bits of the modulus of a PKCS #1 `RSAPrivateKey`.
+fn pkcs1_modulus_bits(der_bytes: &[u8]) -> Option<usize> {
+    let mut r = der::SliceReader::new(der_bytes).ok()?;
+    let _outer = der::Header::decode(&mut r).ok()?;
+    let _version = UintRef::decode(&mut r).ok()?;
+    let n = UintRef::decode(&mut r).ok()?.as_bytes();
+    let first = *n.first()?;
+    Some((n.len() - 1) * 8 + (8 - first.leading_zeros() as usize))
+}
+
 /// `(modulus, exponent)` of a PKCS #1 `RSAPublicKey`, without leading zeros.
 fn rsa_public_components(der_bytes: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut r = der::SliceReader::new(der_bytes).ok()?;
@@ -507,6 +525,25 @@ mod tests {
         pem.push_str("-----END RSA PRIVATE KEY-----\n");
         let cert = cert_for(KEY_1, 10);
         AppCertificate::from_pem(cert.as_bytes(), pem.as_bytes()).expect("PKCS #1 key");
+    }
+
+    #[test]
+    fn short_keys_are_refused_and_files_load() {
+        let pem = cert_for(KEY_1, 10);
+        let short = include_str!("../../tests/fixtures/app-key-1024.pem");
+        let err = AppCertificate::from_pem(pem.as_bytes(), short.as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, CredentialError::KeyTooSmall { bits: 1024, .. }),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("app.crt"), dir.path().join("app.key"));
+        std::fs::write(&c, &pem).unwrap();
+        std::fs::write(&k, KEY_1).unwrap();
+        let cert = AppCertificate::load(&c, &k).unwrap();
+        assert_eq!(cert.thumbprint_s256().len(), 43);
+        let err = AppCertificate::load(&c, &dir.path().join("missing.key")).unwrap_err();
+        assert!(err.to_string().contains("missing.key"), "{err}");
     }
 
     #[test]

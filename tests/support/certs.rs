@@ -170,3 +170,27 @@ impl TestPki {
         Arc::new(cfg)
     }
 }
+
+// ---- app-only certificate credentials ----------------------------------------
+
+/// Test-only RSA 2048 key (PKCS #8 PEM), `tests/fixtures/app-key-1.pem`.
+pub const APP_KEY_1: &str = include_str!("../fixtures/app-key-1.pem");
+/// A second, different test-only RSA 2048 key, `tests/fixtures/app-key-2.pem`.
+pub const APP_KEY_2: &str = include_str!("../fixtures/app-key-2.pem");
+
+/// A self-signed app certificate (CN `authswap test app`) for `key_pem` (an
+/// RSA PKCS #8 PEM such as [`APP_KEY_1`]), valid until `not_after_days` days
+/// from now (negative: already expired). Returns `(cert_pem, cert_der)`.
+pub fn app_certificate(key_pem: &str, not_after_days: i64) -> (String, Vec<u8>) {
+    let key =
+        KeyPair::from_pem_and_sign_algo(key_pem, &rcgen::PKCS_RSA_SHA256).expect("RSA fixture key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("app cert params");
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "authswap test app");
+    params.distinguished_name = dn;
+    let not_after = time::OffsetDateTime::now_utc() + time::Duration::days(not_after_days);
+    params.not_before = not_after - time::Duration::days(365);
+    params.not_after = not_after;
+    let cert = params.self_signed(&key).expect("self-sign app cert");
+    (cert.pem(), cert.der().to_vec())
+}

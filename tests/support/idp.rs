@@ -10,8 +10,18 @@
 //! page) and redirects with a code, or with a configured error. Grants
 //! that asked for `openid` carry an ID token (unsigned-looking JWT with
 //! `iss`, `aud`, `exp`, `iat`, `nonce`, `tid`, `oid`, `preferred_username`).
+//!
+//! App-only access: [`FakeIdp::register_app`] registers an app with a client
+//! secret or a certificate under a tenant path segment, and the
+//! `client_credentials` grant on that tenant's token endpoint authenticates
+//! it (secrets, or `client_assertion` JWTs checked for signature, `x5t#S256`,
+//! `aud`, `iss`/`sub`, `exp`, lifetime and single-use `jti`), with the
+//! Microsoft errors for unknown apps (AADSTS700016), wrong (7000215) or
+//! expired (7000222) secrets and bad assertions (700027). The app tokens it
+//! issues are checked with [`TokenValidator::app_token`] and
+//! [`TokenValidator::accepts_for`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +48,12 @@ pub const DEFAULT_EWS_SCOPE: &str = "https://outlook.office365.com/EWS.AccessAsU
 pub const AUTH_CODE_GRANT: &str = "authorization_code";
 /// Tenant id (`tid`) of signed-in accounts unless set otherwise.
 pub const DEFAULT_TID: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
+/// The `grant_type` of the client-credentials grant (app-only access).
+pub const CLIENT_CREDENTIALS_GRANT: &str = "client_credentials";
+/// `client_assertion_type` of JWT client assertions (RFC 7523).
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Longest accepted client assertion lifetime (`exp` - `nbf`, or - `iat`), seconds.
+pub const MAX_ASSERTION_LIFETIME: u64 = 600;
 /// How long `wait_for_device_code` waits before panicking.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -186,6 +202,52 @@ struct AccessEntry {
     revoked: bool,
 }
 
+/// A credential of an app registration (see [`FakeIdp::register_app`]).
+#[derive(Clone)]
+pub enum AppCredential {
+    /// A client secret.
+    Secret(String),
+    /// A certificate (DER); the app signs client assertions with its key.
+    Certificate { cert_der: Vec<u8> },
+}
+
+impl std::fmt::Debug for AppCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppCredential::Secret(_) => f.write_str("Secret(<redacted>)"),
+            AppCredential::Certificate { cert_der } => f
+                .debug_struct("Certificate")
+                .field("x5t#S256", &thumbprint_s256(cert_der))
+                .finish(),
+        }
+    }
+}
+
+/// Who an app-only access token was issued to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppToken {
+    /// Tenant path segment of the token request.
+    pub tenant: String,
+    pub client_id: String,
+}
+
+/// An app registration under one tenant path segment.
+#[derive(Clone, Debug, Default)]
+struct AppRegistration {
+    credentials: Vec<AppCredential>,
+    /// Its secrets answer AADSTS7000222 (expired).
+    secret_expired: bool,
+    /// Mailboxes its tokens may access (None: all), lower case.
+    mailboxes: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug)]
+struct AppAccessEntry {
+    app: AppToken,
+    expires_at: Instant,
+    revoked: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum DeviceStatus {
     Pending,
@@ -237,6 +299,13 @@ struct Inner {
     /// The next successful code redemption returns no refresh token (as
     /// when `offline_access` was not granted).
     omit_refresh_token: bool,
+    /// App registrations by (tenant segment, client id).
+    apps: HashMap<(String, String), AppRegistration>,
+    /// App-only access tokens.
+    app_tokens: HashMap<String, AppAccessEntry>,
+    issued_app: Vec<String>,
+    /// `jti`s of client assertions seen so far (single use).
+    seen_jti: HashSet<String>,
 }
 
 struct IdpState {
@@ -256,6 +325,32 @@ impl IdpState {
         let e = inner.access_tokens.get(token)?;
         (!e.revoked && Instant::now() < e.expires_at).then(|| e.mailbox.clone())
     }
+
+    fn app_token(&self, token: &str) -> Option<AppToken> {
+        let inner = self.inner();
+        let e = inner.app_tokens.get(token)?;
+        (!e.revoked && Instant::now() < e.expires_at).then(|| e.app.clone())
+    }
+
+    fn accepts_for(&self, token: &str, mailbox: &str) -> bool {
+        if self
+            .validate(token)
+            .is_some_and(|mb| mb.eq_ignore_ascii_case(mailbox))
+        {
+            return true;
+        }
+        let Some(app) = self.app_token(token) else {
+            return false;
+        };
+        let inner = self.inner();
+        match inner.apps.get(&(app.tenant, app.client_id)) {
+            Some(reg) => match &reg.mailboxes {
+                None => true,
+                Some(allowed) => allowed.iter().any(|m| m.eq_ignore_ascii_case(mailbox)),
+            },
+            None => false,
+        }
+    }
 }
 
 /// Cheap cloneable handle that checks access tokens issued by a [`FakeIdp`].
@@ -264,8 +359,22 @@ pub struct TokenValidator(Arc<IdpState>);
 
 impl TokenValidator {
     /// Mailbox the token belongs to, if it was issued here, is unexpired and unrevoked.
+    /// Delegated tokens only: app tokens give None (see [`Self::accepts_for`]).
     pub fn validate(&self, access_token: &str) -> Option<String> {
         self.0.validate(access_token)
+    }
+
+    /// The app an app-only token (client-credentials grant) was issued to,
+    /// if it is unexpired and unrevoked.
+    pub fn app_token(&self, access_token: &str) -> Option<AppToken> {
+        self.0.app_token(access_token)
+    }
+
+    /// May `access_token` act on `mailbox`? A delegated token owned by
+    /// `mailbox` (as [`Self::validate`]), or an app token whose app may
+    /// access it (every mailbox unless [`FakeIdp::restrict_app_mailboxes`]).
+    pub fn accepts_for(&self, access_token: &str, mailbox: &str) -> bool {
+        self.0.accepts_for(access_token, mailbox)
     }
 }
 
@@ -320,6 +429,10 @@ impl FakeIdp {
                 tamper_challenge: false,
                 expected_redirect_uri: None,
                 omit_refresh_token: false,
+                apps: HashMap::new(),
+                app_tokens: HashMap::new(),
+                issued_app: Vec::new(),
+                seen_jti: HashSet::new(),
             }),
             device_codes_tx,
             held: watch::channel(false).0,
@@ -556,9 +669,15 @@ impl FakeIdp {
         }
     }
 
-    /// Makes an access token invalid for the EWS double. Returns false if unknown.
+    /// Makes an access token (delegated or app) invalid for the other
+    /// doubles. Returns false if unknown.
     pub fn revoke_access_token(&self, token: &str) -> bool {
-        match self.state.inner().access_tokens.get_mut(token) {
+        let mut inner = self.state.inner();
+        if let Some(e) = inner.access_tokens.get_mut(token) {
+            e.revoked = true;
+            return true;
+        }
+        match inner.app_tokens.get_mut(token) {
             Some(e) => {
                 e.revoked = true;
                 true
@@ -567,16 +686,25 @@ impl FakeIdp {
         }
     }
 
-    /// Revokes every access token issued so far.
+    /// Revokes every access token issued so far (app tokens too).
     pub fn revoke_all_access_tokens(&self) {
-        for e in self.state.inner().access_tokens.values_mut() {
+        let mut inner = self.state.inner();
+        for e in inner.access_tokens.values_mut() {
+            e.revoked = true;
+        }
+        for e in inner.app_tokens.values_mut() {
             e.revoked = true;
         }
     }
 
-    /// Marks an access token as already expired.
+    /// Marks an access token (delegated or app) as already expired.
     pub fn expire_access_token(&self, token: &str) -> bool {
-        match self.state.inner().access_tokens.get_mut(token) {
+        let mut inner = self.state.inner();
+        if let Some(e) = inner.access_tokens.get_mut(token) {
+            e.expires_at = Instant::now();
+            return true;
+        }
+        match inner.app_tokens.get_mut(token) {
             Some(e) => {
                 e.expires_at = Instant::now();
                 true
@@ -690,6 +818,102 @@ impl FakeIdp {
             .await
             .unwrap_or_else(|_| panic!("no device code request #{n} within {WAIT_TIMEOUT:?}"))
             .expect("watch sender alive");
+    }
+
+    // ---- app-only access (client-credentials grant) -------------------------
+
+    /// Registers (or adds a credential to) app `client_id` under the tenant
+    /// path segment `tenant`: client-credentials requests to
+    /// `/{tenant}/oauth2/v2.0/token` authenticate against it.
+    pub fn register_app(&self, tenant: &str, client_id: &str, credential: AppCredential) {
+        self.state
+            .inner()
+            .apps
+            .entry((tenant.to_string(), client_id.to_string()))
+            .or_default()
+            .credentials
+            .push(credential);
+    }
+
+    /// The app's (correct) secrets answer 401 `invalid_client` AADSTS7000222
+    /// (expired) from now on. False if the app is unknown.
+    pub fn expire_app_secret(&self, tenant: &str, client_id: &str) -> bool {
+        match self
+            .state
+            .inner()
+            .apps
+            .get_mut(&(tenant.to_string(), client_id.to_string()))
+        {
+            Some(reg) => {
+                reg.secret_expired = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The app's tokens may access only these mailboxes (like an RBAC for
+    /// Applications scope); default: every mailbox. False if unknown.
+    pub fn restrict_app_mailboxes(
+        &self,
+        tenant: &str,
+        client_id: &str,
+        mailboxes: &[&str],
+    ) -> bool {
+        match self
+            .state
+            .inner()
+            .apps
+            .get_mut(&(tenant.to_string(), client_id.to_string()))
+        {
+            Some(reg) => {
+                reg.mailboxes = Some(mailboxes.iter().map(|m| m.to_ascii_lowercase()).collect());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Issues an app-only access token for app `client_id` of `tenant`
+    /// directly (no HTTP round trip); registers the app (without
+    /// credentials) if it is unknown.
+    pub fn seed_app_token(&self, tenant: &str, client_id: &str) -> String {
+        let mut inner = self.state.inner();
+        inner
+            .apps
+            .entry((tenant.to_string(), client_id.to_string()))
+            .or_default();
+        issue_app_token(&mut inner, tenant, client_id).0
+    }
+
+    /// Client-credentials requests to `tenant`'s token endpoint (every
+    /// attempt, including failed and faulted ones).
+    pub fn client_credentials_calls(&self, tenant: &str) -> usize {
+        self.state
+            .inner()
+            .records
+            .iter()
+            .filter(|r| {
+                r.endpoint == IdpEndpoint::Token
+                    && r.tenant == tenant
+                    && r.grant_type.as_deref() == Some(CLIENT_CREDENTIALS_GRANT)
+            })
+            .count()
+    }
+
+    /// App-only access tokens issued so far, in order.
+    pub fn issued_app_tokens(&self) -> Vec<String> {
+        self.state.inner().issued_app.clone()
+    }
+
+    /// See [`TokenValidator::app_token`].
+    pub fn app_token(&self, access_token: &str) -> Option<AppToken> {
+        self.state.app_token(access_token)
+    }
+
+    /// See [`TokenValidator::accepts_for`].
+    pub fn accepts_for(&self, access_token: &str, mailbox: &str) -> bool {
+        self.state.accepts_for(access_token, mailbox)
     }
 
     // ---- counters and records ---------------------------------------------
@@ -1024,6 +1248,19 @@ fn respond(
         );
     }
 
+    // App-only access has its own registrations.
+    if endpoint == IdpEndpoint::Token
+        && form_get(form, "grant_type") == Some(CLIENT_CREDENTIALS_GRANT)
+    {
+        return client_credentials_grant(
+            &mut state.inner(),
+            tenant,
+            form,
+            client_id,
+            client_secret,
+        );
+    }
+
     // Client identification (both endpoints).
     let mut inner = state.inner();
     let Some(client_id) = client_id else {
@@ -1081,6 +1318,242 @@ fn respond(
         }
         IdpEndpoint::Other | IdpEndpoint::Authorize => unreachable!(),
     }
+}
+
+/// base64url (no padding) of SHA-256 over `der`.
+pub fn thumbprint_s256(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der))
+}
+
+fn invalid_client(code: u32, text: &str) -> Response<RespBody> {
+    ms_error(StatusCode::UNAUTHORIZED, "invalid_client", code, text)
+}
+
+/// The client-credentials grant: app lookup, client authentication
+/// (secret or JWT assertion), scope check, app token.
+fn client_credentials_grant(
+    inner: &mut Inner,
+    tenant: &str,
+    form: &[(String, String)],
+    client_id: Option<String>,
+    client_secret: Option<String>,
+) -> Response<RespBody> {
+    let Some(client_id) = client_id else {
+        return missing_param("client_id");
+    };
+    let key = (tenant.to_string(), client_id.clone());
+    let Some(reg) = inner.apps.get(&key).cloned() else {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            &format!(
+                "Application with identifier '{client_id}' was not found in the directory '{tenant}'. \
+                 This can happen if the application has not been installed by the administrator of the \
+                 tenant or consented to by any user in the tenant. You may have sent your authentication \
+                 request to the wrong tenant."
+            ),
+        );
+    };
+    let assertion_type = form_get(form, "client_assertion_type");
+    let assertion = form_get(form, "client_assertion");
+    if assertion_type.is_some() || assertion.is_some() {
+        if assertion_type != Some(JWT_BEARER_ASSERTION) {
+            return ms_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                7000219,
+                &format!("'client_assertion_type' must be '{JWT_BEARER_ASSERTION}'."),
+            );
+        }
+        let Some(assertion) = assertion else {
+            return missing_param("client_assertion");
+        };
+        let certs: Vec<&[u8]> = reg
+            .credentials
+            .iter()
+            .filter_map(|c| match c {
+                AppCredential::Certificate { cert_der } => Some(cert_der.as_slice()),
+                AppCredential::Secret(_) => None,
+            })
+            .collect();
+        let audience = format!("{}/{}/oauth2/v2.0/token", inner.issuer_base, tenant);
+        if let Err(why) = check_assertion(
+            &mut inner.seen_jti,
+            &certs,
+            &client_id,
+            &audience,
+            assertion,
+        ) {
+            return invalid_client(700027, &format!("Client assertion is not valid: {why}"));
+        }
+    } else if let Some(secret) = client_secret {
+        let matches = reg
+            .credentials
+            .iter()
+            .any(|c| matches!(c, AppCredential::Secret(s) if *s == secret));
+        if !matches {
+            return invalid_client(
+                7000215,
+                &format!(
+                    "Invalid client secret provided. Ensure the secret being sent in the request \
+                     is the client secret value, not the client secret ID, for a secret added to \
+                     app '{client_id}'."
+                ),
+            );
+        }
+        if reg.secret_expired {
+            return invalid_client(
+                7000222,
+                &format!(
+                    "The provided client secret keys for app '{client_id}' are expired. Visit the \
+                     Azure portal to create new keys for your app: \
+                     https://aka.ms/NewClientSecret, or consider using certificate credentials for \
+                     added security: https://aka.ms/certCreds."
+                ),
+            );
+        }
+    } else {
+        return invalid_client(
+            7000218,
+            "The request body must contain the following parameter: 'client_assertion' or \
+             'client_secret'.",
+        );
+    }
+
+    let Some(scope) = form_get(form, "scope") else {
+        return missing_param("scope");
+    };
+    if !scope.ends_with("/.default") || scope.split_whitespace().count() != 1 {
+        return ms_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            1002012,
+            &format!(
+                "The provided value for scope {scope} is not valid. Client credential flows must \
+                 have a scope value with /.default suffixed to the resource identifier \
+                 (application ID URI)."
+            ),
+        );
+    }
+
+    let (at, expires_in) = issue_app_token(inner, tenant, &client_id);
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "ext_expires_in": expires_in,
+            "access_token": at,
+        }),
+    )
+}
+
+/// A new app-only access token: `(token, expires_in)`.
+fn issue_app_token(inner: &mut Inner, tenant: &str, client_id: &str) -> (String, u64) {
+    let n = next_counter(inner);
+    let at = format!("app-{n}-{}", random_hex(16));
+    let expires_in = inner.opts.expires_in;
+    inner.app_tokens.insert(
+        at.clone(),
+        AppAccessEntry {
+            app: AppToken {
+                tenant: tenant.to_string(),
+                client_id: client_id.to_string(),
+            },
+            expires_at: Instant::now() + Duration::from_secs(expires_in),
+            revoked: false,
+        },
+    );
+    inner.issued_app.push(at.clone());
+    (at, expires_in)
+}
+
+/// Checks a client assertion; `Err` says which check failed.
+fn check_assertion(
+    seen_jti: &mut HashSet<String>,
+    certs: &[&[u8]],
+    client_id: &str,
+    audience: &str,
+    assertion: &str,
+) -> Result<(), String> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    use x509_cert::der::Decode as _;
+
+    let header = jsonwebtoken::decode_header(assertion).map_err(|e| format!("not a JWT ({e})."))?;
+    if !matches!(header.alg, Algorithm::RS256 | Algorithm::PS256) {
+        return Err(format!("unsupported algorithm {:?}.", header.alg));
+    }
+    let x5t = header
+        .x5t_s256
+        .ok_or_else(|| "the header has no x5t#S256.".to_string())?;
+    if certs.is_empty() {
+        return Err(format!("app '{client_id}' has no certificate credential."));
+    }
+    let cert = certs
+        .iter()
+        .find(|c| thumbprint_s256(c) == x5t)
+        .ok_or_else(|| {
+            format!("x5t#S256 '{x5t}' matches no certificate registered for app '{client_id}'.")
+        })?;
+    let x509 = x509_cert::Certificate::from_der(cert).map_err(|e| format!("bad cert ({e})."))?;
+    let spki = x509
+        .tbs_certificate
+        .subject_public_key_info
+        .subject_public_key
+        .as_bytes()
+        .ok_or_else(|| "bad certificate key.".to_string())?
+        .to_vec();
+    let mut validation = Validation::new(header.alg);
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims = HashSet::new();
+    let claims =
+        jsonwebtoken::decode::<Value>(assertion, &DecodingKey::from_rsa_der(&spki), &validation)
+            .map_err(|e| {
+                format!("the signature does not verify with the registered certificate ({e}).")
+            })?
+            .claims;
+
+    let aud = claims["aud"].as_str().unwrap_or("");
+    if aud != audience {
+        return Err(format!(
+            "aud '{aud}' is not the token endpoint '{audience}'."
+        ));
+    }
+    for name in ["iss", "sub"] {
+        let v = claims[name].as_str().unwrap_or("");
+        if v != client_id {
+            return Err(format!("{name} '{v}' is not the client id '{client_id}'."));
+        }
+    }
+    let now = SystemTimeNow::secs();
+    let exp = claims["exp"]
+        .as_u64()
+        .ok_or_else(|| "no exp claim.".to_string())?;
+    if exp <= now {
+        return Err("the assertion has expired (exp).".to_string());
+    }
+    let start = claims["nbf"]
+        .as_u64()
+        .or_else(|| claims["iat"].as_u64())
+        .ok_or_else(|| "no nbf or iat claim.".to_string())?;
+    if exp.saturating_sub(start) > MAX_ASSERTION_LIFETIME {
+        return Err(format!(
+            "the lifetime (exp - nbf = {} s) exceeds {MAX_ASSERTION_LIFETIME} s.",
+            exp.saturating_sub(start)
+        ));
+    }
+    let jti = claims["jti"]
+        .as_str()
+        .filter(|j| !j.is_empty())
+        .ok_or_else(|| "no jti claim.".to_string())?;
+    if !seen_jti.insert(jti.to_string()) {
+        return Err(format!("jti '{jti}' was already used (replay)."));
+    }
+    Ok(())
 }
 
 fn strip_offline_access(scope: &str) -> String {

@@ -2,9 +2,10 @@
 //! submission ([`FakeSmtp`]), IMAP ([`FakeImap`]) and POP3 ([`FakePop3`]).
 //! Each binds 127.0.0.1:0, speaks TLS with the shared test PKI (implicit or
 //! after STARTTLS/STLS), accepts only SASL XOAUTH2 logins whose bearer token
-//! the fake IdP's [`TokenValidator`] maps to the claimed mailbox, records
-//! what it saw (connections, raw command lines, AUTH outcomes, messages) and
-//! has fault switches that can be flipped while it runs. Stops when dropped.
+//! the fake IdP's [`TokenValidator`] maps to the claimed mailbox (or an app
+//! token whose app may access it), records what it saw (connections, raw
+//! command lines, AUTH outcomes, messages) and has fault switches that can
+//! be flipped while it runs. Stops when dropped.
 //! Does not depend on the `authswap` library.
 
 use std::future::Future;
@@ -175,11 +176,11 @@ impl Core {
     /// Decides an XOAUTH2 attempt and records it. `Some(user)` = accepted.
     fn judge(&self, blob: &str) -> Option<String> {
         let parsed = parse_xoauth2(blob);
-        let valid = parsed.as_ref().is_some_and(|(user, token)| {
-            self.validator
-                .validate(token)
-                .is_some_and(|mb| mb.eq_ignore_ascii_case(user))
-        });
+        // A delegated token of that mailbox, or an app token whose app may
+        // access it (app-only access).
+        let valid = parsed
+            .as_ref()
+            .is_some_and(|(user, token)| self.validator.accepts_for(token, user));
         let forced = {
             let mut f = lock(&self.faults);
             if f.refuse_auth_with.is_some() {
