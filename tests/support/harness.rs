@@ -34,6 +34,8 @@ pub struct Env {
     pub ews: FakeEws,
     /// Test CA file trusted by authswap.
     pub ca_file: PathBuf,
+    /// More TOML appended to the configuration (e.g. `[tenants.NAME]`).
+    pub extra_toml: std::sync::Mutex<String>,
 }
 
 impl Env {
@@ -66,6 +68,7 @@ impl Env {
             idp,
             ews,
             ca_file,
+            extra_toml: Default::default(),
         }
     }
 
@@ -135,8 +138,33 @@ retry_max = "5s"
     /// Writes the configuration file and returns its path.
     pub fn write_config(&self) -> PathBuf {
         let path = self.dir.path().join("authswap.toml");
-        std::fs::write(&path, self.config_toml()).expect("write config");
+        let extra = self.extra_toml.lock().expect("lock").clone();
+        std::fs::write(&path, format!("{}\n{extra}", self.config_toml())).expect("write config");
         path
+    }
+
+    /// Appends `toml` to the configuration.
+    pub fn add_toml(&self, toml: &str) {
+        let mut extra = self.extra_toml.lock().expect("lock");
+        extra.push('\n');
+        extra.push_str(toml);
+    }
+
+    /// Adds an app-only identity of tenant `tenant`.
+    pub async fn add_app(&self, name: &str, mailbox: &str, password: &str, tenant: &str) {
+        let config = self.config();
+        let store = self.store().await;
+        let hash = hash_password(password, &config.auth).expect("hash");
+        store
+            .create(&authswap::store::NewIdentity {
+                name: name.to_owned(),
+                mailbox: mailbox.to_owned(),
+                password_hash: hash,
+                tenant: tenant.to_owned(),
+                mode: authswap::store::Mode::App,
+            })
+            .await
+            .expect("create");
     }
 
     /// The loaded configuration (through the real loader).

@@ -33,6 +33,17 @@ pub async fn start_with(
     let env = Env::start().await;
     env.add_linked("alice", "alice@contoso.com", "alice-pw-123")
         .await;
+    start_in(env, smtp, imap, pop3, tweak).await
+}
+
+/// [`start_with`] in an `env` the caller prepared (identities, tenants).
+pub async fn start_in(
+    env: Env,
+    smtp: SmtpOptions,
+    imap: ImapOptions,
+    pop3: Pop3Options,
+    tweak: impl FnOnce(&mut Config) + Send + 'static,
+) -> Mail {
     let v = env.idp.validator();
     let smtp_tls = smtp.tls;
     let imap_tls = imap.tls;
