@@ -145,6 +145,40 @@ pub fn impersonate(body: &[u8], mailbox: &str) -> Result<Impersonation, Imperson
     })
 }
 
+/// What a request by an identity with an app-only token sends besides the
+/// token: the `X-AnchorMailbox` value, and the body when it was rewritten.
+#[derive(Debug)]
+pub struct AppRequest {
+    /// `X-AnchorMailbox` (replacing any the client sent).
+    pub anchor: http::HeaderValue,
+    /// `Some`: send this body instead, with `Content-Length` set to its
+    /// length; `None`: the client's body, byte-identical.
+    pub body: Option<Vec<u8>>,
+}
+
+/// The wire halves' entry point (issue 13). `mailbox`: the mailbox an
+/// identity with an app-only token acts as; `None` (a delegated token)
+/// adds nothing and reads nothing. `body` is the whole buffered request
+/// body (a body too large to buffer is the caller's 413). A body that is
+/// not a SOAP envelope (an empty one included) goes as it is, with the
+/// anchor; otherwise [`impersonate`] decides.
+pub fn app_request(
+    mailbox: Option<&str>,
+    body: &[u8],
+) -> Result<Option<AppRequest>, ImpersonationError> {
+    let Some(mailbox) = mailbox else {
+        return Ok(None);
+    };
+    let anchor = http::HeaderValue::from_str(mailbox.trim())
+        .map_err(|_| ImpersonationError::InvalidMailbox)?;
+    let body = match impersonate(body, mailbox) {
+        Ok(Impersonation::Unchanged) | Err(ImpersonationError::NotSoap) => None,
+        Ok(Impersonation::Rewritten(body)) => Some(body),
+        Err(e) => return Err(e),
+    };
+    Ok(Some(AppRequest { anchor, body }))
+}
+
 /// The element inserted for `mailbox`.
 fn impersonation_element(mailbox: &str) -> Result<Vec<u8>, ImpersonationError> {
     if mailbox.trim().is_empty() || mailbox.chars().any(char::is_control) {
@@ -912,6 +946,39 @@ mod tests {
         assert!(is_malformed(&env(&format!(
             "<soap:Body>{many}</soap:Body>"
         ))));
+    }
+
+    #[test]
+    fn app_requests_get_an_anchor_and_an_impersonation() {
+        // Delegated: nothing, whatever the body.
+        assert!(app_request(None, b"<not xml").unwrap().is_none());
+        let r = app_request(Some(ME), EWS.as_bytes()).unwrap().unwrap();
+        assert_eq!(r.anchor, ME);
+        assert_eq!(r.body.unwrap(), rewritten(EWS, ME).into_bytes());
+        // Already impersonating, not SOAP, empty: the body as it is.
+        let own = rewritten(EWS, ME);
+        for body in [own.as_bytes(), b"{}", b""] {
+            let r = app_request(Some(ME), body).unwrap().unwrap();
+            assert_eq!(r.anchor, ME);
+            assert!(r.body.is_none());
+        }
+        assert!(matches!(
+            app_request(Some("bob@contoso.com"), own.as_bytes()),
+            Err(ImpersonationError::OtherMailbox { .. })
+        ));
+        assert!(matches!(
+            app_request(Some(ME), b"<!DOCTYPE x><x/>"),
+            Err(ImpersonationError::Malformed(_))
+        ));
+        // Non-ASCII goes into the field as UTF-8 (obs-text).
+        let r = app_request(Some("j\u{fc}rgen@example.de"), b"")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.anchor.as_bytes(), "j\u{fc}rgen@example.de".as_bytes());
+        assert!(matches!(
+            app_request(Some("alice@contoso.com\r\nx: y"), b""),
+            Err(ImpersonationError::InvalidMailbox)
+        ));
     }
 
     /// Pieces of a generated envelope.
