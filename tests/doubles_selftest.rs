@@ -489,6 +489,137 @@ async fn ews_faults_big_response_and_http1_only() {
     assert_eq!(ews.accepted_count(), 5);
 }
 
+fn envelope(header: &str) -> Vec<u8> {
+    format!(
+        "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" \
+         xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\">{header}\
+         <s:Body><GetFolder/></s:Body></s:Envelope>"
+    )
+    .into_bytes()
+}
+
+fn impersonating(address: &str) -> String {
+    format!(
+        "<s:Header><t:ExchangeImpersonation><t:ConnectingSID>{address}\
+         </t:ConnectingSID></t:ExchangeImpersonation></s:Header>"
+    )
+}
+
+#[tokio::test]
+async fn ews_app_tokens_need_an_anchor_and_a_matching_impersonation() {
+    use support::ews::{
+        impersonated, EwsBody, IMPERSONATION_DENIED, MISSING_ANCHOR, MISSING_IMPERSONATION,
+    };
+    let idp = FakeIdp::start().await;
+    let ews = FakeEws::start_with(EwsOptions {
+        app_tokens: Some(Arc::new(|t: &str| {
+            (t == "app-token").then(|| "app-1".to_string())
+        })),
+        ..EwsOptions::new(idp.validator())
+    })
+    .await;
+    let c = client(true);
+    let post = |token: &str, anchor: Option<&str>, body: Vec<u8>| {
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri(ews.ews_url())
+            .header(header::CONTENT_TYPE, "text/xml; charset=utf-8")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        if let Some(a) = anchor {
+            b = b.header("x-anchormailbox", a);
+        }
+        b.body(Full::new(Bytes::from(body))).unwrap()
+    };
+    let fault = |r: &Resp, status: u16, (code, message): (&str, &str)| {
+        assert_eq!(r.status.as_u16(), status);
+        let text = String::from_utf8(r.body.to_vec()).unwrap();
+        assert!(
+            text.contains(&format!(">{code}</e:ResponseCode>")),
+            "{text}"
+        );
+        assert!(text.contains(message), "{text}");
+    };
+    let alice = "<t:PrimarySmtpAddress>alice@contoso.com</t:PrimarySmtpAddress>";
+
+    // Accepted: anchor and impersonation agree (case aside).
+    let ok = envelope(&impersonating(alice));
+    let r = send(&c, post("app-token", Some("Alice@Contoso.com"), ok.clone())).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], &ok[..]);
+    assert_eq!(r.header("x-echo-mailbox"), "alice@contoso.com");
+    let rec = ews.last_request().unwrap();
+    assert!(rec.accepted);
+    assert_eq!(rec.app_id.as_deref(), Some("app-1"));
+    assert_eq!(rec.mailbox.as_deref(), Some("alice@contoso.com"));
+    // Not SOAP: the anchor alone.
+    let r = send(
+        &c,
+        post("app-token", Some("bob@contoso.com"), b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        ews.last_request().unwrap().mailbox.as_deref(),
+        Some("bob@contoso.com")
+    );
+
+    // Refused: no impersonation, no anchor, another mailbox, a SID.
+    let r = send(
+        &c,
+        post("app-token", Some("alice@contoso.com"), envelope("")),
+    )
+    .await;
+    fault(&r, 500, MISSING_IMPERSONATION);
+    let r = send(
+        &c,
+        post(
+            "app-token",
+            Some("alice@contoso.com"),
+            envelope("<s:Header/>"),
+        ),
+    )
+    .await;
+    fault(&r, 500, MISSING_IMPERSONATION);
+    let r = send(&c, post("app-token", None, ok.clone())).await;
+    fault(&r, 400, MISSING_ANCHOR);
+    let r = send(&c, post("app-token", Some("bob@contoso.com"), ok.clone())).await;
+    fault(&r, 500, IMPERSONATION_DENIED);
+    let sid = envelope(&impersonating("<t:SID>S-1-5-21</t:SID>"));
+    let r = send(&c, post("app-token", Some("alice@contoso.com"), sid)).await;
+    fault(&r, 500, IMPERSONATION_DENIED);
+    let rec = ews.last_request().unwrap();
+    assert!(!rec.accepted);
+    assert_eq!(rec.app_id.as_deref(), Some("app-1"));
+    assert_eq!(rec.mailbox, None);
+
+    // A delegated token is as before; an unknown one is a 401.
+    let at = idp.seed_access_token("carol@contoso.com");
+    let r = send(&c, post(&at, None, envelope(""))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(ews.last_request().unwrap().app_id, None);
+    let r = send(
+        &c,
+        post("other-token", Some("alice@contoso.com"), ok.clone()),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // The double's reader.
+    assert_eq!(impersonated(b"{}"), EwsBody::Other);
+    assert_eq!(impersonated(SOAP), EwsBody::Other, "unbound prefix");
+    assert_eq!(impersonated(&envelope("")), EwsBody::Envelope(None));
+    assert_eq!(
+        impersonated(&envelope(&impersonating(
+            "<t:SmtpAddress> a&amp;b@&#x63;.com </t:SmtpAddress>"
+        ))),
+        EwsBody::Envelope(Some("a&b@c.com".into()))
+    );
+    assert_eq!(
+        impersonated(b"<s:Envelope xmlns:s='http://www.w3.org/2003/05/soap-envelope'><s:Body>"),
+        EwsBody::Malformed
+    );
+}
+
 #[tokio::test]
 async fn raw_tls_client_config_and_pem_files() {
     let idp = FakeIdp::start().await;

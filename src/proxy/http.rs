@@ -13,11 +13,14 @@
 //! `replay_buffer_limit` are buffered so a request refused with 401 can be
 //! replayed byte-identical once after a refresh; larger bodies stream.
 //! Every other upstream answer (throttling included) passes through.
+//! [`soap`] rewrites EWS envelopes for app-only tokens
+//! (`ExchangeImpersonation`).
 
 pub mod codec;
 mod exchange;
 mod h1;
 mod hyper_half;
+pub mod soap;
 
 pub use h1::Served;
 pub use hyper_half::Connection;

@@ -4,6 +4,12 @@
 //! echoes accepted request bodies byte-for-byte, records every request, and
 //! has fault switches (forced 401s, canned responses, delays) plus a
 //! streamed `/big-response?bytes=N` endpoint.
+//!
+//! App-only tokens ([`EwsOptions::app_tokens`]) are held to Exchange
+//! Online's rules: `X-AnchorMailbox` is required, and a SOAP request must
+//! carry an `ExchangeImpersonation` header naming that mailbox (read here
+//! with quick-xml, independently of authswap's own rewrite); the answers
+//! otherwise are Exchange's SOAP faults ([`soap_fault_body`]).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -42,12 +48,21 @@ pub const EWS_X_MS_DIAGNOSTICS: &str =
 pub const BIG_RESPONSE_CHUNK: usize = 16 * 1024;
 const WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Given a bearer token, `Some(app id)` when it is an app-only token the
+/// double should accept (see [`EwsOptions::app_tokens`]).
+pub type AppTokenPolicy = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// Start-up options for [`FakeEws::start_with`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EwsOptions {
     pub validator: TokenValidator,
     /// Offer only `http/1.1` in ALPN (default: `h2` and `http/1.1`).
     pub http1_only: bool,
+    /// App-only tokens: a token this names is accepted (before the
+    /// validator is asked) only with `X-AnchorMailbox` and, on a SOAP
+    /// request, an `ExchangeImpersonation` header naming that mailbox.
+    /// `None` (the default): no token is app-only.
+    pub app_tokens: Option<AppTokenPolicy>,
 }
 
 impl EwsOptions {
@@ -55,7 +70,18 @@ impl EwsOptions {
         EwsOptions {
             validator,
             http1_only: false,
+            app_tokens: None,
         }
+    }
+}
+
+impl std::fmt::Debug for EwsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EwsOptions")
+            .field("validator", &self.validator)
+            .field("http1_only", &self.http1_only)
+            .field("app_tokens", &self.app_tokens.is_some())
+            .finish()
     }
 }
 
@@ -71,8 +97,12 @@ pub struct RecordedRequest {
     pub body: Bytes,
     /// Token from `Authorization: Bearer <token>`, if any.
     pub bearer: Option<String>,
-    /// Mailbox the token belongs to (if it validated).
+    /// Mailbox the token belongs to (if it validated); for an app-only
+    /// token, the mailbox the request impersonated (or, without a SOAP
+    /// body, its `X-AnchorMailbox`).
     pub mailbox: Option<String>,
+    /// `Some(app id)` when the token was app-only (accepted or not).
+    pub app_id: Option<String>,
     /// Passed authentication (valid token and not force-rejected).
     pub accepted: bool,
     /// Status answered.
@@ -127,6 +157,42 @@ pub fn server_busy_body(backoff_ms: u64) -> String {
     )
 }
 
+/// An Exchange Online SOAP fault: `code` is the EWS response code (also the
+/// `faultcode`), `message` its text.
+pub fn soap_fault_body(code: &str, message: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><s:Fault><faultcode xmlns:a="http://schemas.microsoft.com/exchange/services/2006/types">a:{code}</faultcode><faultstring xml:lang="en-US">{message}</faultstring><detail><e:ResponseCode xmlns:e="http://schemas.microsoft.com/exchange/services/2006/errors">{code}</e:ResponseCode><e:Message xmlns:e="http://schemas.microsoft.com/exchange/services/2006/errors">{message}</e:Message></detail></s:Fault></s:Body></s:Envelope>"#
+    )
+}
+
+/// Exchange's answer to an app-only token without impersonation.
+pub const MISSING_IMPERSONATION: (&str, &str) = (
+    "ErrorInvalidExchangeImpersonationHeaderData",
+    "ExchangeImpersonation SOAP header must be present for this type of OAuth token.",
+);
+/// The double's answer to an app-only token without `X-AnchorMailbox`
+/// (HTTP 400).
+pub const MISSING_ANCHOR: (&str, &str) = (
+    "ErrorInvalidExchangeImpersonationHeaderData",
+    "X-AnchorMailbox header must be present for this type of OAuth token.",
+);
+/// Exchange's answer to an impersonation of another mailbox than the anchor.
+pub const IMPERSONATION_DENIED: (&str, &str) = (
+    "ErrorImpersonateUserDenied",
+    "The account does not have permission to impersonate the requested user.",
+);
+
+fn soap_fault(status: u16, (code, message): (&str, &str)) -> CannedResponse {
+    CannedResponse {
+        status,
+        headers: vec![(
+            "content-type".to_string(),
+            "text/xml; charset=utf-8".to_string(),
+        )],
+        body: Bytes::from(soap_fault_body(code, message)),
+    }
+}
+
 /// HTTP 500 + `text/xml` + [`server_busy_body`], ready for [`FakeEws::respond_next_canned`].
 pub fn server_busy_response(backoff_ms: u64) -> CannedResponse {
     CannedResponse {
@@ -159,6 +225,7 @@ struct Inner {
 
 struct EwsState {
     validator: TokenValidator,
+    app_tokens: Option<AppTokenPolicy>,
     inner: Mutex<Inner>,
     count_tx: watch::Sender<usize>,
 }
@@ -188,6 +255,7 @@ impl FakeEws {
         let (count_tx, _) = watch::channel(0usize);
         let state = Arc::new(EwsState {
             validator: opts.validator,
+            app_tokens: opts.app_tokens,
             inner: Mutex::new(Inner {
                 records: Vec::new(),
                 reject_next: 0,
@@ -348,7 +416,19 @@ async fn handle(state: Arc<EwsState>, req: Request<Incoming>) -> Response<RespBo
     let (parts, body) = req.into_parts();
     let body = read_body_limited(body, EWS_MAX_BODY).await;
     let bearer = bearer_token(&parts.headers);
-    let mailbox = bearer.as_deref().and_then(|t| state.validator.validate(t));
+    let app_id = bearer
+        .as_deref()
+        .and_then(|t| state.app_tokens.as_ref().and_then(|policy| policy(t)));
+    // An app-only token: what it acts as, or Exchange's fault.
+    let app = match (&app_id, &body) {
+        (Some(_), Ok(body)) => Some(app_mailbox(&parts.headers, body)),
+        _ => None,
+    };
+    let mailbox = match &app {
+        Some(Ok(mailbox)) => Some(mailbox.clone()),
+        Some(Err(_)) => None,
+        None => bearer.as_deref().and_then(|t| state.validator.validate(t)),
+    };
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -365,6 +445,8 @@ async fn handle(state: Arc<EwsState>, req: Request<Incoming>) -> Response<RespBo
                 let plan = if inner.reject_next > 0 {
                     inner.reject_next -= 1;
                     Plan::Unauthorized
+                } else if let Some(Err(fault)) = app {
+                    Plan::Canned(fault)
                 } else if mailbox.is_none() {
                     Plan::Unauthorized
                 } else {
@@ -393,6 +475,7 @@ async fn handle(state: Arc<EwsState>, req: Request<Incoming>) -> Response<RespBo
             body: body.clone(),
             bearer: bearer.clone(),
             mailbox: if accepted { mailbox.clone() } else { None },
+            app_id,
             accepted,
             status,
         });
@@ -481,6 +564,141 @@ async fn handle(state: Arc<EwsState>, req: Request<Incoming>) -> Response<RespBo
                 HeaderValue::from_str(&random_uuid()).expect("uuid"),
             );
             resp
+        }
+    }
+}
+
+/// The mailbox a request with an app-only token acts as: its
+/// `X-AnchorMailbox`, which a SOAP request must also impersonate.
+fn app_mailbox(headers: &HeaderMap, body: &[u8]) -> Result<String, CannedResponse> {
+    let anchor = headers
+        .get("x-anchormailbox")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| soap_fault(400, MISSING_ANCHOR))?;
+    match impersonated(body) {
+        EwsBody::Other => Ok(anchor.to_string()),
+        EwsBody::Malformed => Err(CannedResponse {
+            status: 400,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }),
+        EwsBody::Envelope(None) => Err(soap_fault(500, MISSING_IMPERSONATION)),
+        EwsBody::Envelope(Some(named)) if named.eq_ignore_ascii_case(anchor) => Ok(named),
+        EwsBody::Envelope(Some(_)) => Err(soap_fault(500, IMPERSONATION_DENIED)),
+    }
+}
+
+/// What a request body says about impersonation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EwsBody {
+    /// Not an XML document with a SOAP `Envelope` root.
+    Other,
+    /// An envelope, not well-formed.
+    Malformed,
+    /// An envelope, and the address its `ExchangeImpersonation` header
+    /// names (trimmed; a `SID` is given as `SID:<sid>`), if it has one.
+    Envelope(Option<String>),
+}
+
+/// Reads `body` as Exchange would: `Envelope/Header/ExchangeImpersonation/
+/// ConnectingSID/(PrimarySmtpAddress|SmtpAddress|PrincipalName|SID)`.
+pub fn impersonated(body: &[u8]) -> EwsBody {
+    use quick_xml::events::Event;
+    use quick_xml::name::{Namespace, ResolveResult};
+    const SOAP: [&[u8]; 2] = [
+        b"http://schemas.xmlsoap.org/soap/envelope/",
+        b"http://www.w3.org/2003/05/soap-envelope",
+    ];
+    const TYPES: &[u8] = b"http://schemas.microsoft.com/exchange/services/2006/types";
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let mut reader = quick_xml::reader::NsReader::from_reader(body);
+    // (namespace, local name) of the open elements.
+    let mut path: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut named: Option<String> = None;
+    let mut sid = false;
+    let mut text = String::new();
+    let mut root_seen = false;
+    // Whether `path` (plus the element being opened) is where the address is.
+    let at_address = |path: &[(Vec<u8>, Vec<u8>)]| {
+        let names: Vec<(&[u8], &[u8])> = path
+            .iter()
+            .map(|(ns, l)| (ns.as_slice(), l.as_slice()))
+            .collect();
+        matches!(
+            names.as_slice(),
+            [(e, b"Envelope"), (h, b"Header"), (TYPES, b"ExchangeImpersonation"), (TYPES, b"ConnectingSID"), (TYPES, b"PrimarySmtpAddress" | b"SmtpAddress" | b"PrincipalName" | b"SID")]
+                if SOAP.contains(e) && e == h
+        )
+    };
+    // Closes the innermost element; an address element gives its text.
+    let close =
+        |path: &mut Vec<(Vec<u8>, Vec<u8>)>, text: &str, sid: bool, named: &mut Option<String>| {
+            if at_address(path) {
+                let value = text.trim();
+                *named = Some(if sid {
+                    format!("SID:{value}")
+                } else {
+                    value.to_string()
+                });
+            }
+            path.pop();
+        };
+    loop {
+        let (ns, event) = match reader.read_resolved_event() {
+            Ok((ResolveResult::Bound(Namespace(ns)), event)) => (ns.to_vec(), event),
+            Ok((_, event)) => (Vec::new(), event),
+            Err(_) if root_seen => return EwsBody::Malformed,
+            Err(_) => return EwsBody::Other,
+        };
+        let empty = matches!(event, Event::Empty(_));
+        match event {
+            Event::Start(e) | Event::Empty(e) => {
+                let local = e.local_name().as_ref().to_vec();
+                if !root_seen {
+                    if !(SOAP.contains(&ns.as_slice()) && local == b"Envelope") {
+                        return EwsBody::Other;
+                    }
+                    root_seen = true;
+                }
+                path.push((ns, local));
+                if at_address(&path) {
+                    sid = path.last().is_some_and(|(_, l)| l == b"SID");
+                    text.clear();
+                }
+                if empty {
+                    close(&mut path, &text, sid, &mut named);
+                }
+            }
+            Event::End(_) => close(&mut path, &text, sid, &mut named),
+            Event::Text(t) if at_address(&path) => match t.decode() {
+                Ok(t) => text.push_str(&t),
+                Err(_) => return EwsBody::Malformed,
+            },
+            Event::CData(t) if at_address(&path) => match t.decode() {
+                Ok(t) => text.push_str(&t),
+                Err(_) => return EwsBody::Malformed,
+            },
+            Event::GeneralRef(r) if at_address(&path) => {
+                let c = match r.resolve_char_ref() {
+                    Ok(Some(c)) => c,
+                    Ok(None) => match &*r {
+                        b"lt" => '<',
+                        b"gt" => '>',
+                        b"amp" => '&',
+                        b"apos" => '\'',
+                        b"quot" => '"',
+                        _ => return EwsBody::Malformed,
+                    },
+                    Err(_) => return EwsBody::Malformed,
+                };
+                text.push(c);
+            }
+            Event::Eof if !root_seen => return EwsBody::Other,
+            Event::Eof if !path.is_empty() => return EwsBody::Malformed,
+            Event::Eof => return EwsBody::Envelope(named),
+            _ => {}
         }
     }
 }
