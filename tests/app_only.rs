@@ -481,3 +481,240 @@ async fn the_cli_adds_app_identities_only_to_tenants_with_a_credential() {
     assert_eq!(rec.tenant, "fabrikam");
     assert!(rec.is_ok());
 }
+
+/// EWS envelopes as legacy clients send them.
+const WITH_HEADER: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types"><soap:Header><t:RequestServerVersion Version="Exchange2013"/></soap:Header><soap:Body><GetFolder xmlns="http://schemas.microsoft.com/exchange/services/2006/messages"/></soap:Body></soap:Envelope>"#;
+const WITHOUT_HEADER: &str = r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><FindItem xmlns="http://schemas.microsoft.com/exchange/services/2006/messages"/></s:Body></s:Envelope>"#;
+
+fn impersonating(mailbox: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?>
+<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types">
+  <soap:Header>
+    <t:ExchangeImpersonation><t:ConnectingSID><t:PrimarySmtpAddress>{mailbox}</t:PrimarySmtpAddress></t:ConnectingSID></t:ExchangeImpersonation>
+  </soap:Header>
+  <soap:Body><GetItem xmlns="http://schemas.microsoft.com/exchange/services/2006/messages"/></soap:Body>
+</soap:Envelope>"#
+    )
+}
+
+/// The impersonation header authswap inserts for `mailbox`.
+fn inserted(mailbox: &str) -> String {
+    format!(
+        "<t:ExchangeImpersonation xmlns:t=\"http://schemas.microsoft.com/exchange/services/2006/types\"><t:ConnectingSID><t:PrimarySmtpAddress>{mailbox}</t:PrimarySmtpAddress></t:ConnectingSID></t:ExchangeImpersonation>"
+    )
+}
+
+async fn ews_app_world(http1_only: bool) -> (Env, authswap::server::Server) {
+    let env = if http1_only {
+        Env::start_http1().await
+    } else {
+        Env::start().await
+    };
+    two_tenants(&env, 365);
+    env.add_app("svc", "svc@fabrikam.com", "svc-pw-123456", "fabrikam")
+        .await;
+    env.add_app(
+        "robot",
+        "robot@northwind.com",
+        "robot-pw-12345",
+        "northwind",
+    )
+    .await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pw-123")
+        .await;
+    let server = env.serve().await;
+    (env, server)
+}
+
+#[tokio::test]
+async fn ews_app_identities_act_as_their_own_mailbox() {
+    for http1_only in [true, false] {
+        let (env, server) = ews_app_world(http1_only).await;
+        let addr = server.http_addr().unwrap();
+        let client = HttpClient::default();
+
+        // A header element exists: the impersonation goes at its end.
+        let r = client.ews(addr, "svc", "svc-pw-123456", WITH_HEADER).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let up = env.ews.last_request().unwrap();
+        assert!(up.accepted);
+        assert_eq!(up.app_id.as_deref(), Some(FABRIKAM_APP));
+        assert_eq!(up.mailbox.as_deref(), Some("svc@fabrikam.com"));
+        assert_eq!(
+            up.header("x-anchormailbox").as_deref(),
+            Some("svc@fabrikam.com")
+        );
+        let want = WITH_HEADER.replace(
+            "</soap:Header>",
+            &format!("{}</soap:Header>", inserted("svc@fabrikam.com")),
+        );
+        assert_eq!(String::from_utf8_lossy(&up.body), want);
+        assert_eq!(
+            up.header("content-length"),
+            Some(want.len().to_string()),
+            "Content-Length follows the rewrite"
+        );
+        assert_eq!(r.body, want.as_bytes(), "the double echoes what it got");
+
+        // No header element: one is created, in the envelope's prefix.
+        let r = client
+            .ews(addr, "robot", "robot-pw-12345", WITHOUT_HEADER)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let up = env.ews.last_request().unwrap();
+        assert_eq!(up.app_id.as_deref(), Some(NORTHWIND_APP));
+        assert_eq!(up.mailbox.as_deref(), Some("robot@northwind.com"));
+        let want = WITHOUT_HEADER.replace(
+            "<s:Body>",
+            &format!(
+                "<s:Header>{}</s:Header><s:Body>",
+                inserted("robot@northwind.com")
+            ),
+        );
+        assert_eq!(String::from_utf8_lossy(&up.body), want);
+
+        // Already impersonating its own mailbox (another case): sent as it is.
+        let own = impersonating("SVC@Fabrikam.com");
+        let r = client.ews(addr, "svc", "svc-pw-123456", &own).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let up = env.ews.last_request().unwrap();
+        assert!(up.body == own.as_bytes(), "byte-identical");
+        assert_eq!(up.header("content-length"), Some(own.len().to_string()));
+        assert_eq!(
+            up.header("x-anchormailbox").as_deref(),
+            Some("svc@fabrikam.com")
+        );
+
+        // Another mailbox: refused here, never sent.
+        let before = env.ews.request_count();
+        let r = client
+            .ews(
+                addr,
+                "svc",
+                "svc-pw-123456",
+                &impersonating("ceo@fabrikam.com"),
+            )
+            .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        assert!(r.text().contains("ceo@fabrikam.com"));
+        assert_eq!(env.ews.request_count(), before);
+        // A malformed envelope is the client's error.
+        let r = client
+            .ews(addr, "svc", "svc-pw-123456", "<soap:Envelope xmlns:soap=\"http://schemas.xmlsoap.org/soap/envelope/\"><soap:Body>")
+            .await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(env.ews.request_count(), before);
+
+        // A delegated identity beside them is untouched.
+        let r = client.ews(addr, "alice", "alice-pw-123", WITH_HEADER).await;
+        assert_eq!(r.status, 200);
+        let up = env.ews.last_request().unwrap();
+        assert!(up.body == WITH_HEADER.as_bytes());
+        assert!(up.header("x-anchormailbox").is_none());
+        assert!(up.app_id.is_none());
+
+        // One grant per tenant for all of it.
+        assert_eq!(env.idp.client_credentials_calls(FABRIKAM), 1);
+        assert_eq!(env.idp.client_credentials_calls(NORTHWIND), 1);
+        server.shutdown(GRACE).await;
+    }
+}
+
+#[tokio::test]
+async fn ews_app_token_refused_is_refreshed_once_and_large_bodies_get_413() {
+    let (env, server) = ews_app_world(false).await;
+    let addr = server.http_addr().unwrap();
+    let client = HttpClient::default();
+    let r = client.ews(addr, "svc", "svc-pw-123456", WITH_HEADER).await;
+    assert_eq!(r.status, 200);
+    // The upstream refuses the (shared) app token once: one new grant,
+    // and the request is replayed with the same rewritten body.
+    env.ews.reject_next(1);
+    let r = client.ews(addr, "svc", "svc-pw-123456", WITH_HEADER).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(env.idp.client_credentials_calls(FABRIKAM), 2);
+    let reqs = env.ews.requests();
+    let (refused, replayed) = (&reqs[reqs.len() - 2], &reqs[reqs.len() - 1]);
+    assert!(!refused.accepted && replayed.accepted);
+    assert!(refused.body == replayed.body);
+    assert_ne!(refused.bearer, replayed.bearer);
+
+    // Bodies past http.replay_buffer_limit (1 MiB in the test config)
+    // cannot be rewritten: 413, nothing sent upstream.
+    let before = env.ews.request_count();
+    let filler = "x".repeat(2 * 1024 * 1024);
+    let big = WITH_HEADER.replace("<soap:Body>", &format!("<soap:Body><!--{filler}-->"));
+    let r = client.ews(addr, "svc", "svc-pw-123456", &big).await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(env.ews.request_count(), before);
+    // The same body from a delegated identity streams as before.
+    let r = client.ews(addr, "alice", "alice-pw-123", &big).await;
+    assert_eq!(r.status, 200);
+    server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn a_mailbox_outside_the_apps_scope_backs_off_alone_without_a_grant_storm() {
+    let m = {
+        let env = Env::start().await;
+        two_tenants(&env, 365);
+        env.add_app("svc", "svc@fabrikam.com", "svc-pw-123456", "fabrikam")
+            .await;
+        env.add_app("ceo", "ceo@fabrikam.com", "ceo-pw-1234567", "fabrikam")
+            .await;
+        start_in(
+            env,
+            SmtpOptions::default(),
+            ImapOptions::default(),
+            Pop3Options::default(),
+            |_| {},
+        )
+        .await
+    };
+    // RBAC for Applications scopes the app to svc's mailbox only.
+    assert!(m
+        .env
+        .idp
+        .restrict_app_mailboxes(FABRIKAM, FABRIKAM_APP, &["svc@fabrikam.com"]));
+    let pop3 = m.server.pop3_addr().unwrap();
+    let login = |user: &'static str, pw: &'static str| async move {
+        let mut c = Raw::connect(pop3).await;
+        c.line().await;
+        c.send(format!("USER {user}\r\nPASS {pw}\r\n").as_bytes())
+            .await;
+        c.line().await;
+        c.line().await
+    };
+    assert!(login("svc", "svc-pw-123456").await.starts_with("+OK"));
+    // ceo is refused upstream: one new grant and a retry, refused again,
+    // then ceo backs off; svc goes on with the shared token meanwhile.
+    let first = login("ceo", "ceo-pw-1234567").await;
+    assert!(first.starts_with("-ERR"), "{first}");
+    let grants = m.env.idp.client_credentials_calls(FABRIKAM);
+    assert_eq!(grants, 2, "one grant for the first refusal, not more");
+    for _ in 0..3 {
+        assert!(login("svc", "svc-pw-123456").await.starts_with("+OK"));
+        let again = login("ceo", "ceo-pw-1234567").await;
+        assert!(again.starts_with("-ERR [SYS/TEMP]"), "{again}");
+    }
+    assert_eq!(
+        m.env.idp.client_credentials_calls(FABRIKAM),
+        grants,
+        "ceo's refusals do not throw away the token svc uses"
+    );
+    let list = m.env.cli(&["identity", "list", "--json"], None);
+    let rows: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let ceo = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "ceo")
+        .unwrap();
+    assert_eq!(ceo["status"], "upstream_refused", "{ceo}");
+    assert!(ceo["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("mailbox permissions"));
+    m.server.shutdown(GRACE).await;
+}

@@ -56,6 +56,9 @@ pub struct HttpProxy {
     upstreams: Arc<Upstreams>,
     scopes: ScopeSet,
     replay_limit: usize,
+    /// App-only identities act as their mailbox the EWS way
+    /// (`http.ews_impersonation`).
+    ews_impersonation: bool,
     replay_budget: Arc<ReplayBudget>,
     max_body: usize,
     upstream_timeout: Duration,
@@ -184,6 +187,7 @@ impl HttpProxy {
         Ok(HttpProxy {
             scopes: ScopeSet::new(&cfg.scopes, &cfg.app_scopes),
             replay_limit: cfg.replay_buffer_limit.as_usize(),
+            ews_impersonation: cfg.ews_impersonation,
             replay_budget: Arc::new(ReplayBudget {
                 used: Default::default(),
                 limit: cfg.replay_buffer_total.0,
@@ -345,6 +349,16 @@ pub(super) enum Rejection {
     /// Not Basic, or not decodable: `401` with the challenge.
     MalformedCredentials,
     BadRequest(&'static str),
+    /// An app-only identity's request impersonates another mailbox: `403`.
+    OtherMailbox(String),
+    /// The request body cannot be rewritten for an app-only identity.
+    MalformedEnvelope(String),
+    /// The body of an app-only identity's request is too large to be
+    /// rewritten (past `http.replay_buffer_limit`): `413`.
+    TooLargeToImpersonate,
+    /// The identity's configuration cannot be used (its mailbox cannot
+    /// be named in a header): `500`.
+    Misconfigured(&'static str),
     Auth(AuthError),
     Token(TokenError),
     /// The upstream refused the token of a request too large to replay:
@@ -580,6 +594,31 @@ impl Rejection {
             Rejection::TooLarge => {
                 m.request(p, Outcome::bad_request);
                 LocalAnswer::text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
+            }
+            Rejection::OtherMailbox(named) => {
+                m.request(p, Outcome::bad_request);
+                LocalAnswer::text(
+                    StatusCode::FORBIDDEN,
+                    &format!(
+                        "this identity may act only as its own mailbox; the request impersonates {named}\n"
+                    ),
+                )
+            }
+            Rejection::MalformedEnvelope(why) => {
+                m.request(p, Outcome::bad_request);
+                LocalAnswer::text(StatusCode::BAD_REQUEST, &format!("{why}\n"))
+            }
+            Rejection::TooLargeToImpersonate => {
+                m.request(p, Outcome::bad_request);
+                LocalAnswer::text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large for an app-only identity: authswap must add the ExchangeImpersonation header to it (http.replay_buffer_limit)\n",
+                )
+                .closing()
+            }
+            Rejection::Misconfigured(why) => {
+                m.request(p, Outcome::upstream_error);
+                LocalAnswer::text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{why}\n"))
             }
             Rejection::HeadTooLarge => {
                 m.request(p, Outcome::bad_request);

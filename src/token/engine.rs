@@ -176,13 +176,6 @@ impl AccessToken {
         self.after_refusal && !self.shared.proven.load(Ordering::Relaxed)
     }
 
-    /// Accepted by the upstream recently: a refusal of this shared app
-    /// token for one mailbox is about that mailbox.
-    fn recently_proven(&self, now: Instant) -> bool {
-        self.shared.proven.load(Ordering::Relaxed)
-            && now.saturating_duration_since(self.issued) < PROVEN_APP_TOKEN
-    }
-
     /// `Bearer <token>`, marked sensitive.
     pub fn bearer_header(&self) -> &http::HeaderValue {
         &self.header
@@ -284,12 +277,6 @@ impl TokenError {
 /// ([`TokenEngine::token_key`]).
 type Key = (i64, u32);
 
-/// How long after it is issued a shared app-only token that the upstream
-/// already accepted for another mailbox is trusted when the upstream
-/// refuses it for one mailbox: within this time the refusal is that
-/// mailbox's problem (its permissions), not the token's.
-const PROVEN_APP_TOKEN: Duration = Duration::from_secs(60);
-
 #[derive(Default)]
 struct Slot {
     token: Option<AccessToken>,
@@ -299,6 +286,9 @@ struct Slot {
     refusal_refresh: bool,
     /// Consecutive refusals of fresh tokens, and the backoff they started.
     refused: Option<Backoff>,
+    /// App identities (their tenant's token is shared): when the upstream
+    /// last refused this identity a token, since its last success.
+    last_refusal: Option<Instant>,
 }
 
 struct Backoff {
@@ -1004,17 +994,26 @@ impl TokenEngine {
         // The token's slot (the tenant's, for an app identity): forget the
         // refused token so the next request refreshes, unless it is a shared
         // app token other mailboxes use: then the refusal is this mailbox's.
-        let (current, own) = {
+        // An app identity refused a token issued after its previous
+        // refusal: a new token did not help it, so the refusal is about
+        // this mailbox (its permissions), not the token other mailboxes
+        // share, which stays.
+        let own = app && {
+            let mut slot = inner.slots.entry(rkey).or_default();
+            let own = slot.last_refusal.is_some_and(|at| token.issued >= at);
+            slot.last_refusal = Some(now);
+            own
+        };
+        let current = {
             let mut slot = inner.slots.entry(tkey).or_default();
             let current = slot.token.as_ref().is_some_and(|t| t.id == token.id);
-            let own = app && token.recently_proven(now);
             if current && !own {
                 slot.token = None;
                 slot.refusal_refresh = true;
             }
-            (current, own)
+            current
         };
-        if current && (own || token.fresh_after_refusal()) {
+        if own || (current && token.fresh_after_refusal()) {
             // Refused again although freshly issued (or refused for this
             // mailbox only): this identity backs off.
             let cfg = &inner.config;
@@ -1027,7 +1026,7 @@ impl TokenEngine {
                 .max(retry_after.unwrap_or_default());
             let message = if own {
                 format!(
-                    "the {} refused the app's access to mailbox {} {failures} time(s) in a row while it accepts the same token for others (check the application access policy or RBAC for Applications scope): {text}",
+                    "the {} refused the app's access to mailbox {} {failures} time(s) in a row, with a freshly issued token too (check the app's mailbox permissions: RBAC for Applications scope, application access policy, Add-MailboxPermission): {text}",
                     protocol.upstream_name(),
                     identity.mailbox
                 )
@@ -1067,8 +1066,9 @@ impl TokenEngine {
             && !token.shared.proven.swap(true, Ordering::Relaxed);
         if (first && token.after_refusal) || identity.mode == Mode::App {
             if let Some(mut slot) = self.inner.slots.get_mut(&(identity.id, scopes.id)) {
-                if slot.refused.is_some() {
+                if slot.refused.is_some() || slot.last_refusal.is_some() {
                     slot.refused = None;
+                    slot.last_refusal = None;
                 }
             }
         }

@@ -57,8 +57,14 @@ impl Env {
     async fn start_full(opts: IdpOptions, http1_only: bool) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let idp = FakeIdp::start_with(opts).await;
+        // App-only tokens issued by the identity-platform double are held
+        // to Exchange's rules (anchor and impersonation).
+        let v = idp.validator();
+        let app_tokens: super::ews::AppTokenPolicy =
+            std::sync::Arc::new(move |token: &str| v.app_token(token).map(|a| a.client_id));
         let ews = FakeEws::start_with(super::EwsOptions {
             http1_only,
+            app_tokens: Some(app_tokens),
             ..super::EwsOptions::new(idp.validator())
         })
         .await;

@@ -7,7 +7,9 @@
 //!    ([`HttpProxy::identify`]);
 //! 2. **token**: an access token for it ([`HttpProxy::token`]);
 //! 3. **body**: the half reads what it must of the request body (a client
-//!    waiting for `100 Continue` gets it only now);
+//!    waiting for `100 Continue` gets it only now); for an identity with an
+//!    app-only token on EWS, all of it, to act as the identity's mailbox
+//!    ([`Half::act_as`]);
 //! 4. **send**: the half sends the request and reads the answer's head,
 //!    timed here;
 //! 5. **refusal**: a refused token goes through the refusal policy
@@ -22,6 +24,7 @@
 use super::{HttpProxy, Rejection};
 use crate::identity::ConnectionMemo;
 use crate::metrics::{Outcome, Protocol};
+use crate::store::Mode;
 use crate::token::{AccessToken, Refusal, Verdict};
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -36,6 +39,14 @@ pub(super) trait Half {
 
     /// Phase 3: reads the request body as far as the half needs it.
     async fn body(&mut self) -> Result<(), Self::Stop>;
+
+    /// Phase 3 for an identity with an app-only token on EWS: reads the
+    /// whole body (a body too large to hold is refused with `413`) and
+    /// makes the request act as `mailbox` ([`super::soap::app_request`]):
+    /// `X-AnchorMailbox`, and the `ExchangeImpersonation` header inserted
+    /// when the envelope has none (`Content-Length` follows); an envelope
+    /// impersonating another mailbox gets `403`.
+    async fn act_as(&mut self, mailbox: &str) -> Result<(), Self::Stop>;
 
     /// Whether the request can be sent a second time (its body is held).
     fn replayable(&self) -> bool;
@@ -72,7 +83,10 @@ impl HttpProxy {
     ) -> Result<H::Answer, H::Stop> {
         let identity = self.identify(authorization, peer, memo).await?;
         let mut token = self.token(&identity).await?;
-        half.body().await?;
+        match identity.mode {
+            Mode::App if self.ews_impersonation => half.act_as(&identity.mailbox).await?,
+            _ => half.body().await?,
+        }
         let tokens = &self.app.tokens;
         let metrics = &self.app.metrics;
         let mut retried = false;

@@ -206,6 +206,12 @@ impl Half for NativeRequest<'_, '_> {
         true
     }
 
+    async fn act_as(&mut self, _mailbox: &str) -> Result<(), Stop> {
+        // The hyper half rewrites heads and bodies; nothing of the body
+        // has been read yet, so the request goes there whole.
+        Err(Stop::Hyper("an app-only identity's request is rewritten"))
+    }
+
     async fn send(&mut self, token: &AccessToken) -> Result<ResponseHead, Stop> {
         let conn = &mut *self.conn;
         let due = tokio::time::Instant::now() + conn.proxy.upstream_timeout;

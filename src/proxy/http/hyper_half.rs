@@ -13,6 +13,7 @@
 
 use super::codec;
 use super::exchange::{may_resend, Half};
+use super::soap::ImpersonationError;
 use super::{
     full, prepare_upstream_headers, strip_hop_by_hop, HttpProxy, LazyTimer, Rejection, Reservation,
 };
@@ -22,7 +23,7 @@ use crate::tls::{BoxError, OutBody};
 use crate::token::{refusal, AccessToken, Refusal};
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -288,6 +289,9 @@ impl HttpProxy {
     }
 }
 
+/// The header that routes an EWS request made with an app-only token.
+const ANCHOR_MAILBOX: HeaderName = HeaderName::from_static("x-anchormailbox");
+
 /// One request on the hyper half, as the exchange policy sees it.
 struct HyperRequest<'a> {
     proxy: &'a HttpProxy,
@@ -332,6 +336,52 @@ impl Half for HyperRequest<'_> {
 
     fn replayable(&self) -> bool {
         matches!(self.body, Some(RequestBody::Buffered(_)))
+    }
+
+    async fn act_as(&mut self, mailbox: &str) -> Result<(), Rejection> {
+        self.body().await?;
+        let bytes = match self.body.take() {
+            Some(RequestBody::Buffered(bytes)) => bytes,
+            None => Bytes::new(),
+            // Past the replay limit (or budget): it cannot be rewritten.
+            Some(RequestBody::Streaming(_)) => return Err(Rejection::TooLargeToImpersonate),
+        };
+        let app = match super::soap::app_request(Some(mailbox), &bytes) {
+            Ok(Some(app)) => app,
+            Ok(None) => unreachable!("a mailbox was given"),
+            Err(ImpersonationError::OtherMailbox { named }) => {
+                tracing::warn!(mailbox, impersonated = %crate::names::Shown(&named), "refused: an app-only identity may act only as its own mailbox");
+                return Err(Rejection::OtherMailbox(named));
+            }
+            Err(ImpersonationError::Malformed(why)) => {
+                return Err(Rejection::MalformedEnvelope(format!(
+                    "malformed SOAP envelope: {why}"
+                )))
+            }
+            Err(ImpersonationError::NotSoap) => unreachable!("app_request sends it as it is"),
+            Err(ImpersonationError::InvalidMailbox) => {
+                tracing::error!(mailbox = %crate::names::Shown(mailbox), "the identity's mailbox cannot be named in X-AnchorMailbox or a SOAP header");
+                return Err(Rejection::Misconfigured(
+                    "the identity's mailbox is not valid: an administrator must correct it",
+                ));
+            }
+        };
+        self.headers.insert(ANCHOR_MAILBOX, app.anchor);
+        let bytes = match app.body {
+            None => bytes,
+            Some(new) => {
+                self.headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
+                if let Some(r) = self.reservation.as_mut() {
+                    // A few hundred bytes: within the budget or not, they
+                    // are held only as long as the request.
+                    let _ = r.grow(new.len().saturating_sub(bytes.len()) as u64);
+                }
+                Bytes::from(new)
+            }
+        };
+        self.body = Some(RequestBody::Buffered(bytes));
+        Ok(())
     }
 
     async fn send(&mut self, token: &AccessToken) -> Result<Response<Incoming>, Rejection> {
