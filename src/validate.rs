@@ -165,7 +165,7 @@ pub async fn validate(
         .ok_or_else(|| ValidateError::NotFound(name.to_owned()))?;
     let cfg = app.config.clone();
     let mut results = Vec::new();
-    let not_linked = !record.has_refresh_token;
+    let not_linked = !record.has_refresh_token && record.mode == crate::store::Mode::Delegated;
     let mut run = |protocol: &str, outcome: Result<String, UseTokenError>| {
         let rec = match outcome {
             Ok(answer) => ValidationRecord {
@@ -200,7 +200,7 @@ pub async fn validate(
             &identity,
             scopes.of(&identity),
             Protocol::http,
-            |token| http_probe(app, &identity.mailbox, token, path.clone()),
+            |token| http_probe(app, &identity, token, path.clone()),
         )
         .await;
         run(label, outcome);
@@ -284,12 +284,26 @@ pub async fn validate(
 
 /// One HTTP proof: the EWS `GetFolder` of the inbox (`path` `None`) or a
 /// GET of `path`.
+/// The `GetFolder` probe body; an app-only identity's impersonates its
+/// mailbox, as its clients' requests do.
+fn get_inbox(identity: &Identity, impersonation: bool) -> Bytes {
+    let plain = Bytes::from_static(GET_INBOX.as_bytes());
+    if identity.mode != crate::store::Mode::App || !impersonation {
+        return plain;
+    }
+    match crate::proxy::http::soap::impersonate(GET_INBOX.as_bytes(), &identity.mailbox) {
+        Ok(crate::proxy::http::soap::Impersonation::Rewritten(body)) => Bytes::from(body),
+        _ => plain,
+    }
+}
+
 async fn http_probe(
     app: &App,
-    mailbox: &str,
+    identity: &Identity,
     token: AccessToken,
     path: Option<String>,
 ) -> Result<String, UpstreamLogin> {
+    let mailbox = identity.mailbox.as_str();
     let cfg = &app.config.http;
     let base = cfg.upstream.trim_end_matches('/');
     let ews = path.is_none();
@@ -302,7 +316,7 @@ async fn http_probe(
         None => (
             http::Method::POST,
             format!("{base}{EWS_PATH}"),
-            Bytes::from_static(GET_INBOX.as_bytes()),
+            get_inbox(identity, cfg.ews_impersonation),
         ),
         Some(p) => (http::Method::GET, format!("{base}{p}"), Bytes::new()),
     };

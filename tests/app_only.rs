@@ -482,6 +482,9 @@ async fn the_cli_adds_app_identities_only_to_tenants_with_a_credential() {
     assert!(rec.is_ok());
 }
 
+/// What Exchange Online answers to a GetFolder that works.
+const GETFOLDER_OK: &str = r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><m:GetFolderResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"><m:ResponseMessages><m:GetFolderResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode></m:GetFolderResponseMessage></m:ResponseMessages></m:GetFolderResponse></s:Body></s:Envelope>"#;
+
 /// EWS envelopes as legacy clients send them.
 const WITH_HEADER: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types"><soap:Header><t:RequestServerVersion Version="Exchange2013"/></soap:Header><soap:Body><GetFolder xmlns="http://schemas.microsoft.com/exchange/services/2006/messages"/></soap:Body></soap:Envelope>"#;
 const WITHOUT_HEADER: &str = r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><FindItem xmlns="http://schemas.microsoft.com/exchange/services/2006/messages"/></s:Body></s:Envelope>"#;
@@ -716,5 +719,33 @@ async fn a_mailbox_outside_the_apps_scope_backs_off_alone_without_a_grant_storm(
         .as_str()
         .unwrap()
         .contains("mailbox permissions"));
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn validate_proves_an_app_identity_on_every_protocol() {
+    let m = app_mail().await;
+    m.env.ews.respond_next(
+        200,
+        &[("content-type", "text/xml; charset=utf-8")],
+        GETFOLDER_OK,
+    );
+    let app = m.server.app().clone();
+    let results = authswap::validate::validate(&app, "svc", "test")
+        .await
+        .unwrap();
+    let protocols: Vec<&str> = results.iter().map(|r| r.protocol.as_str()).collect();
+    assert_eq!(protocols, ["ews", "smtp", "imap", "pop3"]);
+    for r in &results {
+        assert!(r.ok, "{r:?}");
+    }
+    // The EWS probe impersonates the mailbox, as Exchange requires of
+    // app-only tokens (the double refuses it otherwise).
+    let req = m.env.ews.last_request().unwrap();
+    assert!(req.accepted);
+    assert_eq!(req.app_id.as_deref(), Some(FABRIKAM_APP));
+    assert_eq!(req.mailbox.as_deref(), Some("svc@fabrikam.com"));
+    assert!(String::from_utf8_lossy(&req.body).contains(&inserted("svc@fabrikam.com")));
+    assert_eq!(m.env.idp.client_credentials_calls(FABRIKAM), 1);
     m.server.shutdown(GRACE).await;
 }
