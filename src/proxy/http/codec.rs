@@ -477,6 +477,9 @@ pub struct ChunkScanner {
 enum Chunk {
     #[default]
     Size,
+    /// Whitespace after the size: only more of it, `;` or the line end
+    /// may follow.
+    SizeWs,
     Extension,
     SizeLf,
     Data,
@@ -509,8 +512,18 @@ impl ChunkScanner {
                                 .and_then(|v| v.checked_add(digit))
                                 .ok_or(Malformed("chunk size too large"))?;
                         }
-                        b';' | b' ' | b'\t' if self.line > 1 => self.state = Chunk::Extension,
+                        b';' if self.line > 1 => self.state = Chunk::Extension,
+                        b' ' | b'\t' if self.line > 1 => self.state = Chunk::SizeWs,
                         b'\r' if self.line > 1 => self.state = Chunk::SizeLf,
+                        _ => return Err(Malformed("invalid chunk size")),
+                    }
+                }
+                Chunk::SizeWs => {
+                    self.line += 1;
+                    match b {
+                        b' ' | b'\t' => {}
+                        b';' => self.state = Chunk::Extension,
+                        b'\r' => self.state = Chunk::SizeLf,
                         _ => return Err(Malformed("invalid chunk size")),
                     }
                 }
@@ -636,6 +649,17 @@ mod tests {
         let long = format!("1;{}\r\n", "x".repeat(MAX_CHUNK_LINE as usize + 1));
         assert!(scan_all(long.as_bytes(), 64).is_err());
         assert!(scan_all(b"fffffffffffffffffff\r\n", 4).is_err());
+    }
+
+    #[test]
+    fn only_whitespace_then_an_extension_may_follow_a_chunk_size() {
+        let scan = |b: &[u8]| ChunkScanner::default().scan(b);
+        assert_eq!(scan(b"1 \t ;x\r\na\r\n0\r\n\r\n"), Ok(Some(16)));
+        assert_eq!(scan(b"1  \r\na\r\n0\r\n\r\n"), Ok(Some(13)));
+        // Found by the property test against httparse: a space does not
+        // start an extension.
+        assert!(scan(b"1 a;x\r\na\r\n0\r\n\r\n").is_err());
+        assert!(scan(b"1 2\r\na\r\n0\r\n\r\n").is_err());
     }
 
     #[test]
