@@ -382,9 +382,13 @@ impl TokenEngine {
     /// The cache key of `identity`'s tokens for `scopes`: its own, or its
     /// tenant's shared app-only token.
     fn token_key(&self, identity: &Identity, scopes: &Scopes) -> Key {
-        match (identity.mode, self.inner.tenants.get(&identity.tenant)) {
-            (Mode::App, Some(t)) => (-1 - i64::from(t.index), scopes.id),
-            _ => (identity.id, scopes.id),
+        // Delegated identities (the hot path) never look the tenant up.
+        if identity.mode == Mode::Delegated {
+            return (identity.id, scopes.id);
+        }
+        match self.inner.tenants.get(&identity.tenant) {
+            Some(t) => (-1 - i64::from(t.index), scopes.id),
+            None => (identity.id, scopes.id),
         }
     }
 
