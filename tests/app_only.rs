@@ -749,3 +749,65 @@ async fn validate_proves_an_app_identity_on_every_protocol() {
     assert_eq!(m.env.idp.client_credentials_calls(FABRIKAM), 1);
     m.server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn the_admin_api_creates_app_identities_and_shows_tenant_and_mode() {
+    let env = Env::start().await;
+    two_tenants(&env, 365);
+    let server = env
+        .serve_with(|c| c.admin.token = Some(authswap::secret::Secret::new("api-token-123")))
+        .await;
+    let base = format!("http://{}/api/v1", server.admin_addr());
+    let http = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        http.post(format!("{base}/identities"))
+            .bearer_auth("api-token-123")
+            .json(&body)
+            .send()
+    };
+    let r = post(serde_json::json!({
+        "name": "svc", "mailbox": "svc@fabrikam.com", "generate": true,
+        "tenant": "fabrikam", "mode": "app"
+    }))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(created["identity"]["mode"], "app");
+    assert_eq!(created["identity"]["tenant"], "fabrikam");
+    assert_eq!(created["identity"]["status"], "linked");
+    // The generated password works at once: no sign-in for app identities.
+    let password = created["password"].as_str().unwrap().to_owned();
+    let reply = HttpClient::default()
+        .ews(server.http_addr().unwrap(), "svc", &password, WITH_HEADER)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // An app identity needs a tenant with a credential; the tenant must exist.
+    for (body, why) in [
+        (
+            serde_json::json!({"name": "x", "mailbox": "x@contoso.com", "mode": "app"}),
+            "no client secret or certificate",
+        ),
+        (
+            serde_json::json!({"name": "y", "mailbox": "y@contoso.com", "tenant": "nowhere"}),
+            "no tenant named `nowhere`",
+        ),
+    ] {
+        let r = post(body).await.unwrap();
+        assert!(r.status().is_client_error(), "{}", r.status());
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    // Nothing to invite an app identity to.
+    let r = http
+        .post(format!("{base}/identities/svc/invitations/resend"))
+        .bearer_auth("api-token-123")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!(e.to_string().contains("app-only"), "{e}");
+    server.shutdown(GRACE).await;
+}
