@@ -1130,3 +1130,52 @@ async fn serve_and_cli_on_postgres() {
     assert!(text.contains("postgres://<redacted>@127.0.0.1"), "{text}");
     drop(server);
 }
+
+/// `sslmode=verify-full`: the server's certificate must chain to a trusted
+/// root (here the test CA, given as `[tls] extra_ca_file`) and name the
+/// host; then the connection is TLS.
+#[tokio::test]
+async fn postgres_over_tls_with_verify_full() {
+    use sqlx::Connection as _;
+    let Some((mut config, dir)) = postgres_config().await else {
+        return;
+    };
+    let url = config
+        .store
+        .url
+        .take()
+        .unwrap()
+        .replace("@127.0.0.1:", "@localhost:")
+        .replace("sslmode=disable", "sslmode=verify-full");
+    config.store.url = Some(url);
+    config.store.connect_timeout = std::time::Duration::from_secs(5);
+    match authswap::store::open(&config).await {
+        Err(e) => assert!(
+            e.to_string().contains("invalid peer certificate"),
+            "says why: {e}"
+        ),
+        Ok(_) => panic!("an unknown CA was trusted"),
+    }
+    config.tls.extra_ca_file = Some(support::pki().write_ca_file(dir.path()));
+    let store = authswap::store::open(&config).await.unwrap();
+    store.create(&delegated("tls")).await.unwrap();
+    assert!(store.get("tls").await.unwrap().is_some());
+
+    let settings = authswap::store::postgres_settings(&config.store, &config.tls)
+        .unwrap()
+        .unwrap();
+    let mut conn = sqlx::PgConnection::connect_with(&settings.options)
+        .await
+        .unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(ssl, "the connection is TLS");
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(timeout, "30s", "store.statement_timeout applies");
+    conn.close().await.unwrap();
+}

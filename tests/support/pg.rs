@@ -8,7 +8,8 @@
 //!   [`OnceLock`]): `initdb -A trust -U authswap` in a temporary directory,
 //!   then `pg_ctl start` listening on `127.0.0.1` only, on a free port, with
 //!   its socket in that directory and `fsync=off` (nothing here needs to
-//!   survive a crash). PostgreSQL refuses to run as root, so as root (CI,
+//!   survive a crash). It also speaks TLS with the test PKI's `localhost`
+//!   certificate (`support::pki`), for `sslmode=verify-full` tests. PostgreSQL refuses to run as root, so as root (CI,
 //!   containers) its commands run as the `postgres` user through `runuser`
 //!   (the directory is handed to that user first; the user is created when
 //!   missing).
@@ -136,6 +137,14 @@ fn start() -> Result<Cluster, String> {
         .map_err(|e| format!("temp dir: {e}"))?
         .keep();
     let data = dir.join("data");
+    // TLS with the test PKI's `localhost`/`127.0.0.1` certificate, for
+    // `sslmode=verify-full` tests; plain connections work too.
+    let (cert, key) = super::pki().write_server_cert_files(&dir);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("key mode: {e}"))?;
+    }
     if as_postgres {
         run(
             Command::new("chown").arg("-R").arg("postgres:").arg(&dir),
@@ -163,8 +172,11 @@ fn start() -> Result<Cluster, String> {
         let port = free_port();
         let options = format!(
             "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
-            dir.display()
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+             -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            dir.display(),
+            cert.display(),
+            key.display(),
         );
         let started = run(
             pg_command(&bin, "pg_ctl", as_postgres)
