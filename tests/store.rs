@@ -1179,3 +1179,45 @@ async fn postgres_over_tls_with_verify_full() {
     assert_eq!(timeout, "30s", "store.statement_timeout applies");
     conn.close().await.unwrap();
 }
+
+/// The password from `store.password_file` (through the real loader),
+/// refused when wrong without showing it, or written in the URL.
+#[tokio::test]
+async fn postgres_password_from_file_or_url() {
+    use support::pg::{PASSWORD, PASSWORD_USER};
+    let Some(url) = support::pg::database_with_password().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    std::fs::write(dir.path().join("db.password"), format!("{PASSWORD}\n")).unwrap();
+    let toml = dir.path().join("authswap.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[store]\nurl = \"{url}\"\npassword_file = \"{d}/db.password\"\n\
+             key_file = \"{d}/authswap.key\"\nconnect_timeout = \"5s\"\n"
+        ),
+    )
+    .unwrap();
+    let mut config = Config::load(&toml).unwrap();
+    let store = authswap::store::open(&config).await.unwrap();
+    store.create(&delegated("pw")).await.unwrap();
+    drop(store);
+
+    config.store.password = Some(Secret::new("wrong-pw-99"));
+    let err = match authswap::store::open(&config).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a wrong password was accepted"),
+    };
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(!err.contains("wrong-pw-99"), "{err}");
+
+    config.store.password = None;
+    config.store.url = Some(url.replace(
+        &format!("{PASSWORD_USER}@"),
+        &format!("{PASSWORD_USER}:{PASSWORD}@"),
+    ));
+    let store = authswap::store::open(&config).await.unwrap();
+    assert!(store.get("pw").await.unwrap().is_some());
+}

@@ -38,6 +38,11 @@ pub struct Cluster {
     pub dir: PathBuf,
 }
 
+/// The one user of the test cluster that must give its password.
+pub const PASSWORD_USER: &str = "authswap_pw";
+/// Its password.
+pub const PASSWORD: &str = "pw-Secret-42";
+
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 
@@ -167,6 +172,15 @@ fn start() -> Result<Cluster, String> {
             .arg(&data),
         "initdb",
     )?;
+    // Every user is trusted, except PASSWORD_USER over TCP, whose password
+    // is checked (SCRAM): for the tests of `store.password_file`.
+    let hba = data.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).map_err(|e| format!("pg_hba.conf: {e}"))?;
+    std::fs::write(
+        &hba,
+        format!("host all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n{rules}"),
+    )
+    .map_err(|e| format!("pg_hba.conf: {e}"))?;
     let mut last = String::new();
     for _ in 0..3 {
         let port = free_port();
@@ -249,6 +263,16 @@ pub fn cluster() -> Option<&'static Cluster> {
 /// `authswap`, no password, no TLS), or `None` when the tests skip
 /// PostgreSQL (see [`cluster`]).
 pub async fn database() -> Option<String> {
+    fresh_database("authswap").await
+}
+
+/// Like [`database`], but owned by [`PASSWORD_USER`], who must log in with
+/// [`PASSWORD`] (not in the returned URL).
+pub async fn database_with_password() -> Option<String> {
+    fresh_database(PASSWORD_USER).await
+}
+
+async fn fresh_database(owner: &str) -> Option<String> {
     use sqlx::Connection as _;
     let cluster = tokio::task::spawn_blocking(cluster).await.expect("join")?;
     let name = format!(
@@ -263,13 +287,22 @@ pub async fn database() -> Option<String> {
     let mut conn = sqlx::PgConnection::connect(&admin)
         .await
         .expect("connect to the test cluster");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
+    if owner == PASSWORD_USER {
+        sqlx::query(&format!(
+            "DO $$ BEGIN CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD '{PASSWORD}'; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("create the password user");
+    }
+    sqlx::query(&format!("CREATE DATABASE {name} OWNER {owner}"))
         .execute(&mut conn)
         .await
         .expect("create a test database");
     conn.close().await.ok();
     Some(format!(
-        "postgres://authswap@127.0.0.1:{}/{name}?sslmode=disable",
+        "postgres://{owner}@127.0.0.1:{}/{name}?sslmode=disable",
         cluster.port
     ))
 }
