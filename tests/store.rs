@@ -1221,3 +1221,35 @@ async fn postgres_password_from_file_or_url() {
     let store = authswap::store::open(&config).await.unwrap();
     assert!(store.get("pw").await.unwrap().is_some());
 }
+
+/// The connection settings built from `[store]` never show the password,
+/// and a URL sqlx cannot use is refused naming the key.
+#[test]
+fn postgres_settings_never_show_the_password() {
+    let mut config = Config::default();
+    config.store.url = Some("postgres://u:url-pw-5@db.example:6543/x?sslmode=verify-full".into());
+    let settings = authswap::store::postgres_settings(&config.store, &config.tls)
+        .unwrap()
+        .unwrap();
+    let shown = format!("{settings:?}");
+    assert!(!shown.contains("url-pw-5"), "{shown}");
+    assert!(
+        shown.contains("db.example") && shown.contains("6543"),
+        "{shown}"
+    );
+    assert_eq!(settings.pool_size, 8);
+
+    config.store.url = None;
+    assert!(
+        authswap::store::postgres_settings(&config.store, &config.tls)
+            .unwrap()
+            .is_none()
+    );
+
+    config.store.url = Some("postgres://u:url-pw-6@db.example:port/x".into());
+    let err = authswap::store::postgres_settings(&config.store, &config.tls)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("store.url: "), "{err}");
+    assert!(!err.contains("url-pw-6"), "{err}");
+}
