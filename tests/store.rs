@@ -1253,3 +1253,82 @@ fn postgres_settings_never_show_the_password() {
     assert!(err.starts_with("store.url: "), "{err}");
     assert!(!err.contains("url-pw-6"), "{err}");
 }
+
+/// Two replicas (two stores on one database) acting on one identity at
+/// once serialise on its row: one invitation stays pending, one completion
+/// links, the status change is audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_replicas_serialise_on_an_identity() {
+    let Some((config, _dir)) = postgres_config().await else {
+        return;
+    };
+    let a = authswap::store::open(&config).await.unwrap();
+    let b = authswap::store::open(&config).await.unwrap();
+    let rec = a.create(&delegated("nina")).await.unwrap();
+    let now = authswap::store::now_unix();
+
+    let tasks: Vec<_> = (0..20u8)
+        .map(|n| {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                store
+                    .create_invitation(&invitation(rec.id, n, now, now + 600))
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().unwrap().id);
+    }
+    let pending: Vec<_> = a
+        .list_invitations()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state == InvitationState::Pending)
+        .collect();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+
+    let account = LinkedAccount {
+        upn: "nina@contoso.com".into(),
+        oid: "o".into(),
+        tid: "t".into(),
+    };
+    let id = pending[0].id;
+    let tasks: Vec<_> = (0..10)
+        .map(|n| {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            let account = account.clone();
+            let token = seal(rec.id, &format!("rt-{n}"));
+            tokio::spawn(async move { store.complete_invitation(id, &token, &account, now).await })
+        })
+        .collect();
+    let mut linked = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Completion::Linked => linked += 1,
+            Completion::NotPending(state) => assert_eq!(state, InvitationState::Completed),
+        }
+    }
+    assert_eq!(linked, 1);
+    assert_eq!(b.get("nina").await.unwrap().unwrap().token_generation, 1);
+
+    let tasks: Vec<_> = (0..10)
+        .map(|n| {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { store.record_failure(rec.id, true, "gone", now).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let audited = a
+        .audit_log(Some("nina"), None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "status.needs_reauth")
+        .count();
+    assert_eq!(audited, 1);
+}
