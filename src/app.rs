@@ -6,9 +6,7 @@
 use crate::config::Config;
 use crate::identity::{Authenticator, Directory};
 use crate::metrics::Metrics;
-use crate::store::{
-    open_sealer, KeyError, KeyUse, SealError, Sealer, SqliteStore, Status, Store, StoreError,
-};
+use crate::store::{open_sealer, KeyError, KeyUse, SealError, Sealer, Status, Store, StoreError};
 use crate::tenant::{TenantError, Tenants};
 use crate::tls::{HttpsClient, TlsError};
 use crate::token::TokenEngine;
@@ -72,7 +70,7 @@ impl App {
     /// Opens the store and key, builds the clients, loads identities.
     pub async fn open(config: Config) -> Result<Arc<App>, AppError> {
         let config = Arc::new(config);
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path).await?);
+        let store: Arc<dyn Store> = crate::store::open(&config).await?;
         let sealer = open_sealer(&config.store, store.as_ref(), KeyUse::Serve).await?;
         let client_config = crate::tls::client_config(&config.tls)?;
         let client = crate::tls::https_client(client_config.clone(), crate::tls::CONNECT_TIMEOUT);

@@ -566,7 +566,34 @@ pub struct StoreConfig {
     /// Accept a key file that group or others may read (only warn). Off by
     /// default: such a key file is refused.
     pub allow_insecure_key_file: bool,
+    /// `postgres://user@host:port/db?sslmode=verify-full`: use this shared
+    /// PostgreSQL database instead of the SQLite file at `path` (several
+    /// replicas serve the same identities). `sslmode` defaults to `prefer`,
+    /// as with libpq; `verify-full` checks the server's certificate and name
+    /// against the built-in roots and `[tls] extra_ca_file`. Keep the
+    /// password out of it: `password_file` or `AUTHSWAP_STORE__PASSWORD`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The database password, usually from `AUTHSWAP_STORE__PASSWORD`
+    /// (used when `url` has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// File holding the database password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Most connections to PostgreSQL (per process).
+    pub pool_size: u32,
+    /// How long to wait for a PostgreSQL connection (connecting, TLS and a
+    /// free pooled connection included).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// PostgreSQL `statement_timeout` of authswap's connections.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
+
+/// Largest `store.pool_size`.
+pub const MAX_POOL_SIZE: u32 = 1000;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -575,6 +602,12 @@ impl Default for StoreConfig {
             key_file: PathBuf::from("data/authswap.key"),
             key: None,
             allow_insecure_key_file: false,
+            url: None,
+            password: None,
+            password_file: None,
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -1282,6 +1315,7 @@ impl Config {
             "identity_provider.client_secret".into(),
             "admin.token".into(),
             "notifications.webhook_secret".into(),
+            "store.password".into(),
         ];
         keys.extend(
             config
@@ -1338,6 +1372,28 @@ impl Config {
         if self.admin.token.as_ref().is_some_and(Secret::is_empty) {
             self.admin.token = None;
         }
+        let st = &mut self.store;
+        if let Some(file) = &st.password_file {
+            if st.password.is_some() {
+                return Err(invalid(
+                    "store.password_file",
+                    "set either password or password_file, not both",
+                ));
+            }
+            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::File {
+                key: "store.password_file".into(),
+                path: file.clone(),
+                source,
+            })?;
+            // A trailing newline is not part of the password.
+            st.password = Some(Secret::new(text.trim_end_matches(['\r', '\n']).to_owned()));
+        }
+        if st.password.as_ref().is_some_and(Secret::is_empty) {
+            st.password = None;
+        }
+        if st.url.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            st.url = None;
+        }
         Ok(())
     }
 
@@ -1351,6 +1407,7 @@ impl Config {
         }
         parse_listen("admin.listen", &self.admin.listen)?;
         self.validate_admin_side()?;
+        self.validate_store()?;
         if self.http.enabled {
             parse_listen("http.listen", &self.http.listen)?;
         }
@@ -1595,6 +1652,87 @@ impl Config {
         scopes
     }
 
+    /// Checks `[store]`: a PostgreSQL URL that sqlx can use, a pool size and
+    /// timeouts in range. Messages never quote a password.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let st = &self.store;
+        if st.pool_size == 0 || st.pool_size > MAX_POOL_SIZE {
+            return Err(invalid(
+                "store.pool_size",
+                format!("must be between 1 and {MAX_POOL_SIZE}"),
+            ));
+        }
+        for (key, value) in [
+            ("store.connect_timeout", st.connect_timeout),
+            ("store.statement_timeout", st.statement_timeout),
+        ] {
+            if value < Duration::from_secs(1) || value > Duration::from_secs(3600) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} is out of range: use 1s to 1h",
+                        humantime::format_duration(value)
+                    ),
+                ));
+            }
+        }
+        let Some(value) = st.url.as_deref() else {
+            if st.password.is_some() || st.password_file.is_some() {
+                return Err(invalid(
+                    "store.password",
+                    "a database password needs store.url (postgres://...); the SQLite store has none",
+                ));
+            }
+            return Ok(());
+        };
+        let shown = redact_userinfo(value);
+        let url = Url::parse(value.trim()).map_err(|e| {
+            invalid(
+                "store.url",
+                format!("`{shown}` is not a URL such as postgres://authswap@db.example:5432/authswap: {e}"),
+            )
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(invalid(
+                "store.url",
+                format!(
+                    "`{shown}`: only postgres:// URLs are supported (leave it unset for the \
+                     SQLite file at store.path)"
+                ),
+            ));
+        }
+        if url.password().is_some() && st.password.is_some() {
+            return Err(invalid(
+                "store.url",
+                "the URL holds a password and store.password (or password_file) is set too: \
+                 keep only one, preferably password_file",
+            ));
+        }
+        for (k, v) in url.query_pairs() {
+            if k == "sslmode"
+                && !matches!(
+                    v.as_ref(),
+                    "disable" | "allow" | "prefer" | "require" | "verify-ca" | "verify-full"
+                )
+            {
+                return Err(invalid(
+                    "store.url",
+                    format!(
+                        "sslmode={v} is not one of disable, allow, prefer, require, verify-ca, \
+                         verify-full"
+                    ),
+                ));
+            }
+        }
+        if let Err(e) = value.trim().parse::<sqlx::postgres::PgConnectOptions>() {
+            return Err(invalid(
+                "store.url",
+                format!("`{shown}`: {}", redact_userinfo(&e.to_string())),
+            ));
+        }
+        Ok(())
+    }
+
     /// What is still missing for authswap to do its job, or set weaker
     /// than it should be; `serve` logs these and keeps running (health and
     /// metrics work without them).
@@ -1626,6 +1764,16 @@ impl Config {
                 "{key} is written in the configuration file: keep secrets out of it, in \
                  {key}_file (mode 0600) or the environment variable {env}"
             ));
+        }
+        if let Some(url) = self.store.url.as_deref() {
+            if Url::parse(url.trim()).is_ok_and(|u| u.password().is_some()) {
+                out.push(
+                    "store.url holds the database password: keep it out of the URL, in \
+                     store.password_file (mode 0600) or the environment variable \
+                     AUTHSWAP_STORE__PASSWORD"
+                        .to_owned(),
+                );
+            }
         }
         let now = std::time::SystemTime::now();
         for (name, section, idp) in self.tenant_configs() {
@@ -1709,6 +1857,9 @@ impl Config {
             idp.authority = redact(&idp.authority);
         }
         shown.http.upstream = redact(&shown.http.upstream);
+        if let Some(url) = &mut shown.store.url {
+            *url = redact(url);
+        }
         if let Some(url) = &mut shown.notifications.webhook_url {
             *url = redact(url);
         }
@@ -2264,5 +2415,105 @@ mod tests {
         assert_eq!("64 KiB".parse::<ByteSize>().unwrap(), ByteSize(65536));
         assert_eq!("10MB".parse::<ByteSize>().unwrap(), ByteSize(10_000_000));
         assert!("lots".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn store_url_selects_postgres_and_keeps_its_password_hidden() {
+        let c = load_str("", &[]).unwrap();
+        assert_eq!(c.store.url, None, "SQLite by default");
+        assert_eq!(c.store.pool_size, 8);
+
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("db.password");
+        std::fs::write(&pw, "file-pw-1\n").unwrap();
+        let c = load_str(
+            &format!(
+                "[store]\nurl = \"postgres://authswap@db.example:5432/authswap?sslmode=verify-full\"\n\
+                 password_file = {:?}\npool_size = 3\nconnect_timeout = \"2s\"\n",
+                pw.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.store.password.as_ref().unwrap().expose(), "file-pw-1");
+        assert_eq!(c.store.pool_size, 3);
+        assert!(c.missing().iter().all(|m| !m.contains("store.")));
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("file-pw-1"), "{out}");
+        assert!(
+            out.contains(
+                "url = \"postgres://<redacted>@db.example:5432/authswap?sslmode=verify-full\""
+            ),
+            "{out}"
+        );
+        assert!(!format!("{c:?}").contains("file-pw-1"));
+
+        // From the environment, as the password variable.
+        let c = load_str(
+            "",
+            &[
+                ("store.url", "postgres://authswap@db.example/authswap"),
+                ("store.password", "env-pw-2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.store.password.as_ref().unwrap().expose(), "env-pw-2");
+        assert!(c.missing().iter().all(|m| !m.contains("store.")));
+
+        // In the URL, when the admin insists: works, with a warning; never shown.
+        let c = load_str(
+            "[store]\nurl = \"postgres://authswap:url-pw-3@db.example/authswap\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(
+            c.missing()
+                .iter()
+                .any(|m| m.contains("store.url holds the database password")),
+            "{:?}",
+            c.missing()
+        );
+        assert!(!c.to_redacted_toml().contains("url-pw-3"));
+        // In the file as `password`: warned like every secret.
+        let c = load_str(
+            "[store]\nurl = \"postgres://a@db.example/a\"\npassword = \"file-pw-4\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(c
+            .missing()
+            .iter()
+            .any(|m| m.contains("store.password is written")));
+        assert!(!c.to_redacted_toml().contains("file-pw-4"));
+    }
+
+    #[test]
+    fn bad_store_settings_name_the_key() {
+        for (toml, key) in [
+            ("[store]\nurl = \"mysql://a@b/c\"\n", "store.url"),
+            ("[store]\nurl = \"not a url\"\n", "store.url"),
+            (
+                "[store]\nurl = \"postgres://a:secret-pw@b/c?sslmode=sure\"\n",
+                "store.url",
+            ),
+            (
+                "[store]\nurl = \"postgres://a:secret-pw@b/c\"\npassword = \"x\"\n",
+                "store.url",
+            ),
+            ("[store]\npassword = \"x\"\n", "store.password"),
+            ("[store]\npool_size = 0\n", "store.pool_size"),
+            (
+                "[store]\nconnect_timeout = \"0s\"\n",
+                "store.connect_timeout",
+            ),
+            (
+                "[store]\nstatement_timeout = \"2h\"\n",
+                "store.statement_timeout",
+            ),
+        ] {
+            let err = load_str(toml, &[]).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{toml}: {err}");
+            assert!(!err.contains("secret-pw"), "{err}");
+        }
     }
 }

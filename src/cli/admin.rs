@@ -4,7 +4,6 @@
 
 use super::AdminCommand;
 use crate::admin::credential::{admin_base_url, issue_signin_link, SIGNIN_LINK_TTL};
-use crate::store::SqliteStore;
 use std::path::Path;
 
 pub(super) async fn run(path: &Path, cmd: AdminCommand) -> anyhow::Result<()> {
@@ -14,8 +13,8 @@ pub(super) async fn run(path: &Path, cmd: AdminCommand) -> anyhow::Result<()> {
             if !next.starts_with('/') || next.starts_with("//") {
                 anyhow::bail!("--next must be a path on the admin listener, such as /identities");
             }
-            let store = SqliteStore::open(&config.store.path).await?;
-            let nonce = issue_signin_link(&store).await?;
+            let store = crate::store::open(&config).await?;
+            let nonce = issue_signin_link(store.as_ref()).await?;
             let mut url = format!("{}/login/once/{}", admin_base_url(&config), nonce.expose());
             if next != "/identities" {
                 url.push_str("?next=");

@@ -8,8 +8,8 @@ use crate::identity::hash_password;
 use crate::names::{self, Shown};
 use crate::secret::Secret;
 use crate::store::{
-    now_unix, open_sealer, IdentityRecord, KeyUse, Mode, NewIdentity, SqliteStore, Store,
-    ValidationRecord, DEFAULT_TENANT,
+    now_unix, open_sealer, IdentityRecord, KeyUse, Mode, NewIdentity, Store, ValidationRecord,
+    DEFAULT_TENANT,
 };
 use crate::token::{IdpClient, IdpError};
 use anyhow::{anyhow, bail, Context};
@@ -19,7 +19,8 @@ use std::time::Duration;
 
 pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()> {
     let config = super::load_config(path)?;
-    let store = SqliteStore::open(&config.store.path).await?;
+    let opened = crate::store::open(&config).await?;
+    let store: &dyn Store = opened.as_ref();
     match cmd {
         IdentityCommand::Add {
             name,
@@ -35,29 +36,29 @@ pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()>
                 tenant,
                 mode,
             };
-            add(&config, &store, who, password_stdin).await
+            add(&config, store, who, password_stdin).await
         }
-        IdentityCommand::Login { name } => login(&config, &store, &name).await,
+        IdentityCommand::Login { name } => login(&config, store, &name).await,
         IdentityCommand::Import {
             name,
             refresh_token_stdin: _,
             no_verify,
-        } => import(&config, &store, &name, no_verify).await,
-        IdentityCommand::List { status, json } => list(&store, status, json).await,
+        } => import(&config, store, &name, no_verify).await,
+        IdentityCommand::List { status, json } => list(store, status, json).await,
         IdentityCommand::SetPassword {
             name,
             password_stdin,
-        } => set_password(&config, &store, &name, password_stdin).await,
+        } => set_password(&config, store, &name, password_stdin).await,
         IdentityCommand::Validate { name, json } => validate(config, &name, json).await,
         IdentityCommand::Remove { name } => {
             store.remove(&name).await?;
-            audit_cli(&store, "identity.remove", &name).await;
+            audit_cli(store, "identity.remove", &name).await;
             println!("identity {name} removed (refresh token and personal data deleted)");
             Ok(())
         }
         IdentityCommand::Forget { name } => {
             store.forget(&name).await?;
-            audit_cli(&store, "identity.forget", &name).await;
+            audit_cli(store, "identity.forget", &name).await;
             println!(
                 "registration data of {name} deleted (refresh token, account, mailbox, \
                  validations, invitations); set a mailbox and invite again to re-link it"
@@ -65,14 +66,14 @@ pub(super) async fn run(path: &Path, cmd: IdentityCommand) -> anyhow::Result<()>
             Ok(())
         }
         IdentityCommand::ImportCsv { file, json } => {
-            super::invite::import_csv(&config, &store, &file, json).await
+            super::invite::import_csv(&config, store, &file, json).await
         }
     }
 }
 
 /// Records an admin action taken at the command line (best effort: the
 /// action itself already happened).
-pub(super) async fn audit_cli(store: &SqliteStore, action: &str, name: &str) {
+pub(super) async fn audit_cli(store: &dyn Store, action: &str, name: &str) {
     let entry = crate::store::NewAudit {
         actor: "cli",
         action,
@@ -123,7 +124,7 @@ pub(super) fn read_password(from_stdin: bool) -> anyhow::Result<Secret> {
 
 async fn add(
     config: &Config,
-    store: &SqliteStore,
+    store: &dyn Store,
     mut new: NewIdentity,
     password_stdin: bool,
 ) -> anyhow::Result<()> {
@@ -182,7 +183,7 @@ async fn add(
 
 async fn set_password(
     config: &Config,
-    store: &SqliteStore,
+    store: &dyn Store,
     name: &str,
     password_stdin: bool,
 ) -> anyhow::Result<()> {
@@ -194,7 +195,7 @@ async fn set_password(
     Ok(())
 }
 
-async fn get(store: &SqliteStore, name: &str) -> anyhow::Result<IdentityRecord> {
+async fn get(store: &dyn Store, name: &str) -> anyhow::Result<IdentityRecord> {
     store
         .get(name)
         .await?
@@ -235,7 +236,7 @@ fn format_left(d: Duration) -> String {
     format!("{}:{:02}", s / 60, s % 60)
 }
 
-async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Result<()> {
+async fn login(config: &Config, store: &dyn Store, name: &str) -> anyhow::Result<()> {
     let rec = get(store, name).await?;
     let idp = idp(config, &rec)?;
     let sealer = open_sealer(&config.store, store, KeyUse::Link).await?;
@@ -321,7 +322,7 @@ async fn login(config: &Config, store: &SqliteStore, name: &str) -> anyhow::Resu
 
 async fn import(
     config: &Config,
-    store: &SqliteStore,
+    store: &dyn Store,
     name: &str,
     no_verify: bool,
 ) -> anyhow::Result<()> {
@@ -437,7 +438,7 @@ pub(super) fn time(t: Option<i64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-async fn list(store: &SqliteStore, filter: StatusFilter, json: bool) -> anyhow::Result<()> {
+async fn list(store: &dyn Store, filter: StatusFilter, json: bool) -> anyhow::Result<()> {
     let records: Vec<IdentityRecord> = store
         .list()
         .await?

@@ -11,24 +11,24 @@ use crate::names::{self, Shown};
 use crate::onboarding::import::{self, generate_password, ImportError};
 use crate::onboarding::invite::{self, IssuedInvitation};
 use crate::store::{
-    now_unix, IdentityRecord, Mode, NewAudit, NewIdentity, SqliteStore, Status, Store,
-    DEFAULT_TENANT,
+    now_unix, IdentityRecord, Mode, NewAudit, NewIdentity, Status, Store, DEFAULT_TENANT,
 };
 use anyhow::{anyhow, bail};
 use std::path::Path;
 
 pub(super) async fn run(path: &Path, args: InviteArgs) -> anyhow::Result<()> {
     let config = super::load_config(path)?;
-    let store = SqliteStore::open(&config.store.path).await?;
+    let opened = crate::store::open(&config).await?;
+    let store: &dyn Store = opened.as_ref();
     match args.command {
-        Some(InviteCommand::List { json }) => return list(&store, json).await,
+        Some(InviteCommand::List { json }) => return list(store, json).await,
         Some(InviteCommand::Revoke { name }) => {
             let rec = store
                 .get(&name)
                 .await?
                 .ok_or_else(|| anyhow!("no identity named `{name}`"))?;
             let n = store.revoke_invitations(rec.id, now_unix()).await?;
-            audit_cli(&store, "invitation.revoke", &rec.name).await;
+            audit_cli(store, "invitation.revoke", &rec.name).await;
             println!("{n} pending invitation(s) of {} revoked", Shown(&rec.name));
             return Ok(());
         }
@@ -44,7 +44,7 @@ pub(super) async fn run(path: &Path, args: InviteArgs) -> anyhow::Result<()> {
             .collect()
     } else {
         let name = args.name.as_deref().expect("clap requires a name");
-        vec![target(&config, &store, name, &args).await?]
+        vec![target(&config, store, name, &args).await?]
     };
     if targets.is_empty() {
         eprintln!("every identity is linked: nobody to invite");
@@ -61,7 +61,7 @@ pub(super) async fn run(path: &Path, args: InviteArgs) -> anyhow::Result<()> {
     };
     let mut failed = 0;
     for rec in &targets {
-        let issued = invite::issue(&store, &config, rec, "cli").await?;
+        let issued = invite::issue(store, &config, rec, "cli").await?;
         print_invitation(rec, &issued, args.json)?;
         if let Some(app) = &app {
             let outcome = crate::notify::send_invitation_email(app, rec, &issued).await;
@@ -97,7 +97,7 @@ pub(super) async fn run(path: &Path, args: InviteArgs) -> anyhow::Result<()> {
 /// created with `--mailbox`.
 async fn target(
     config: &Config,
-    store: &SqliteStore,
+    store: &dyn Store,
     name: &str,
     args: &InviteArgs,
 ) -> anyhow::Result<IdentityRecord> {
@@ -217,7 +217,7 @@ fn print_invitation(
     Ok(())
 }
 
-async fn list(store: &SqliteStore, json: bool) -> anyhow::Result<()> {
+async fn list(store: &dyn Store, json: bool) -> anyhow::Result<()> {
     let all = store.list_invitations().await?;
     if json {
         let rows: Vec<serde_json::Value> = all
@@ -261,7 +261,7 @@ async fn list(store: &SqliteStore, json: bool) -> anyhow::Result<()> {
 /// `identity import-csv FILE`.
 pub(super) async fn import_csv(
     config: &Config,
-    store: &SqliteStore,
+    store: &dyn Store,
     file: &Path,
     json: bool,
 ) -> anyhow::Result<()> {

@@ -1,14 +1,18 @@
 //! Persistent identity store: the [`Store`] trait that the rest of authswap
-//! uses, its record types, the embedded SQLite implementation and the sealing
-//! of refresh tokens.
+//! uses, its record types, the embedded SQLite implementation, the shared
+//! PostgreSQL one, [`open`] choosing between them, and the sealing of
+//! refresh tokens.
 
+pub mod postgres;
 pub mod seal;
 pub mod sqlite;
 
+pub use postgres::{PgSettings, PostgresStore};
 pub use seal::{open_sealer, KeyError, KeyUse, SealError, SealedToken, Sealer};
 pub use sqlite::SqliteStore;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Link state of an identity.
@@ -404,6 +408,13 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database holds a migration this binary does not know: a newer
+    /// authswap migrated it. Running on it could lose what it stores.
+    #[error("the database schema is newer than this authswap (migration {0}); upgrade authswap")]
+    SchemaTooNew(i64),
+    /// `[store]` cannot be used (names the key; never quotes a password).
+    #[error("{0}")]
+    Config(String),
     /// A file system problem around the database.
     #[error("store {path}: {source}")]
     Io {
@@ -425,6 +436,70 @@ impl crate::error::Failure for StoreError {
             StoreError::Database(_) | StoreError::Batch(_) | StoreError::Io { .. }
         )
     }
+}
+
+/// Applies `migrator` to `pool`, refusing a database that holds a
+/// migration this binary does not know (a newer authswap ran on it).
+async fn migrate<'a, A>(migrator: &sqlx::migrate::Migrator, pool: A) -> Result<(), StoreError>
+where
+    A: sqlx::Acquire<'a>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    match migrator.run(pool).await {
+        Err(sqlx::migrate::MigrateError::VersionMissing(v)) => Err(StoreError::SchemaTooNew(v)),
+        other => Ok(other?),
+    }
+}
+
+/// Opens the configured store: PostgreSQL when `store.url` is set, else
+/// the SQLite file at `store.path`; migrated either way. Every command
+/// that touches identities opens it through here.
+pub async fn open(config: &crate::config::Config) -> Result<Arc<dyn Store>, StoreError> {
+    match postgres_settings(&config.store, &config.tls)? {
+        Some(settings) => Ok(Arc::new(PostgresStore::open(&settings).await?)),
+        None => Ok(Arc::new(SqliteStore::open(&config.store.path).await?)),
+    }
+}
+
+/// The PostgreSQL connection settings of `[store]`, `None` when `url` is
+/// unset: the URL's own options (`sslmode`, default `prefer` as libpq),
+/// the password from `password`/`password_file` when the URL has none,
+/// `[tls] extra_ca_file` as an extra root, the pool size and timeouts.
+pub fn postgres_settings(
+    store: &crate::config::StoreConfig,
+    tls: &crate::config::TlsConfig,
+) -> Result<Option<PgSettings>, StoreError> {
+    let Some(url) = store.url.as_deref().filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let mut options: sqlx::postgres::PgConnectOptions =
+        url.trim().parse().map_err(|e: sqlx::Error| {
+            // sqlx's message may quote the URL; redact its userinfo.
+            StoreError::Config(format!(
+                "store.url: {}",
+                crate::config::redact_userinfo(&e.to_string())
+            ))
+        })?;
+    let url_has_password = url::Url::parse(url.trim())
+        .map(|u| u.password().is_some())
+        .unwrap_or(false);
+    if !url_has_password {
+        if let Some(password) = &store.password {
+            options = options.password(password.expose());
+        }
+    }
+    if let Some(ca) = &tls.extra_ca_file {
+        options = options.ssl_root_cert(ca);
+    }
+    let timeout_ms = store.statement_timeout.as_millis().to_string();
+    options = options
+        .options([("statement_timeout", timeout_ms.as_str())])
+        .application_name("authswap");
+    Ok(Some(PgSettings {
+        options,
+        pool_size: store.pool_size,
+        connect_timeout: store.connect_timeout,
+    }))
 }
 
 /// The key identities are looked up by: the name trimmed, in Unicode NFC,

@@ -163,7 +163,7 @@ impl SqliteStore {
             .min_connections(1)
             .connect_with(options)
             .await?;
-        MIGRATOR.run(&pool).await?;
+        super::migrate(&MIGRATOR, &pool).await?;
         let (rotations, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(rotation_writer(pool.clone(), rx));
         Ok(SqliteStore { pool, rotations })

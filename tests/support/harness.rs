@@ -36,6 +36,8 @@ pub struct Env {
     pub ca_file: PathBuf,
     /// More TOML appended to the configuration (e.g. `[tenants.NAME]`).
     pub extra_toml: std::sync::Mutex<String>,
+    /// `store.url` when the test runs on PostgreSQL ([`Env::use_store_url`]).
+    pub store_url: std::sync::Mutex<Option<String>>,
 }
 
 impl Env {
@@ -75,18 +77,23 @@ impl Env {
             ews,
             ca_file,
             extra_toml: Default::default(),
+            store_url: Default::default(),
         }
     }
 
     /// The configuration as TOML (ports 0, cheap argon2, fast reload).
     pub fn config_toml(&self) -> String {
         let d = self.dir.path().display();
+        let url = match self.store_url.lock().expect("lock").as_deref() {
+            Some(url) => format!("url = \"{url}\"\n"),
+            None => String::new(),
+        };
         format!(
             r#"
 [store]
 path = "{d}/data/authswap.db"
 key_file = "{d}/data/authswap.key"
-
+{url}
 [identity_provider]
 authority = "{authority}"
 tenant = "{TENANT}"
@@ -156,10 +163,23 @@ retry_max = "5s"
         extra.push_str(toml);
     }
 
+    /// Runs this world on the PostgreSQL database at `url` instead of the
+    /// SQLite file (see `support::pg::database`).
+    pub fn use_store_url(&self, url: &str) {
+        *self.store_url.lock().expect("lock") = Some(url.to_owned());
+    }
+
+    /// Opens the configured store (SQLite or PostgreSQL) directly.
+    pub async fn any_store(&self) -> std::sync::Arc<dyn Store> {
+        authswap::store::open(&self.config())
+            .await
+            .expect("open store")
+    }
+
     /// Adds an app-only identity of tenant `tenant`.
     pub async fn add_app(&self, name: &str, mailbox: &str, password: &str, tenant: &str) {
         let config = self.config();
-        let store = self.store().await;
+        let store = self.any_store().await;
         let hash = hash_password(password, &config.auth).expect("hash");
         store
             .create(&authswap::store::NewIdentity {
@@ -189,7 +209,7 @@ retry_max = "5s"
     /// platform; returns that refresh token.
     pub async fn add_linked(&self, name: &str, mailbox: &str, password: &str) -> String {
         let config = self.config();
-        let store = self.store().await;
+        let store = self.any_store().await;
         let hash = hash_password(password, &config.auth).expect("hash");
         let rec = store
             .create(&authswap::store::NewIdentity::delegated(
@@ -198,7 +218,7 @@ retry_max = "5s"
             .await
             .expect("create");
         let rt = self.idp.seed_refresh_token(mailbox);
-        let sealer = open_sealer(&config.store, &store, KeyUse::Link)
+        let sealer = open_sealer(&config.store, store.as_ref(), KeyUse::Link)
             .await
             .expect("key");
         store

@@ -26,4 +26,5 @@ pub mod harness;
 pub mod mail;
 pub mod mailrig;
 pub mod openmetrics;
+pub mod pg;
 pub mod raw;

@@ -1,0 +1,1334 @@
+//! The store's behaviour, written once over `&dyn Store` and run against
+//! both engines: the embedded SQLite file and PostgreSQL (a throwaway
+//! cluster started by `support::pg`; skipped loudly when PostgreSQL is not
+//! installed, a failure when `CI` is set). Also: a database migrated by a
+//! newer authswap is refused, a replica with another sealing key refuses to
+//! start, and `serve` plus the CLI work end to end on PostgreSQL.
+
+mod support;
+
+use authswap::config::Config;
+use authswap::secret::Secret;
+use authswap::store::{
+    open_sealer, Completion, InvitationState, KeyError, KeyUse, LinkedAccount, Mode, NewAudit,
+    NewIdentity, NewInvitation, Sealer, Signin, Status, Store, StoreError, ValidationRecord,
+};
+use std::sync::Arc;
+use tempfile::TempDir;
+
+/// A fresh SQLite store (through `store::open`) and the directory holding it.
+async fn sqlite() -> (Arc<dyn Store>, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.store.path = dir.path().join("data/authswap.db");
+    config.store.key_file = dir.path().join("data/authswap.key");
+    (authswap::store::open(&config).await.unwrap(), dir)
+}
+
+/// The configuration of a fresh PostgreSQL database, or `None` to skip.
+async fn postgres_config() -> Option<(Config, TempDir)> {
+    let url = support::pg::database().await?;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.store.url = Some(url);
+    config.store.path = dir.path().join("unused.db");
+    config.store.key_file = dir.path().join("authswap.key");
+    Some((config, dir))
+}
+
+/// A fresh PostgreSQL store (through `store::open`), or `None` to skip.
+async fn postgres() -> Option<Arc<dyn Store>> {
+    let (config, _dir) = postgres_config().await?;
+    Some(authswap::store::open(&config).await.unwrap())
+}
+
+/// Runs each behaviour against SQLite and PostgreSQL.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                let (store, _dir) = super::sqlite().await;
+                super::$name(store.as_ref()).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(store) = super::postgres().await {
+                    super::$name(store.as_ref()).await;
+                }
+            }
+        }
+    )*};
+}
+
+on_both_engines!(
+    create_get_list,
+    create_many_is_all_or_nothing,
+    link_and_rotate_compare_and_set,
+    refresh_outcomes_and_status,
+    upstream_refusal,
+    tenant_blocks,
+    invitations,
+    signins_and_admin_links_work_once,
+    validations_and_notifications,
+    audit_log_pages,
+    forget_and_remove,
+    token_keys,
+);
+
+fn delegated(name: &str) -> NewIdentity {
+    NewIdentity::delegated(name, &format!("{name}@contoso.com"), "$argon2id$hash")
+}
+
+fn sealer() -> Sealer {
+    Sealer::from_key(&[7; 32])
+}
+
+fn seal(id: i64, token: &str) -> authswap::store::SealedToken {
+    sealer().seal(id, &Secret::new(token))
+}
+
+async fn create_get_list(store: &dyn Store) {
+    let r0 = store.revision().await.unwrap();
+    let bob = store.create(&delegated("Bob")).await.unwrap();
+    assert_eq!(bob.status, Status::Pending);
+    assert_eq!(bob.name, "Bob");
+    assert_eq!(bob.mailbox, "Bob@contoso.com");
+    assert_eq!(bob.tenant, "default");
+    assert_eq!(bob.mode, Mode::Delegated);
+    assert!(!bob.has_refresh_token);
+    assert_eq!(bob.token_generation, 0);
+    assert!(store.revision().await.unwrap() > r0, "create bumps");
+
+    let app = store
+        .create(&NewIdentity {
+            name: " Ärger ".into(),
+            mailbox: " scanner@fabrikam.com ".into(),
+            password_hash: "h".into(),
+            tenant: "fabrikam".into(),
+            mode: Mode::App,
+        })
+        .await
+        .unwrap();
+    assert_eq!(app.status, Status::Linked, "app-only needs no link");
+    assert_eq!(app.name, "Ärger", "trimmed");
+    assert_eq!(app.mailbox, "scanner@fabrikam.com");
+    assert_eq!((app.tenant.as_str(), app.mode), ("fabrikam", Mode::App));
+    store.create(&delegated("alice")).await.unwrap();
+
+    // Names are case-insensitive (Unicode too), for lookups and uniqueness.
+    assert_eq!(store.get("BOB").await.unwrap().unwrap().id, bob.id);
+    assert_eq!(store.get("ärger").await.unwrap().unwrap().id, app.id);
+    assert!(store.get("nobody").await.unwrap().is_none());
+    for taken in ["bob", " BOB ", "ÄRGER"] {
+        match store.create(&delegated(taken)).await {
+            Err(StoreError::AlreadyExists(n)) => assert_eq!(n, taken.trim()),
+            other => panic!("{taken}: {other:?}"),
+        }
+    }
+    // Ordered by the lookup key, bytewise (as SQLite does).
+    let names: Vec<String> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, ["alice", "Bob", "Ärger"]);
+
+    let r1 = store.revision().await.unwrap();
+    store.set_password("bob", "$new").await.unwrap();
+    assert_eq!(
+        store.get("bob").await.unwrap().unwrap().password_hash,
+        "$new"
+    );
+    assert!(
+        store.revision().await.unwrap() > r1,
+        "password change bumps"
+    );
+    assert!(matches!(
+        store.set_password("nobody", "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+    let r2 = store.revision().await.unwrap();
+    store.set_mailbox("BOB", " b@x ").await.unwrap();
+    assert_eq!(store.get("bob").await.unwrap().unwrap().mailbox, "b@x");
+    assert!(store.revision().await.unwrap() > r2, "mailbox change bumps");
+    assert!(matches!(
+        store.set_mailbox("nobody", "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn create_many_is_all_or_nothing(store: &dyn Store) {
+    store.create(&delegated("taken")).await.unwrap();
+    let r0 = store.revision().await.unwrap();
+    let batch = [delegated("a1"), delegated("a2"), delegated("TAKEN")];
+    assert!(matches!(
+        store.create_many(&batch, "cli").await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(store.get("a1").await.unwrap().is_none(), "rolled back");
+    assert_eq!(store.revision().await.unwrap(), r0);
+    let dup = [delegated("b1"), delegated("B1")];
+    assert!(store.create_many(&dup, "cli").await.is_err());
+    assert!(store.get("b1").await.unwrap().is_none());
+
+    let made = store
+        .create_many(&[delegated("c1"), delegated("c2")], "admin")
+        .await
+        .unwrap();
+    assert_eq!(made.len(), 2);
+    assert!(store.revision().await.unwrap() > r0);
+    let log = store.audit_log(None, None, 10).await.unwrap();
+    assert_eq!(log.len(), 2, "one audit entry per imported identity");
+    assert_eq!(log[0].identity.as_deref(), Some("c2"));
+    assert_eq!(
+        (
+            log[1].actor.as_str(),
+            log[1].action.as_str(),
+            log[1].outcome.as_str()
+        ),
+        ("admin", "identity.create", "ok")
+    );
+    assert_eq!(log[1].detail.as_deref(), Some("imported"));
+}
+
+async fn link_and_rotate_compare_and_set(store: &dyn Store) {
+    let rec = store.create(&delegated("carol")).await.unwrap();
+    assert!(store.refresh_token(rec.id).await.unwrap().is_none());
+    let r0 = store.revision().await.unwrap();
+    let t1 = seal(rec.id, "rt-1");
+    store.link(rec.id, &t1).await.unwrap();
+    assert!(store.revision().await.unwrap() > r0, "link bumps");
+    let got = store.get("carol").await.unwrap().unwrap();
+    assert_eq!(got.status, Status::Linked);
+    assert!(got.has_refresh_token);
+    assert_eq!(got.token_generation, 1);
+    assert!(got.linked_at.is_some());
+    assert!(got.account.is_none());
+    assert_eq!(
+        store.refresh_token(rec.id).await.unwrap(),
+        Some((t1.clone(), 1))
+    );
+    assert_eq!(
+        sealer()
+            .open(
+                rec.id,
+                &store.refresh_token(rec.id).await.unwrap().unwrap().0
+            )
+            .unwrap()
+            .expose(),
+        "rt-1"
+    );
+
+    // Rotation: compare-and-set on the generation; a plain rotation does not
+    // bump the revision.
+    let r1 = store.revision().await.unwrap();
+    let t2 = seal(rec.id, "rt-2");
+    assert!(store.rotate(rec.id, 1, &t2, 100).await.unwrap());
+    assert_eq!(store.revision().await.unwrap(), r1);
+    let got = store.get("carol").await.unwrap().unwrap();
+    assert_eq!(got.last_success_at, Some(100));
+    assert_eq!(got.token_generation, 1, "rotation keeps the generation");
+    assert_eq!(
+        store.refresh_token(rec.id).await.unwrap(),
+        Some((t2.clone(), 1))
+    );
+
+    // Re-linked meanwhile: the stale rotation changes nothing.
+    let account = LinkedAccount {
+        upn: "carol@contoso.com".into(),
+        oid: "oid-1".into(),
+        tid: "tid-1".into(),
+    };
+    let t3 = seal(rec.id, "rt-3");
+    store.link_account(rec.id, &t3, &account).await.unwrap();
+    let got = store.get("carol").await.unwrap().unwrap();
+    assert_eq!(got.token_generation, 2);
+    assert_eq!(got.account, Some(account));
+    assert!(!store
+        .rotate(rec.id, 1, &seal(rec.id, "stale"), 101)
+        .await
+        .unwrap());
+    assert_eq!(store.refresh_token(rec.id).await.unwrap(), Some((t3, 2)));
+
+    // A rotation that recovers from needs_reauth bumps and audits.
+    store
+        .record_failure(rec.id, true, "AADSTS70008", 102)
+        .await
+        .unwrap();
+    let r2 = store.revision().await.unwrap();
+    assert!(store.rotate(rec.id, 2, &t2, 103).await.unwrap());
+    assert!(store.revision().await.unwrap() > r2);
+    assert_eq!(
+        store.get("carol").await.unwrap().unwrap().status,
+        Status::Linked
+    );
+    let log = store.audit_log(Some("carol"), None, 1).await.unwrap();
+    assert_eq!(log[0].action, "status.recovered");
+
+    assert!(matches!(
+        store.rotate(9_999_999, 0, &t2, 1).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.link(9_999_999, &t2).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn refresh_outcomes_and_status(store: &dyn Store) {
+    let rec = store.create(&delegated("dave")).await.unwrap();
+    store.link(rec.id, &seal(rec.id, "rt")).await.unwrap();
+    // Times after the link's own success.
+    let t = authswap::store::now_unix() + 1000;
+
+    // A transient failure: error and time recorded, no status change, no bump.
+    let r0 = store.revision().await.unwrap();
+    store
+        .record_failure(rec.id, false, "timeout", t + 10)
+        .await
+        .unwrap();
+    assert_eq!(store.revision().await.unwrap(), r0);
+    let got = store.get("dave").await.unwrap().unwrap();
+    assert_eq!(got.status, Status::Linked);
+    assert_eq!(got.last_error.as_deref(), Some("timeout"));
+    assert_eq!(got.last_failure_at, Some(t + 10));
+    assert!(!got.is_ok(), "failed after the last success");
+
+    store.record_success(rec.id, t + 11).await.unwrap();
+    assert_eq!(store.revision().await.unwrap(), r0, "still linked: no bump");
+    let got = store.get("dave").await.unwrap().unwrap();
+    assert_eq!(got.last_error, None);
+    assert_eq!(got.last_success_at, Some(t + 11));
+    assert!(got.is_ok());
+
+    // Needs re-authentication: status, bump, one audit entry.
+    store
+        .record_failure(rec.id, true, "AADSTS700082", t + 12)
+        .await
+        .unwrap();
+    let r1 = store.revision().await.unwrap();
+    assert!(r1 > r0);
+    store
+        .record_failure(rec.id, true, "AADSTS700082", t + 13)
+        .await
+        .unwrap();
+    let got = store.get("dave").await.unwrap().unwrap();
+    assert_eq!(got.status, Status::NeedsReauth);
+    assert_eq!(got.last_error.as_deref(), Some("AADSTS700082"));
+    let log = store.audit_log(Some("dave"), None, 100).await.unwrap();
+    let needs: Vec<_> = log
+        .iter()
+        .filter(|e| e.action == "status.needs_reauth")
+        .collect();
+    assert_eq!(needs.len(), 1, "audited once");
+    assert_eq!(
+        (
+            needs[0].actor.as_str(),
+            needs[0].outcome.as_str(),
+            needs[0].detail.as_deref()
+        ),
+        ("system", "needs_reauth", Some("AADSTS700082"))
+    );
+
+    let r2 = store.revision().await.unwrap();
+    store.record_success(rec.id, t + 14).await.unwrap();
+    assert!(store.revision().await.unwrap() > r2, "recovery bumps");
+    assert_eq!(
+        store.get("dave").await.unwrap().unwrap().status,
+        Status::Linked
+    );
+    assert!(matches!(
+        store.record_success(9_999_999, 1).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.record_failure(9_999_999, false, "x", 1).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn upstream_refusal(store: &dyn Store) {
+    let rec = store.create(&delegated("erin")).await.unwrap();
+    store.link(rec.id, &seal(rec.id, "rt")).await.unwrap();
+    let words = "535 5.7.139 SMTP AUTH is disabled";
+    let r0 = store.revision().await.unwrap();
+    store
+        .set_upstream_refusal(rec.id, Some(words), 5)
+        .await
+        .unwrap();
+    let r1 = store.revision().await.unwrap();
+    assert!(r1 > r0);
+    let got = store.get("erin").await.unwrap().unwrap();
+    assert_eq!(got.status, Status::UpstreamRefused);
+    assert_eq!(got.last_error.as_deref(), Some(words));
+    assert_eq!(got.shown_status(), "upstream_refused");
+    // Same words: no change; token refreshes leave it alone.
+    store
+        .set_upstream_refusal(rec.id, Some(words), 6)
+        .await
+        .unwrap();
+    assert_eq!(store.revision().await.unwrap(), r1);
+    assert!(store
+        .rotate(rec.id, 1, &seal(rec.id, "rt2"), 7)
+        .await
+        .unwrap());
+    store.record_success(rec.id, 8).await.unwrap();
+    assert_eq!(
+        store.get("erin").await.unwrap().unwrap().status,
+        Status::UpstreamRefused
+    );
+    // Needs re-authentication wins over the refusal.
+    store.record_failure(rec.id, true, "gone", 9).await.unwrap();
+    assert_eq!(
+        store.get("erin").await.unwrap().unwrap().status,
+        Status::NeedsReauth
+    );
+    store.record_success(rec.id, 10).await.unwrap();
+    let r2 = store.revision().await.unwrap();
+    store.set_upstream_refusal(rec.id, None, 11).await.unwrap();
+    assert!(store.revision().await.unwrap() > r2);
+    let got = store.get("erin").await.unwrap().unwrap();
+    assert_eq!((got.status, got.last_error), (Status::Linked, None));
+    assert_eq!(got.last_success_at, Some(11));
+    let r3 = store.revision().await.unwrap();
+    store.set_upstream_refusal(rec.id, None, 12).await.unwrap();
+    assert_eq!(store.revision().await.unwrap(), r3, "nothing to clear");
+    // Linking again clears a refusal.
+    store
+        .set_upstream_refusal(rec.id, Some(words), 13)
+        .await
+        .unwrap();
+    store.link(rec.id, &seal(rec.id, "rt3")).await.unwrap();
+    assert_eq!(
+        store.get("erin").await.unwrap().unwrap().status,
+        Status::Linked
+    );
+    let actions: Vec<String> = store
+        .audit_log(Some("erin"), None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert!(actions.contains(&"status.upstream_refused".to_owned()));
+}
+
+async fn tenant_blocks(store: &dyn Store) {
+    let app = |name: &str, tenant: &str| NewIdentity {
+        name: name.into(),
+        mailbox: format!("{name}@x"),
+        password_hash: "h".into(),
+        tenant: tenant.into(),
+        mode: Mode::App,
+    };
+    store.create(&app("scan1", "fabrikam")).await.unwrap();
+    store.create(&app("scan2", "other")).await.unwrap();
+    let r0 = store.revision().await.unwrap();
+    assert!(store
+        .set_tenant_block("fabrikam", Some("AADSTS7000222 secret expired"), 50)
+        .await
+        .unwrap());
+    assert!(store.revision().await.unwrap() > r0);
+    let r1 = store.revision().await.unwrap();
+    assert!(
+        !store
+            .set_tenant_block("fabrikam", Some("AADSTS7000222 secret expired"), 51)
+            .await
+            .unwrap(),
+        "same reason: no change"
+    );
+    assert_eq!(store.revision().await.unwrap(), r1);
+    assert!(store
+        .set_tenant_block("fabrikam", Some("AADSTS7000215 wrong secret"), 52)
+        .await
+        .unwrap());
+    assert_eq!(
+        store.tenant_blocks().await.unwrap(),
+        vec![(
+            "fabrikam".to_owned(),
+            "AADSTS7000215 wrong secret".to_owned(),
+            50
+        )]
+    );
+    let s1 = store.get("scan1").await.unwrap().unwrap();
+    assert_eq!(
+        s1.tenant_block.as_deref(),
+        Some("AADSTS7000215 wrong secret")
+    );
+    assert_eq!(s1.shown_status(), "app_credential");
+    assert_eq!(s1.shown_error(), Some("AADSTS7000215 wrong secret"));
+    assert!(!s1.is_ok());
+    let s2 = store.get("scan2").await.unwrap().unwrap();
+    assert_eq!(s2.tenant_block, None);
+    assert!(s2.is_ok());
+    assert!(store
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.name == "scan1" && r.tenant_block.is_some()));
+    let log = store.audit_log(None, None, 1).await.unwrap();
+    assert_eq!(
+        (log[0].action.as_str(), log[0].outcome.as_str()),
+        ("tenant.blocked", "fabrikam")
+    );
+
+    assert!(store.set_tenant_block("fabrikam", None, 60).await.unwrap());
+    assert!(!store.set_tenant_block("fabrikam", None, 61).await.unwrap());
+    assert!(store.tenant_blocks().await.unwrap().is_empty());
+    assert_eq!(
+        store.get("scan1").await.unwrap().unwrap().tenant_block,
+        None
+    );
+}
+
+fn invitation(identity_id: i64, n: u8, created_at: i64, expires_at: i64) -> NewInvitation {
+    NewInvitation {
+        identity_id,
+        token_hash: vec![n; 32],
+        code_hash: vec![n.wrapping_add(100); 32],
+        created_at,
+        expires_at,
+        actor: "cli".into(),
+    }
+}
+
+async fn invitations(store: &dyn Store) {
+    let now = authswap::store::now_unix();
+    let rec = store.create(&delegated("frank")).await.unwrap();
+    let r0 = store.revision().await.unwrap();
+    let first = store
+        .create_invitation(&invitation(rec.id, 1, now, now + 3600))
+        .await
+        .unwrap();
+    assert!(store.revision().await.unwrap() > r0);
+    assert_eq!(first.state, InvitationState::Pending);
+    assert_eq!(
+        (
+            first.identity.as_str(),
+            first.mailbox.as_str(),
+            first.tenant.as_str()
+        ),
+        ("frank", "frank@contoso.com", "default")
+    );
+    assert_eq!(
+        store.invitation_by_token(&[1; 32]).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(
+        store.invitation_by_code(&[101; 32]).await.unwrap(),
+        Some(first.clone())
+    );
+    assert!(store.invitation_by_token(&[9; 32]).await.unwrap().is_none());
+
+    // A newer invitation revokes the older pending one.
+    let second = store
+        .create_invitation(&invitation(rec.id, 2, now + 1, now + 3600))
+        .await
+        .unwrap();
+    let old = store.invitation(first.id).await.unwrap().unwrap();
+    assert_eq!(old.state, InvitationState::Revoked);
+    assert_eq!(old.finished_at, Some(now + 1));
+    let listed: Vec<i64> = store
+        .list_invitations()
+        .await
+        .unwrap()
+        .iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(listed, vec![second.id, first.id], "newest first");
+
+    // Completing: links the identity, once.
+    let account = LinkedAccount {
+        upn: "frank@contoso.com".into(),
+        oid: "o".into(),
+        tid: "t".into(),
+    };
+    let token = seal(rec.id, "rt-invited");
+    assert_eq!(
+        store
+            .complete_invitation(first.id, &token, &account, now + 2)
+            .await
+            .unwrap(),
+        Completion::NotPending(InvitationState::Revoked)
+    );
+    assert_eq!(
+        store
+            .complete_invitation(second.id, &token, &account, now + 2)
+            .await
+            .unwrap(),
+        Completion::Linked
+    );
+    let got = store.get("frank").await.unwrap().unwrap();
+    assert_eq!(got.status, Status::Linked);
+    assert_eq!(got.account, Some(account.clone()));
+    assert_eq!(got.token_generation, 1);
+    assert_eq!(
+        store.invitation(second.id).await.unwrap().unwrap().state,
+        InvitationState::Completed
+    );
+    assert_eq!(
+        store
+            .complete_invitation(second.id, &token, &account, now + 3)
+            .await
+            .unwrap(),
+        Completion::NotPending(InvitationState::Completed)
+    );
+    assert_eq!(
+        store
+            .complete_invitation(9_999_999, &token, &account, now)
+            .await
+            .unwrap(),
+        Completion::NotPending(InvitationState::Revoked)
+    );
+
+    // Expiry is applied at read time and refuses completion.
+    let expired = store
+        .create_invitation(&invitation(rec.id, 3, now - 100, now - 1))
+        .await
+        .unwrap();
+    // (Read at its creation time, it was still pending.)
+    assert_eq!(expired.state, InvitationState::Pending);
+    assert_eq!(
+        store.invitation(expired.id).await.unwrap().unwrap().state,
+        InvitationState::Expired
+    );
+    assert_eq!(
+        store
+            .complete_invitation(expired.id, &token, &account, now)
+            .await
+            .unwrap(),
+        Completion::NotPending(InvitationState::Expired)
+    );
+
+    // Revoking: how many, and only pending ones.
+    let third = store
+        .create_invitation(&invitation(rec.id, 4, now, now + 60))
+        .await
+        .unwrap();
+    store
+        .put_signin(&signin(third.id, 40, now + 600))
+        .await
+        .unwrap();
+    let r1 = store.revision().await.unwrap();
+    assert_eq!(store.revoke_invitations(rec.id, now + 5).await.unwrap(), 1);
+    assert!(store.revision().await.unwrap() > r1);
+    assert_eq!(
+        store.invitation(third.id).await.unwrap().unwrap().state,
+        InvitationState::Revoked
+    );
+    assert!(
+        store.take_signin(&[40; 32], now).await.unwrap().is_none(),
+        "revoking drops the sign-ins in progress"
+    );
+    let r2 = store.revision().await.unwrap();
+    assert_eq!(store.revoke_invitations(rec.id, now + 6).await.unwrap(), 0);
+    assert_eq!(store.revision().await.unwrap(), r2);
+
+    // Unique hashes.
+    assert!(store
+        .create_invitation(&invitation(rec.id, 4, now, now + 60))
+        .await
+        .is_err());
+}
+
+fn signin(invitation_id: i64, n: u8, expires_at: i64) -> Signin {
+    Signin {
+        state_hash: vec![n; 32],
+        invitation_id,
+        verifier: Secret::new(format!("verifier-{n}")),
+        nonce: format!("nonce-{n}"),
+        expires_at,
+    }
+}
+
+async fn signins_and_admin_links_work_once(store: &dyn Store) {
+    let now = authswap::store::now_unix();
+    let rec = store.create(&delegated("gina")).await.unwrap();
+    let inv = store
+        .create_invitation(&invitation(rec.id, 1, now, now + 3600))
+        .await
+        .unwrap();
+    store
+        .put_signin(&signin(inv.id, 10, now + 600))
+        .await
+        .unwrap();
+    store
+        .put_signin(&signin(inv.id, 11, now + 1))
+        .await
+        .unwrap();
+    let taken = store.take_signin(&[10; 32], now).await.unwrap().unwrap();
+    assert_eq!(taken, signin(inv.id, 10, now + 600));
+    assert!(
+        store.take_signin(&[10; 32], now).await.unwrap().is_none(),
+        "single use"
+    );
+    assert!(
+        store
+            .take_signin(&[11; 32], now + 1)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
+    assert!(store.take_signin(&[12; 32], now).await.unwrap().is_none());
+
+    store.put_admin_link(&[1; 32], now + 300).await.unwrap();
+    store.put_admin_link(&[2; 32], now + 1).await.unwrap();
+    assert!(store.take_admin_link(&[1; 32], now).await.unwrap());
+    assert!(!store.take_admin_link(&[1; 32], now).await.unwrap(), "once");
+    assert!(!store.take_admin_link(&[2; 32], now + 1).await.unwrap());
+    assert!(!store.take_admin_link(&[3; 32], now).await.unwrap());
+}
+
+async fn validations_and_notifications(store: &dyn Store) {
+    let a = store.create(&delegated("hank")).await.unwrap();
+    let b = store.create(&delegated("ida")).await.unwrap();
+    let v = |protocol: &str, at: i64, ok: bool| ValidationRecord {
+        protocol: protocol.into(),
+        at,
+        ok,
+        answer: format!("answer {at}"),
+        meaning: "meaning".into(),
+    };
+    store
+        .record_validation(b.id, &v("smtp", 1, false))
+        .await
+        .unwrap();
+    store
+        .record_validation(a.id, &v("smtp", 2, true))
+        .await
+        .unwrap();
+    store
+        .record_validation(a.id, &v("ews", 3, true))
+        .await
+        .unwrap();
+    store
+        .record_validation(b.id, &v("smtp", 4, true))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.validations().await.unwrap(),
+        vec![
+            (a.id, v("ews", 3, true)),
+            (a.id, v("smtp", 2, true)),
+            (b.id, v("smtp", 4, true)),
+        ],
+        "one per identity and protocol, the last one"
+    );
+
+    assert!(store
+        .claim_notification(a.id, "needs_reauth", 1000, 3600)
+        .await
+        .unwrap());
+    assert!(!store
+        .claim_notification(a.id, "needs_reauth", 1001, 3600)
+        .await
+        .unwrap());
+    assert!(store
+        .claim_notification(a.id, "expiring", 1001, 3600)
+        .await
+        .unwrap());
+    assert!(store
+        .claim_notification(b.id, "needs_reauth", 1001, 3600)
+        .await
+        .unwrap());
+    assert!(store
+        .claim_notification(a.id, "needs_reauth", 4600, 3600)
+        .await
+        .unwrap());
+    assert!(!store
+        .claim_notification(a.id, "needs_reauth", 4601, 3600)
+        .await
+        .unwrap());
+}
+
+async fn audit_log_pages(store: &dyn Store) {
+    for i in 0..5 {
+        let detail = format!("d{i}");
+        store
+            .audit(&NewAudit {
+                actor: "admin",
+                action: "identity.test",
+                identity: Some(if i % 2 == 0 { "even" } else { "odd" }),
+                outcome: "ok",
+                detail: Some(&detail),
+            })
+            .await
+            .unwrap();
+    }
+    store
+        .audit(&NewAudit {
+            actor: "cli",
+            action: "config.test",
+            identity: None,
+            outcome: "ok",
+            detail: None,
+        })
+        .await
+        .unwrap();
+    let all = store.audit_log(None, None, 100).await.unwrap();
+    assert_eq!(all.len(), 6);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    assert_eq!(all[0].identity, None);
+    assert!(all[0].at > 0);
+    let page = store.audit_log(None, None, 2).await.unwrap();
+    assert_eq!(page, all[..2]);
+    let next = store.audit_log(None, Some(page[1].id), 2).await.unwrap();
+    assert_eq!(next, all[2..4]);
+    let even = store.audit_log(Some("even"), None, 100).await.unwrap();
+    let details: Vec<_> = even.iter().map(|e| e.detail.clone().unwrap()).collect();
+    assert_eq!(details, ["d4", "d2", "d0"]);
+    let older = store
+        .audit_log(Some("even"), Some(even[0].id), 100)
+        .await
+        .unwrap();
+    assert_eq!(older, even[1..]);
+    assert_eq!(
+        store.audit_log(None, None, 0).await.unwrap().len(),
+        1,
+        "at least one"
+    );
+}
+
+async fn forget_and_remove(store: &dyn Store) {
+    let now = authswap::store::now_unix();
+    let rec = store.create(&delegated("jack")).await.unwrap();
+    let account = LinkedAccount {
+        upn: "jack@contoso.com".into(),
+        oid: "o".into(),
+        tid: "t".into(),
+    };
+    store
+        .link_account(rec.id, &seal(rec.id, "rt"), &account)
+        .await
+        .unwrap();
+    store
+        .set_upstream_refusal(rec.id, Some("refused"), 3)
+        .await
+        .unwrap();
+    store
+        .record_validation(
+            rec.id,
+            &ValidationRecord {
+                protocol: "smtp".into(),
+                at: 1,
+                ok: true,
+                answer: "235".into(),
+                meaning: "ok".into(),
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .claim_notification(rec.id, "needs_reauth", 1, 10)
+        .await
+        .unwrap();
+    store
+        .create_invitation(&invitation(rec.id, 5, now, now + 60))
+        .await
+        .unwrap();
+    store
+        .audit(&NewAudit {
+            actor: "admin",
+            action: "identity.note",
+            identity: Some("jack"),
+            outcome: "ok",
+            detail: Some("personal detail"),
+        })
+        .await
+        .unwrap();
+
+    let r0 = store.revision().await.unwrap();
+    store.forget("JACK").await.unwrap();
+    assert!(store.revision().await.unwrap() > r0);
+    let got = store.get("jack").await.unwrap().unwrap();
+    assert_eq!(got.status, Status::Pending);
+    assert_eq!(got.mailbox, "");
+    assert_eq!(got.password_hash, "$argon2id$hash", "the password stays");
+    assert!(!got.has_refresh_token);
+    assert_eq!(
+        (
+            got.account,
+            got.last_error,
+            got.linked_at,
+            got.last_success_at
+        ),
+        (None, None, None, None)
+    );
+    assert_eq!(
+        got.token_generation, 2,
+        "a stale rotation cannot restore it"
+    );
+    assert!(store.refresh_token(rec.id).await.unwrap().is_none());
+    assert!(store.validations().await.unwrap().is_empty());
+    assert!(store.list_invitations().await.unwrap().is_empty());
+    assert!(
+        store
+            .claim_notification(rec.id, "needs_reauth", 2, 10)
+            .await
+            .unwrap(),
+        "notification state forgotten"
+    );
+    assert!(store
+        .audit_log(Some("jack"), None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.detail.is_none()));
+    assert!(matches!(
+        store.forget("nobody").await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    store.set_mailbox("jack", "new@contoso.com").await.unwrap();
+    let r1 = store.revision().await.unwrap();
+    store.remove("Jack").await.unwrap();
+    assert!(store.revision().await.unwrap() > r1);
+    assert!(store.get("jack").await.unwrap().is_none());
+    assert!(matches!(
+        store.remove("jack").await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Ids are never reused.
+    let again = store.create(&delegated("jack")).await.unwrap();
+    assert!(again.id > rec.id);
+}
+
+async fn token_keys(store: &dyn Store) {
+    assert!(store.token_keys().await.unwrap().is_empty());
+    let b = store.create(&delegated("b")).await.unwrap();
+    let a = store.create(&delegated("A")).await.unwrap();
+    store.create(&delegated("c")).await.unwrap();
+    store.link(b.id, &seal(b.id, "x")).await.unwrap();
+    let other = Sealer::from_key(&[8; 32]);
+    store
+        .link(a.id, &other.seal(a.id, &Secret::new("y")))
+        .await
+        .unwrap();
+    let keys: Vec<(String, String)> = store
+        .token_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.name, k.key_id))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("A".to_owned(), other.key_id().to_owned()),
+            ("b".to_owned(), sealer().key_id().to_owned()),
+        ]
+    );
+}
+
+/// A replica given another sealing key than the one that sealed the stored
+/// tokens refuses to start, saying which key is needed.
+async fn other_key_is_refused(config: &mut Config, store: &dyn Store) {
+    let rec = store.create(&delegated("kim")).await.unwrap();
+    store.link(rec.id, &seal(rec.id, "rt")).await.unwrap();
+    config.store.key = Some(Secret::new("07".repeat(32)));
+    open_sealer(&config.store, store, KeyUse::Serve)
+        .await
+        .expect("the right key works");
+    config.store.key = Some(Secret::new("08".repeat(32)));
+    let err = open_sealer(&config.store, store, KeyUse::Serve)
+        .await
+        .expect_err("another key is refused");
+    assert!(matches!(err, KeyError::Mismatch { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("kim"), "{text}");
+    assert!(text.contains(sealer().key_id()), "{text}");
+    assert!(text.contains("restore the key"), "{text}");
+}
+
+#[tokio::test]
+async fn sqlite_replica_with_another_key_refuses_to_start() {
+    let (store, dir) = sqlite().await;
+    let mut config = Config::default();
+    config.store.key_file = dir.path().join("k");
+    other_key_is_refused(&mut config, store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn postgres_replica_with_another_key_refuses_to_start() {
+    let Some((mut config, _dir)) = postgres_config().await else {
+        return;
+    };
+    let store = authswap::store::open(&config).await.unwrap();
+    other_key_is_refused(&mut config, store.as_ref()).await;
+}
+
+fn assert_too_new(result: Result<Arc<dyn Store>, StoreError>) {
+    match result {
+        Err(e @ StoreError::SchemaTooNew(9999)) => assert_eq!(
+            e.to_string(),
+            "the database schema is newer than this authswap (migration 9999); upgrade authswap"
+        ),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn sqlite_newer_schema_is_refused() {
+    use sqlx::Connection as _;
+    let (store, dir) = sqlite().await;
+    drop(store);
+    let path = dir.path().join("data/authswap.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+         execution_time) VALUES (9999, 'from the future', TRUE, ?, 0)",
+    )
+    .bind(vec![0u8; 48])
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let mut config = Config::default();
+    config.store.path = path;
+    assert_too_new(authswap::store::open(&config).await);
+}
+
+#[tokio::test]
+async fn postgres_newer_schema_is_refused() {
+    use sqlx::Connection as _;
+    let Some((config, _dir)) = postgres_config().await else {
+        return;
+    };
+    drop(authswap::store::open(&config).await.unwrap());
+    let mut conn = sqlx::PgConnection::connect(config.store.url.as_deref().unwrap())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+         execution_time) VALUES (9999, 'from the future', TRUE, $1, 0)",
+    )
+    .bind(vec![0u8; 48])
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    assert_too_new(authswap::store::open(&config).await);
+}
+
+#[tokio::test]
+async fn postgres_reopen_keeps_everything() {
+    let Some((config, _dir)) = postgres_config().await else {
+        return;
+    };
+    let store = authswap::store::open(&config).await.unwrap();
+    let rec = store.create(&delegated("lena")).await.unwrap();
+    let token = seal(rec.id, "rt");
+    store.link(rec.id, &token).await.unwrap();
+    drop(store);
+    // Migrations already applied: opening again is a no-op.
+    let store = authswap::store::open(&config).await.unwrap();
+    assert_eq!(store.refresh_token(rec.id).await.unwrap(), Some((token, 1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_rotations_compare_and_set() {
+    let Some(store) = postgres().await else {
+        return;
+    };
+    let rec = store.create(&delegated("mona")).await.unwrap();
+    store.link(rec.id, &seal(rec.id, "rt-0")).await.unwrap();
+    // Many rotations of the same generation at once: all succeed (the
+    // engine rotates one at a time per identity); one re-link in the middle
+    // makes every later one with the old generation fail.
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            let token = seal(rec.id, &format!("rt-{i}"));
+            tokio::spawn(async move { store.rotate(rec.id, 1, &token, i).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap());
+    }
+    store.link(rec.id, &seal(rec.id, "relinked")).await.unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            let token = seal(rec.id, &format!("late-{i}"));
+            tokio::spawn(async move { store.rotate(rec.id, 1, &token, i).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(!t.await.unwrap().unwrap());
+    }
+    let (sealed, generation) = store.refresh_token(rec.id).await.unwrap().unwrap();
+    assert_eq!(generation, 2);
+    assert_eq!(sealer().open(rec.id, &sealed).unwrap().expose(), "relinked");
+}
+
+/// `authswap serve` on PostgreSQL serves a linked identity's EWS request
+/// through the doubles, and the CLI (a separate process) sees and changes
+/// the same identities.
+#[tokio::test]
+async fn serve_and_cli_on_postgres() {
+    use http::StatusCode;
+    use support::harness::{Env, HttpClient, SOAP};
+    let Some(url) = support::pg::database().await else {
+        return;
+    };
+    let env = Env::start().await;
+    env.use_store_url(&url);
+    env.add_linked("alice", "alice@contoso.com", "alice-local-pw")
+        .await;
+    let server = env.serve().await;
+    let addr = server.http_addr().unwrap();
+    let reply = HttpClient::default()
+        .ews(addr, "Alice", "alice-local-pw", SOAP)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.text(), SOAP);
+    let seen = env.ews.last_request().unwrap();
+    assert!(seen.header("authorization").unwrap().starts_with("Bearer "));
+    assert!(
+        !env.dir.path().join("data/authswap.db").exists(),
+        "nothing went to SQLite"
+    );
+
+    let add = env.cli(
+        &[
+            "identity",
+            "add",
+            "bob",
+            "--mailbox",
+            "bob@contoso.com",
+            "--password-stdin",
+        ],
+        Some("bob-local-pw\n"),
+    );
+    assert!(add.status.success(), "{add:?}");
+    let list = env.cli(&["identity", "list", "--json"], None);
+    assert!(list.status.success(), "{list:?}");
+    let rows: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let names: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert_eq!(rows[0]["status"], "linked");
+    assert_eq!(rows[1]["status"], "pending");
+    // The config check shows the URL without the user name.
+    let check = env.cli(&["config", "check"], None);
+    assert!(check.status.success(), "{check:?}");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(!text.contains("authswap@127.0.0.1"), "{text}");
+    assert!(text.contains("postgres://<redacted>@127.0.0.1"), "{text}");
+    drop(server);
+}
+
+/// `sslmode=verify-full`: the server's certificate must chain to a trusted
+/// root (here the test CA, given as `[tls] extra_ca_file`) and name the
+/// host; then the connection is TLS.
+#[tokio::test]
+async fn postgres_over_tls_with_verify_full() {
+    use sqlx::Connection as _;
+    let Some((mut config, dir)) = postgres_config().await else {
+        return;
+    };
+    let url = config
+        .store
+        .url
+        .take()
+        .unwrap()
+        .replace("@127.0.0.1:", "@localhost:")
+        .replace("sslmode=disable", "sslmode=verify-full");
+    config.store.url = Some(url);
+    config.store.connect_timeout = std::time::Duration::from_secs(5);
+    match authswap::store::open(&config).await {
+        Err(e) => assert!(
+            e.to_string().contains("invalid peer certificate"),
+            "says why: {e}"
+        ),
+        Ok(_) => panic!("an unknown CA was trusted"),
+    }
+    config.tls.extra_ca_file = Some(support::pki().write_ca_file(dir.path()));
+    let store = authswap::store::open(&config).await.unwrap();
+    store.create(&delegated("tls")).await.unwrap();
+    assert!(store.get("tls").await.unwrap().is_some());
+
+    let settings = authswap::store::postgres_settings(&config.store, &config.tls)
+        .unwrap()
+        .unwrap();
+    let mut conn = sqlx::PgConnection::connect_with(&settings.options)
+        .await
+        .unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(ssl, "the connection is TLS");
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(timeout, "30s", "store.statement_timeout applies");
+    conn.close().await.unwrap();
+}
+
+/// The password from `store.password_file` (through the real loader),
+/// refused when wrong without showing it, or written in the URL.
+#[tokio::test]
+async fn postgres_password_from_file_or_url() {
+    use support::pg::{PASSWORD, PASSWORD_USER};
+    let Some(url) = support::pg::database_with_password().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    std::fs::write(dir.path().join("db.password"), format!("{PASSWORD}\n")).unwrap();
+    let toml = dir.path().join("authswap.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[store]\nurl = \"{url}\"\npassword_file = \"{d}/db.password\"\n\
+             key_file = \"{d}/authswap.key\"\nconnect_timeout = \"5s\"\n"
+        ),
+    )
+    .unwrap();
+    let mut config = Config::load(&toml).unwrap();
+    let store = authswap::store::open(&config).await.unwrap();
+    store.create(&delegated("pw")).await.unwrap();
+    drop(store);
+
+    config.store.password = Some(Secret::new("wrong-pw-99"));
+    let err = match authswap::store::open(&config).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a wrong password was accepted"),
+    };
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(!err.contains("wrong-pw-99"), "{err}");
+
+    config.store.password = None;
+    config.store.url = Some(url.replace(
+        &format!("{PASSWORD_USER}@"),
+        &format!("{PASSWORD_USER}:{PASSWORD}@"),
+    ));
+    let store = authswap::store::open(&config).await.unwrap();
+    assert!(store.get("pw").await.unwrap().is_some());
+}
+
+/// The connection settings built from `[store]` never show the password,
+/// and a URL sqlx cannot use is refused naming the key.
+#[test]
+fn postgres_settings_never_show_the_password() {
+    let mut config = Config::default();
+    config.store.url = Some("postgres://u:url-pw-5@db.example:6543/x?sslmode=verify-full".into());
+    let settings = authswap::store::postgres_settings(&config.store, &config.tls)
+        .unwrap()
+        .unwrap();
+    let shown = format!("{settings:?}");
+    assert!(!shown.contains("url-pw-5"), "{shown}");
+    assert!(
+        shown.contains("db.example") && shown.contains("6543"),
+        "{shown}"
+    );
+    assert_eq!(settings.pool_size, 8);
+
+    config.store.url = None;
+    assert!(
+        authswap::store::postgres_settings(&config.store, &config.tls)
+            .unwrap()
+            .is_none()
+    );
+
+    config.store.url = Some("postgres://u:url-pw-6@db.example:port/x".into());
+    let err = authswap::store::postgres_settings(&config.store, &config.tls)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("store.url: "), "{err}");
+    assert!(!err.contains("url-pw-6"), "{err}");
+}
+
+/// Two replicas (two stores on one database) acting on one identity at
+/// once serialise on its row: one invitation stays pending, one completion
+/// links, the status change is audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_replicas_serialise_on_an_identity() {
+    let Some((config, _dir)) = postgres_config().await else {
+        return;
+    };
+    let a = authswap::store::open(&config).await.unwrap();
+    let b = authswap::store::open(&config).await.unwrap();
+    let rec = a.create(&delegated("nina")).await.unwrap();
+    let now = authswap::store::now_unix();
+
+    let tasks: Vec<_> = (0..20u8)
+        .map(|n| {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                store
+                    .create_invitation(&invitation(rec.id, n, now, now + 600))
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().unwrap().id);
+    }
+    let pending: Vec<_> = a
+        .list_invitations()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state == InvitationState::Pending)
+        .collect();
+    assert_eq!(pending.len(), 1, "{pending:?}");
+
+    let account = LinkedAccount {
+        upn: "nina@contoso.com".into(),
+        oid: "o".into(),
+        tid: "t".into(),
+    };
+    let id = pending[0].id;
+    let tasks: Vec<_> = (0..10)
+        .map(|n| {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            let account = account.clone();
+            let token = seal(rec.id, &format!("rt-{n}"));
+            tokio::spawn(async move { store.complete_invitation(id, &token, &account, now).await })
+        })
+        .collect();
+    let mut linked = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Completion::Linked => linked += 1,
+            Completion::NotPending(state) => assert_eq!(state, InvitationState::Completed),
+        }
+    }
+    assert_eq!(linked, 1);
+    assert_eq!(b.get("nina").await.unwrap().unwrap().token_generation, 1);
+
+    let tasks: Vec<_> = (0..10)
+        .map(|n| {
+            let store = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { store.record_failure(rec.id, true, "gone", now).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let audited = a
+        .audit_log(Some("nina"), None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "status.needs_reauth")
+        .count();
+    assert_eq!(audited, 1);
+}
