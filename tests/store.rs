@@ -1332,3 +1332,162 @@ async fn postgres_two_replicas_serialise_on_an_identity() {
         .count();
     assert_eq!(audited, 1);
 }
+
+/// Runs `authswap store migrate` (the real binary) with `args`.
+fn store_migrate(config_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let config = config_dir.join("migrate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\npath = \"{d}/unused.db\"\nkey_file = \"{d}/authswap.key\"\n",
+            d = config_dir.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_authswap"))
+        .arg("-c")
+        .arg(&config)
+        .args(["store", "migrate"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn store_migrate_copies_sqlite_into_postgres_once_and_dry_runs_first() {
+    let Some((pg_config, _pg_dir)) = postgres_config().await else {
+        return;
+    };
+    let url = pg_config.store.url.clone().unwrap();
+    // An embedded store with a bit of everything.
+    let (src, dir) = sqlite().await;
+    let db = dir.path().join("data/authswap.db");
+    let now = authswap::store::now_unix();
+    let alice = src.create(&delegated("alice")).await.unwrap();
+    let token = seal(alice.id, "rt-alice");
+    src.link(alice.id, &token).await.unwrap();
+    let svc = src
+        .create(&NewIdentity {
+            tenant: "fabrikam".into(),
+            mode: Mode::App,
+            ..delegated("svc")
+        })
+        .await
+        .unwrap();
+    let bob = src.create(&delegated("bob")).await.unwrap();
+    let inv = src
+        .create_invitation(&invitation(bob.id, 3, now, now + 3600))
+        .await
+        .unwrap();
+    src.record_validation(
+        alice.id,
+        &ValidationRecord {
+            protocol: "smtp".into(),
+            at: now,
+            ok: true,
+            answer: "235 2.7.0".into(),
+            meaning: "works".into(),
+        },
+    )
+    .await
+    .unwrap();
+    src.set_tenant_block("fabrikam", Some("secret expired"), now)
+        .await
+        .unwrap();
+    let audit_before = src.audit_log(None, None, 1000).await.unwrap().len();
+    drop(src);
+    let from = format!("sqlite:{}", db.display());
+
+    // Dry run: counts, nothing written.
+    let out = store_migrate(dir.path(), &["--from", &from, "--to", &url, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["applied"], false);
+    let copied = |r: &serde_json::Value, t: &str| {
+        r["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["table"] == t)
+            .unwrap()["copied"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(copied(&report, "identities"), 3);
+    let pg = authswap::store::open(&pg_config).await.unwrap();
+    assert!(
+        pg.list().await.unwrap().is_empty(),
+        "a dry run writes nothing"
+    );
+
+    // Apply.
+    let r0 = pg.revision().await.unwrap();
+    let out = store_migrate(dir.path(), &["--from", &from, "--to", &url, "--apply"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("copied"), "{text}");
+    assert!(!text.contains(&url), "the URL is not printed");
+    assert!(pg.revision().await.unwrap() > r0, "running servers notice");
+    let names: Vec<String> = pg
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, ["alice", "bob", "svc"]);
+    // Same ids, so the sealed token still opens with the same key.
+    let (stored, generation) = pg.refresh_token(alice.id).await.unwrap().unwrap();
+    assert_eq!((stored.clone(), generation), (token, 1));
+    assert_eq!(
+        sealer().open(alice.id, &stored).unwrap().expose(),
+        "rt-alice"
+    );
+    let got_svc = pg.get("svc").await.unwrap().unwrap();
+    assert_eq!(
+        (got_svc.id, got_svc.mode, got_svc.tenant.as_str()),
+        (svc.id, Mode::App, "fabrikam")
+    );
+    assert_eq!(got_svc.tenant_block.as_deref(), Some("secret expired"));
+    assert_eq!(pg.invitation_by_token(&[3; 32]).await.unwrap(), Some(inv));
+    let v = pg.validations().await.unwrap();
+    assert_eq!(v.len(), 1);
+    assert!(v[0].1.ok);
+    assert_eq!(
+        pg.audit_log(None, None, 1000).await.unwrap().len(),
+        audit_before
+    );
+    // New rows get new ids after the copied ones.
+    let carol = pg.create(&delegated("carol")).await.unwrap();
+    assert!(carol.id > svc.id);
+
+    // Again: nothing new.
+    let out = store_migrate(
+        dir.path(),
+        &["--from", &from, "--to", &url, "--apply", "--json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for t in report["tables"].as_array().unwrap() {
+        assert_eq!(t["copied"], 0, "{t}");
+    }
+
+    // A clash (the same name under another id) stops the copy whole.
+    let (other, other_dir) = sqlite().await;
+    other.create(&delegated("zed")).await.unwrap();
+    other.create(&delegated("carol")).await.unwrap();
+    drop(other);
+    let other_db = format!(
+        "sqlite:{}",
+        other_dir.path().join("data/authswap.db").display()
+    );
+    let out = store_migrate(
+        other_dir.path(),
+        &["--from", &other_db, "--to", &url, "--apply"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("clashes"), "{err}");
+    assert!(pg.get("zed").await.unwrap().is_none(), "nothing was copied");
+}

@@ -8,6 +8,7 @@ mod healthcheck;
 mod identity;
 mod invite;
 mod serve;
+mod store_cmd;
 
 use crate::store::Mode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -56,6 +57,9 @@ pub enum Command {
     /// Admin console helpers.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Store maintenance.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Probe the admin listener's /healthz (for container HEALTHCHECKs); exit 0 when healthy.
     Healthcheck(HealthcheckArgs),
 }
@@ -226,6 +230,29 @@ pub enum ConfigCommand {
     Check,
 }
 
+/// `store` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy an embedded SQLite store into PostgreSQL (a dry run unless
+    /// --apply; rows already there are kept, so it can run again).
+    Migrate {
+        /// The SQLite store: `sqlite:PATH` (or a plain path).
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database (`postgres://...`); default: `[store] url`.
+        /// Its password comes from `[store] password`/`password_file` or
+        /// AUTHSWAP_STORE__PASSWORD when the URL has none.
+        #[arg(long)]
+        to: Option<String>,
+        /// Write (without it, nothing is written: counts only).
+        #[arg(long)]
+        apply: bool,
+        /// Counts as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// `healthcheck` arguments.
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
@@ -283,6 +310,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Admin(cmd) => runtime(1)?.block_on(admin::run(&cli.config, cmd)),
         Command::Invite(args) => runtime(1)?.block_on(invite::run(&cli.config, args)),
         Command::Config(ConfigCommand::Check) => config_cmd::check(&cli.config),
+        Command::Store(cmd) => runtime(1)?.block_on(store_cmd::run(&cli.config, cmd)),
         Command::Healthcheck(args) => runtime(1)?.block_on(healthcheck::run(&cli.config, args)),
     }
 }

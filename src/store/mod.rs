@@ -3,6 +3,7 @@
 //! PostgreSQL one, [`open`] choosing between them, and the sealing of
 //! refresh tokens.
 
+pub mod migrate;
 pub mod postgres;
 pub mod seal;
 pub mod sqlite;

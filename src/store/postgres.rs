@@ -80,6 +80,11 @@ impl std::fmt::Debug for PostgresStore {
 type Tx = sqlx::Transaction<'static, Postgres>;
 
 impl PostgresStore {
+    /// The connection pool (for `store migrate`).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// Connects and migrates the database (refusing one whose schema is
     /// newer than this authswap).
     pub async fn open(settings: &PgSettings) -> Result<PostgresStore, StoreError> {

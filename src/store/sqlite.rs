@@ -122,6 +122,11 @@ async fn rotate_batch(
 }
 
 impl SqliteStore {
+    /// The connection pool (for `store migrate`).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Opens (creating when missing, mode 0600) and migrates the database.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
