@@ -163,8 +163,9 @@ impl App {
         Ok(true)
     }
 
-    /// Reloads every `tokens.reload_interval` and prunes caches, until
-    /// `shutdown` fires.
+    /// Reloads when the store pushes a change (PostgreSQL `LISTEN`) and
+    /// every `tokens.reload_interval`, and prunes caches, until `shutdown`
+    /// fires.
     pub fn spawn_background(
         self: &Arc<Self>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -173,14 +174,38 @@ impl App {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(app.config.tokens.reload_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Pushed changes (PostgreSQL): reload at once; the tick stays
+            // as the safety net.
+            let mut changes = match app.store.changes().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to the store's changes; polling only");
+                    None
+                }
+            };
             let mut n: u64 = 0;
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
+                let pushed = async {
+                    match changes.as_mut() {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let ticked = tokio::select! {
+                    _ = tick.tick() => true,
+                    woke = pushed => {
+                        if woke.is_none() {
+                            changes = None;
+                        }
+                        false
+                    }
                     _ = shutdown.changed() => return,
-                }
+                };
                 if let Err(e) = app.reload().await {
                     tracing::warn!(error = %e, "cannot reload identities");
+                }
+                if !ticked {
+                    continue;
                 }
                 n += 1;
                 if n % 60 == 0 {

@@ -1491,3 +1491,44 @@ async fn store_migrate_copies_sqlite_into_postgres_once_and_dry_runs_first() {
     assert!(err.contains("clashes"), "{err}");
     assert!(pg.get("zed").await.unwrap().is_none(), "nothing was copied");
 }
+
+#[tokio::test]
+async fn postgres_pushes_changes_to_running_replicas_without_polling() {
+    let Some((mut config, _dir)) = postgres_config().await else {
+        return;
+    };
+    // No poll for an hour: only LISTEN/NOTIFY can bring the changes.
+    config.tokens.reload_interval = std::time::Duration::from_secs(3600);
+    let app = authswap::app::App::open(config.clone()).await.unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let background = app.spawn_background(stopped);
+    // Another replica (here: another store on the same database) adds one.
+    let other = authswap::store::open(&config).await.unwrap();
+    // The subscription starts with the background task; wait for its
+    // first reload, then change the store.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    other.create(&delegated("nina")).await.unwrap();
+    assert!(
+        within(|| app.directory.get("nina").is_some()).await,
+        "the running replica saw the new identity through NOTIFY"
+    );
+    other.remove("nina").await.unwrap();
+    assert!(
+        within(|| app.directory.get("nina").is_none()).await,
+        "and its removal"
+    );
+    stop.send(true).unwrap();
+    background.await.unwrap();
+}
+
+/// Whether `cond` holds within 5 s (checked every 20 ms).
+async fn within(cond: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    cond()
+}

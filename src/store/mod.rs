@@ -676,4 +676,14 @@ pub trait Store: Send + Sync + 'static {
     /// that sealed it, ordered by name (read-only; checked against the
     /// configured key before it is used, see [`open_sealer`]).
     async fn token_keys(&self) -> Result<Vec<TokenKey>, StoreError>;
+    /// Wake-ups when another process changed the store, where the store
+    /// can push them (PostgreSQL `LISTEN`/`NOTIFY`); `None`: only the
+    /// revision poll every `tokens.reload_interval` notices changes. A
+    /// wake-up says only "reload": several changes may come as one.
+    async fn changes(&self) -> Result<Option<Changes>, StoreError> {
+        Ok(None)
+    }
 }
+
+/// See [`Store::changes`].
+pub type Changes = tokio::sync::mpsc::Receiver<()>;

@@ -297,15 +297,80 @@ async fn link_in(
     audit_status(tx, id, "identity.linked", "linked", None, now).await
 }
 
+/// The channel every replica `LISTEN`s on ([`Store::changes`]).
+const CHANGES_CHANNEL: &str = "authswap_changes";
+
 async fn bump(tx: &mut PgConnection) -> Result<(), StoreError> {
     sqlx::query("UPDATE meta SET v = v + 1 WHERE k = 'revision'")
+        .execute(&mut *tx)
+        .await?;
+    // Delivered to the listeners when (and only if) the change commits.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANGES_CHANNEL)
         .execute(&mut *tx)
         .await?;
     Ok(())
 }
 
+/// Forwards the notifications on [`CHANGES_CHANNEL`] to `wake` until its
+/// receiver is gone, reconnecting with backoff when the connection is
+/// lost (the revision poll covers what is missed meanwhile).
+async fn forward_changes(pool: PgPool, wake: tokio::sync::mpsc::Sender<()>) {
+    let mut delay = std::time::Duration::from_millis(250);
+    loop {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            l.listen(CHANGES_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            l = listener => l,
+            _ = wake.closed() => return,
+        };
+        match &mut listener {
+            Ok(l) => {
+                delay = std::time::Duration::from_millis(250);
+                // Whatever changed while no one listened.
+                let _ = wake.try_send(());
+                loop {
+                    tokio::select! {
+                        n = l.try_recv() => match n {
+                            Ok(Some(_)) => {
+                                let _ = wake.try_send(());
+                            }
+                            // The connection was lost (and is re-made).
+                            Ok(None) => {
+                                let _ = wake.try_send(());
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "lost the store's change notifications; reconnecting");
+                                break;
+                            }
+                        },
+                        _ = wake.closed() => return,
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot listen for the store's change notifications");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = wake.closed() => return,
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for PostgresStore {
+    async fn changes(&self) -> Result<Option<super::Changes>, StoreError> {
+        let (wake, changes) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(forward_changes(self.pool.clone(), wake));
+        Ok(Some(changes))
+    }
+
     async fn list(&self) -> Result<Vec<IdentityRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM identities ORDER BY name_key COLLATE \"C\""
