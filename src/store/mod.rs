@@ -683,6 +683,61 @@ pub trait Store: Send + Sync + 'static {
     async fn changes(&self) -> Result<Option<Changes>, StoreError> {
         Ok(None)
     }
+    /// How many refresh leases this store can hold at once (each holds a
+    /// connection); `None`: no limit of its own.
+    fn refresh_concurrency(&self) -> Option<usize> {
+        None
+    }
+    /// Fleet-wide single flight: the exclusive right to refresh identity
+    /// `id` among every process sharing the store, waiting at most `wait`
+    /// for another holder; released by [`RefreshLease::commit`] or when
+    /// dropped (and when the holder dies: PostgreSQL's advisory lock goes
+    /// with its connection). `None`: the store has no fleet to coordinate
+    /// (SQLite: one process serves it; the engine's own flight suffices).
+    async fn refresh_lease(
+        &self,
+        _id: i64,
+        _wait: std::time::Duration,
+    ) -> Result<Option<Box<dyn RefreshLease>>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// What a refresh under a [`Store::refresh_lease`] stores before the lease
+/// is released.
+#[derive(Debug)]
+pub struct LeaseCommit<'a> {
+    /// The token generation the refresh started from.
+    pub generation: i64,
+    /// The rotated refresh token, when the platform sent one.
+    pub rotated: Option<&'a SealedToken>,
+    /// The scope set the access token is for.
+    pub scopes: &'a str,
+    /// The new access token, sealed.
+    pub access: &'a SealedToken,
+    /// When it expires (Unix seconds).
+    pub expires_at: i64,
+    /// Now (Unix seconds).
+    pub at: i64,
+}
+
+/// A held refresh lease ([`Store::refresh_lease`]).
+#[async_trait::async_trait]
+pub trait RefreshLease: Send {
+    /// The stored refresh token and its generation, read under the lease
+    /// (another process may have rotated it a moment ago).
+    async fn refresh_token(&mut self) -> Result<Option<(SealedToken, i64)>, StoreError>;
+    /// The access token for `scopes` another process stored, with its
+    /// expiry (Unix seconds).
+    async fn access_token(
+        &mut self,
+        scopes: &str,
+    ) -> Result<Option<(SealedToken, i64)>, StoreError>;
+    /// Stores the rotated refresh token (compare-and-set on the
+    /// generation: `Ok(false)` and nothing stored when the identity was
+    /// re-linked meanwhile), the success and the access token, then
+    /// releases the lease.
+    async fn commit(self: Box<Self>, done: LeaseCommit<'_>) -> Result<bool, StoreError>;
 }
 
 /// See [`Store::changes`].

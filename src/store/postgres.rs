@@ -294,6 +294,11 @@ async fn link_in(
     if n == 0 {
         return Err(StoreError::NotFound(format!("#{id}")));
     }
+    // Access tokens of the previous link are not this one's.
+    sqlx::query("DELETE FROM access_tokens WHERE identity_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     audit_status(tx, id, "identity.linked", "linked", None, now).await
 }
 
@@ -363,8 +368,134 @@ async fn forward_changes(pool: PgPool, wake: tokio::sync::mpsc::Sender<()>) {
     }
 }
 
+/// A refresh lease: a transaction holding `pg_advisory_xact_lock(id)`.
+struct PgLease {
+    tx: Tx,
+    id: i64,
+}
+
+#[async_trait::async_trait]
+impl super::RefreshLease for PgLease {
+    async fn refresh_token(&mut self) -> Result<Option<(SealedToken, i64)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT refresh_token, key_id, token_generation FROM identities WHERE id = $1",
+        )
+        .bind(self.id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let blob: Option<Vec<u8>> = row.try_get("refresh_token")?;
+        let key_id: Option<String> = row.try_get("key_id")?;
+        let generation: i64 = row.try_get("token_generation")?;
+        Ok(blob.map(|blob| {
+            (
+                SealedToken {
+                    key_id: key_id.unwrap_or_default(),
+                    blob,
+                },
+                generation,
+            )
+        }))
+    }
+
+    async fn access_token(
+        &mut self,
+        scopes: &str,
+    ) -> Result<Option<(SealedToken, i64)>, StoreError> {
+        let row: Option<(Vec<u8>, String, i64)> = sqlx::query_as(
+            "SELECT token, key_id, expires_at FROM access_tokens \
+             WHERE identity_id = $1 AND scope_key = $2",
+        )
+        .bind(self.id)
+        .bind(scopes)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(row.map(|(blob, key_id, expires_at)| (SealedToken { key_id, blob }, expires_at)))
+    }
+
+    async fn commit(self: Box<Self>, done: super::LeaseCommit<'_>) -> Result<bool, StoreError> {
+        let PgLease { mut tx, id } = *self;
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT status, token_generation FROM identities WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((old, generation)) = row else {
+            return Err(StoreError::NotFound(format!("#{id}")));
+        };
+        if generation != done.generation {
+            return Ok(false);
+        }
+        if let Some(token) = done.rotated {
+            sqlx::query("UPDATE identities SET refresh_token = $1, key_id = $2 WHERE id = $3")
+                .bind(&token.blob)
+                .bind(&token.key_id)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE identities SET status = 'linked', last_error = NULL, last_success_at = $1, \
+             updated_at = $2 WHERE id = $3",
+        )
+        .bind(done.at)
+        .bind(done.at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO access_tokens (identity_id, scope_key, token, key_id, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (identity_id, scope_key) DO UPDATE \
+             SET token = excluded.token, key_id = excluded.key_id, expires_at = excluded.expires_at",
+        )
+        .bind(id)
+        .bind(done.scopes)
+        .bind(&done.access.blob)
+        .bind(&done.access.key_id)
+        .bind(done.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        if old != "linked" {
+            audit_status(&mut tx, id, "status.recovered", "linked", None, done.at).await?;
+            bump(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for PostgresStore {
+    fn refresh_concurrency(&self) -> Option<usize> {
+        // Two connections stay free for everything else (and for a
+        // refresh's own failure records).
+        let size = self.pool.options().get_max_connections() as usize;
+        Some(size.saturating_sub(2).max(1))
+    }
+
+    async fn refresh_lease(
+        &self,
+        id: i64,
+        wait: std::time::Duration,
+    ) -> Result<Option<Box<dyn super::RefreshLease>>, StoreError> {
+        let mut tx = self.begin().await?;
+        // The wait for another replica's lease is bounded by this, not by
+        // store.statement_timeout (a refresh may take the identity
+        // platform's whole timeout).
+        sqlx::query(&format!(
+            "SET LOCAL statement_timeout = {}",
+            wait.as_millis().max(1)
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(Some(Box::new(PgLease { tx, id })))
+    }
+
     async fn changes(&self) -> Result<Option<super::Changes>, StoreError> {
         let (wake, changes) = tokio::sync::mpsc::channel(1);
         tokio::spawn(forward_changes(self.pool.clone(), wake));
@@ -1009,7 +1140,12 @@ impl Store for PostgresStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        for table in ["validations", "notifications", "invitations"] {
+        for table in [
+            "validations",
+            "notifications",
+            "invitations",
+            "access_tokens",
+        ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE identity_id = $1"))
                 .bind(id)
                 .execute(&mut *tx)

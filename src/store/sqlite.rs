@@ -370,6 +370,10 @@ async fn link_in(
     if n == 0 {
         return Err(StoreError::NotFound(format!("#{id}")));
     }
+    sqlx::query("DELETE FROM access_tokens WHERE identity_id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     audit_status(tx, id, "identity.linked", "linked", None, now).await
 }
 
@@ -1049,7 +1053,12 @@ impl Store for SqliteStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        for table in ["validations", "notifications", "invitations"] {
+        for table in [
+            "validations",
+            "notifications",
+            "invitations",
+            "access_tokens",
+        ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE identity_id = ?"))
                 .bind(id)
                 .execute(&mut *tx)

@@ -18,7 +18,7 @@ use crate::identity::Identity;
 use crate::metrics::{FailureReason, Metrics, Protocol, RefreshResult};
 use crate::secret::Secret;
 use crate::singleflight::SingleFlight;
-use crate::store::{now_unix, Mode, Sealer, Status, Store};
+use crate::store::{now_unix, LeaseCommit, Mode, SealedToken, Sealer, Status, Store};
 use crate::tenant::{Tenant, Tenants};
 use dashmap::DashMap;
 use rand::Rng;
@@ -289,7 +289,15 @@ struct Slot {
     /// App identities (their tenant's token is shared): when the upstream
     /// last refused this identity a token, since its last success.
     last_refusal: Option<Instant>,
+    /// SHA-256 of the token the upstream refused last: after a refusal,
+    /// an access token another replica stored is taken only if it is
+    /// another one.
+    refused_digest: Option<[u8; 32]>,
 }
+
+/// The longest wait for another replica's refresh lease on an identity
+/// (its refresh may take the identity platform's whole timeout, twice).
+const LEASE_WAIT: Duration = Duration::from_secs(65);
 
 struct Backoff {
     until: Instant,
@@ -346,7 +354,12 @@ impl TokenEngine {
         metrics: Arc<Metrics>,
         config: TokenConfig,
     ) -> TokenEngine {
-        let permits = config.max_concurrent_refreshes.max(1);
+        // A store that coordinates replicas holds a connection per
+        // refresh in flight: no more refreshes than it has connections.
+        let permits = config
+            .max_concurrent_refreshes
+            .min(store.refresh_concurrency().unwrap_or(usize::MAX))
+            .max(1);
         TokenEngine {
             inner: Arc::new(Inner {
                 store,
@@ -544,7 +557,45 @@ impl TokenEngine {
             return Err(reauth_error(&identity));
         }
 
-        let stored = match inner.store.refresh_token(identity.id).await {
+        // Bounded before the lease, so that waiting refreshes do not hold
+        // store connections.
+        let _permit = inner.refresh_permits.acquire().await;
+        // Fleet-wide single flight (PostgreSQL): the identity's lease, then
+        // the access token another replica may have stored a moment ago.
+        let mut lease = match inner.store.refresh_lease(identity.id, LEASE_WAIT).await {
+            Ok(l) => l,
+            Err(e) => {
+                return Err(self.store_failed(
+                    &key,
+                    &identity,
+                    &e,
+                    "cannot take the refresh lease",
+                ));
+            }
+        };
+        if let Some(l) = lease.as_mut() {
+            match l.access_token(&scopes.key).await {
+                Ok(Some((sealed, expires_at))) => {
+                    if let Some(token) = self.adopt(&key, &identity, &sealed, expires_at) {
+                        return Ok(token);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(self.store_failed(
+                        &key,
+                        &identity,
+                        &e,
+                        "cannot read the stored access token",
+                    ));
+                }
+            }
+        }
+        let stored = match lease.as_mut() {
+            Some(l) => l.refresh_token().await,
+            None => inner.store.refresh_token(identity.id).await,
+        };
+        let stored = match stored {
             Ok(v) => v,
             Err(e) => {
                 return Err(self.store_failed(&key, &identity, &e, "cannot read refresh token"));
@@ -607,45 +658,77 @@ impl TokenEngine {
             }
         };
 
-        let _permit = inner.refresh_permits.acquire().await;
         let issued = Instant::now();
         let result = tenant.idp.refresh(&refresh_token, scopes.list()).await;
+        if result.is_err() {
+            // Failures are recorded on other connections: give this back.
+            drop(lease.take());
+        }
         match result {
             Ok(grant) => {
                 self.credential_works(&tenant);
                 let at = now_unix();
-                match grant.refresh_token.filter(|new| new != &refresh_token) {
-                    Some(new) => {
-                        let sealed = inner.sealer.seal(identity.id, &new);
-                        match inner
-                            .store
-                            .rotate(identity.id, generation, &sealed, at)
-                            .await
-                        {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                tracing::info!(identity = %identity.name, "identity was re-linked during a refresh; discarding the result");
-                                return Err(TokenError::Unavailable {
-                                    identity: identity.name.clone(),
-                                    retry_after: Duration::from_secs(1),
-                                    message: "identity was re-linked during refresh".into(),
-                                    origin: Origin::Store,
-                                });
-                            }
-                            Err(e) => {
-                                // Never rely on an access token whose rotated
-                                // refresh token is not durably stored; keep
-                                // the token to store it first next time (the
-                                // platform may have retired its predecessor).
-                                inner.unsaved.insert(identity.id, (generation, sealed));
-                                return Err(self.store_failed(&key, &identity, &e, "cannot store rotated refresh token; not using the new access token"));
-                            }
-                        }
+                let rotated = grant
+                    .refresh_token
+                    .filter(|new| new != &refresh_token)
+                    .map(|new| inner.sealer.seal(identity.id, &new));
+                let stored = match lease.take() {
+                    // Everything the other replicas need, in one commit
+                    // that also releases the lease.
+                    Some(l) => {
+                        let access = inner.sealer.seal(identity.id, &grant.access_token);
+                        l.commit(LeaseCommit {
+                            generation,
+                            rotated: rotated.as_ref(),
+                            scopes: &scopes.key,
+                            access: &access,
+                            expires_at: at.saturating_add(
+                                i64::try_from(grant.expires_in.as_secs()).unwrap_or(0),
+                            ),
+                            at,
+                        })
+                        .await
                     }
-                    None => {
-                        if let Err(e) = inner.store.record_success(identity.id, at).await {
-                            tracing::warn!(identity = %identity.name, error = %e, "cannot record refresh success");
+                    None => match &rotated {
+                        Some(sealed) => {
+                            inner
+                                .store
+                                .rotate(identity.id, generation, sealed, at)
+                                .await
                         }
+                        None => inner
+                            .store
+                            .record_success(identity.id, at)
+                            .await
+                            .map(|()| true),
+                    },
+                };
+                match (stored, rotated) {
+                    (Ok(true), _) => {}
+                    (Ok(false), _) => {
+                        tracing::info!(identity = %identity.name, "identity was re-linked during a refresh; discarding the result");
+                        return Err(TokenError::Unavailable {
+                            identity: identity.name.clone(),
+                            retry_after: Duration::from_secs(1),
+                            message: "identity was re-linked during refresh".into(),
+                            origin: Origin::Store,
+                        });
+                    }
+                    (Err(e), Some(sealed)) => {
+                        // Never rely on an access token whose rotated
+                        // refresh token is not durably stored; keep the
+                        // token to store it first next time (the platform
+                        // may have retired its predecessor).
+                        inner.unsaved.insert(identity.id, (generation, sealed));
+                        return Err(self.store_failed(
+                            &key,
+                            &identity,
+                            &e,
+                            "cannot store rotated refresh token; not using the new access token",
+                        ));
+                    }
+                    (Err(e), None) => {
+                        tracing::warn!(identity = %identity.name, error = %e, "cannot record refresh success");
                     }
                 }
                 let Ok(mut token) = AccessToken::new(
@@ -735,6 +818,45 @@ impl TokenEngine {
                 ))
             }
         }
+    }
+
+    /// Takes the access token another replica stored under the lease, when
+    /// it is not due for a refresh itself and (after a refusal) is newer
+    /// than the refused one.
+    fn adopt(
+        &self,
+        key: &Key,
+        identity: &Identity,
+        sealed: &SealedToken,
+        expires_at: i64,
+    ) -> Option<AccessToken> {
+        let inner = &self.inner;
+        let left = Duration::from_secs(u64::try_from(expires_at - now_unix()).ok()?);
+        if left <= inner.config.refresh_ahead + Duration::from_secs(1) {
+            return None;
+        }
+        let now = Instant::now();
+        let secret = inner.sealer.open(identity.id, sealed).ok()?;
+        let mut slot = inner.slots.entry(*key).or_default();
+        if slot.refusal_refresh && slot.refused_digest == Some(digest(&secret)) {
+            return None;
+        }
+        let mut token = AccessToken::new(
+            inner.next_id.fetch_add(1, Ordering::Relaxed),
+            secret,
+            now,
+            left,
+            inner.config.refresh_ahead,
+        )
+        .ok()?;
+        token.after_refusal = std::mem::take(&mut slot.refusal_refresh);
+        slot.token = Some(token.clone());
+        slot.backoff = None;
+        drop(slot);
+        identity.refreshed();
+        inner.metrics.set_token_expiry(&identity.name, expires_at);
+        tracing::debug!(identity = %identity.name, expires_in = ?left, "using the access token another replica stored");
+        Some(token)
     }
 
     /// Gets the app-only token shared by `identity`'s tenant for `scopes`
@@ -1014,6 +1136,7 @@ impl TokenEngine {
             if current && !own {
                 slot.token = None;
                 slot.refusal_refresh = true;
+                slot.refused_digest = Some(digest(token.secret()));
             }
             current
         };
@@ -1139,6 +1262,12 @@ impl TokenEngine {
     pub fn cached(&self) -> usize {
         self.inner.slots.len()
     }
+}
+
+/// SHA-256 of a token (to recognise a refused one without keeping it).
+fn digest(token: &Secret) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.expose().as_bytes()).into()
 }
 
 fn refused_error(identity: &Identity, left: Duration) -> TokenError {
