@@ -19,12 +19,15 @@ WORKDIR /src
 
 # Dependencies first, against placeholder sources, so that editing the code
 # does not rebuild every dependency. The manifest names src/main.rs,
-# src/lib.rs and benches/hot_path.rs, so all three must exist.
+# src/lib.rs and one file per [[bench]] target, so all of them must exist:
+# the bench names are read from the manifest itself.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && echo 'fn main() {}' > benches/hot_path.rs \
+ && for b in $(awk '/^\[\[bench\]\]/ {b = 1; next} b && /^name *=/ {gsub(/[" ]/, ""); sub(/^name=/, ""); print; b = 0}' Cargo.toml); do \
+      echo 'fn main() {}' > "benches/$b.rs"; \
+    done \
  && cargo build --release --locked \
  && rm -rf src benches
 
