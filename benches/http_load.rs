@@ -32,6 +32,8 @@ use support::harness::{basic, Env};
 use tokio::net::{TcpListener, TcpStream};
 
 const BEARER: &str = "Bearer static-benchmark-token";
+/// The path through two authswap replicas sharing one PostgreSQL store.
+const PG_PATH: &str = "authswap-pg-x2";
 
 /// The origin: answers every request with a small fixed body.
 fn start_origin(tls: bool) -> SocketAddr {
@@ -82,7 +84,8 @@ fn start_origin(tls: bool) -> SocketAddr {
 /// A target of the load generator.
 #[derive(Clone)]
 struct Target {
-    addr: SocketAddr,
+    /// Connection `i` goes to `addrs[i % addrs.len()]` (several replicas).
+    addrs: Vec<SocketAddr>,
     tls: bool,
     authorization: String,
 }
@@ -114,9 +117,9 @@ async fn dial(addr: SocketAddr, tls: Option<Arc<rustls::ClientConfig>>) -> Box<d
     }
 }
 
-async fn connect(t: &Target) -> Sender {
+async fn connect(t: &Target, i: usize) -> Sender {
     let tls = t.tls.then(|| support::pki().client_config_no_alpn());
-    let io = dial(t.addr, tls).await;
+    let io = dial(t.addrs[i % t.addrs.len()], tls).await;
     let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .unwrap();
@@ -134,10 +137,10 @@ async fn load(t: &Target, conns: usize, measure: Duration) -> Measured {
     let start = Instant::now() + warmup;
     let end = start + measure;
     let mut tasks = Vec::new();
-    for _ in 0..conns {
+    for i in 0..conns {
         let t = t.clone();
         tasks.push(tokio::spawn(async move {
-            let mut sender = connect(&t).await;
+            let mut sender = connect(&t, i).await;
             let mut lat = Latencies::default();
             let mut n = 0u64;
             let mut all = 0u64;
@@ -159,7 +162,7 @@ async fn load(t: &Target, conns: usize, measure: Duration) -> Measured {
                 if sender.ready().await.is_err() {
                     reconnects += 1;
                     assert!(reconnects < 1000, "too many reconnects");
-                    sender = connect(&t).await;
+                    sender = connect(&t, i).await;
                 }
                 let res = sender.send_request(req).await.expect("response");
                 assert!(res.status().is_success(), "status {}", res.status());
@@ -491,7 +494,7 @@ impl Naive {
     /// The load generator's target: plain HTTP, any credentials.
     fn target(&self) -> Target {
         Target {
-            addr: self.addr,
+            addrs: vec![self.addr],
             tls: false,
             authorization: "Basic ignored".into(),
         }
@@ -532,6 +535,16 @@ async fn run() {
     let env = Env::start().await;
     env.add_linked("bench", "bench@contoso.com", "bench-password-1")
         .await;
+    // Two replicas on one PostgreSQL database beside the one on SQLite
+    // (issue 14), when PostgreSQL is installed (`.ci/run` installs it):
+    // the same identity, seeded in both stores.
+    let pg_url = support::pg::database().await;
+    if let Some(url) = &pg_url {
+        env.use_store_url(url);
+        env.add_linked("bench", "bench@contoso.com", "bench-password-1")
+            .await;
+        *env.store_url.lock().unwrap() = None;
+    }
     let origin_plain = start_origin(false);
     let origin_tls = start_origin(true);
     let nginx = if quick_mode() {
@@ -580,6 +593,7 @@ async fn run() {
     let mut vs_nginx = Vec::new();
     let mut argon2_notes = Vec::new();
     let mut vs_naive = Vec::new();
+    let mut vs_sqlite = Vec::new();
     for (kind, origin, tls) in [("http", origin_plain, false), ("https", origin_tls, true)] {
         if !upstreams.split(',').any(|u| u.trim() == kind) {
             continue;
@@ -599,6 +613,19 @@ async fn run() {
         std::fs::write(&path, toml).unwrap();
         let proxy = Authswap::start(&path).await;
         let proxy_pid = proxy.child.id().expect("authswap pid");
+        let mut replicas = Vec::new();
+        if let Some(url) = &pg_url {
+            let pg_toml = std::fs::read_to_string(&path).unwrap().replacen(
+                "[store]\n",
+                &format!("[store]\nurl = \"{url}\"\n"),
+                1,
+            );
+            let pg_path = env.dir.path().join(format!("bench-{kind}-pg.toml"));
+            std::fs::write(&pg_path, pg_toml).unwrap();
+            // One after the other: the first creates the admin token file.
+            replicas.push(Authswap::start(&pg_path).await);
+            replicas.push(Authswap::start(&pg_path).await);
+        }
         let upstream_url = format!("{scheme}:{}", origin.port());
         let naive = Naive::start(&upstream_url, &env.ca_file, false);
         let affinity = Naive::start(&upstream_url, &env.ca_file, true);
@@ -606,7 +633,7 @@ async fn run() {
             (
                 "direct",
                 Target {
-                    addr: origin,
+                    addrs: vec![origin],
                     tls,
                     authorization: BEARER.into(),
                 },
@@ -615,7 +642,7 @@ async fn run() {
             (
                 "authswap",
                 Target {
-                    addr: proxy.addr("http"),
+                    addrs: vec![proxy.addr("http")],
                     tls: false,
                     authorization: basic("bench", "bench-password-1"),
                 },
@@ -628,11 +655,26 @@ async fn run() {
                 vec![affinity.child.id()],
             ),
         ];
+        if !replicas.is_empty() {
+            // Connections alternate between the two replicas.
+            paths.push((
+                PG_PATH,
+                Target {
+                    addrs: replicas.iter().map(|r| r.addr("http")).collect(),
+                    tls: false,
+                    authorization: basic("bench", "bench-password-1"),
+                },
+                replicas
+                    .iter()
+                    .map(|r| r.child.id().expect("replica pid"))
+                    .collect(),
+            ));
+        }
         if let Some(nx) = &nginx {
             paths.push((
                 "nginx",
                 Target {
-                    addr: if tls { nx.tls } else { nx.plain },
+                    addrs: vec![if tls { nx.tls } else { nx.plain }],
                     tls: false,
                     authorization: "Basic ignored".into(),
                 },
@@ -677,6 +719,23 @@ async fn run() {
             let nginx_at = paths.iter().position(|(n, _, _)| *n == "nginx");
             let naive_at = paths.iter().position(|(n, _, _)| *n == "hyper-naive");
             let authswap_at = paths.iter().position(|(n, _, _)| *n == "authswap");
+            if let (Some(a), Some(p)) = (
+                authswap_at,
+                paths.iter().position(|(n, _, _)| *n == PG_PATH),
+            ) {
+                vs_sqlite.push(format!(
+                    "{kind}/{conns}: req/s {}, CPU/req {}, p99 {}",
+                    ratio(rps[p], rps[a]),
+                    match (cpu[p], cpu[a]) {
+                        (Some(x), Some(y)) => ratio(x, y),
+                        _ => "-".into(),
+                    },
+                    ratio(
+                        results[p].lat.quantile_us(0.99) as f64,
+                        results[a].lat.quantile_us(0.99) as f64
+                    ),
+                ));
+            }
             if let (Some(a), Some(h)) = (authswap_at, naive_at) {
                 vs_naive.push(format!(
                     "{kind}/{conns}: req/s {}, CPU/req {}",
@@ -744,6 +803,17 @@ async fn run() {
         argon2_notes.push(format!(
             "{kind}: authswap_credential_checks_total over the run: verified (argon2) = {verified}, cache_hit = {hits}"
         ));
+        for r in &replicas {
+            // Each replica verifies the password once, then caches it;
+            // neither reads the store per request.
+            let verified = r
+                .metric("authswap_credential_checks_total{result=\"verified\"}")
+                .await;
+            assert_eq!(verified, 1.0, "argon2 ran more than once on a replica");
+        }
+        for r in replicas {
+            r.stop().await;
+        }
         proxy.stop().await;
     }
     table.note(format!(
@@ -759,6 +829,14 @@ async fn run() {
         "authswap / hyper-naive (authswap, native HTTP/1.1 path and all its own work, against the leanest pooled hyper proxy): {}",
         vs_naive.join("; ")
     ));
+    if vs_sqlite.is_empty() {
+        table.note("PostgreSQL not installed: the two-replica path was not measured.");
+    } else {
+        table.note(format!(
+            "{PG_PATH} = two authswap processes on one PostgreSQL database (a throwaway local cluster, fsync off), connections alternating between them, on the same two cores as everything else; authswap = one process on SQLite. {PG_PATH} / authswap: {}",
+            vs_sqlite.join("; ")
+        ));
+    }
     for n in argon2_notes {
         table.note(n);
     }
