@@ -343,6 +343,7 @@ pub struct Metrics {
     identity_info: Family<InfoLabels, Gauge>,
     credential_expiry: Family<TenantLabels, Gauge>,
     credential_blocked: Family<TenantLabels, Gauge>,
+    lease_waits: Counter,
     /// The (tenant, mode) each identity's info series carries.
     info: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
@@ -499,6 +500,12 @@ impl Metrics {
             "Idle HTTP/1.1 upstream connections parked for the next request (both HTTP halves share them)",
             upstream_idle.clone(),
         );
+        let lease_waits = Counter::default();
+        registry.register(
+            "refresh_lease_waits",
+            "Refreshes that found another replica refreshing the same identity (its refresh lease in PostgreSQL held) and waited for its result",
+            lease_waits.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -508,6 +515,7 @@ impl Metrics {
         registry.register("build_info", "authswap version", build);
         Metrics {
             registry,
+            lease_waits,
             auth_failures,
             refreshes,
             requests,
@@ -574,6 +582,11 @@ impl Metrics {
     /// Counts a name or source that started being throttled.
     pub fn lockout(&self, scope: LockoutScope) {
         self.lockouts.get_or_create(&LockoutLabels { scope }).inc();
+    }
+
+    /// Counts a refresh that waited for another replica's lease.
+    pub fn refresh_lease_waited(&self) {
+        self.lease_waits.inc();
     }
 
     /// Counts a token refresh.

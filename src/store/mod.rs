@@ -688,22 +688,46 @@ pub trait Store: Send + Sync + 'static {
     fn refresh_concurrency(&self) -> Option<usize> {
         None
     }
-    /// Fleet-wide single flight: the exclusive right to refresh identity
-    /// `id` among every process sharing the store, waiting at most `wait`
-    /// for another holder; released by [`RefreshLease::commit`] or when
+    /// Fleet-wide single flight: tries to take the exclusive right to
+    /// refresh identity `id` among every process sharing the store, without
+    /// waiting. A held lease is released by [`RefreshLease::commit`] or when
     /// dropped (and when the holder dies: PostgreSQL's advisory lock goes
-    /// with its connection). `None`: the store has no fleet to coordinate
-    /// (SQLite: one process serves it; the engine's own flight suffices).
-    async fn refresh_lease(
+    /// with its connection). [`Lease::Busy`]: another process holds it
+    /// (the caller polls, holding no connection meanwhile). A holder that
+    /// stays silent for longer than `max_hold` (a frozen process, a lost
+    /// host whose connection never closes) loses the lease.
+    /// [`Lease::NotNeeded`]: the store has no fleet to coordinate (SQLite:
+    /// one process serves it; the engine's own flight suffices).
+    async fn try_refresh_lease(
         &self,
         _id: i64,
-        _wait: std::time::Duration,
-    ) -> Result<Option<Box<dyn RefreshLease>>, StoreError> {
-        Ok(None)
+        _max_hold: std::time::Duration,
+    ) -> Result<Lease, StoreError> {
+        Ok(Lease::NotNeeded)
     }
 }
 
-/// What a refresh under a [`Store::refresh_lease`] stores before the lease
+/// The outcome of [`Store::try_refresh_lease`].
+pub enum Lease {
+    /// No fleet to coordinate.
+    NotNeeded,
+    /// Held until committed or dropped.
+    Held(Box<dyn RefreshLease>),
+    /// Another process holds it now.
+    Busy,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lease::NotNeeded => "NotNeeded",
+            Lease::Held(_) => "Held",
+            Lease::Busy => "Busy",
+        })
+    }
+}
+
+/// What a refresh under a [`Store::try_refresh_lease`] stores before the lease
 /// is released.
 #[derive(Debug)]
 pub struct LeaseCommit<'a> {
@@ -721,7 +745,7 @@ pub struct LeaseCommit<'a> {
     pub at: i64,
 }
 
-/// A held refresh lease ([`Store::refresh_lease`]).
+/// A held refresh lease ([`Store::try_refresh_lease`]).
 #[async_trait::async_trait]
 pub trait RefreshLease: Send {
     /// The stored refresh token and its generation, read under the lease

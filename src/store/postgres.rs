@@ -474,26 +474,30 @@ impl Store for PostgresStore {
         Some(size.saturating_sub(2).max(1))
     }
 
-    async fn refresh_lease(
+    async fn try_refresh_lease(
         &self,
         id: i64,
-        wait: std::time::Duration,
-    ) -> Result<Option<Box<dyn super::RefreshLease>>, StoreError> {
+        max_hold: std::time::Duration,
+    ) -> Result<super::Lease, StoreError> {
         let mut tx = self.begin().await?;
-        // The wait for another replica's lease is bounded by this, not by
-        // store.statement_timeout (a refresh may take the identity
-        // platform's whole timeout).
-        sqlx::query(&format!(
-            "SET LOCAL statement_timeout = {}",
-            wait.as_millis().max(1)
-        ))
-        .execute(&mut *tx)
+        // The holder's transaction is idle while the identity platform
+        // answers. If it stays idle past `max_hold` (a frozen replica, or a
+        // host gone without closing its connection, which TCP keepalive
+        // would notice only after hours), the server ends the session and
+        // the lock goes with it.
+        let (_, held): (String, bool) = sqlx::query_as(
+            "SELECT set_config('idle_in_transaction_session_timeout', $2, true), \
+                    pg_try_advisory_xact_lock($1)",
+        )
+        .bind(id)
+        .bind(max_hold.as_millis().max(1).to_string())
+        .fetch_one(&mut *tx)
         .await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        Ok(Some(Box::new(PgLease { tx, id })))
+        if !held {
+            tx.rollback().await?;
+            return Ok(super::Lease::Busy);
+        }
+        Ok(super::Lease::Held(Box::new(PgLease { tx, id })))
     }
 
     async fn changes(&self) -> Result<Option<super::Changes>, StoreError> {

@@ -18,7 +18,7 @@ use crate::identity::Identity;
 use crate::metrics::{FailureReason, Metrics, Protocol, RefreshResult};
 use crate::secret::Secret;
 use crate::singleflight::SingleFlight;
-use crate::store::{now_unix, LeaseCommit, Mode, SealedToken, Sealer, Status, Store};
+use crate::store::{now_unix, Lease, LeaseCommit, Mode, SealedToken, Sealer, Status, Store};
 use crate::tenant::{Tenant, Tenants};
 use dashmap::DashMap;
 use rand::Rng;
@@ -298,6 +298,10 @@ struct Slot {
 /// The longest wait for another replica's refresh lease on an identity
 /// (its refresh may take the identity platform's whole timeout, twice).
 const LEASE_WAIT: Duration = Duration::from_secs(65);
+/// First and longest pause between two tries for a lease another replica
+/// holds (doubling, jittered).
+const LEASE_POLL_MIN: Duration = Duration::from_millis(10);
+const LEASE_POLL_MAX: Duration = Duration::from_millis(100);
 
 struct Backoff {
     until: Instant,
@@ -557,20 +561,48 @@ impl TokenEngine {
             return Err(reauth_error(&identity));
         }
 
-        // Bounded before the lease, so that waiting refreshes do not hold
-        // store connections.
-        let _permit = inner.refresh_permits.acquire().await;
         // Fleet-wide single flight (PostgreSQL): the identity's lease, then
         // the access token another replica may have stored a moment ago.
-        let mut lease = match inner.store.refresh_lease(identity.id, LEASE_WAIT).await {
-            Ok(l) => l,
-            Err(e) => {
-                return Err(self.store_failed(
-                    &key,
-                    &identity,
-                    &e,
-                    "cannot take the refresh lease",
-                ));
+        // While another replica holds the lease this one polls for it,
+        // holding neither a refresh permit nor a store connection, so
+        // waiting for other replicas never starves this one's refreshes.
+        let mut poll = LEASE_POLL_MIN;
+        let polling_since = Instant::now();
+        let mut waited = false;
+        let (mut lease, _permit) = loop {
+            let permit = inner.refresh_permits.acquire().await;
+            match inner.store.try_refresh_lease(identity.id, LEASE_WAIT).await {
+                Ok(Lease::NotNeeded) => break (None, permit),
+                Ok(Lease::Held(l)) => break (Some(l), permit),
+                Ok(Lease::Busy) => {
+                    drop(permit);
+                    if !waited {
+                        waited = true;
+                        inner.metrics.refresh_lease_waited();
+                    }
+                    if polling_since.elapsed() >= LEASE_WAIT {
+                        tracing::warn!(identity = %identity.name, waited = ?LEASE_WAIT, "another replica has held the refresh lease too long");
+                        return Err(self.transient(
+                            &key,
+                            &identity,
+                            None,
+                            "another replica has held the refresh lease too long".into(),
+                            false,
+                            Origin::Store,
+                        ));
+                    }
+                    let jitter = rand::rng().random_range(0.75..=1.25);
+                    tokio::time::sleep(poll.mul_f64(jitter)).await;
+                    poll = (poll * 2).min(LEASE_POLL_MAX);
+                }
+                Err(e) => {
+                    return Err(self.store_failed(
+                        &key,
+                        &identity,
+                        &e,
+                        "cannot take the refresh lease",
+                    ));
+                }
             }
         };
         if let Some(l) = lease.as_mut() {
