@@ -277,6 +277,8 @@ struct Inner {
     records: Vec<IdpRequestRecord>,
     refresh_calls: usize,
     successful_refreshes: usize,
+    /// Requests dropped unanswered (their connection closed first).
+    abandoned: usize,
     device_polls: usize,
     token_requests: usize,
     unavailable: bool,
@@ -415,6 +417,7 @@ impl FakeIdp {
                 records: Vec::new(),
                 refresh_calls: 0,
                 successful_refreshes: 0,
+                abandoned: 0,
                 device_polls: 0,
                 token_requests: 0,
                 unavailable: false,
@@ -730,7 +733,10 @@ impl FakeIdp {
 
     /// While on, every request is recorded and counted (`refresh_calls`)
     /// but not answered until it is turned off: a refresh that is provably
-    /// still in flight, whatever the machine's load.
+    /// still in flight, whatever the machine's load. A held request whose
+    /// client goes away is never processed (its connection closes, hyper
+    /// drops it): it counts in [`FakeIdp::abandoned_requests`] and redeems
+    /// nothing.
     pub fn set_held(&self, on: bool) {
         self.state.held.send_replace(on);
     }
@@ -926,6 +932,13 @@ impl FakeIdp {
     /// Refresh grants answered with tokens.
     pub fn successful_refreshes(&self) -> usize {
         self.state.inner().successful_refreshes
+    }
+
+    /// Requests (recorded and counted) that were dropped before they were
+    /// processed because their client's connection closed, e.g. held ones
+    /// ([`FakeIdp::set_held`]) of a killed process.
+    pub fn abandoned_requests(&self) -> usize {
+        self.state.inner().abandoned
     }
 
     /// Requests with the device_code grant type.
@@ -1158,10 +1171,14 @@ async fn handle(state: Arc<IdpState>, req: Request<Incoming>) -> Response<RespBo
         });
         (inner.records.len() - 1, inner.delay)
     };
+    // Counts the request as abandoned if hyper drops it (its connection
+    // closed) before it is processed below.
+    let abandoned = Abandoned(Some(state.clone()));
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     let _ = state.held.subscribe().wait_for(|held| !*held).await;
+    abandoned.processed();
 
     let resp = respond(
         &state,
@@ -1175,6 +1192,23 @@ async fn handle(state: Arc<IdpState>, req: Request<Incoming>) -> Response<RespBo
     );
     state.inner().records[idx].status = resp.status().as_u16();
     resp
+}
+
+/// Counts a request dropped before [`Abandoned::processed`].
+struct Abandoned(Option<Arc<IdpState>>);
+
+impl Abandoned {
+    fn processed(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(state) = self.0.take() {
+            state.inner().abandoned += 1;
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -22,6 +22,7 @@ pub use idp::{
     ms_error_body, ClientAuth, FakeIdp, IdpOptions, IdpRequestRecord, SignedInAccount,
     TokenValidator,
 };
+pub mod fleet;
 pub mod harness;
 pub mod mail;
 pub mod mailrig;
