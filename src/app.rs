@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::identity::{Authenticator, Directory};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOperation};
 use crate::store::{open_sealer, KeyError, KeyUse, SealError, Sealer, Status, Store, StoreError};
 use crate::tenant::{TenantError, Tenants};
 use crate::tls::{HttpsClient, TlsError};
@@ -33,6 +33,11 @@ pub enum AppError {
     #[error("{0}")]
     Tenant(#[from] TenantError),
 }
+
+/// The longest a `/readyz` probe waits for the store (or
+/// `store.connect_timeout`, when shorter): a dead database answers "not
+/// ready" in bounded time instead of holding the probe.
+pub const READY_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Everything a front end needs.
 pub struct App {
@@ -163,14 +168,40 @@ impl App {
         Ok(true)
     }
 
+    /// Whether the store answers (`/readyz`), within
+    /// [`READY_PROBE_TIMEOUT`]; the outcome updates the store's health.
+    pub async fn readiness_probe(&self) -> Result<(), ()> {
+        let limit = READY_PROBE_TIMEOUT.min(self.config.store.connect_timeout);
+        match tokio::time::timeout(limit, self.store.revision()).await {
+            Ok(Ok(_)) => {
+                self.tokens.store_answered(StoreOperation::readiness);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.tokens.store_unreachable(StoreOperation::readiness, &e);
+                Err(())
+            }
+            Err(_) => {
+                self.tokens.store_unreachable(
+                    StoreOperation::readiness,
+                    &format_args!("no answer within {limit:?}"),
+                );
+                Err(())
+            }
+        }
+    }
+
     /// Reloads when the store pushes a change (PostgreSQL `LISTEN`) and
     /// every `tokens.reload_interval`, and prunes caches, until `shutdown`
-    /// fires.
+    /// fires. Each reload is also the store's probe: its outcome sets
+    /// `authswap_store_up` ([`crate::store::StoreHealth`]); a failed one is
+    /// retried on the next tick, so the server reconnects by itself.
     pub fn spawn_background(
         self: &Arc<Self>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let app = self.clone();
+        app.tokens.store_health().set_probed();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(app.config.tokens.reload_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -201,8 +232,14 @@ impl App {
                     }
                     _ = shutdown.changed() => return,
                 };
-                if let Err(e) = app.reload().await {
-                    tracing::warn!(error = %e, "cannot reload identities");
+                // Bounded by store.connect_timeout and statement_timeout.
+                let reloaded = tokio::select! {
+                    r = app.reload() => r,
+                    _ = shutdown.changed() => return,
+                };
+                match reloaded {
+                    Ok(_) => app.tokens.store_answered(StoreOperation::reload),
+                    Err(e) => app.tokens.store_unreachable(StoreOperation::reload, &e),
                 }
                 if !ticked {
                     continue;

@@ -246,6 +246,34 @@ pub enum SigninResult {
     failed,
 }
 
+/// What authswap was doing with its store when an operation failed.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StoreOperation {
+    /// The background reload (revision poll, identity list): every
+    /// `tokens.reload_interval`, so it doubles as the store's probe.
+    reload,
+    /// A `/readyz` probe.
+    readiness,
+    /// A token refresh on the request path (refresh lease, stored tokens,
+    /// the commit of a rotated refresh token).
+    refresh,
+}
+
+impl StoreOperation {
+    /// Every operation.
+    pub const ALL: [StoreOperation; 3] = [
+        StoreOperation::reload,
+        StoreOperation::readiness,
+        StoreOperation::refresh,
+    ];
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    operation: StoreOperation,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SigninLabels {
     result: SigninResult,
@@ -350,6 +378,9 @@ pub struct Metrics {
     pub replay_buffered: Gauge,
     /// Idle HTTP/1.1 upstream connections parked in the pool.
     pub upstream_idle: Gauge,
+    /// 1 while the store answers, 0 while it is unreachable.
+    store_up: Gauge,
+    store_errors: Family<StoreLabels, Counter>,
     /// Failures per (configured identity, protocol), all reasons together,
     /// for the admin console (the registry is write-only).
     failure_counts: std::sync::Mutex<std::collections::HashMap<(String, Protocol), u64>>,
@@ -506,6 +537,23 @@ impl Metrics {
             "Refreshes that found another replica refreshing the same identity (its refresh lease in PostgreSQL held) and waited for its result",
             lease_waits.clone(),
         );
+        let store_up = Gauge::default();
+        // Up until an operation fails: `App::open` has just used it.
+        store_up.set(1);
+        registry.register(
+            "store_up",
+            "1 while the store (database) answers, 0 while it is unreachable (access tokens in memory are still served)",
+            store_up.clone(),
+        );
+        let store_errors = Family::<StoreLabels, Counter>::default();
+        for operation in StoreOperation::ALL {
+            let _ = store_errors.get_or_create(&StoreLabels { operation });
+        }
+        registry.register(
+            "store_errors",
+            "Store operations that failed (database unreachable, timed out or failing), by operation: reload (the background poll), readiness (/readyz), refresh (a token refresh)",
+            store_errors.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -534,6 +582,8 @@ impl Metrics {
             info: Default::default(),
             replay_buffered,
             upstream_idle,
+            store_up,
+            store_errors,
             failure_counts: Default::default(),
             hot: HotHandles::default(),
         }
@@ -750,6 +800,18 @@ impl Metrics {
         let labels = IdentityLabels { identity: id };
         self.reauth_required.remove(&labels);
         self.token_expiry.remove(&labels);
+    }
+
+    /// Sets `authswap_store_up`.
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
+    }
+
+    /// Counts a failed store operation.
+    pub fn store_error(&self, operation: StoreOperation) {
+        self.store_errors
+            .get_or_create(&StoreLabels { operation })
+            .inc();
     }
 
     /// Counts one notification delivery attempt.

@@ -3,7 +3,9 @@
 //! cluster started by `support::pg`; skipped loudly when PostgreSQL is not
 //! installed, a failure when `CI` is set). Also: a database migrated by a
 //! newer authswap is refused, a replica with another sealing key refuses to
-//! start, and `serve` plus the CLI work end to end on PostgreSQL.
+//! start, and `serve` plus the CLI work end to end on PostgreSQL. At the
+//! end (`outage`): PostgreSQL stopped and started again under load, on a
+//! cluster of that test's own.
 
 mod support;
 
@@ -1531,4 +1533,437 @@ async fn within(cond: impl Fn() -> bool) -> bool {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     cond()
+}
+
+// ---------------------------------------------------------------------------
+// Losing the database (issue 14): PostgreSQL stopped and started again
+// under load, on a cluster of the test's own (stopping the shared one would
+// break the other tests of this process).
+// ---------------------------------------------------------------------------
+
+mod outage {
+    use super::support;
+    use authswap::store::{open_sealer, KeyUse, Status};
+    use http::StatusCode;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    use support::harness::{sample, Env, HttpClient, SOAP};
+    use support::mail::{ImapOptions, Pop3Options, SmtpOptions};
+    use support::mailrig::{b64, start_in, Raw};
+    use support::IdpOptions;
+
+    /// Identities whose access tokens stay fresh for an hour: served from
+    /// memory all through the outage.
+    const CACHED: usize = 4;
+    /// Identities whose access tokens expire during the outage.
+    const EXPIRING: usize = 4;
+    /// Lifetime of the expiring identities' access tokens (seconds); they
+    /// are refreshed `tokens.refresh_ahead` (2 s) before.
+    const SHORT_LIFE: u64 = 5;
+    const PASSWORD: &str = "user-password-1";
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Group {
+        Cached,
+        Expiring,
+        WrongPassword,
+    }
+
+    /// Phases of the run, as the load loop sees them.
+    const BEFORE: u8 = 0;
+    const DOWN: u8 = 1;
+    const BACK: u8 = 2;
+
+    #[derive(Debug)]
+    struct Answer {
+        phase: u8,
+        group: Group,
+        #[allow(dead_code)] // shown in failure messages
+        name: String,
+        status: StatusCode,
+        retry_after: Option<String>,
+        at: Instant,
+    }
+
+    fn name(group: Group, i: usize) -> String {
+        match group {
+            Group::Cached => format!("cached{i}"),
+            Group::Expiring => format!("expiring{i}"),
+            Group::WrongPassword => format!("cached{i}"),
+        }
+    }
+
+    /// SMTP: `AUTH PLAIN` as `user`; the reply.
+    async fn smtp_login(addr: SocketAddr, user: &str, password: &str) -> String {
+        let mut c = Raw::connect(addr).await;
+        c.line().await;
+        c.send(b"EHLO x\r\n").await;
+        c.reply().await;
+        let plain = b64(format!("\0{user}\0{password}").as_bytes());
+        c.send(format!("AUTH PLAIN {plain}\r\n").as_bytes()).await;
+        c.reply().await
+    }
+
+    /// IMAP: `LOGIN`; the tagged answer.
+    async fn imap_login(addr: SocketAddr, user: &str, password: &str) -> String {
+        let mut c = Raw::connect(addr).await;
+        c.line().await;
+        c.send(format!("a LOGIN {user} {password}\r\n").as_bytes())
+            .await;
+        for _ in 0..20 {
+            let l = c.line().await;
+            if l.is_empty() || l.starts_with("a ") {
+                return l;
+            }
+        }
+        panic!("no tagged IMAP answer");
+    }
+
+    /// POP3: `USER` and `PASS`; the answer to `PASS`.
+    async fn pop3_login(addr: SocketAddr, user: &str, password: &str) -> String {
+        let mut c = Raw::connect(addr).await;
+        c.line().await;
+        c.send(format!("USER {user}\r\n").as_bytes()).await;
+        assert!(c.line().await.starts_with("+OK"));
+        c.send(format!("PASS {password}\r\n").as_bytes()).await;
+        c.line().await
+    }
+
+    /// Logs `user` in on SMTP, IMAP and POP3; the three answers.
+    async fn mail_logins(
+        server: &authswap::server::Server,
+        user: &str,
+        password: &str,
+    ) -> [String; 3] {
+        [
+            smtp_login(server.smtp_addr().unwrap(), user, password).await,
+            imap_login(server.imap_addr().unwrap(), user, password).await,
+            pop3_login(server.pop3_addr().unwrap(), user, password).await,
+        ]
+    }
+
+    fn mail_served(answers: &[String; 3]) -> bool {
+        answers[0].starts_with("235")
+            && answers[1].starts_with("a OK")
+            && answers[2].starts_with("+OK")
+    }
+
+    /// Every identity's stored refresh token, unsealed, by name.
+    async fn stored_refresh_tokens(env: &Env) -> std::collections::HashMap<String, String> {
+        let config = env.config();
+        let store = env.any_store().await;
+        let sealer = open_sealer(&config.store, store.as_ref(), KeyUse::Serve)
+            .await
+            .unwrap();
+        let mut out = std::collections::HashMap::new();
+        for r in store.list().await.unwrap() {
+            let (sealed, _) = store.refresh_token(r.id).await.unwrap().unwrap();
+            let token = sealer.open(r.id, &sealed).unwrap();
+            out.insert(r.name, token.expose().to_owned());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_database_stopped_and_restarted_under_load() {
+        let Some(pg) = support::pg::dedicated().await else {
+            return;
+        };
+        let url = pg.database("outage").await;
+        let env = Env::start_with(IdpOptions {
+            // A superseded refresh token no longer works: a rotated one
+            // that was not stored would show as needs_reauth.
+            revoke_on_rotation: true,
+            ..IdpOptions::default()
+        })
+        .await;
+        env.use_store_url(&url);
+        for i in 0..CACHED {
+            env.add_linked(
+                &name(Group::Cached, i),
+                &format!("cached{i}@contoso.com"),
+                PASSWORD,
+            )
+            .await;
+        }
+        for i in 0..EXPIRING {
+            env.add_linked(
+                &name(Group::Expiring, i),
+                &format!("expiring{i}@contoso.com"),
+                PASSWORD,
+            )
+            .await;
+        }
+        // HTTP, SMTP, IMAP and POP3 in front of their doubles.
+        let rig = start_in(
+            env,
+            SmtpOptions::default(),
+            ImapOptions::default(),
+            Pop3Options::default(),
+            |c| {
+                c.store.connect_timeout = Duration::from_secs(2);
+                c.tokens.refresh_ahead = Duration::from_secs(2);
+            },
+        )
+        .await;
+        let (env, server) = (&rig.env, &rig.server);
+        let (http, admin) = (server.http_addr().unwrap(), server.admin_addr());
+        let client = HttpClient::default();
+
+        // Warm up: the expiring identities get short-lived tokens, the
+        // cached ones tokens good for an hour.
+        env.idp.set_expires_in(SHORT_LIFE);
+        for i in 0..EXPIRING {
+            let r = client
+                .ews(http, &name(Group::Expiring, i), PASSWORD, SOAP)
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        let short_issued = Instant::now();
+        env.idp.set_expires_in(3600);
+        for i in 0..CACHED {
+            let r = client
+                .ews(http, &name(Group::Cached, i), PASSWORD, SOAP)
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        // cached0's mail token too (its own scopes).
+        let mail = mail_logins(server, "cached0", PASSWORD).await;
+        assert!(mail_served(&mail), "{mail:?}");
+        assert_eq!(client.get(admin, "/readyz").await.status, 200);
+        // The refresh tokens stored before the outage.
+        let stored_before = stored_refresh_tokens(env).await;
+
+        // Load: 4 workers cycling over every identity (and a wrong
+        // password), bounded in time and count.
+        let phase = Arc::new(AtomicU8::new(BEFORE));
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(Mutex::new(Vec::<Answer>::new()));
+        let mut workers = tokio::task::JoinSet::new();
+        for w in 0..4usize {
+            let (client, phase, stop, answers) =
+                (client.clone(), phase.clone(), stop.clone(), answers.clone());
+            workers.spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut n = w;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 20_000 {
+                    let (group, i) = match n % 9 {
+                        k @ 0..=3 => (Group::Cached, k),
+                        k @ 4..=7 => (Group::Expiring, k - 4),
+                        _ => (Group::WrongPassword, n / 9 % CACHED),
+                    };
+                    let who = name(group, i);
+                    let password = if group == Group::WrongPassword {
+                        "not-the-password-1"
+                    } else {
+                        PASSWORD
+                    };
+                    let seen = phase.load(Ordering::Acquire);
+                    let r = client.ews(http, &who, password, SOAP).await;
+                    answers.lock().unwrap().push(Answer {
+                        // The phase at the start of the request.
+                        phase: seen,
+                        group,
+                        name: who,
+                        status: r.status,
+                        retry_after: r.header("retry-after"),
+                        at: Instant::now(),
+                    });
+                    n += 4;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // PostgreSQL goes away.
+        pg.stop().await;
+        phase.store(DOWN, Ordering::Release);
+        let stopped = Instant::now();
+        let (m, down) = client
+            .metrics_until(admin, Duration::from_secs(10), |m| {
+                sample(m, "authswap_store_up") == Some(0.0)
+            })
+            .await;
+        assert!(
+            down,
+            "authswap_store_up is not 0 while PostgreSQL is down:\n{m}"
+        );
+        let went_down = stopped.elapsed();
+        let t = Instant::now();
+        let ready = client.get(admin, "/readyz").await;
+        let probe = t.elapsed();
+        assert_eq!(ready.status, 503, "{}", ready.text());
+        assert!(
+            probe < Duration::from_secs(3),
+            "/readyz took {probe:?} on a dead database"
+        );
+        // Down long enough for the short-lived tokens to expire, and then
+        // some answers more.
+        let expired = short_issued + Duration::from_secs(SHORT_LIFE) + Duration::from_secs(2);
+        tokio::time::sleep(expired.saturating_duration_since(Instant::now())).await;
+        let m = client.get(admin, "/metrics").await.text();
+        assert_eq!(sample(&m, "authswap_store_up"), Some(0.0), "{m}");
+        assert!(
+            sample(&m, "authswap_store_errors_total{operation=\"reload\"}").unwrap_or(0.0) > 0.0,
+            "{m}"
+        );
+        assert_eq!(client.get(admin, "/readyz").await.status, 503);
+        // Mail: the token in memory is served; an identity that needs a
+        // refresh gets each protocol's temporary answer; a wrong password
+        // is still refused as such.
+        let mail = mail_logins(server, "cached0", PASSWORD).await;
+        assert!(mail_served(&mail), "mail from memory: {mail:?}");
+        let mail = mail_logins(server, "expiring0", PASSWORD).await;
+        assert!(mail[0].starts_with("454 "), "{mail:?}");
+        assert!(mail[1].starts_with("a NO [UNAVAILABLE]"), "{mail:?}");
+        assert!(mail[2].starts_with("-ERR [SYS/TEMP]"), "{mail:?}");
+        let mail = mail_logins(server, "expiring1", "not-the-password-1").await;
+        assert!(mail[0].starts_with("535 "), "{mail:?}");
+        assert!(
+            mail[1].starts_with("a NO [AUTHENTICATIONFAILED]"),
+            "{mail:?}"
+        );
+        assert!(mail[2].starts_with("-ERR [AUTH]"), "{mail:?}");
+        assert_eq!(
+            sample(
+                &client.get(admin, "/metrics").await.text(),
+                "authswap_store_up"
+            ),
+            Some(0.0)
+        );
+
+        // PostgreSQL comes back: full service without a restart.
+        pg.start().await;
+        phase.store(BACK, Ordering::Release);
+        let started = Instant::now();
+        let limit = Duration::from_secs(15);
+        let mut recovered = None;
+        while started.elapsed() < limit {
+            let mut all = client.get(admin, "/readyz").await.status == 200;
+            for i in 0..EXPIRING {
+                let r = client
+                    .ews(http, &name(Group::Expiring, i), PASSWORD, SOAP)
+                    .await;
+                all &= r.status == 200;
+            }
+            if all {
+                recovered = Some(started.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let Some(recovered) = recovered else {
+            panic!(
+                "no full service within {limit:?} after PostgreSQL came back:\n{}",
+                client.get(admin, "/metrics").await.text()
+            )
+        };
+        let (m, up) = client
+            .metrics_until(admin, Duration::from_secs(5), |m| {
+                sample(m, "authswap_store_up") == Some(1.0)
+            })
+            .await;
+        assert!(up, "{m}");
+        let mail = mail_logins(server, "expiring0", PASSWORD).await;
+        assert!(mail_served(&mail), "mail after the outage: {mail:?}");
+        // Some more load on the recovered server, then stop.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let settled = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        while let Some(done) = workers.join_next().await {
+            done.unwrap();
+        }
+        eprintln!(
+            "outage: store_up 0 after {went_down:?}, /readyz answered in {probe:?}, \
+             full service {recovered:?} after PostgreSQL started"
+        );
+
+        // What the clients got.
+        let answers = std::mem::take(&mut *answers.lock().unwrap());
+        let mut temporary = 0;
+        for a in answers.iter() {
+            match a.group {
+                Group::WrongPassword => {
+                    assert_eq!(a.status, 401, "a wrong password: {a:?}")
+                }
+                Group::Cached => {
+                    assert_eq!(a.status, 200, "a token held in memory is served: {a:?}")
+                }
+                Group::Expiring => match a.status.as_u16() {
+                    200 => {}
+                    503 => {
+                        assert_ne!(
+                            a.phase, BEFORE,
+                            "a temporary answer before the outage: {a:?}"
+                        );
+                        assert!(a.retry_after.is_some(), "503 without Retry-After: {a:?}");
+                        assert!(
+                            a.at < settled,
+                            "a temporary answer after full service was back: {a:?}"
+                        );
+                        temporary += 1;
+                    }
+                    _ => panic!("only 200 or 503 while the database is away: {a:?}"),
+                },
+            }
+        }
+        let after: Vec<_> = answers.iter().filter(|a| a.at >= settled).collect();
+        let during = answers.iter().filter(|a| a.phase == DOWN).count();
+        eprintln!(
+            "outage: {} answers, {during} started while PostgreSQL was down, {temporary} temporary",
+            answers.len()
+        );
+        assert!(
+            temporary > 0,
+            "tokens that expired while PostgreSQL was down were answered 200?"
+        );
+        for group in [Group::Cached, Group::Expiring, Group::WrongPassword] {
+            assert!(
+                answers.iter().any(|a| a.phase == DOWN && a.group == group),
+                "no {group:?} request during the outage"
+            );
+        }
+        assert!(after
+            .iter()
+            .all(|a| a.group == Group::WrongPassword || a.status == 200));
+
+        // Nothing lost: nobody needs a new sign-in, every expiring identity
+        // rotated its refresh token after the outage, and the stored one is
+        // the identity platform's newest (and still valid) one.
+        let stored_after = stored_refresh_tokens(env).await;
+        let issued = env.idp.issued_refresh_tokens();
+        for r in env.any_store().await.list().await.unwrap() {
+            assert_eq!(r.status, Status::Linked, "{r:?}");
+            assert!(r.is_ok(), "{r:?}");
+            let stored = &stored_after[&r.name];
+            assert!(
+                env.idp.is_refresh_token_valid(stored).is_some(),
+                "{}: the stored refresh token is not valid at the identity platform",
+                r.name
+            );
+            let newest = issued
+                .iter()
+                .rev()
+                .find(|t| env.idp.refresh_token_owner(t).as_deref() == Some(&r.mailbox))
+                .unwrap();
+            assert_eq!(stored, newest, "{}: not the newest refresh token", r.name);
+            if r.name.starts_with("expiring") {
+                assert_ne!(
+                    stored, &stored_before[&r.name],
+                    "{} did not refresh after the outage",
+                    r.name
+                );
+            }
+        }
+        let m = client.get(admin, "/metrics").await.text();
+        assert!(
+            !m.lines()
+                .any(|l| l.starts_with("authswap_identity_reauth_required{") && l.ends_with(" 1")),
+            "{m}"
+        );
+        rig.server.shutdown(Duration::from_secs(5)).await;
+    }
 }

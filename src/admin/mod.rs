@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (OpenMetrics text), `/healthz` (the
-//! process is alive) and `/readyz` (the store answers) without
+//! process is alive) and `/readyz` (the store answers within
+//! [`crate::app::READY_PROBE_TIMEOUT`]) without
 //! authentication; the JSON API under `/api/v1` ([`api`]) and the console
 //! ([`console`]) behind the admin credential ([`credential`]). Bind it to
 //! loopback or a pod-internal address.
@@ -154,8 +155,8 @@ impl AdminListener {
                 r
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            _ => match app.store.revision().await {
-                Ok(_) => {
+            _ => match app.readiness_probe().await {
+                Ok(()) => {
                     let mut body = String::from("ready\n");
                     for missing in app.config.missing() {
                         body.push_str("warning: ");
@@ -164,10 +165,8 @@ impl AdminListener {
                     }
                     text(StatusCode::OK, &body)
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "readiness check failed");
-                    text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
-                }
+                // Logged once when the store is lost (see StoreHealth).
+                Err(()) => text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
             },
         }
     }

@@ -3,11 +3,13 @@
 //! PostgreSQL one, [`open`] choosing between them, and the sealing of
 //! refresh tokens.
 
+pub mod health;
 pub mod migrate;
 pub mod postgres;
 pub mod seal;
 pub mod sqlite;
 
+pub use health::StoreHealth;
 pub use postgres::{PgSettings, PostgresStore};
 pub use seal::{open_sealer, KeyError, KeyUse, SealError, SealedToken, Sealer};
 pub use sqlite::SqliteStore;

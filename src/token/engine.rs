@@ -15,10 +15,12 @@ use super::refusal::{Refusal, Verdict};
 use crate::config::TokenConfig;
 use crate::error::Origin;
 use crate::identity::Identity;
-use crate::metrics::{FailureReason, Metrics, Protocol, RefreshResult};
+use crate::metrics::{FailureReason, Metrics, Protocol, RefreshResult, StoreOperation};
 use crate::secret::Secret;
 use crate::singleflight::SingleFlight;
-use crate::store::{now_unix, Lease, LeaseCommit, Mode, SealedToken, Sealer, Status, Store};
+use crate::store::{
+    now_unix, Lease, LeaseCommit, Mode, SealedToken, Sealer, Status, Store, StoreError, StoreHealth,
+};
 use crate::tenant::{Tenant, Tenants};
 use dashmap::DashMap;
 use rand::Rng;
@@ -324,6 +326,8 @@ struct Inner {
     unsaved: DashMap<i64, (i64, crate::store::SealedToken)>,
     refresh_permits: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
+    /// Whether the store answers ([`StoreHealth`]).
+    health: Arc<StoreHealth>,
 }
 
 /// Hands out access tokens; cheap to clone.
@@ -364,12 +368,14 @@ impl TokenEngine {
             .max_concurrent_refreshes
             .min(store.refresh_concurrency().unwrap_or(usize::MAX))
             .max(1);
+        let health = Arc::new(StoreHealth::new(metrics.clone()));
         TokenEngine {
             inner: Arc::new(Inner {
                 store,
                 sealer,
                 tenants,
                 metrics,
+                health,
                 config,
                 slots: DashMap::new(),
                 flights: SingleFlight::default(),
@@ -379,6 +385,33 @@ impl TokenEngine {
                 next_id: AtomicU64::new(1),
             }),
         }
+    }
+
+    /// Whether the store answers, as last seen.
+    pub fn store_health(&self) -> &Arc<StoreHealth> {
+        &self.inner.health
+    }
+
+    /// A store operation (`operation`) succeeded. When the store was down
+    /// until now, the backoffs its failures started end at once: the
+    /// identities they hold back are refreshed on their next request.
+    pub fn store_answered(&self, operation: StoreOperation) {
+        if self.inner.health.succeeded(operation) {
+            for mut slot in self.inner.slots.iter_mut() {
+                if slot
+                    .backoff
+                    .as_ref()
+                    .is_some_and(|b| b.origin == Origin::Store)
+                {
+                    slot.backoff = None;
+                }
+            }
+        }
+    }
+
+    /// A store operation (`operation`) failed with `error`.
+    pub fn store_unreachable(&self, operation: StoreOperation, error: &dyn fmt::Display) {
+        self.inner.health.failed(operation, error);
     }
 
     /// The identity-platform client of the default tenant.
@@ -560,6 +593,20 @@ impl TokenEngine {
         if identity.status() == Status::NeedsReauth {
             return Err(reauth_error(&identity));
         }
+        // The store is down (the background reload notices when it is
+        // back): a temporary answer now, instead of waiting
+        // `store.connect_timeout` for a connection, and a refresh permit
+        // before that.
+        if inner.health.known_down() {
+            return Err(self.transient(
+                &key,
+                &identity,
+                None,
+                "the store is unreachable".to_owned(),
+                false,
+                Origin::Store,
+            ));
+        }
 
         // Fleet-wide single flight (PostgreSQL): the identity's lease, then
         // the access token another replica may have stored a moment ago.
@@ -628,7 +675,10 @@ impl TokenEngine {
             None => inner.store.refresh_token(identity.id).await,
         };
         let stored = match stored {
-            Ok(v) => v,
+            Ok(v) => {
+                self.store_answered(StoreOperation::refresh);
+                v
+            }
             Err(e) => {
                 return Err(self.store_failed(&key, &identity, &e, "cannot read refresh token"));
             }
@@ -1040,10 +1090,16 @@ impl TokenEngine {
         &self,
         key: &Key,
         identity: &Identity,
-        e: &crate::store::StoreError,
+        e: &StoreError,
         what: &str,
     ) -> TokenError {
-        tracing::error!(identity = %identity.name, error = %e, "{what}");
+        if self.inner.health.is_up() {
+            tracing::error!(identity = %identity.name, error = %e, "{what}");
+        } else {
+            // Logged once, when the store was lost.
+            tracing::debug!(identity = %identity.name, error = %e, "{what}");
+        }
+        self.store_unreachable(StoreOperation::refresh, e);
         self.transient(
             key,
             identity,
@@ -1092,7 +1148,10 @@ impl TokenEngine {
             .refresh(&identity.name, RefreshResult::transient_error);
         // An app identity's tokens are its tenant's: their failures are
         // the tenant's (see `credential_refused`), not the identity's.
-        if identity.mode == Mode::Delegated {
+        // Not recorded in a store that is unreachable (the next success
+        // clears the record anyway).
+        let unreachable = origin == Origin::Store && !inner.health.is_up();
+        if identity.mode == Mode::Delegated && !unreachable {
             let store = inner.store.clone();
             let id = identity.id;
             let msg = message.clone();

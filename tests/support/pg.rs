@@ -20,6 +20,13 @@
 //!   started beside the cluster: it polls the test process, and when that
 //!   is gone (passed, failed, killed) runs `pg_ctl stop -m immediate` and
 //!   removes the directory.
+//! - **A dedicated cluster** ([`dedicated`]) for a test that stops and
+//!   restarts PostgreSQL (which would break the other tests of the process
+//!   on the shared one): started the same way, with [`Dedicated::stop`]
+//!   and [`Dedicated::start`] (same port, same data; commits are written
+//!   out before they are acknowledged, so an immediate stop loses none of
+//!   them, as on a real server); stopped and removed
+//!   when dropped, and by its own watchdog after the process.
 //! - **No PostgreSQL:** the tests that need it print a loud message and
 //!   skip, unless `CI` is set, where that is a failure.
 
@@ -116,6 +123,21 @@ fn free_port() -> u16 {
 }
 
 fn start() -> Result<Cluster, String> {
+    start_new(false).map(|d| d.cluster)
+}
+
+/// A started cluster and what it takes to stop and start it again.
+struct Started {
+    cluster: Cluster,
+    bin: PathBuf,
+    as_postgres: bool,
+    options: String,
+}
+
+/// `durable`: commits are written out before they are acknowledged
+/// (`synchronous_commit=on`), so a stop with `-m immediate` loses none of
+/// them (`fsync` stays off: the machine itself does not crash).
+fn start_new(durable: bool) -> Result<Started, String> {
     let bin = find_bin_dir().ok_or_else(|| {
         "PostgreSQL not found (initdb on PATH or in /usr/lib/postgresql/*/bin); \
          install Debian's `postgresql` package"
@@ -186,25 +208,22 @@ fn start() -> Result<Cluster, String> {
         let port = free_port();
         let options = format!(
             "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+             -c synchronous_commit={} -c full_page_writes=off -c max_connections=300 \
              -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
             dir.display(),
+            if durable { "on" } else { "off" },
             cert.display(),
             key.display(),
         );
-        let started = run(
-            pg_command(&bin, "pg_ctl", as_postgres)
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.join("log"))
-                .args(["-w", "-t", "60", "-o", &options, "start"]),
-            "pg_ctl start",
-        );
-        match started {
+        match pg_ctl_start(&bin, as_postgres, &dir, &options) {
             Ok(()) => {
                 watchdog(&bin, &dir, as_postgres);
-                return Ok(Cluster { port, dir });
+                return Ok(Started {
+                    cluster: Cluster { port, dir },
+                    bin,
+                    as_postgres,
+                    options,
+                });
             }
             Err(e) => {
                 let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
@@ -213,6 +232,18 @@ fn start() -> Result<Cluster, String> {
         }
     }
     Err(last)
+}
+
+fn pg_ctl_start(bin: &Path, as_postgres: bool, dir: &Path, options: &str) -> Result<(), String> {
+    run(
+        pg_command(bin, "pg_ctl", as_postgres)
+            .arg("-D")
+            .arg(dir.join("data"))
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-w", "-t", "60", "-o", options, "start"]),
+        "pg_ctl start",
+    )
 }
 
 /// Stops the cluster and removes its directory once this process is gone.
@@ -244,7 +275,11 @@ fn watchdog(bin: &Path, dir: &Path, as_postgres: bool) {
 /// The cluster of this process, started on first use; `None` (after a loud
 /// message) when PostgreSQL is not installed and `CI` is not set.
 pub fn cluster() -> Option<&'static Cluster> {
-    match CLUSTER.get_or_init(start) {
+    or_skip(CLUSTER.get_or_init(start).as_ref().map_err(Clone::clone))
+}
+
+fn or_skip<T>(started: Result<T, String>) -> Option<T> {
+    match started {
         Ok(c) => Some(c),
         Err(e) => {
             if std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
@@ -305,4 +340,103 @@ async fn fresh_database(owner: &str) -> Option<String> {
         "postgres://{owner}@127.0.0.1:{}/{name}?sslmode=disable",
         cluster.port
     ))
+}
+
+/// A cluster of one test's own, which the test may stop and start again
+/// ([`dedicated`]).
+#[derive(Debug)]
+pub struct Dedicated {
+    /// Loopback port it listens on (the same after a restart).
+    pub port: u16,
+    /// Temporary directory holding its data, socket and log.
+    pub dir: PathBuf,
+    bin: PathBuf,
+    as_postgres: bool,
+    options: String,
+}
+
+/// Starts a cluster for the calling test alone; `None` (after a loud
+/// message) when PostgreSQL is not installed and `CI` is not set.
+pub async fn dedicated() -> Option<Dedicated> {
+    let started = tokio::task::spawn_blocking(|| start_new(true))
+        .await
+        .expect("join");
+    or_skip(started).map(|s| Dedicated {
+        port: s.cluster.port,
+        dir: s.cluster.dir,
+        bin: s.bin,
+        as_postgres: s.as_postgres,
+        options: s.options,
+    })
+}
+
+impl Dedicated {
+    /// Creates database `name` (owned by `authswap`) and returns its URL
+    /// (no password, no TLS).
+    pub async fn database(&self, name: &str) -> String {
+        use sqlx::Connection as _;
+        let admin = format!(
+            "postgres://authswap@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        );
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("connect to the dedicated cluster");
+        sqlx::query(&format!("CREATE DATABASE {name} OWNER authswap"))
+            .execute(&mut conn)
+            .await
+            .expect("create a test database");
+        conn.close().await.ok();
+        format!(
+            "postgres://authswap@127.0.0.1:{}/{name}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Stops PostgreSQL at once (`pg_ctl stop -m immediate`: connections
+    /// are cut as in a crash; the data stays for [`Dedicated::start`]).
+    pub async fn stop(&self) {
+        let (bin, as_postgres, data) = (self.bin.clone(), self.as_postgres, self.dir.join("data"));
+        tokio::task::spawn_blocking(move || {
+            run(
+                pg_command(&bin, "pg_ctl", as_postgres)
+                    .arg("-D")
+                    .arg(&data)
+                    .args(["-w", "-t", "60", "stop", "-m", "immediate"]),
+                "pg_ctl stop",
+            )
+        })
+        .await
+        .expect("join")
+        .expect("PostgreSQL stops");
+    }
+
+    /// Starts it again, on the same port with the same data.
+    pub async fn start(&self) {
+        let (bin, as_postgres, dir, options) = (
+            self.bin.clone(),
+            self.as_postgres,
+            self.dir.clone(),
+            self.options.clone(),
+        );
+        tokio::task::spawn_blocking(move || pg_ctl_start(&bin, as_postgres, &dir, &options))
+            .await
+            .expect("join")
+            .expect("PostgreSQL starts again");
+    }
+}
+
+impl Drop for Dedicated {
+    fn drop(&mut self) {
+        // Already stopped is fine; the watchdog removes what is left.
+        let _ = pg_command(&self.bin, "pg_ctl", self.as_postgres)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-m", "immediate"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
