@@ -24,10 +24,12 @@ pub fn man() -> anyhow::Result<()> {
     write_stdout(&out)
 }
 
+/// Writes `bytes` on stdout; a reader that stops early (`| head`) is not
+/// an error.
 fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(bytes)
-        .and_then(|()| stdout.flush())
-        .context("cannot write to stdout")
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to stdout"),
+    }
 }
