@@ -245,11 +245,13 @@ impl App {
                     continue;
                 }
                 n += 1;
-                if n % 60 == 0 {
+                if n.is_multiple_of(60) {
                     app.auth.prune();
                 }
                 // Expiring app credentials: warned about again every day.
-                if n % (86_400 / app.config.tokens.reload_interval.as_secs().max(1)).max(1) == 0 {
+                if n.is_multiple_of(
+                    (86_400 / app.config.tokens.reload_interval.as_secs().max(1)).max(1),
+                ) {
                     app.tokens.tenants().report_expiry(&app.metrics);
                 }
             }

@@ -1,6 +1,9 @@
 //! The real `authswap` binary: device-code login end to end, `config check`,
 //! `serve` with trace logging (no secret may appear), graceful shutdown on
 //! SIGTERM, `healthcheck`, and the default configuration on a fresh machine.
+//! Also the project's own artefacts that cargo can check: completions and
+//! the man page, the Dockerfile's placeholder stage against the manifest,
+//! and `rust-version` against the locked crates.
 
 mod support;
 
@@ -852,4 +855,225 @@ async fn passwords_in_configured_urls_are_never_printed() {
             assert!(shown.contains("://<redacted>@"), "{shown}");
         }
     }
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_clap_definitions() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_authswap"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.contains("complete -F _authswap"), "{bash}");
+    for word in [
+        "serve",
+        "identity",
+        "healthcheck",
+        "completions",
+        "import-csv",
+    ] {
+        assert!(bash.contains(word), "bash completion lacks {word}");
+    }
+    let zsh = run(&["completions", "zsh"]);
+    assert!(zsh.starts_with("#compdef authswap"), "{zsh}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_authswap"))
+        .args(["completions", "cmd.exe"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+
+    let man = run(&["man"]);
+    assert!(man.contains(".TH authswap 1"), "{man}");
+    assert!(man.contains(".SH NAME\nauthswap \\- "), "{man}");
+    assert!(man.contains(".SH SUBCOMMANDS"), "{man}");
+    assert!(man.contains("authswap\\-healthcheck"), "{man}");
+    // Rendered by man(1) where it is installed (.ci/run installs man-db).
+    let page = tempfile::Builder::new().suffix(".1").tempfile().unwrap();
+    std::fs::write(page.path(), &man).unwrap();
+    match std::process::Command::new("man")
+        .arg("-l")
+        .arg(page.path())
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "80")
+        .output()
+    {
+        Ok(out) => {
+            assert!(out.status.success(), "man -l: {}", text(&out.stderr));
+            let shown = text(&out.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert!(shown.contains("NAME"), "{shown}");
+            assert!(shown.contains("authswap - Sidecar"), "{shown}");
+            assert!(shown.contains("SUBCOMMANDS"), "{shown}");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("man(1) not installed: checked the roff text only")
+        }
+        Err(e) => panic!("man -l: {e}"),
+    }
+}
+
+/// The Dockerfile's instructions with continuation lines joined and comment
+/// lines dropped (as Docker reads them).
+fn dockerfile_instructions() -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in std::fs::read_to_string(path).unwrap().lines() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        if let Some(head) = line.strip_suffix('\\') {
+            // Docker drops the backslash and the line break.
+            current.push_str(head);
+            continue;
+        }
+        current.push_str(line);
+        if !current.trim().is_empty() {
+            out.push(current.trim().to_string());
+        }
+        current.clear();
+    }
+    out
+}
+
+fn cargo() -> std::process::Command {
+    std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn host_triple() -> String {
+    let out = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .unwrap();
+    text(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc -vV names the host")
+        .to_string()
+}
+
+/// `cargo fetch --locked` reads the whole manifest (every target's source
+/// file must exist, as for `cargo build`) and refuses a lock file that does
+/// not match it, without compiling. (`cargo metadata --no-deps` and
+/// `cargo read-manifest` accept a missing bench file, so they prove nothing.)
+fn cargo_fetch_locked(dir: &std::path::Path) -> std::process::Output {
+    cargo()
+        .args(["fetch", "--locked", "--offline", "--target"])
+        .arg(host_triple())
+        .current_dir(dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn dockerfile_placeholders_satisfy_the_manifest() {
+    let steps = dockerfile_instructions();
+    let copy = steps
+        .iter()
+        .position(|s| s == "COPY Cargo.toml Cargo.lock ./")
+        .expect("the dependency stage copies the manifest and the lock file");
+    let placeholders = steps[copy + 1]
+        .strip_prefix("RUN ")
+        .expect("a RUN with the placeholder steps follows the COPY");
+    assert!(
+        !placeholders.contains("cargo"),
+        "the placeholder RUN must not build: {placeholders}"
+    );
+    assert!(
+        steps[copy + 2].starts_with("RUN cargo build --release --locked"),
+        "the dependency build follows the placeholders: {}",
+        steps[copy + 2]
+    );
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        std::fs::copy(root.join(f), dir.path().join(f)).unwrap();
+    }
+    // Without the bench placeholders cargo refuses the manifest: the check
+    // below can fail.
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::write(dir.path().join("src/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(dir.path().join("src/lib.rs"), "").unwrap();
+    let out = cargo_fetch_locked(dir.path());
+    assert!(!out.status.success(), "cargo accepted missing benches");
+    assert!(text(&out.stderr).contains("bench"), "{}", text(&out.stderr));
+
+    // The Dockerfile's own steps, by the same shell as `RUN`.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(placeholders)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cargo_fetch_locked(dir.path());
+    assert!(
+        out.status.success(),
+        "cargo refuses the placeholder tree: {}",
+        text(&out.stderr)
+    );
+}
+
+fn parse_version(v: &str) -> (u64, u64, u64) {
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap());
+    (
+        parts.next().unwrap(),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
+}
+
+#[test]
+fn rust_version_covers_every_locked_crate() {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Locked crates from a registry: not authswap itself (no source).
+    let packages: Vec<&serde_json::Value> = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["source"].is_null())
+        .collect();
+    let ours = parse_version(env!("CARGO_PKG_RUST_VERSION"));
+    let mut checked = 0;
+    let mut too_new = Vec::new();
+    for p in &packages {
+        let Some(rv) = p["rust_version"].as_str() else {
+            continue;
+        };
+        checked += 1;
+        if parse_version(rv) > ours {
+            too_new.push(format!("{} {} needs {rv}", p["name"], p["version"]));
+        }
+    }
+    assert!(checked > 100, "only {checked} crates declare rust-version");
+    assert!(
+        too_new.is_empty(),
+        "Cargo.toml says rust-version = {}, but: {too_new:?}",
+        env!("CARGO_PKG_RUST_VERSION")
+    );
+    // The claim is tight: some locked crate needs exactly that version.
+    assert!(
+        packages
+            .iter()
+            .filter_map(|p| p["rust_version"].as_str())
+            .any(|rv| parse_version(rv) == ours),
+        "no locked crate needs {}: lower rust-version",
+        env!("CARGO_PKG_RUST_VERSION")
+    );
 }

@@ -243,7 +243,7 @@ async fn smtp_relays_a_10_mb_message_byte_identical_with_pipelining() {
     body.extend_from_slice(b"Subject: big\r\n\r\n");
     let mut i = 0u64;
     while body.len() < 10 * 1024 * 1024 {
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             body.extend_from_slice(b"..stuffed line ");
         } else {
             body.extend_from_slice(b"plain line ");

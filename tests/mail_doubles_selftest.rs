@@ -396,7 +396,7 @@ async fn smtp_pipelining_bdat_and_big_message() {
     let mut raw = Vec::with_capacity(10 * 1024 * 1024 + 100);
     let mut i = 0u64;
     while raw.len() < 10 * 1024 * 1024 {
-        if i % 1000 == 0 {
+        if i.is_multiple_of(1000) {
             raw.extend_from_slice(b"..stuffed line\r\n");
         }
         raw.extend_from_slice(format!("{i:08} ").as_bytes());

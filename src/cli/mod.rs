@@ -4,6 +4,7 @@
 
 mod admin;
 mod config_cmd;
+mod docs;
 mod healthcheck;
 mod identity;
 mod invite;
@@ -62,6 +63,14 @@ pub enum Command {
     Store(StoreCommand),
     /// Probe the admin listener's /healthz (for container HEALTHCHECKs); exit 0 when healthy.
     Healthcheck(HealthcheckArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `authswap man | man -l -`.
+    Man,
 }
 
 /// `identity` subcommands.
@@ -312,6 +321,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Check) => config_cmd::check(&cli.config),
         Command::Store(cmd) => runtime(1)?.block_on(store_cmd::run(&cli.config, cmd)),
         Command::Healthcheck(args) => runtime(1)?.block_on(healthcheck::run(&cli.config, args)),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Man => docs::man(),
     }
 }
 

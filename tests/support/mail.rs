@@ -1515,7 +1515,7 @@ fn imap_fetch(c: &mut Conn, tag: &str, args: &str, inner: &Mutex<ImapInner>) {
 fn sized_message(subject: &str, body: &str, size: usize) -> Vec<u8> {
     let mut m = canned_message(subject, body);
     assert!(m.len() + 3 <= size, "canned POP3 message too long");
-    m.extend(std::iter::repeat(b'x').take(size - m.len() - 2));
+    m.extend(std::iter::repeat_n(b'x', size - m.len() - 2));
     m.extend_from_slice(b"\r\n");
     m
 }
