@@ -105,7 +105,9 @@ impl App {
     /// Picks up identity changes made elsewhere (CLI, other replicas) when
     /// the store's revision moved. Returns whether anything was reloaded.
     pub async fn reload(&self) -> Result<bool, StoreError> {
-        let revision = self.store.revision().await?;
+        let revision = self.store.revision().await;
+        self.metrics.store_checked(revision.is_ok());
+        let revision = revision?;
         if revision == self.revision.load(Ordering::Acquire) {
             return Ok(false);
         }
@@ -145,8 +147,12 @@ impl App {
             if let Some(c) = counts.iter_mut().find(|(s, _)| *s == r.status.as_str()) {
                 c.1 += 1;
             }
-            self.metrics
-                .set_reauth_required(&r.name, r.status == Status::NeedsReauth);
+            // A person must sign in before the identity works: never
+            // linked, or its refresh token was refused.
+            self.metrics.set_reauth_required(
+                &r.name,
+                matches!(r.status, Status::NeedsReauth | Status::Pending),
+            );
             self.metrics
                 .set_identity_info(&r.name, &r.tenant, r.mode.as_str());
         }
