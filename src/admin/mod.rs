@@ -241,6 +241,7 @@ mod tests {
         assert!(om(
             "application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
         ));
+        assert!(om("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.6,application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"));
         assert!(om("Application/OpenMetrics-Text"));
         assert!(!om("text/plain;version=0.0.4"));
         assert!(!om("*/*"));
