@@ -1325,6 +1325,13 @@ async fn metrics_are_promtool_clean_negotiated_and_cover_the_shipped_rules_and_d
         expiry.contains("identity=\"alice\"") && expiry.contains("protocol=\"http\""),
         "{expiry}"
     );
+    let refresh_count: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("authswap_token_refresh_duration_seconds_count "))
+        .unwrap_or_else(|| panic!("no refresh duration histogram:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(refresh_count >= 1.0, "{text}");
     match &promtool {
         Some(p) => promtool_check_metrics(p, &text)
             .await

@@ -701,11 +701,10 @@ impl TokenEngine {
         };
 
         let issued = Instant::now();
-        let asked = Instant::now();
         let result = tenant.idp.refresh(&refresh_token, scopes.list()).await;
         inner
             .metrics
-            .refresh_duration(asked.elapsed().as_secs_f64());
+            .refresh_duration(issued.elapsed().as_secs_f64());
         if result.is_err() {
             // Failures are recorded on other connections: give this back.
             drop(lease.take());
@@ -924,11 +923,10 @@ impl TokenEngine {
         };
         let _permit = inner.refresh_permits.acquire().await;
         let issued = Instant::now();
-        let asked = Instant::now();
         let result = tenant.idp.app_token(scopes.list()).await;
         inner
             .metrics
-            .refresh_duration(asked.elapsed().as_secs_f64());
+            .refresh_duration(issued.elapsed().as_secs_f64());
         match result {
             Ok(grant) => {
                 self.credential_works(&tenant);
