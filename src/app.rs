@@ -150,8 +150,12 @@ impl App {
             if let Some(c) = counts.iter_mut().find(|(s, _)| *s == r.status.as_str()) {
                 c.1 += 1;
             }
-            self.metrics
-                .set_reauth_required(&r.name, r.status == Status::NeedsReauth);
+            // A person must sign in before the identity works: never
+            // linked, or its refresh token was refused.
+            self.metrics.set_reauth_required(
+                &r.name,
+                matches!(r.status, Status::NeedsReauth | Status::Pending),
+            );
             self.metrics
                 .set_identity_info(&r.name, &r.tenant, r.mode.as_str());
         }

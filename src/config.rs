@@ -1733,6 +1733,22 @@ impl Config {
         Ok(())
     }
 
+    /// Why authswap cannot do its job with this configuration although
+    /// `serve` runs (`/readyz` answers 503 with these): a tenant without an
+    /// app registration.
+    pub fn unready(&self) -> Vec<String> {
+        self.tenant_configs()
+            .into_iter()
+            .filter(|(_, _, idp)| idp.client_id.trim().is_empty())
+            .map(|(_, section, _)| {
+                format!(
+                    "no app registration: {section}.client_id is empty, so no identity can \
+                     sign in or refresh tokens; register an app in Entra ID and set it"
+                )
+            })
+            .collect()
+    }
+
     /// What is still missing for authswap to do its job, or set weaker
     /// than it should be; `serve` logs these and keeps running (health and
     /// metrics work without them).

@@ -3,6 +3,11 @@
 //! families; unknown names share the `_unknown` series, and an identity's
 //! series are removed with it. Identity names are escaped as the exposition
 //! formats require (prometheus-client writes label values verbatim).
+//! Families are initialised where their label values are bounded (per
+//! front end, per configured identity for the refresh counter) so a quiet
+//! instance exposes them; `/metrics` is rendered as OpenMetrics or, by
+//! conversion, as the Prometheus text format 0.0.4 ([`Metrics::encode`],
+//! [`Metrics::encode_prometheus`]).
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -185,6 +190,17 @@ pub enum Outcome {
 impl Outcome {
     /// Number of outcomes.
     pub const COUNT: usize = 7;
+
+    /// Every outcome (initialised at zero per front end).
+    pub const ALL: [Outcome; Outcome::COUNT] = [
+        Outcome::forwarded,
+        Outcome::unauthorized,
+        Outcome::reauth_required,
+        Outcome::unavailable,
+        Outcome::upstream_error,
+        Outcome::bad_request,
+        Outcome::upstream_refused,
+    ];
 }
 
 /// Channel a notification went through.
@@ -274,6 +290,21 @@ struct StoreLabels {
     operation: StoreOperation,
 }
 
+impl SigninResult {
+    /// Every result (initialised at zero).
+    pub const ALL: [SigninResult; 9] = [
+        SigninResult::linked,
+        SigninResult::wrong_account,
+        SigninResult::idp_error,
+        SigninResult::invalid_state,
+        SigninResult::expired_invitation,
+        SigninResult::unknown_invitation,
+        SigninResult::bad_code,
+        SigninResult::throttled,
+        SigninResult::failed,
+    ];
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SigninLabels {
     result: SigninResult,
@@ -311,6 +342,12 @@ struct ProtocolLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabels {
     identity: IdentityLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExpiryLabels {
+    identity: IdentityLabel,
+    protocol: Protocol,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -361,7 +398,12 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     upstream_duration: Family<ProtocolLabels, Histogram, HistogramCtor>,
     reauth_required: Family<IdentityLabels, Gauge>,
-    token_expiry: Family<IdentityLabels, Gauge>,
+    token_expiry: Family<ExpiryLabels, Gauge>,
+    /// The front ends using each token scope set (normalised, space-joined):
+    /// a token's expiry is shown under each of them.
+    token_scopes: std::sync::RwLock<std::collections::HashMap<String, Vec<Protocol>>>,
+    /// Configured identities whose refresh series were initialised.
+    known: std::sync::Mutex<std::collections::HashSet<String>>,
     credential_checks: Family<CheckLabels, Counter>,
     identities: Family<StatusLabels, Gauge>,
     connections: Family<ProtocolLabels, Gauge>,
@@ -372,6 +414,7 @@ pub struct Metrics {
     credential_expiry: Family<TenantLabels, Gauge>,
     credential_blocked: Family<TenantLabels, Gauge>,
     lease_waits: Counter,
+    refresh_duration: Histogram,
     /// The (tenant, mode) each identity's info series carries.
     info: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
@@ -451,14 +494,22 @@ impl Metrics {
             "1 when the identity needs a person to sign in again, else 0",
             reauth_required.clone(),
         );
-        let token_expiry = Family::<IdentityLabels, Gauge>::default();
+        let token_expiry = Family::<ExpiryLabels, Gauge>::default();
         registry.register_with_unit(
             "access_token_expiry_timestamp",
-            "Unix time at which the identity's newest access token expires",
+            "Unix time at which the newest access token the identity holds for the protocol's front end expires (front ends with the same scopes share one token)",
             prometheus_client::registry::Unit::Seconds,
             token_expiry.clone(),
         );
         let credential_checks = Family::<CheckLabels, Counter>::default();
+        for result in [
+            CredentialCheck::cache_hit,
+            CredentialCheck::verified,
+            CredentialCheck::rejected,
+            CredentialCheck::shared,
+        ] {
+            let _ = credential_checks.get_or_create(&CheckLabels { result });
+        }
         registry.register(
             "credential_checks",
             "Local password checks: cache_hit (no argon2), verified or rejected (one argon2 run each), shared (waited for a concurrent argon2 run of the same credentials)",
@@ -477,6 +528,13 @@ impl Metrics {
             connections.clone(),
         );
         let lockouts = Family::<LockoutLabels, Counter>::default();
+        for scope in [
+            LockoutScope::identity,
+            LockoutScope::unknown_name,
+            LockoutScope::source,
+        ] {
+            let _ = lockouts.get_or_create(&LockoutLabels { scope });
+        }
         registry.register(
             "auth_lockouts",
             "Names (identity or unknown_name) and source addresses whose failed logins reached auth.max_failures, so that their further checks are delayed",
@@ -494,6 +552,9 @@ impl Metrics {
             notifications.clone(),
         );
         let onboarding_signins = Family::<SigninLabels, Counter>::default();
+        for result in SigninResult::ALL {
+            let _ = onboarding_signins.get_or_create(&SigninLabels { result });
+        }
         registry.register(
             "onboarding_signins",
             "Sign-ins and code look-ups on the onboarding listener, by result",
@@ -531,6 +592,13 @@ impl Metrics {
             "Idle HTTP/1.1 upstream connections parked for the next request (both HTTP halves share them)",
             upstream_idle.clone(),
         );
+        let refresh_duration = duration_histogram();
+        registry.register_with_unit(
+            "token_refresh_duration",
+            "Time of one token request to the identity platform (refresh or client-credentials grant), whatever its result",
+            prometheus_client::registry::Unit::Seconds,
+            refresh_duration.clone(),
+        );
         let lease_waits = Counter::default();
         registry.register(
             "refresh_lease_waits",
@@ -564,12 +632,15 @@ impl Metrics {
         Metrics {
             registry,
             lease_waits,
+            refresh_duration,
             auth_failures,
             refreshes,
             requests,
             upstream_duration,
             reauth_required,
             token_expiry,
+            token_scopes: Default::default(),
+            known: Default::default(),
             credential_checks,
             identities,
             connections,
@@ -639,6 +710,11 @@ impl Metrics {
         self.lease_waits.inc();
     }
 
+    /// Records the duration of one token request to the identity platform.
+    pub fn refresh_duration(&self, seconds: f64) {
+        self.refresh_duration.observe(seconds);
+    }
+
     /// Counts a token refresh.
     pub fn refresh(&self, identity: &str, result: RefreshResult) {
         self.refreshes
@@ -680,13 +756,48 @@ impl Metrics {
             .set(i64::from(required));
     }
 
-    /// Sets the expiry of an identity's newest access token.
-    pub fn set_token_expiry(&self, identity: &str, unix_seconds: i64) {
-        self.token_expiry
-            .get_or_create(&IdentityLabels {
-                identity: IdentityLabel::new(identity),
-            })
-            .set(unix_seconds);
+    /// Declares a served front end: its series (requests, upstream
+    /// latency, connections, unknown names' failures) start at zero, and
+    /// the expiry of tokens with `scopes` (normalised, space-joined; the
+    /// delegated and the app-only set) is shown under `protocol`.
+    pub fn front_end(&self, protocol: Protocol, scopes: &[&str]) {
+        {
+            let mut map = self.token_scopes.write().unwrap_or_else(|e| e.into_inner());
+            for key in scopes {
+                let list = map.entry((*key).to_owned()).or_default();
+                if !list.contains(&protocol) {
+                    list.push(protocol);
+                }
+            }
+        }
+        for outcome in Outcome::ALL {
+            let _ = self
+                .requests
+                .get_or_create(&RequestLabels { protocol, outcome });
+        }
+        let _ = self
+            .upstream_duration
+            .get_or_create(&ProtocolLabels { protocol });
+        let _ = self.connections.get_or_create(&ProtocolLabels { protocol });
+        let _ = self.auth_failures.get_or_create(&FailureLabels {
+            identity: IdentityLabel::new(UNKNOWN_IDENTITY),
+            protocol,
+            reason: FailureReason::unknown_identity,
+        });
+    }
+
+    /// Sets the expiry of `identity`'s newest access token for `scopes`
+    /// (normalised, space-joined), under each front end using that set.
+    pub fn set_token_expiry(&self, identity: &str, scopes: &str, unix_seconds: i64) {
+        let map = self.token_scopes.read().unwrap_or_else(|e| e.into_inner());
+        for protocol in map.get(scopes).into_iter().flatten() {
+            self.token_expiry
+                .get_or_create(&ExpiryLabels {
+                    identity: IdentityLabel::new(identity),
+                    protocol: *protocol,
+                })
+                .set(unix_seconds);
+        }
     }
 
     /// Counts a local password check.
@@ -724,6 +835,19 @@ impl Metrics {
     /// Sets `authswap_identity_info{identity,tenant,mode}` (replacing the
     /// series of an identity whose tenant or mode changed).
     pub fn set_identity_info(&self, identity: &str, tenant: &str, mode: &str) {
+        if self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(identity.to_owned())
+        {
+            for result in RefreshResult::ALL {
+                let _ = self.refreshes.get_or_create(&RefreshLabels {
+                    identity: IdentityLabel::new(identity),
+                    result,
+                });
+            }
+        }
         let mut info = self.info.lock().unwrap_or_else(|e| e.into_inner());
         let now = (tenant.to_owned(), mode.to_owned());
         if let Some(old) = info.insert(identity.to_owned(), now.clone()) {
@@ -781,6 +905,10 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(name, _), _| name != identity);
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(identity);
         let id = IdentityLabel::new(identity);
         for protocol in Protocol::ALL {
             for reason in FailureReason::ALL {
@@ -797,9 +925,14 @@ impl Metrics {
                 result,
             });
         }
+        for protocol in Protocol::ALL {
+            self.token_expiry.remove(&ExpiryLabels {
+                identity: id.clone(),
+                protocol,
+            });
+        }
         let labels = IdentityLabels { identity: id };
         self.reauth_required.remove(&labels);
-        self.token_expiry.remove(&labels);
     }
 
     /// Sets `authswap_store_up`.
@@ -829,12 +962,58 @@ impl Metrics {
         out
     }
 
+    /// Renders the Prometheus text format 0.0.4 (for scrapers and tools
+    /// that do not ask for OpenMetrics, e.g. `promtool check metrics`).
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+
     /// Value of `credential_checks_total{result}` (for tests and benchmarks).
     pub fn credential_check_count(&self, result: CredentialCheck) -> u64 {
         self.credential_checks
             .get_or_create(&CheckLabels { result })
             .get()
     }
+}
+
+/// Content type of the Prometheus text format 0.0.4.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Converts prometheus-client's OpenMetrics text to the Prometheus text
+/// format 0.0.4: counters' `HELP`/`TYPE` name the `_total` series, types
+/// without a 0.0.4 equivalent become `untyped`, and `# UNIT` and `# EOF`
+/// are dropped (0.0.4 has neither). No family here records exemplars;
+/// sample lines are the same in both formats.
+fn openmetrics_to_prometheus(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<&str> = None;
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "gauge" | "histogram" | "summary" => (name.to_owned(), kind),
+                _ => (name.to_owned(), "untyped"),
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map(|(_, t)| t).unwrap_or("");
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with('#') {
+            // `# UNIT`, `# EOF`.
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Decrements the open-connections gauge when dropped.
@@ -875,6 +1054,56 @@ mod tests {
         m.forget_identity("alice");
         assert!(!m.encode().contains("\"alice\""));
         assert!(m.failure_counts("alice").is_empty());
+    }
+
+    #[test]
+    fn prometheus_text_names_every_family_and_token_expiry_has_its_front_end() {
+        let m = Metrics::new();
+        m.front_end(Protocol::http, &["a b", "c/.default"]);
+        m.front_end(Protocol::imap, &["a b", "d/.default"]);
+        m.set_identity_info("alice", "default", "delegated");
+        m.set_token_expiry("alice", "a b", 1234);
+        m.set_token_expiry("alice", "not served", 99);
+        m.request(Protocol::http, Outcome::forwarded);
+        let text = m.encode_prometheus();
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP authswap_requests_total Client requests"));
+        assert!(text.contains("# TYPE authswap_requests_total counter\n"));
+        assert!(text.contains("# TYPE authswap_upstream_request_duration_seconds histogram\n"));
+        assert!(text.contains(
+            "authswap_requests_total{protocol=\"http\",outcome=\"upstream_refused\"} 0\n"
+        ));
+        assert!(text.contains(
+            "authswap_token_refreshes_total{identity=\"alice\",result=\"transient_error\"} 0\n"
+        ));
+        // One token per scope set, shown under each front end using it.
+        for p in ["http", "imap"] {
+            assert!(text.contains(&format!(
+                "authswap_access_token_expiry_timestamp_seconds{{identity=\"alice\",protocol=\"{p}\"}} 1234\n"
+            )), "{text}");
+        }
+        assert!(!text.contains(" 99\n"));
+        // Every sample's family has HELP and TYPE right before its samples.
+        let mut family = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap().to_owned();
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|b| *b == family)
+                    .unwrap_or(name);
+                assert_eq!(base, family, "{line}");
+                assert!(text.contains(&format!("# HELP {family} ")), "{family}");
+            }
+        }
+        m.forget_identity("alice");
+        assert!(!m.encode_prometheus().contains("alice"));
     }
 
     #[test]

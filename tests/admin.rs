@@ -1087,3 +1087,382 @@ fn url_encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// `promtool`, when installed. Without it the promtool checks are skipped
+/// with a loud message, unless `CI` is set: CI installs it (`.ci/run`).
+fn promtool() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is missing but CI is set: install Debian's `prometheus` package (.ci/run does)"
+        );
+        eprintln!(
+            "\n!!!!! SKIPPING the promtool checks: promtool is not installed \
+             (apt-get install prometheus) !!!!!\n"
+        );
+    }
+    found
+}
+
+/// Runs `promtool check metrics` on `text` (its stdin); `Err` with its words.
+async fn promtool_check_metrics(promtool: &Path, text: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = tokio::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run promtool");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("promtool finished in time")
+        .unwrap();
+    let words = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && words.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(words)
+    }
+}
+
+/// Metric names (`authswap_...`) that `text` (PromQL in rules or a
+/// dashboard) mentions: every maximal run of `[a-z0-9_]` that starts with
+/// `authswap_` and is not preceded by a name character.
+fn referenced_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let b = text.as_bytes();
+    let name_char = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_';
+    let mut out = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("authswap_") {
+        let start = i + at;
+        let mut end = start;
+        while end < b.len() && name_char(b[end]) {
+            end += 1;
+        }
+        let preceded = start > 0 && (name_char(b[start - 1]) || b[start - 1].is_ascii_uppercase());
+        if !preceded {
+            out.insert(text[start..end].to_owned());
+        }
+        i = end.max(start + 1);
+    }
+    out
+}
+
+/// The names in `wanted` that a scrape in the Prometheus text format does
+/// not have: a name must be a sample's name, or `_bucket`, `_sum` or
+/// `_count` of a histogram family, or a histogram family itself; and every
+/// family must have `# HELP` and `# TYPE`.
+fn missing_from_scrape(scrape: &str, wanted: &std::collections::BTreeSet<String>) -> Vec<String> {
+    let mut samples = std::collections::HashSet::new();
+    let mut types = std::collections::HashMap::new();
+    let mut helps = std::collections::HashSet::new();
+    for line in scrape.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            types.insert(name.to_owned(), kind.to_owned());
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            helps.insert(rest.split(' ').next().unwrap().to_owned());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            samples.insert(line[..end].to_owned());
+        }
+    }
+    let histogram = |family: &str| types.get(family).is_some_and(|k| k == "histogram");
+    wanted
+        .iter()
+        .filter(|name| {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| histogram(f)))
+                .unwrap_or(name.as_str());
+            let exposed = if histogram(family) {
+                samples.contains(&format!("{family}_bucket"))
+            } else {
+                samples.contains(name.as_str())
+            };
+            !(exposed && types.contains_key(family) && helps.contains(family))
+        })
+        .cloned()
+        .collect()
+}
+
+/// `/metrics` negotiates its format: the Prometheus text format 0.0.4 by
+/// default and to `Accept: text/plain;version=0.0.4` (clean for `promtool
+/// check metrics`, HELP and TYPE for every family), OpenMetrics when asked
+/// for. A quiet instance already exposes every family alerts and
+/// dashboards need; never-linked identities count as needing a sign-in;
+/// and every metric that deploy/prometheus/alerts.yml and
+/// deploy/grafana/authswap.json query exists in a live scrape.
+#[tokio::test]
+async fn metrics_are_promtool_clean_negotiated_and_cover_the_shipped_rules_and_dashboard() {
+    let promtool = promtool();
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "pw-alice-123")
+        .await;
+    let out = env.cli(
+        &[
+            "identity",
+            "add",
+            "bob",
+            "--mailbox",
+            "bob@contoso.com",
+            "--password-stdin",
+        ],
+        Some("pw-bob-12345678\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = env
+        .serve_with(|c| {
+            c.admin.token = Some(Secret::new(TOKEN));
+            c.identity_provider.client_secret_expires = Some("2031-06-30".into());
+        })
+        .await;
+    let admin = server.admin_addr();
+    let http = client();
+    let scrape = |accept: Option<&'static str>| {
+        let http = http.clone();
+        async move {
+            let mut req = http.get(format!("http://{admin}/metrics"));
+            if let Some(a) = accept {
+                req = req.header("accept", a);
+            }
+            let res = req.send().await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            let kind = res.headers()["content-type"].to_str().unwrap().to_owned();
+            (kind, res.text().await.unwrap())
+        }
+    };
+
+    // Quiet: no request yet, the families are there all the same.
+    let (kind, quiet) = scrape(Some("text/plain;version=0.0.4")).await;
+    assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+    for family in [
+        "authswap_requests_total",
+        "authswap_upstream_request_duration_seconds_bucket",
+        "authswap_open_connections",
+        "authswap_auth_failures_total",
+        "authswap_token_refreshes_total",
+        "authswap_credential_checks_total",
+        "authswap_auth_lockouts_total",
+        "authswap_onboarding_signins_total",
+        "authswap_notifications_total",
+        "authswap_identities",
+        "authswap_identity_reauth_required",
+        "authswap_app_credential_expiry_timestamp_seconds",
+        "authswap_app_credential_blocked",
+        "authswap_store_up",
+        "authswap_store_errors_total",
+    ] {
+        assert!(
+            quiet.lines().any(|l| l.starts_with(family)),
+            "quiet instance lacks {family}:\n{quiet}"
+        );
+    }
+    assert!(quiet.contains(
+        "authswap_token_refreshes_total{identity=\"alice\",result=\"transient_error\"} 0\n"
+    ));
+    assert!(quiet.contains("authswap_store_up 1\n"), "{quiet}");
+    // Never linked: a person must sign in before it works.
+    assert!(quiet.contains("authswap_identity_reauth_required{identity=\"bob\"} 1\n"));
+    assert!(quiet.contains("authswap_identity_reauth_required{identity=\"alice\"} 0\n"));
+    if let Some(p) = &promtool {
+        promtool_check_metrics(p, &quiet)
+            .await
+            .unwrap_or_else(|e| panic!("promtool check metrics (quiet): {e}\n{quiet}"));
+    }
+
+    // Some traffic: a forwarded request (token refresh), a wrong password,
+    // an unknown name, a never-linked identity.
+    let ews = server.http_addr().unwrap();
+    let hc = HttpClient::default();
+    assert_eq!(
+        hc.ews(ews, "alice", "pw-alice-123", SOAP).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        hc.ews(ews, "alice", "wrong-password", SOAP).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        hc.ews(ews, "mallory", "whatever-pw", SOAP).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let _ = hc.ews(ews, "bob", "pw-bob-12345678", SOAP).await;
+
+    // Default (no Accept) and the classic Accept: the Prometheus text format.
+    let (kind, default_text) = scrape(None).await;
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    assert!(!default_text.contains("# EOF"));
+    let (kind, text) = scrape(Some("text/plain;version=0.0.4")).await;
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+    assert!(text.contains("# HELP authswap_requests_total "), "{text}");
+    assert!(text.contains("# TYPE authswap_requests_total counter\n"));
+    assert!(text.contains("# TYPE authswap_upstream_request_duration_seconds histogram\n"));
+    let expiry = text
+        .lines()
+        .find(|l| l.starts_with("authswap_access_token_expiry_timestamp_seconds{"))
+        .unwrap_or_else(|| panic!("no token expiry after a request:\n{text}"));
+    assert!(
+        expiry.contains("identity=\"alice\"") && expiry.contains("protocol=\"http\""),
+        "{expiry}"
+    );
+    let refresh_count: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("authswap_token_refresh_duration_seconds_count "))
+        .unwrap_or_else(|| panic!("no refresh duration histogram:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(refresh_count >= 1.0, "{text}");
+    match &promtool {
+        Some(p) => promtool_check_metrics(p, &text)
+            .await
+            .unwrap_or_else(|e| panic!("promtool check metrics: {e}\n{text}")),
+        None => eprintln!("!!!!! promtool check metrics NOT RUN (no promtool) !!!!!"),
+    }
+    // The check can fail: OpenMetrics fed to it is refused.
+    let (kind, om) = scrape(Some(
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ))
+    .await;
+    assert!(
+        kind.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{kind}"
+    );
+    assert!(om.trim_end().ends_with("# EOF"));
+    assert!(om.contains("# TYPE authswap_requests counter\n"));
+    support::openmetrics::parse_strict(&om)
+        .unwrap_or_else(|e| panic!("not valid OpenMetrics: {e}\n{om}"));
+    if let Some(p) = &promtool {
+        assert!(
+            promtool_check_metrics(p, &om).await.is_err(),
+            "promtool accepted OpenMetrics counters' HELP as the text format's: the check proves nothing"
+        );
+    }
+
+    // Every metric the shipped rules and dashboard query is in the scrape.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    shipped_rules_and_dashboard_are_complete(root);
+    for file in [
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana/authswap.json",
+    ] {
+        let source = std::fs::read_to_string(root.join(file)).unwrap();
+        let wanted = referenced_metrics(&source);
+        assert!(wanted.len() >= 6, "{file} queries only {wanted:?}");
+        let missing = missing_from_scrape(&text, &wanted);
+        assert!(
+            missing.is_empty(),
+            "{file} queries metrics that /metrics does not have: {missing:?}\n{text}"
+        );
+    }
+    // The cross-check itself can fail.
+    let bogus = referenced_metrics(
+        "rate(authswap_no_such_total[5m]) + histogram_quantile(0.9, authswap_upstream_request_duration_seconds_bucket) + authswap_requests_bucket + x_authswap_nope",
+    );
+    assert_eq!(
+        bogus.iter().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "authswap_no_such_total",
+            "authswap_requests_bucket",
+            "authswap_upstream_request_duration_seconds_bucket"
+        ]
+    );
+    assert_eq!(
+        missing_from_scrape(&text, &bogus),
+        ["authswap_no_such_total", "authswap_requests_bucket"]
+    );
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Each alert rule has a summary, a description and a runbook_url whose
+/// anchor is a heading of docs/runbook.md; the dashboard takes its data
+/// source from a variable (it loads without edits).
+fn shipped_rules_and_dashboard_are_complete(root: &Path) {
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).unwrap();
+    let runbook = std::fs::read_to_string(root.join("docs/runbook.md")).unwrap();
+    // GitHub's anchors of the `## Name` headings (the alert names).
+    let anchors: std::collections::HashSet<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| {
+            h.trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == '-' || *c == ' ')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect();
+    let mut alerts = Vec::new();
+    for block in rules.split("- alert: ").skip(1) {
+        let name = block.lines().next().unwrap().trim().to_owned();
+        for key in ["summary:", "description:", "runbook_url:"] {
+            assert!(block.contains(key), "{name} has no {key}");
+        }
+        let url = block
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("runbook_url:"))
+            .unwrap()
+            .trim()
+            .trim_matches('"');
+        let anchor = url
+            .strip_prefix("docs/runbook.md#")
+            .unwrap_or_else(|| panic!("{name}: runbook_url {url} is not docs/runbook.md#..."));
+        assert!(
+            anchors.contains(anchor),
+            "{name}: no section #{anchor} in docs/runbook.md"
+        );
+        alerts.push(name);
+    }
+    for wanted in [
+        "AuthswapIdentityNeedsReauth",
+        "AuthswapAuthFailuresRising",
+        "AuthswapTokenRefreshFailing",
+        "AuthswapAccessTokenExpiringWhileRefreshFails",
+        "AuthswapIdentityPlatformUnreachable",
+        "AuthswapAppCredentialExpiring",
+        "AuthswapStoreUnreachable",
+        "AuthswapUpstreamRefusingTokens",
+    ] {
+        assert!(alerts.iter().any(|a| a == wanted), "no alert {wanted}");
+    }
+
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/authswap.json")).unwrap(),
+    )
+    .unwrap();
+    let vars = dash["templating"]["list"].as_array().unwrap();
+    assert!(vars.iter().any(|v| v["name"] == "datasource"
+        && v["type"] == "datasource"
+        && v["query"] == "prometheus"));
+    let panels = dash["panels"].as_array().unwrap();
+    let mut exprs = 0;
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        for t in p["targets"].as_array().unwrap() {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+            assert!(!t["expr"].as_str().unwrap().is_empty());
+            exprs += 1;
+        }
+    }
+    assert!(exprs >= 10, "{exprs} queries");
+}

@@ -479,8 +479,23 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
     );
     let client = HttpClient::default();
     assert_eq!(client.get(admin, "/healthz").await.status, StatusCode::OK);
+    // Alive, but not ready: without an app registration nobody can sign
+    // in or get a token, and the reason says what to set.
     let ready = client.get(admin, "/readyz").await;
-    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.text()
+    );
+    assert!(ready.text().starts_with("not ready\n"), "{}", ready.text());
+    assert!(
+        ready
+            .text()
+            .contains("reason: no app registration: identity_provider.client_id is empty"),
+        "{}",
+        ready.text()
+    );
     assert!(client
         .get(admin, "/metrics")
         .await
@@ -496,6 +511,46 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    signal(child.id().unwrap(), "INT").await;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+
+    // The shipped file plus the one setting it asks for is ready.
+    let mut child = bin()
+        .args(["-c", shipped, "--log-format", "json", "serve"])
+        .env(
+            "AUTHSWAP_IDENTITY_PROVIDER__CLIENT_ID",
+            "00000000-0000-0000-0000-000000000001",
+        )
+        .env("AUTHSWAP_HTTP__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_SMTP__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_IMAP__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_POP3__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_ONBOARDING__LISTEN", "127.0.0.1:0")
+        .env("AUTHSWAP_STORE__PATH", dir.path().join("db/authswap.db"))
+        .env(
+            "AUTHSWAP_STORE__KEY_FILE",
+            dir.path().join("db/authswap.key"),
+        )
+        .env(
+            "AUTHSWAP_ADMIN__TOKEN_FILE",
+            dir.path().join("db/admin.token"),
+        )
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let (admin, _) = wait_for_serving(&mut lines, &mut log).await;
+    let ready = client.get(admin, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    assert!(ready.text().starts_with("ready\n"), "{}", ready.text());
     signal(child.id().unwrap(), "INT").await;
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await

@@ -683,7 +683,7 @@ async fn admin_endpoints_and_metrics_parse() {
         client.get(admin, "/nope").await.status,
         StatusCode::NOT_FOUND
     );
-    let r = client.get(admin, "/metrics").await;
+    let r = client.get_openmetrics(admin).await;
     assert!(r
         .header("content-type")
         .unwrap()
@@ -711,6 +711,8 @@ async fn admin_endpoints_and_metrics_parse() {
         .iter()
         .find(|s| s.metric == "authswap_access_token_expiry_timestamp_seconds")
         .unwrap();
+    // Which front end's token (one per scope set).
+    assert_eq!(expiry.labels.get("protocol"), Some("http"), "{text}");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -753,7 +755,7 @@ async fn metrics_scrape_survives_odd_identity_names_in_the_store() {
             .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
-    let text = client.get(server.admin_addr(), "/metrics").await.text();
+    let text = client.get_openmetrics(server.admin_addr()).await.text();
 
     let samples = support::openmetrics::parse_strict(&text)
         .unwrap_or_else(|e| panic!("scrape is not valid OpenMetrics: {e}\n{text}"));

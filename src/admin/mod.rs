@@ -1,6 +1,7 @@
-//! The admin listener: `/metrics` (OpenMetrics text), `/healthz` (the
-//! process is alive) and `/readyz` (the store answers within
-//! [`crate::app::READY_PROBE_TIMEOUT`]) without
+//! The admin listener: `/metrics` (OpenMetrics when the scraper asks for
+//! it, else the Prometheus text format 0.0.4), `/healthz` (the process is
+//! alive) and `/readyz` (an app registration is configured and the store
+//! answers within [`crate::app::READY_PROBE_TIMEOUT`]) without
 //! authentication; the JSON API under `/api/v1` ([`api`]) and the console
 //! ([`console`]) behind the admin credential ([`credential`]). Bind it to
 //! loopback or a pod-internal address.
@@ -12,6 +13,7 @@ pub mod ops;
 pub mod web;
 
 use crate::app::App;
+use crate::metrics::PROMETHEUS_TEXT;
 use crate::proxy::http::{full, text};
 use crate::tls::OutBody;
 use bytes::Bytes;
@@ -149,25 +151,103 @@ impl AdminListener {
         let app = &self.app;
         match req.uri().path() {
             "/metrics" => {
-                let mut r = Response::new(full(Bytes::from(app.metrics.encode())));
+                let accept = req
+                    .headers()
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok());
+                let (body, kind) = if wants_openmetrics(accept) {
+                    (app.metrics.encode(), OPENMETRICS)
+                } else {
+                    (app.metrics.encode_prometheus(), PROMETHEUS_TEXT)
+                };
+                let mut r = Response::new(full(Bytes::from(body)));
                 r.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+                r.headers_mut()
+                    .insert(header::VARY, HeaderValue::from_static("Accept"));
                 r
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            _ => match app.readiness_probe().await {
-                Ok(()) => {
-                    let mut body = String::from("ready\n");
-                    for missing in app.config.missing() {
-                        body.push_str("warning: ");
-                        body.push_str(&missing);
-                        body.push('\n');
-                    }
-                    text(StatusCode::OK, &body)
-                }
+            _ => {
                 // Logged once when the store is lost (see StoreHealth).
-                Err(()) => text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
-            },
+                if app.readiness_probe().await.is_err() {
+                    return text(StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n");
+                }
+                let unready = app.config.unready();
+                let mut body = String::from(if unready.is_empty() {
+                    "ready\n"
+                } else {
+                    "not ready\n"
+                });
+                for reason in &unready {
+                    body.push_str("reason: ");
+                    body.push_str(reason);
+                    body.push('\n');
+                }
+                for missing in app.config.missing() {
+                    // Already a reason above.
+                    if missing.starts_with("identity_provider.client_id is empty") {
+                        continue;
+                    }
+                    body.push_str("warning: ");
+                    body.push_str(&missing);
+                    body.push('\n');
+                }
+                let status = if unready.is_empty() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                text(status, &body)
+            }
         }
+    }
+}
+
+/// Whether the `Accept` header values prefer OpenMetrics
+/// (`application/openmetrics-text`, any version) over the Prometheus text
+/// format: the highest `q` wins, text on a tie or without any preference.
+fn wants_openmetrics<'a>(accept: impl Iterator<Item = &'a str>) -> bool {
+    let (mut om, mut plain) = (0.0f32, 0.0f32);
+    for range in accept.flat_map(|v| v.split(',')) {
+        let mut parts = range.split(';').map(str::trim);
+        let kind = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match kind.as_str() {
+            "application/openmetrics-text" => om = om.max(q),
+            "text/plain" | "text/*" | "*/*" => plain = plain.max(q),
+            _ => {}
+        }
+    }
+    om > 0.0 && om > plain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_openmetrics;
+
+    #[test]
+    fn metrics_format_follows_the_accept_header() {
+        let om = |h: &str| wants_openmetrics(std::iter::once(h));
+        // Prometheus 2.x and 3.x.
+        assert!(om("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"));
+        assert!(om(
+            "application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ));
+        assert!(om("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.6,application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"));
+        assert!(om("Application/OpenMetrics-Text"));
+        assert!(!om("text/plain;version=0.0.4"));
+        assert!(!om("*/*"));
+        assert!(!om(""));
+        assert!(!om(
+            "text/plain;version=0.0.4,application/openmetrics-text;q=0.5"
+        ));
+        assert!(!om("application/openmetrics-text;q=0"));
+        assert!(!wants_openmetrics(std::iter::empty()));
     }
 }

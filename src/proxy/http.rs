@@ -184,8 +184,10 @@ impl HttpProxy {
                 .map(|p| p.path().trim_end_matches('/').to_owned())
                 .unwrap_or_default(),
         };
+        let scopes = ScopeSet::new(&cfg.scopes, &cfg.app_scopes);
+        app.metrics.front_end(Protocol::http, &scopes.keys());
         Ok(HttpProxy {
-            scopes: ScopeSet::new(&cfg.scopes, &cfg.app_scopes),
+            scopes,
             replay_limit: cfg.replay_buffer_limit.as_usize(),
             ews_impersonation: cfg.ews_impersonation,
             replay_budget: Arc::new(ReplayBudget {

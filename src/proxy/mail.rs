@@ -213,8 +213,10 @@ impl MailFrontEnd {
             )),
             _ => None,
         };
+        let scopes = ScopeSet::new(&cfg.scopes, &cfg.app_scopes);
+        app.metrics.front_end(protocol, &scopes.keys());
         Ok(MailFrontEnd {
-            scopes: ScopeSet::new(&cfg.scopes, &cfg.app_scopes),
+            scopes,
             connector: tokio_rustls::TlsConnector::from(Arc::new(client_config)),
             app,
             cfg,

@@ -83,6 +83,11 @@ impl Scopes {
     pub fn list(&self) -> &[String] {
         &self.list
     }
+
+    /// The scopes, normalised and space-joined (how metrics name the set).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
 }
 
 impl fmt::Debug for Scopes {
@@ -106,6 +111,11 @@ impl ScopeSet {
             delegated: Scopes::new(delegated),
             app: Scopes::new(app),
         }
+    }
+
+    /// Both sets' keys (delegated, app-only), see [`Scopes::key`].
+    pub fn keys(&self) -> [&str; 2] {
+        [self.delegated.key(), self.app.key()]
     }
 
     /// The set for `identity`'s mode.
@@ -655,7 +665,7 @@ impl TokenEngine {
         if let Some(l) = lease.as_mut() {
             match l.access_token(&scopes.key).await {
                 Ok(Some((sealed, expires_at))) => {
-                    if let Some(token) = self.adopt(&key, &identity, &sealed, expires_at) {
+                    if let Some(token) = self.adopt(&key, &identity, &scopes, &sealed, expires_at) {
                         return Ok(token);
                     }
                 }
@@ -742,6 +752,9 @@ impl TokenEngine {
 
         let issued = Instant::now();
         let result = tenant.idp.refresh(&refresh_token, scopes.list()).await;
+        inner
+            .metrics
+            .refresh_duration(issued.elapsed().as_secs_f64());
         if result.is_err() {
             // Failures are recorded on other connections: give this back.
             drop(lease.take());
@@ -845,7 +858,9 @@ impl TokenEngine {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0);
-                inner.metrics.set_token_expiry(&identity.name, unix);
+                inner
+                    .metrics
+                    .set_token_expiry(&identity.name, &scopes.key, unix);
                 tracing::info!(identity = %identity.name, expires_in = ?grant.expires_in, "refreshed access token");
                 Ok(token)
             }
@@ -909,6 +924,7 @@ impl TokenEngine {
         &self,
         key: &Key,
         identity: &Identity,
+        scopes: &Scopes,
         sealed: &SealedToken,
         expires_at: i64,
     ) -> Option<AccessToken> {
@@ -936,7 +952,9 @@ impl TokenEngine {
         slot.backoff = None;
         drop(slot);
         identity.refreshed();
-        inner.metrics.set_token_expiry(&identity.name, expires_at);
+        inner
+            .metrics
+            .set_token_expiry(&identity.name, &scopes.key, expires_at);
         tracing::debug!(identity = %identity.name, expires_in = ?left, "using the access token another replica stored");
         Some(token)
     }
@@ -955,7 +973,11 @@ impl TokenEngine {
         };
         let _permit = inner.refresh_permits.acquire().await;
         let issued = Instant::now();
-        match tenant.idp.app_token(scopes.list()).await {
+        let result = tenant.idp.app_token(scopes.list()).await;
+        inner
+            .metrics
+            .refresh_duration(issued.elapsed().as_secs_f64());
+        match result {
             Ok(grant) => {
                 self.credential_works(&tenant);
                 let Ok(mut token) = AccessToken::new(
@@ -987,7 +1009,9 @@ impl TokenEngine {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0);
-                inner.metrics.set_token_expiry(&identity.name, unix);
+                inner
+                    .metrics
+                    .set_token_expiry(&identity.name, &scopes.key, unix);
                 tracing::info!(tenant = %tenant.name, identity = %identity.name, expires_in = ?grant.expires_in, "obtained an app-only access token for the tenant");
                 Ok(token)
             }

@@ -357,6 +357,31 @@ impl HttpClient {
         self.send(addr, Method::GET, path, None, Bytes::new()).await
     }
 
+    /// GET `/metrics` asking for OpenMetrics, as Prometheus does (without
+    /// it, the Prometheus text format 0.0.4 is served).
+    pub async fn get_openmetrics(&self, addr: SocketAddr) -> Reply {
+        let req = Request::get(format!("http://{addr}/metrics"))
+            .header(
+                "accept",
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            )
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let work = async {
+            let res = self.client.request(req).await.expect("request to authswap");
+            let (parts, body) = res.into_parts();
+            let body = body.collect().await.expect("body").to_bytes();
+            Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), work)
+            .await
+            .expect("authswap answered in time")
+    }
+
     /// Scrapes `/metrics` on the admin listener every 20 ms until `cond`
     /// holds for the text (at most `limit`); returns the last scrape and
     /// whether it held. For state that authswap updates in the background.
