@@ -46,8 +46,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Identities in memory.
     pub directory: Arc<Directory>,
-    /// Local password checks.
-    pub auth: Authenticator,
+    /// Local password checks (shared across configuration reloads, so
+    /// lockouts survive them).
+    pub auth: Arc<Authenticator>,
     /// Access tokens.
     pub tokens: TokenEngine,
     /// Pooled outbound HTTPS client.
@@ -55,7 +56,12 @@ pub struct App {
     /// The TLS client configuration behind `client` (roots + extra CA),
     /// for front ends that open their own upstream connections.
     pub client_tls: rustls::ClientConfig,
-    revision: AtomicI64,
+    /// Store revision the directory reflects; shared with the apps that
+    /// configuration reloads build from this one (same directory).
+    revision: Arc<AtomicI64>,
+    /// How the admin API asks the running server to reload its
+    /// configuration (set by `serve`; shared across reloads).
+    pub reloader: Arc<std::sync::OnceLock<crate::reload::Reloader>>,
 }
 
 impl std::fmt::Debug for App {
@@ -78,7 +84,11 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         tenants.report_expiry(&metrics);
         let directory = Arc::new(Directory::default());
-        let auth = Authenticator::new(directory.clone(), metrics.clone(), config.auth.clone());
+        let auth = Arc::new(Authenticator::new(
+            directory.clone(),
+            metrics.clone(),
+            config.auth.clone(),
+        ));
         let tokens = TokenEngine::new(
             store.clone(),
             sealer.clone(),
@@ -96,10 +106,60 @@ impl App {
             tokens,
             client,
             client_tls: client_config,
-            revision: AtomicI64::new(-1),
+            revision: Arc::new(AtomicI64::new(-1)),
+            reloader: Arc::default(),
         });
         app.reload().await?;
         Ok(app)
+    }
+
+    /// The application for a reloaded `config`: the same store, key,
+    /// metrics, identities and lockouts as `self`; the token engine (with
+    /// its cached access tokens) too unless `new_engine`, which builds the
+    /// outbound TLS client, the tenants' clients and the engine from
+    /// `config` (its `[identity_provider]`, `[tenants]`, `[tokens]` or
+    /// `[tls]` changed).
+    pub async fn reconfigured(
+        &self,
+        config: Config,
+        new_engine: bool,
+    ) -> Result<Arc<App>, AppError> {
+        let config = Arc::new(config);
+        let (tokens, client, client_tls) = if new_engine {
+            let client_config = crate::tls::client_config(&config.tls)?;
+            let client =
+                crate::tls::https_client(client_config.clone(), crate::tls::CONNECT_TIMEOUT);
+            let tenants = Arc::new(Tenants::new(&config, client.clone())?);
+            tenants.report_expiry(&self.metrics);
+            tenants.sync_blocks(&self.store.tenant_blocks().await?, &self.metrics);
+            let tokens = TokenEngine::new(
+                self.store.clone(),
+                self.sealer.clone(),
+                tenants,
+                self.metrics.clone(),
+                config.tokens.clone(),
+            );
+            (tokens, client, client_config)
+        } else {
+            (
+                self.tokens.clone(),
+                self.client.clone(),
+                self.client_tls.clone(),
+            )
+        };
+        Ok(Arc::new(App {
+            config,
+            store: self.store.clone(),
+            sealer: self.sealer.clone(),
+            metrics: self.metrics.clone(),
+            directory: self.directory.clone(),
+            auth: self.auth.clone(),
+            tokens,
+            client,
+            client_tls,
+            revision: self.revision.clone(),
+            reloader: self.reloader.clone(),
+        }))
     }
 
     /// Picks up identity changes made elsewhere (CLI, other replicas) when

@@ -16,6 +16,7 @@ pub mod names;
 pub mod notify;
 pub mod onboarding;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod singleflight;

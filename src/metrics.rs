@@ -314,6 +314,11 @@ struct TenantLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -344,6 +349,8 @@ pub struct Metrics {
     credential_expiry: Family<TenantLabels, Gauge>,
     credential_blocked: Family<TenantLabels, Gauge>,
     lease_waits: Counter,
+    config_reloads: Family<ReloadLabels, Counter>,
+    config_reload_success: Gauge,
     /// The (tenant, mode) each identity's info series carries.
     info: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
@@ -506,6 +513,23 @@ impl Metrics {
             "Refreshes that found another replica refreshing the same identity (its refresh lease in PostgreSQL held) and waited for its result",
             lease_waits.clone(),
         );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        for result in ["success", "failure"] {
+            let _ = config_reloads.get_or_create(&ReloadLabels { result });
+        }
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP or POST /api/v1/reload), by result: failure means the new configuration was refused and the running one kept",
+            config_reloads.clone(),
+        );
+        let config_reload_success = Gauge::default();
+        config_reload_success.set(crate::store::now_unix());
+        registry.register_with_unit(
+            "config_last_reload_success_timestamp",
+            "Unix time at which the configuration was last loaded successfully (at start, then by each successful reload)",
+            prometheus_client::registry::Unit::Seconds,
+            config_reload_success.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -516,6 +540,8 @@ impl Metrics {
         Metrics {
             registry,
             lease_waits,
+            config_reloads,
+            config_reload_success,
             auth_failures,
             refreshes,
             requests,
@@ -536,6 +562,18 @@ impl Metrics {
             upstream_idle,
             failure_counts: Default::default(),
             hot: HotHandles::default(),
+        }
+    }
+
+    /// Counts a configuration reload; a success also sets the
+    /// last-success timestamp.
+    pub fn config_reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+        if success {
+            self.config_reload_success.set(crate::store::now_unix());
         }
     }
 

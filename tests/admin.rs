@@ -1087,3 +1087,219 @@ fn url_encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// A free loopback port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An HTTP/1.1 connection kept open across requests.
+async fn keep_alive(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> http::StatusCode {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        sender.ready().await.expect("connection still open");
+        sender.send_request(req).await.expect("answer").status()
+    })
+    .await
+    .expect("answered in time")
+}
+
+fn ews_request(
+    addr: std::net::SocketAddr,
+    password: &str,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post("/EWS/Exchange.asmx")
+        .header("host", addr.to_string())
+        .header("content-type", "text/xml; charset=utf-8")
+        .header("authorization", support::harness::basic("alice", password))
+        .body(http_body_util::Full::new(bytes::Bytes::from(SOAP)))
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn reload_moves_changed_listeners_keeps_open_connections_and_refuses_bad_configs() {
+    let env = Env::start().await;
+    let password = "alice-pass-1234";
+    env.add_linked("alice", "alice@contoso.com", password).await;
+    let server = env.serve().await;
+    let path = env.write_config();
+    server.reload_from(path.clone()).await;
+    let token = std::fs::read_to_string(env.dir.path().join("data/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let admin = server.admin_addr();
+    let old_http = server.http_addr().unwrap();
+    let reload = || async {
+        let res = client()
+            .post(format!("http://{admin}/api/v1/reload"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        (status, res.json::<Value>().await.unwrap())
+    };
+
+    // Open connections: one to the admin listener (its address stays),
+    // one to the HTTP front end (its address changes).
+    let mut admin_conn = keep_alive(admin).await;
+    let healthz = || {
+        http::Request::get("/healthz")
+            .header("host", admin.to_string())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(send_on(&mut admin_conn, healthz()).await, StatusCode::OK);
+    let mut http_conn = keep_alive(old_http).await;
+    assert_eq!(
+        send_on(&mut http_conn, ews_request(old_http, password)).await,
+        StatusCode::OK
+    );
+
+    // Unchanged file: a reload that changes nothing.
+    let (status, body) = reload().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["applied"], json!([]), "{body}");
+
+    // Move the HTTP listener, change a token setting (a new token engine:
+    // every listener gets new services) and a restart-only section.
+    let port = free_port();
+    let moved = env
+        .config_toml()
+        .replace(
+            "[http]\nlisten = \"127.0.0.1:0\"",
+            &format!("[http]\nlisten = \"127.0.0.1:{port}\""),
+        )
+        .replace("retry_max = \"5s\"", "retry_max = \"6s\"")
+        .replace("argon2_iterations = 1", "argon2_iterations = 2");
+    assert_ne!(moved, env.config_toml());
+    std::fs::write(&path, &moved).unwrap();
+    let (status, body) = reload().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let new_http: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(body["listeners"]["http"], new_http.to_string(), "{body}");
+    assert_eq!(body["listeners"]["admin"], admin.to_string(), "{body}");
+    assert_eq!(body["restart_required"], json!(["auth"]), "{body}");
+    let applied = body["applied"].to_string();
+    assert!(
+        applied.contains("http") && applied.contains("tokens"),
+        "{body}"
+    );
+    assert_eq!(server.http_addr(), Some(new_http));
+    assert_eq!(server.app().config.auth.argon2_iterations, 1, "kept");
+    assert_eq!(server.app().config.tokens.retry_max, Duration::from_secs(6));
+
+    // The new address answers; the old one stops accepting.
+    let fresh = HttpClient::default();
+    assert_eq!(
+        fresh.ews(new_http, "alice", password, SOAP).await.status,
+        StatusCode::OK
+    );
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(old_http).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the old HTTP address still accepts");
+    // Connections opened before the reload go on, on both listeners.
+    assert_eq!(send_on(&mut admin_conn, healthz()).await, StatusCode::OK);
+    assert_eq!(
+        send_on(&mut http_conn, ews_request(old_http, password)).await,
+        StatusCode::OK
+    );
+
+    // A broken file is refused with the reason; the running one serves on.
+    std::fs::write(
+        &path,
+        moved.replace("retry_max = \"6s\"", "retry_max = \"soon\""),
+    )
+    .unwrap();
+    let (status, body) = reload().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "reload_refused");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("retry_max"), "{message}");
+    assert!(message.contains("keeping the running one"), "{message}");
+    // A valid file whose new address cannot be bound: refused too.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    std::fs::write(
+        &path,
+        moved.replace(
+            &format!("listen = \"127.0.0.1:{port}\""),
+            &format!("listen = \"127.0.0.1:{taken_port}\""),
+        ),
+    )
+    .unwrap();
+    let (status, body) = reload().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("http.listen"),
+        "{body}"
+    );
+    drop(taken);
+    assert_eq!(server.http_addr(), Some(new_http));
+    assert_eq!(
+        fresh.ews(new_http, "alice", password, SOAP).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(send_on(&mut admin_conn, healthz()).await, StatusCode::OK);
+
+    // The metrics count both results.
+    let text = fresh.get(admin, "/metrics").await.body;
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(
+        metric(&text, "authswap_config_reloads_total{result=\"success\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "authswap_config_reloads_total{result=\"failure\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    let last = metric(
+        &text,
+        "authswap_config_last_reload_success_timestamp_seconds",
+    )
+    .unwrap();
+    assert!((last - now_unix() as f64).abs() < 60.0, "{last}");
+
+    // Without the admin token: refused.
+    let res = client()
+        .post(format!("http://{admin}/api/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    server.shutdown(Duration::from_secs(5)).await;
+}

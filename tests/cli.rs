@@ -853,3 +853,116 @@ async fn passwords_in_configured_urls_are_never_printed() {
         }
     }
 }
+
+/// Reads JSON log lines until one whose message is `message`.
+async fn wait_for_message(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    log: &mut String,
+    message: &str,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("log line")
+            .unwrap()
+            .expect("serve exited early");
+        log.push_str(&line);
+        log.push('\n');
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["message"] == message {
+                return v;
+            }
+        }
+    }
+    panic!("no {message:?} in the log:\n{log}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_configuration_and_never_kills_serve() {
+    let env = Env::start().await;
+    let password = "alice-pass-1234";
+    env.add_linked("alice", "alice@contoso.com", password).await;
+    let config = env.write_config();
+    let mut child = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["--log-format", "json", "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let (admin, http) = wait_for_serving(&mut lines, &mut log).await;
+    let pid = child.id().unwrap();
+    let client = HttpClient::default();
+
+    // Unchanged: reloaded, still serving.
+    signal(pid, "HUP").await;
+    wait_for_message(&mut lines, &mut log, "configuration reloaded").await;
+    assert_eq!(
+        client.ews(http, "alice", password, SOAP).await.status,
+        StatusCode::OK
+    );
+
+    // The HTTP front end moves.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let moved = env.config_toml().replace(
+        "[http]\nlisten = \"127.0.0.1:0\"",
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&config, &moved).unwrap();
+    signal(pid, "HUP").await;
+    let v = wait_for_message(
+        &mut lines,
+        &mut log,
+        "serving with the reloaded configuration",
+    )
+    .await;
+    let new_http: std::net::SocketAddr = v["http"].as_str().unwrap().parse().unwrap();
+    assert_eq!(new_http.port(), port);
+    assert_eq!(
+        HttpClient::default()
+            .ews(new_http, "alice", password, SOAP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // Broken: refused with the reason, the running one serves on.
+    std::fs::write(
+        &config,
+        moved.replace("[tokens]", "[tokens]\nno_such_key = 1"),
+    )
+    .unwrap();
+    signal(pid, "HUP").await;
+    let v = wait_for_message(&mut lines, &mut log, "configuration reload refused").await;
+    assert!(v["error"].as_str().unwrap().contains("no_such_key"), "{v}");
+    assert_eq!(
+        HttpClient::default()
+            .ews(new_http, "alice", password, SOAP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let metrics = String::from_utf8_lossy(&client.get(admin, "/metrics").await.body).into_owned();
+    assert!(
+        metrics.contains("authswap_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "serve exited:\n{log}");
+
+    signal(pid, "TERM").await;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}\n{log}");
+}

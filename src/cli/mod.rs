@@ -44,7 +44,7 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy (HTTP, SMTP, IMAP, POP3 front ends and the admin listener) until SIGTERM/SIGINT.
+    /// Run the proxy (HTTP, SMTP, IMAP, POP3 front ends and the admin listener) until SIGTERM/SIGINT; SIGHUP reloads the configuration.
     Serve,
     /// Manage identities.
     #[command(subcommand)]
@@ -296,13 +296,14 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let config = load_config(&cli.config)?;
             let rt = runtime(config.runtime.worker_threads)?;
+            let path = cli.config.clone();
             // On a thread of its own rather than `main`: its allocations
             // then come from a glibc thread arena, which kept a logged-in
             // mail session at ~37 KiB resident against ~51 KiB from the
             // main arena (benches/footprint.rs).
             std::thread::Builder::new()
                 .name("authswap".into())
-                .spawn(move || rt.block_on(serve::run(config)))?
+                .spawn(move || rt.block_on(serve::run(config, path)))?
                 .join()
                 .map_err(|_| anyhow::anyhow!("the server thread panicked"))?
         }
