@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod identity;
 pub mod metrics;

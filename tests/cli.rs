@@ -966,3 +966,185 @@ async fn sighup_reloads_the_configuration_and_never_kills_serve() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}\n{log}");
 }
+
+/// Runs `authswap doctor` with `envs`; returns (success, stdout lines).
+async fn doctor(config: &std::path::Path, envs: &[(&str, String)]) -> (bool, String, String) {
+    let mut cmd = bin();
+    cmd.arg("-c").arg(config).arg("doctor");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("doctor finishes")
+        .unwrap();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The line of `check` in a doctor report.
+fn line_of<'a>(report: &'a str, check: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| l[6.min(l.len())..].starts_with(&format!("{check}:")))
+        .unwrap_or_else(|| panic!("no {check} line in:\n{report}"))
+}
+
+#[tokio::test]
+async fn doctor_passes_a_healthy_setup_and_names_each_broken_part() {
+    use authswap::store::Store as _;
+    use support::mail::{
+        FakeImap, FakePop3, FakeSmtp, ImapOptions, Pop3Options, SmtpOptions, TlsMode,
+    };
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pass-1234")
+        .await;
+    env.add_linked("bob", "bob@contoso.com", "bob-pass-12345")
+        .await;
+    let smtp = FakeSmtp::start(env.idp.validator(), SmtpOptions::default()).await;
+    let imap = FakeImap::start(
+        env.idp.validator(),
+        ImapOptions {
+            tls: TlsMode::StartTls,
+            ..ImapOptions::default()
+        },
+    )
+    .await;
+    let pop3 = FakePop3::start(
+        env.idp.validator(),
+        Pop3Options {
+            tls: TlsMode::StartTls,
+            ..Pop3Options::default()
+        },
+    )
+    .await;
+    let config = env.write_config();
+    let mail = vec![
+        ("AUTHSWAP_SMTP__ENABLED", "true".to_owned()),
+        (
+            "AUTHSWAP_SMTP__UPSTREAM",
+            format!("localhost:{}", smtp.port()),
+        ),
+        ("AUTHSWAP_IMAP__ENABLED", "true".to_owned()),
+        (
+            "AUTHSWAP_IMAP__UPSTREAM",
+            format!("localhost:{}", imap.port()),
+        ),
+        ("AUTHSWAP_IMAP__UPSTREAM_TLS", "starttls".to_owned()),
+        ("AUTHSWAP_POP3__ENABLED", "true".to_owned()),
+        (
+            "AUTHSWAP_POP3__UPSTREAM",
+            format!("localhost:{}", pop3.port()),
+        ),
+        ("AUTHSWAP_POP3__UPSTREAM_TLS", "starttls".to_owned()),
+    ];
+
+    // Healthy: every check ok (warnings allowed), exit 0.
+    let (ok, report, err) = doctor(&config, &mail).await;
+    assert!(ok, "{report}\n{err}");
+    assert!(!report.contains("fail "), "{report}");
+    for check in [
+        "config",
+        "store",
+        "key",
+        "identity platform (default)",
+        "upstream http",
+        "upstream smtp",
+        "upstream imap",
+        "upstream pop3",
+        "identities",
+    ] {
+        let line = line_of(&report, check);
+        assert!(line.starts_with("ok "), "{line}\n{report}");
+    }
+    assert!(
+        line_of(&report, "identities").contains("2 of 2"),
+        "{report}"
+    );
+
+    // Broken: each part named on its own line, exit 1.
+    use std::os::unix::fs::PermissionsExt;
+    let key = env.dir.path().join("data/authswap.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = env.store().await;
+    let bob = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == "bob")
+        .unwrap();
+    store
+        .record_failure(
+            bob.id,
+            true,
+            "AADSTS50173: the grant was revoked",
+            authswap::store::now_unix(),
+        )
+        .await
+        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut broken = mail.clone();
+    broken.push((
+        "AUTHSWAP_IDENTITY_PROVIDER__CLIENT_ID",
+        "00000000-0000-0000-0000-00000000dead".to_owned(),
+    ));
+    broken.push(("AUTHSWAP_SMTP__UPSTREAM", format!("127.0.0.1:{closed}")));
+    let (ok, report, err) = doctor(&config, &broken).await;
+    assert!(!ok, "{report}");
+    assert!(err.contains("failed"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let line = line_of(&report, "key");
+    assert!(
+        line.starts_with("fail") && line.contains("chmod 600"),
+        "{line}"
+    );
+    let line = line_of(&report, "identity platform (default)");
+    assert!(
+        line.starts_with("fail") && line.contains("AADSTS700016"),
+        "{line}"
+    );
+    let line = line_of(&report, "upstream smtp");
+    assert!(
+        line.starts_with("fail") && line.contains("cannot connect"),
+        "{line}"
+    );
+    let line = line_of(&report, "identity bob");
+    assert!(
+        line.starts_with("fail") && line.contains("authswap invite bob"),
+        "{line}"
+    );
+    assert!(
+        line_of(&report, "upstream imap").starts_with("ok "),
+        "{report}"
+    );
+
+    // A CA that did not sign the upstreams' certificates.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let wrong_ca = support::certs::TestPki::new().write_ca_file(other.path());
+    let mut wrong = mail.clone();
+    wrong.push((
+        "AUTHSWAP_TLS__EXTRA_CA_FILE",
+        wrong_ca.display().to_string(),
+    ));
+    let (ok, report, _) = doctor(&config, &wrong).await;
+    assert!(!ok, "{report}");
+    for check in ["upstream http", "upstream smtp", "upstream pop3"] {
+        let line = line_of(&report, check);
+        assert!(
+            line.starts_with("fail")
+                && line.contains("not trusted")
+                && line.contains("extra_ca_file"),
+            "{line}"
+        );
+    }
+    assert!(
+        line_of(&report, "identity platform (default)").starts_with("fail"),
+        "{report}"
+    );
+    assert!(line_of(&report, "key").starts_with("ok "), "{report}");
+}

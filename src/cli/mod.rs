@@ -4,6 +4,7 @@
 
 mod admin;
 mod config_cmd;
+mod doctor;
 mod healthcheck;
 mod identity;
 mod invite;
@@ -62,6 +63,16 @@ pub enum Command {
     Store(StoreCommand),
     /// Probe the admin listener's /healthz (for container HEALTHCHECKs); exit 0 when healthy.
     Healthcheck(HealthcheckArgs),
+    /// Check the setup end to end (configuration, key file, store, identity platform and app registration, upstreams and their TLS certificates, identities); one line per check (ok/warn/fail); exit 1 when a check fails.
+    Doctor(DoctorArgs),
+}
+
+/// `doctor` arguments.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// JSON output: an array of `{check, level, message}`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `identity` subcommands.
@@ -313,6 +324,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Check) => config_cmd::check(&cli.config),
         Command::Store(cmd) => runtime(1)?.block_on(store_cmd::run(&cli.config, cmd)),
         Command::Healthcheck(args) => runtime(1)?.block_on(healthcheck::run(&cli.config, args)),
+        Command::Doctor(args) => runtime(1)?.block_on(doctor::run(&cli.config, args)),
     }
 }
 
