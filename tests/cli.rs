@@ -1148,3 +1148,154 @@ async fn doctor_passes_a_healthy_setup_and_names_each_broken_part() {
     );
     assert!(line_of(&report, "key").starts_with("ok "), "{report}");
 }
+
+#[tokio::test]
+async fn usage_errors_log_filters_list_exit_codes_and_https_healthchecks() {
+    let env = Env::start().await;
+    let config = env.write_config();
+    let run = |args: Vec<String>, envs: Vec<(&'static str, String)>| {
+        let config = config.clone();
+        async move {
+            let mut cmd = bin();
+            cmd.arg("-c").arg(&config).args(&args);
+            for (k, v) in envs {
+                cmd.env(k, v);
+            }
+            tokio::time::timeout(Duration::from_secs(30), cmd.output())
+                .await
+                .expect("finishes")
+                .unwrap()
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+    // Usage errors: one line and a hint, exit 2.
+    for (bad, hint) in [
+        (
+            &["identity", "list", "--bogus"][..],
+            "authswap identity list --help",
+        ),
+        (&["identity", "lst"][..], "authswap identity --help"),
+        (&["identity", "list", "--status", "nope"][..], "--help"),
+    ] {
+        let out = run(args(bad), vec![]).await;
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        let err = text(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.starts_with("authswap: error: "), "{err}");
+        assert!(err.contains(hint), "{err}");
+    }
+    let err = text(
+        &run(args(&["identity", "list", "--status", "nope"]), vec![])
+            .await
+            .stderr,
+    );
+    assert!(err.contains("possible values: all, ok, error"), "{err}");
+
+    // An invalid AUTHSWAP_LOG is said, not ignored.
+    let out = run(
+        args(&["config", "check"]),
+        vec![("AUTHSWAP_LOG", "authswap=bogus".to_owned())],
+    )
+    .await;
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("AUTHSWAP_LOG=authswap=bogus is not a valid log filter"),
+        "{err}"
+    );
+    let out = run(
+        args(&["config", "check"]),
+        vec![("AUTHSWAP_LOG", "authswap=debug,warn".to_owned())],
+    )
+    .await;
+    assert!(!text(&out.stderr).contains("not a valid log filter"));
+
+    // `identity list --status error`: exit 1 while it lists anyone.
+    env.add_linked("alice", "alice@contoso.com", "alice-pass-1234")
+        .await;
+    let out = run(args(&["identity", "list", "--status", "error"]), vec![]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains("alice"));
+    let out = env.cli(
+        &[
+            "identity",
+            "add",
+            "carol",
+            "--mailbox",
+            "carol@contoso.com",
+            "--password-stdin",
+        ],
+        Some("carol-pass-1234\n"),
+    );
+    assert!(out.status.success());
+    for json in [false, true] {
+        let mut a = args(&["identity", "list", "--status", "error"]);
+        if json {
+            a.push("--json".into());
+        }
+        let out = run(a, vec![]).await;
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stdout).contains("carol"));
+        assert!(!text(&out.stdout).contains("alice"));
+        assert_eq!(
+            text(&out.stderr).trim_end(),
+            "authswap: error: 1 identity needs attention"
+        );
+    }
+    let out = run(args(&["identity", "list"]), vec![]).await;
+    assert!(out.status.success(), "other filters keep exit 0");
+
+    // healthcheck over TLS: verified against tls.extra_ca_file.
+    let (cert, key) = support::certs::pki().write_server_cert_files(env.dir.path());
+    let server = env
+        .serve_with(|c| {
+            c.admin.tls_cert_file = Some(cert);
+            c.admin.tls_key_file = Some(key);
+        })
+        .await;
+    let admin = server.admin_addr();
+    let https = format!("https://localhost:{}/healthz", admin.port());
+    let out = run(args(&["healthcheck", "--url", &https]), vec![]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Another CA: refused, saying why.
+    let other = tempfile::tempdir().unwrap();
+    let wrong_ca = support::certs::TestPki::new().write_ca_file(other.path());
+    let out = run(
+        args(&["healthcheck", "--url", &https]),
+        vec![(
+            "AUTHSWAP_TLS__EXTRA_CA_FILE",
+            wrong_ca.display().to_string(),
+        )],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+    // An https:// URL at a plain-HTTP listener is not healthy.
+    let http = server.http_addr().unwrap();
+    let out = run(
+        args(&[
+            "healthcheck",
+            "--url",
+            &format!("https://127.0.0.1:{}/healthz", http.port()),
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    // Plain http:// at the TLS listener fails too; other schemes are refused.
+    let out = run(
+        args(&["healthcheck", "--url", &format!("http://{admin}/healthz")]),
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success());
+    let out = run(
+        args(&["healthcheck", "--url", "ftp://127.0.0.1/healthz"]),
+        vec![],
+    )
+    .await;
+    assert!(text(&out.stderr).contains("only http:// and https://"));
+    server.shutdown(Duration::from_secs(5)).await;
+}

@@ -61,7 +61,7 @@ pub enum Command {
     /// Store maintenance.
     #[command(subcommand)]
     Store(StoreCommand),
-    /// Probe the admin listener's /healthz (for container HEALTHCHECKs); exit 0 when healthy.
+    /// Probe the admin listener's /healthz (for container HEALTHCHECKs; over TLS when the admin listener serves it or the URL is https://, the certificate verified); exit 0 when healthy.
     Healthcheck(HealthcheckArgs),
     /// Check the setup end to end (configuration, key file, store, identity platform and app registration, upstreams and their TLS certificates, identities); one line per check (ok/warn/fail); exit 1 when a check fails.
     Doctor(DoctorArgs),
@@ -267,7 +267,7 @@ pub enum StoreCommand {
 /// `healthcheck` arguments.
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
-    /// URL to probe instead of http://<admin.listen>/healthz.
+    /// URL to probe instead of http(s)://<admin.listen>/healthz; https:// URLs are verified against the built-in roots and tls.extra_ca_file.
     #[arg(long)]
     pub url: Option<String>,
 }
@@ -281,11 +281,23 @@ pub fn init_logging(cli: &Cli) {
     } else {
         "warn"
     };
-    let filter = std::env::var("AUTHSWAP_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .ok()
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
+    // An invalid filter is not ignored silently: the default applies and
+    // the first log line says why.
+    let mut refused = None;
+    let filter = [
+        ("AUTHSWAP_LOG", std::env::var("AUTHSWAP_LOG")),
+        ("RUST_LOG", std::env::var("RUST_LOG")),
+    ]
+    .into_iter()
+    .find_map(|(var, value)| value.ok().map(|v| (var, v)))
+    .and_then(|(var, value)| match EnvFilter::try_new(&value) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            refused = Some((var, value, e.to_string()));
+            None
+        }
+    })
+    .unwrap_or_else(|| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -297,6 +309,12 @@ pub fn init_logging(cli: &Cli) {
             .try_init(),
     };
     let _ = result;
+    if let Some((var, value, error)) = refused {
+        let value = value.escape_debug().to_string();
+        tracing::error!(
+            "{var}={value} is not a valid log filter ({error}); logging at the default level `{default}` instead. Use tracing EnvFilter syntax, e.g. {var}=authswap=debug,info"
+        );
+    }
 }
 
 /// Runs the parsed command to completion on its own runtime. `serve` loads
