@@ -1303,3 +1303,110 @@ async fn reload_moves_changed_listeners_keeps_open_connections_and_refuses_bad_c
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn reload_keeps_open_mail_sessions_and_applies_new_scopes_and_switches() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let env = Env::start().await;
+    let password = "alice-pass-1234";
+    env.add_linked("alice", "alice@contoso.com", password).await;
+    let smtp =
+        support::mail::FakeSmtp::start(env.idp.validator(), support::mail::SmtpOptions::default())
+            .await;
+    let with_smtp = |c: &mut authswap::config::Config| {
+        c.smtp.enabled = true;
+        c.smtp.upstream = format!("localhost:{}", smtp.port());
+    };
+    let server = env.serve_with(with_smtp).await;
+    let smtp_addr = server.smtp_addr().unwrap();
+
+    // A session open before the reload.
+    let (r, mut w) = tokio::net::TcpStream::connect(smtp_addr)
+        .await
+        .unwrap()
+        .into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    let mut reply = async |r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>| -> String {
+        // Through the last line of a (multi-line) reply.
+        loop {
+            line.clear();
+            let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+                .await
+                .expect("reply in time")
+                .unwrap();
+            assert!(n > 0, "session closed");
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return line.clone();
+            }
+        }
+    };
+    assert!(reply(&mut r).await.starts_with("220"));
+    w.write_all(b"EHLO x\r\n").await.unwrap();
+    assert!(reply(&mut r).await.starts_with("250"));
+
+    // A new token engine (tokens changed) and new HTTP scopes: every
+    // listener gets new services on its socket.
+    let extra = "https://outlook.office365.com/EWS.AccessAsUser.All offline_access https://example.test/extra";
+    let mut config = env.config();
+    with_smtp(&mut config);
+    config.tokens.retry_max = Duration::from_secs(6);
+    config.http.scopes = extra.split(' ').map(str::to_owned).collect();
+    let report = server.reload_with(config.clone()).await.unwrap();
+    assert!(report.applied.contains(&"tokens".to_owned()), "{report:?}");
+    assert_eq!(server.smtp_addr(), Some(smtp_addr));
+
+    // New logins use the new scopes.
+    let http = server.http_addr().unwrap();
+    let before = env.idp.requested_scopes().len();
+    assert_eq!(
+        HttpClient::default()
+            .ews(http, "alice", password, SOAP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let scopes = env.idp.requested_scopes();
+    assert!(scopes.len() > before, "{scopes:?}");
+    assert!(
+        scopes
+            .last()
+            .unwrap()
+            .contains("https://example.test/extra"),
+        "{scopes:?}"
+    );
+
+    // The old session logs in and sends on.
+    let plain = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("\0alice\0{password}"))
+    };
+    w.write_all(format!("AUTH PLAIN {plain}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let auth = reply(&mut r).await;
+    assert!(auth.starts_with("235"), "{auth}");
+
+    // SMTP switched off: no new sessions, the open one goes on.
+    config.smtp.enabled = false;
+    let report = server.reload_with(config).await.unwrap();
+    assert!(!report.listeners.contains_key("smtp"), "{report:?}");
+    assert_eq!(server.smtp_addr(), None);
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(smtp_addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the SMTP listener still accepts");
+    w.write_all(b"MAIL FROM:<alice@contoso.com>\r\n")
+        .await
+        .unwrap();
+    let mail = reply(&mut r).await;
+    assert!(mail.starts_with("250"), "{mail}");
+    w.write_all(b"QUIT\r\n").await.unwrap();
+    assert!(reply(&mut r).await.starts_with("221"));
+    server.shutdown(Duration::from_secs(5)).await;
+}

@@ -1299,3 +1299,50 @@ async fn usage_errors_log_filters_list_exit_codes_and_https_healthchecks() {
     assert!(text(&out.stderr).contains("only http:// and https://"));
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn doctor_checks_a_postgresql_store() {
+    let Some(url) = support::pg::database().await else {
+        return;
+    };
+    let env = Env::start().await;
+    env.use_store_url(&url);
+    env.add_linked("alice", "alice@contoso.com", "alice-pass-1234")
+        .await;
+    let config = env.write_config();
+    let (ok, report, err) = doctor(&config, &[]).await;
+    assert!(ok, "{report}\n{err}");
+    let line = line_of(&report, "store");
+    assert!(
+        line.starts_with("ok ") && line.contains("PostgreSQL") && line.contains("up to date"),
+        "{line}"
+    );
+    assert!(
+        line_of(&report, "identities").contains("1 of 1"),
+        "{report}"
+    );
+    // Unreachable: named, and the identity checks that need it are skipped.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (ok, report, _) = doctor(
+        &config,
+        &[
+            (
+                "AUTHSWAP_STORE__URL",
+                format!("postgres://authswap@127.0.0.1:{closed}/authswap"),
+            ),
+            ("AUTHSWAP_STORE__CONNECT_TIMEOUT", "2s".to_owned()),
+        ],
+    )
+    .await;
+    assert!(!ok, "{report}");
+    let line = line_of(&report, "store");
+    assert!(
+        line.starts_with("fail") && line.contains("PostgreSQL"),
+        "{line}"
+    );
+    assert!(!report.contains("identities:"), "{report}");
+}
