@@ -1060,6 +1060,20 @@ async fn doctor_passes_a_healthy_setup_and_names_each_broken_part() {
         line_of(&report, "identities").contains("2 of 2"),
         "{report}"
     );
+    let out = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["doctor", "--json"])
+        .envs(mail.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(checks.len() >= 9, "{checks:?}");
+    assert!(checks
+        .iter()
+        .any(|c| c["check"] == "upstream smtp" && c["level"] == "ok"));
 
     // Broken: each part named on its own line, exit 1.
     use std::os::unix::fs::PermissionsExt;
