@@ -114,52 +114,42 @@ impl App {
     }
 
     /// The application for a reloaded `config`: the same store, key,
-    /// metrics, identities and lockouts as `self`; the token engine (with
-    /// its cached access tokens) too unless `new_engine`, which builds the
-    /// outbound TLS client, the tenants' clients and the engine from
-    /// `config` (its `[identity_provider]`, `[tenants]`, `[tokens]` or
-    /// `[tls]` changed).
+    /// metrics, identities, lockouts and token engine (one engine per
+    /// process: refreshes of an identity stay serialised across a reload)
+    /// as `self`. With `new_tenants` (its `[identity_provider]`,
+    /// `[tenants]` or `[tls]` changed), the outbound TLS client and the
+    /// tenants' clients are built from `config`; the tenants are returned
+    /// for [`TokenEngine::set_tenants`] once the reload is committed.
     pub async fn reconfigured(
         &self,
         config: Config,
-        new_engine: bool,
-    ) -> Result<Arc<App>, AppError> {
+        new_tenants: bool,
+    ) -> Result<(Arc<App>, Option<Arc<Tenants>>), AppError> {
         let config = Arc::new(config);
-        let (tokens, client, client_tls) = if new_engine {
+        let (tenants, client, client_tls) = if new_tenants {
             let client_config = crate::tls::client_config(&config.tls)?;
             let client =
                 crate::tls::https_client(client_config.clone(), crate::tls::CONNECT_TIMEOUT);
             let tenants = Arc::new(Tenants::new(&config, client.clone())?);
-            tenants.report_expiry(&self.metrics);
             tenants.sync_blocks(&self.store.tenant_blocks().await?, &self.metrics);
-            let tokens = TokenEngine::new(
-                self.store.clone(),
-                self.sealer.clone(),
-                tenants,
-                self.metrics.clone(),
-                config.tokens.clone(),
-            );
-            (tokens, client, client_config)
+            (Some(tenants), client, client_config)
         } else {
-            (
-                self.tokens.clone(),
-                self.client.clone(),
-                self.client_tls.clone(),
-            )
+            (None, self.client.clone(), self.client_tls.clone())
         };
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             config,
             store: self.store.clone(),
             sealer: self.sealer.clone(),
             metrics: self.metrics.clone(),
             directory: self.directory.clone(),
             auth: self.auth.clone(),
-            tokens,
+            tokens: self.tokens.clone(),
             client,
             client_tls,
             revision: self.revision.clone(),
             reloader: self.reloader.clone(),
-        }))
+        });
+        Ok((app, tenants))
     }
 
     /// Picks up identity changes made elsewhere (CLI, other replicas) when

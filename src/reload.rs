@@ -14,8 +14,9 @@ use std::sync::Arc;
 /// value and says "restart required". `store` (database, key file: the
 /// sealed tokens and open connections depend on them), `runtime` (threads
 /// are started once), `auth` (the authenticator holds lockouts and the
-/// credential cache, kept across reloads).
-pub const RESTART_REQUIRED: &[&str] = &["store", "runtime", "auth"];
+/// credential cache, kept across reloads), `tokens` (the token engine, one
+/// per process, kept across reloads with its cached tokens).
+pub const RESTART_REQUIRED: &[&str] = &["store", "runtime", "auth", "tokens"];
 
 /// What a reload did.
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
@@ -138,6 +139,7 @@ pub fn keep_restart_required(old: &Config, new: &mut Config) -> Vec<&'static str
     new.store = old.store.clone();
     new.runtime = old.runtime.clone();
     new.auth = old.auth.clone();
+    new.tokens = old.tokens.clone();
     kept
 }
 
@@ -153,11 +155,15 @@ mod tests {
         new.identity_provider.client_secret = Some(crate::secret::Secret::new("s2"));
         new.smtp.listen = "127.0.0.1:2599".into();
         new.runtime.worker_threads = 7;
+        new.tokens.retry_max = std::time::Duration::from_secs(1234);
         assert_eq!(
             changed_sections(&old, &new),
-            vec!["identity_provider", "runtime", "smtp"]
+            vec!["identity_provider", "runtime", "smtp", "tokens"]
         );
-        assert_eq!(keep_restart_required(&old, &mut new), vec!["runtime"]);
+        assert_eq!(
+            keep_restart_required(&old, &mut new),
+            vec!["runtime", "tokens"]
+        );
         assert_eq!(new.runtime.worker_threads, old.runtime.worker_threads);
         assert_eq!(
             changed_sections(&old, &new),

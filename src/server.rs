@@ -630,9 +630,9 @@ impl Shared {
         };
         let restart = crate::reload::keep_restart_required(&state.loaded, &mut config);
         let changed = crate::reload::changed_sections(&state.loaded, &config);
-        let new_engine = changed
+        let new_tenants = changed
             .iter()
-            .any(|s| matches!(*s, "identity_provider" | "tokens" | "tls"));
+            .any(|s| matches!(*s, "identity_provider" | "tls"));
         let loaded = config.clone();
         let apply_err = |e: ServeError| ReloadError::Apply(e.to_string());
 
@@ -644,7 +644,7 @@ impl Shared {
             let step = match (running, kind.listen(&config)) {
                 (None, None) => Step::Nothing,
                 (Some(_), None) => Step::Stop,
-                (Some(_), Some(_)) if !new_engine && !changed.contains(&kind.section()) => {
+                (Some(_), Some(_)) if !new_tenants && !changed.contains(&kind.section()) => {
                     Step::Keep
                 }
                 (Some(r), Some(listen)) if r.listen == listen => Step::Start {
@@ -670,9 +670,9 @@ impl Shared {
             }
             _ => {}
         }
-        let app = state
+        let (app, tenants) = state
             .app
-            .reconfigured(config, new_engine)
+            .reconfigured(config, new_tenants)
             .await
             .map_err(|e| ReloadError::Apply(e.to_string()))?;
         let mut launches: Vec<Option<Launch>> = Vec::with_capacity(6);
@@ -684,6 +684,10 @@ impl Shared {
         }
 
         // Nothing can fail from here on.
+        if let Some(tenants) = tenants {
+            tenants.report_expiry(&app.metrics);
+            app.tokens.set_tenants(tenants);
+        }
         let mut addrs = self.current.lock().unwrap_or_else(|e| e.into_inner()).1;
         let mut report = ReloadReport {
             applied: changed

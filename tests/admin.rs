@@ -1187,8 +1187,8 @@ async fn reload_moves_changed_listeners_keeps_open_connections_and_refuses_bad_c
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["applied"], json!([]), "{body}");
 
-    // Move the HTTP listener, change a token setting (a new token engine:
-    // every listener gets new services) and a restart-only section.
+    // Move the HTTP listener, change an identity-platform setting (new
+    // tenants: every listener gets new services) and restart-only sections.
     let port = free_port();
     let moved = env
         .config_toml()
@@ -1196,6 +1196,7 @@ async fn reload_moves_changed_listeners_keeps_open_connections_and_refuses_bad_c
             "[http]\nlisten = \"127.0.0.1:0\"",
             &format!("[http]\nlisten = \"127.0.0.1:{port}\""),
         )
+        .replace("\ntimeout = \"5s\"\n", "\ntimeout = \"6s\"\n")
         .replace("retry_max = \"5s\"", "retry_max = \"6s\"")
         .replace("argon2_iterations = 1", "argon2_iterations = 2");
     assert_ne!(moved, env.config_toml());
@@ -1205,22 +1206,37 @@ async fn reload_moves_changed_listeners_keeps_open_connections_and_refuses_bad_c
     let new_http: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(body["listeners"]["http"], new_http.to_string(), "{body}");
     assert_eq!(body["listeners"]["admin"], admin.to_string(), "{body}");
-    assert_eq!(body["restart_required"], json!(["auth"]), "{body}");
-    let applied = body["applied"].to_string();
-    assert!(
-        applied.contains("http") && applied.contains("tokens"),
+    assert_eq!(
+        body["restart_required"],
+        json!(["auth", "tokens"]),
+        "{body}"
+    );
+    assert_eq!(
+        body["applied"],
+        json!(["http", "identity_provider"]),
         "{body}"
     );
     assert_eq!(server.http_addr(), Some(new_http));
     assert_eq!(server.app().config.auth.argon2_iterations, 1, "kept");
-    assert_eq!(server.app().config.tokens.retry_max, Duration::from_secs(6));
+    assert_eq!(
+        server.app().config.tokens.retry_max,
+        Duration::from_secs(5),
+        "kept"
+    );
+    assert_eq!(
+        server.app().config.identity_provider.timeout,
+        Duration::from_secs(6)
+    );
 
-    // The new address answers; the old one stops accepting.
+    // The new address answers; the old one stops accepting. The access
+    // token cached before the reload still serves (one engine).
     let fresh = HttpClient::default();
+    let refreshes = env.idp.token_requests();
     assert_eq!(
         fresh.ews(new_http, "alice", password, SOAP).await.status,
         StatusCode::OK
     );
+    assert_eq!(env.idp.token_requests(), refreshes, "cached token kept");
     let mut refused = false;
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(old_http).await.is_err() {
@@ -1345,15 +1361,15 @@ async fn reload_keeps_open_mail_sessions_and_applies_new_scopes_and_switches() {
     w.write_all(b"EHLO x\r\n").await.unwrap();
     assert!(reply(&mut r).await.starts_with("250"));
 
-    // A new token engine (tokens changed) and new HTTP scopes: every
+    // New tenants (identity_provider changed) and new HTTP scopes: every
     // listener gets new services on its socket.
     let extra = "https://outlook.office365.com/EWS.AccessAsUser.All offline_access https://example.test/extra";
     let mut config = env.config();
     with_smtp(&mut config);
-    config.tokens.retry_max = Duration::from_secs(6);
+    config.identity_provider.timeout = Duration::from_secs(6);
     config.http.scopes = extra.split(' ').map(str::to_owned).collect();
     let report = server.reload_with(config.clone()).await.unwrap();
-    assert!(report.applied.contains(&"tokens".to_owned()), "{report:?}");
+    assert_eq!(report.applied, ["http", "identity_provider"], "{report:?}");
     assert_eq!(server.smtp_addr(), Some(smtp_addr));
 
     // New logins use the new scopes.
