@@ -163,6 +163,8 @@ struct State {
     /// derived from the bound address), to compare a reload against.
     loaded: Config,
     running: [Option<Running>; 6],
+    /// The admin console's sessions, kept across reloads.
+    sessions: Option<Arc<admin::credential::Sessions>>,
     /// Stops the identity reload and notification tasks of `app`.
     background: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -239,8 +241,13 @@ fn acceptor(
 }
 
 /// Builds `kind`'s services on `app` (everything that can fail), returning
-/// the accept loop to start.
-fn prepare(kind: Kind, app: &Arc<App>) -> Result<Launch, ServeError> {
+/// the accept loop to start. The admin listener keeps the console sessions
+/// in `sessions` (shared by every admin listener of the server).
+fn prepare(
+    kind: Kind,
+    app: &Arc<App>,
+    sessions: &mut Option<Arc<admin::credential::Sessions>>,
+) -> Result<Launch, ServeError> {
     let cfg = app.config.clone();
     Ok(match kind {
         Kind::Admin => {
@@ -249,7 +256,9 @@ fn prepare(kind: Kind, app: &Arc<App>) -> Result<Launch, ServeError> {
                 &cfg.admin.tls_key_file,
                 &[b"http/1.1"],
             )?;
-            let admin = admin::AdminListener::new(app.clone(), tls.is_some())?;
+            let admin =
+                admin::AdminListener::with_sessions(app.clone(), tls.is_some(), sessions.clone())?;
+            *sessions = Some(admin.sessions());
             Box::new(move |listener, retire, shutdown| {
                 Box::pin(async move {
                     let service = move |_peer: SocketAddr, _memo: ConnectionMemo| {
@@ -453,6 +462,7 @@ impl Server {
         let mut tasks = JoinSet::new();
         let mut running: [Option<Running>; 6] = Default::default();
         let mut addrs = [None; 6];
+        let mut sessions = None;
         for kind in Kind::ALL {
             let Some(listen) = kind.listen(&cfg) else {
                 continue;
@@ -464,7 +474,7 @@ impl Server {
                     (listen.to_owned(), l, a)
                 }
             };
-            let launch = prepare(kind, &app)?;
+            let launch = prepare(kind, &app, &mut sessions)?;
             let listener = Arc::new(listener);
             let (retire, retire_rx) = watch::channel(false);
             tasks.spawn(launch(listener.clone(), retire_rx, shutdown.subscribe()));
@@ -485,6 +495,7 @@ impl Server {
                     app,
                     loaded,
                     running,
+                    sessions,
                     background,
                     tasks,
                     source: None,
@@ -676,9 +687,10 @@ impl Shared {
             .await
             .map_err(|e| ReloadError::Apply(e.to_string()))?;
         let mut launches: Vec<Option<Launch>> = Vec::with_capacity(6);
+        let mut sessions = state.sessions.clone();
         for (kind, step) in Kind::ALL.into_iter().zip(&steps) {
             launches.push(match step {
-                Step::Start { .. } => Some(prepare(kind, &app).map_err(apply_err)?),
+                Step::Start { .. } => Some(prepare(kind, &app, &mut sessions).map_err(apply_err)?),
                 _ => None,
             });
         }
@@ -746,6 +758,7 @@ impl Shared {
         let _ = state.background.send(true);
         state.background = spawn_background(&app, &mut state.tasks);
         state.app = app.clone();
+        state.sessions = sessions;
         state.loaded = loaded;
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (app.clone(), addrs);
         log_serving(&app, &addrs, "serving with the reloaded configuration");

@@ -1182,6 +1182,34 @@ async fn reload_moves_changed_listeners_keeps_open_connections_and_refuses_bad_c
         StatusCode::OK
     );
 
+    // A console session (cookie) from before the reloads.
+    let res = client()
+        .post(format!("http://{admin}/login"))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let cookie = res.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    // A new connection each time (a pooled one would reach the listener's
+    // previous services).
+    let signed_in = || async {
+        client()
+            .get(format!("http://{admin}/identities"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(signed_in().await, StatusCode::OK);
+
     // Unchanged file: a reload that changes nothing.
     let (status, body) = reload().await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -1246,6 +1274,9 @@ async fn reload_moves_changed_listeners_keeps_open_connections_and_refuses_bad_c
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "the old HTTP address still accepts");
+    // The admin listener was rebuilt (new tenants); the console session
+    // is still valid.
+    assert_eq!(signed_in().await, StatusCode::OK);
     // Connections opened before the reload go on, on both listeners.
     assert_eq!(send_on(&mut admin_conn, healthz()).await, StatusCode::OK);
     assert_eq!(
