@@ -51,8 +51,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Identities in memory.
     pub directory: Arc<Directory>,
-    /// Local password checks.
-    pub auth: Authenticator,
+    /// Local password checks (shared across configuration reloads, so
+    /// lockouts survive them).
+    pub auth: Arc<Authenticator>,
     /// Access tokens.
     pub tokens: TokenEngine,
     /// Pooled outbound HTTPS client.
@@ -60,7 +61,12 @@ pub struct App {
     /// The TLS client configuration behind `client` (roots + extra CA),
     /// for front ends that open their own upstream connections.
     pub client_tls: rustls::ClientConfig,
-    revision: AtomicI64,
+    /// Store revision the directory reflects; shared with the apps that
+    /// configuration reloads build from this one (same directory).
+    revision: Arc<AtomicI64>,
+    /// How the admin API asks the running server to reload its
+    /// configuration (set by `serve`; shared across reloads).
+    pub reloader: Arc<std::sync::OnceLock<crate::reload::Reloader>>,
 }
 
 impl std::fmt::Debug for App {
@@ -83,7 +89,11 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         tenants.report_expiry(&metrics);
         let directory = Arc::new(Directory::default());
-        let auth = Authenticator::new(directory.clone(), metrics.clone(), config.auth.clone());
+        let auth = Arc::new(Authenticator::new(
+            directory.clone(),
+            metrics.clone(),
+            config.auth.clone(),
+        ));
         let tokens = TokenEngine::new(
             store.clone(),
             sealer.clone(),
@@ -101,10 +111,50 @@ impl App {
             tokens,
             client,
             client_tls: client_config,
-            revision: AtomicI64::new(-1),
+            revision: Arc::new(AtomicI64::new(-1)),
+            reloader: Arc::default(),
         });
         app.reload().await?;
         Ok(app)
+    }
+
+    /// The application for a reloaded `config`: the same store, key,
+    /// metrics, identities, lockouts and token engine (one engine per
+    /// process: refreshes of an identity stay serialised across a reload)
+    /// as `self`. With `new_tenants` (its `[identity_provider]`,
+    /// `[tenants]` or `[tls]` changed), the outbound TLS client and the
+    /// tenants' clients are built from `config`; the tenants are returned
+    /// for [`TokenEngine::set_tenants`] once the reload is committed.
+    pub async fn reconfigured(
+        &self,
+        config: Config,
+        new_tenants: bool,
+    ) -> Result<(Arc<App>, Option<Arc<Tenants>>), AppError> {
+        let config = Arc::new(config);
+        let (tenants, client, client_tls) = if new_tenants {
+            let client_config = crate::tls::client_config(&config.tls)?;
+            let client =
+                crate::tls::https_client(client_config.clone(), crate::tls::CONNECT_TIMEOUT);
+            let tenants = Arc::new(Tenants::new(&config, client.clone())?);
+            tenants.sync_blocks(&self.store.tenant_blocks().await?, &self.metrics);
+            (Some(tenants), client, client_config)
+        } else {
+            (None, self.client.clone(), self.client_tls.clone())
+        };
+        let app = Arc::new(App {
+            config,
+            store: self.store.clone(),
+            sealer: self.sealer.clone(),
+            metrics: self.metrics.clone(),
+            directory: self.directory.clone(),
+            auth: self.auth.clone(),
+            tokens: self.tokens.clone(),
+            client,
+            client_tls,
+            revision: self.revision.clone(),
+            reloader: self.reloader.clone(),
+        });
+        Ok((app, tenants))
     }
 
     /// Picks up identity changes made elsewhere (CLI, other replicas) when

@@ -379,6 +379,11 @@ struct TenantLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -415,6 +420,8 @@ pub struct Metrics {
     credential_blocked: Family<TenantLabels, Gauge>,
     lease_waits: Counter,
     refresh_duration: Histogram,
+    config_reloads: Family<ReloadLabels, Counter>,
+    config_reload_success: Gauge,
     /// The (tenant, mode) each identity's info series carries.
     info: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
@@ -622,6 +629,23 @@ impl Metrics {
             "Store operations that failed (database unreachable, timed out or failing), by operation: reload (the background poll), readiness (/readyz), refresh (a token refresh)",
             store_errors.clone(),
         );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        for result in ["success", "failure"] {
+            let _ = config_reloads.get_or_create(&ReloadLabels { result });
+        }
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP or POST /api/v1/reload), by result: failure means the new configuration was refused and the running one kept",
+            config_reloads.clone(),
+        );
+        let config_reload_success = Gauge::default();
+        config_reload_success.set(crate::store::now_unix());
+        registry.register_with_unit(
+            "config_last_reload_success_timestamp",
+            "Unix time at which the configuration was last loaded successfully (at start, then by each successful reload)",
+            prometheus_client::registry::Unit::Seconds,
+            config_reload_success.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -633,6 +657,8 @@ impl Metrics {
             registry,
             lease_waits,
             refresh_duration,
+            config_reloads,
+            config_reload_success,
             auth_failures,
             refreshes,
             requests,
@@ -657,6 +683,18 @@ impl Metrics {
             store_errors,
             failure_counts: Default::default(),
             hot: HotHandles::default(),
+        }
+    }
+
+    /// Counts a configuration reload; a success also sets the
+    /// last-success timestamp.
+    pub fn config_reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+        if success {
+            self.config_reload_success.set(crate::store::now_unix());
         }
     }
 

@@ -14,6 +14,7 @@ use crate::proxy::mail::{MailFrontEnd, MailSetupError};
 use crate::proxy::pop3::Pop3;
 use crate::proxy::slots::{Slot, Slots};
 use crate::proxy::smtp::Smtp;
+use crate::reload::{ReloadError, ReloadReport};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -61,196 +62,299 @@ pub enum ServeError {
     Onboarding(#[from] crate::onboarding::OnboardingError),
 }
 
+/// The listeners a server can run, in start order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Admin,
+    Onboarding,
+    Http,
+    Smtp,
+    Imap,
+    Pop3,
+}
+
+impl Kind {
+    const ALL: [Kind; 6] = [
+        Kind::Admin,
+        Kind::Onboarding,
+        Kind::Http,
+        Kind::Smtp,
+        Kind::Imap,
+        Kind::Pop3,
+    ];
+
+    /// Its configuration section.
+    fn section(self) -> &'static str {
+        match self {
+            Kind::Admin => "admin",
+            Kind::Onboarding => "onboarding",
+            Kind::Http => "http",
+            Kind::Smtp => "smtp",
+            Kind::Imap => "imap",
+            Kind::Pop3 => "pop3",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Kind::Admin => "admin.listen",
+            Kind::Onboarding => "onboarding.listen",
+            Kind::Http => "http.listen",
+            Kind::Smtp => "smtp.listen",
+            Kind::Imap => "imap.listen",
+            Kind::Pop3 => "pop3.listen",
+        }
+    }
+
+    /// The configured address, `None` when disabled.
+    fn listen(self, c: &Config) -> Option<&str> {
+        let (enabled, listen) = match self {
+            Kind::Admin => (true, &c.admin.listen),
+            Kind::Onboarding => (c.onboarding.enabled, &c.onboarding.listen),
+            Kind::Http => (c.http.enabled, &c.http.listen),
+            Kind::Smtp => (c.smtp.enabled, &c.smtp.listen),
+            Kind::Imap => (c.imap.enabled, &c.imap.listen),
+            Kind::Pop3 => (c.pop3.enabled, &c.pop3.listen),
+        };
+        enabled.then_some(listen.as_str())
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One listener's accept loop: its socket (shared with the loop that
+/// replaces it when a reload keeps the address) and the sender whose drop
+/// (or `true`) makes the loop stop accepting.
+struct Running {
+    listen: String,
+    addr: SocketAddr,
+    listener: Arc<TcpListener>,
+    retire: watch::Sender<bool>,
+}
+
+/// An accept loop to start on a listener: `(listener, retire, shutdown)`.
+type Launch = Box<
+    dyn FnOnce(
+            Arc<TcpListener>,
+            watch::Receiver<bool>,
+            watch::Receiver<bool>,
+        ) -> futures_util::future::BoxFuture<'static, ()>
+        + Send,
+>;
+
+/// What a reload does with one listener.
+enum Step {
+    Nothing,
+    Stop,
+    Keep,
+    Start {
+        listen: String,
+        addr: SocketAddr,
+        listener: Arc<TcpListener>,
+    },
+}
+
+/// What may change while serving.
+struct State {
+    app: Arc<App>,
+    /// The configuration as loaded (before `onboarding.public_url` is
+    /// derived from the bound address), to compare a reload against.
+    loaded: Config,
+    running: [Option<Running>; 6],
+    /// The admin console's sessions, kept across reloads.
+    sessions: Option<Arc<admin::credential::Sessions>>,
+    /// Stops the identity reload and notification tasks of `app`.
+    background: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    /// The configuration file reloads read.
+    source: Option<std::path::PathBuf>,
+}
+
+struct Shared {
+    state: tokio::sync::Mutex<State>,
+    /// The current application and listener addresses, for the getters.
+    current: std::sync::Mutex<(Arc<App>, [Option<SocketAddr>; 6])>,
+    shutdown: watch::Sender<bool>,
+}
+
 /// A running server.
 pub struct Server {
-    app: Arc<App>,
-    http_addr: Option<SocketAddr>,
-    admin_addr: SocketAddr,
-    smtp_addr: Option<SocketAddr>,
-    imap_addr: Option<SocketAddr>,
-    pop3_addr: Option<SocketAddr>,
-    onboarding_addr: Option<SocketAddr>,
-    shutdown: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("http", &self.http_addr)
-            .field("admin", &self.admin_addr)
+            .field("http", &self.http_addr())
+            .field("admin", &self.admin_addr())
             .finish_non_exhaustive()
     }
 }
 
-async fn bind(key: &'static str, value: &str) -> Result<TcpListener, ServeError> {
+async fn bind(key: &'static str, value: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
     let addr = parse_listen(key, value)?;
-    TcpListener::bind(addr)
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { key, addr, source })
+        .map_err(|source| ServeError::Bind { key, addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { key, addr, source })?;
+    Ok((listener, bound))
 }
 
-impl Server {
-    /// Opens everything and starts serving. Listen ports may be 0.
-    pub async fn start(mut config: Config) -> Result<Server, ServeError> {
-        for missing in config.missing() {
-            tracing::warn!("{missing}");
-        }
-        // Bound first: without `public_url`, links and the redirect URI use
-        // the address actually bound (port 0 in tests).
-        let mut onboarding_listener = None;
-        if config.onboarding.enabled {
-            let listener = bind("onboarding.listen", &config.onboarding.listen).await?;
-            let addr = listener.local_addr().map_err(|source| ServeError::Bind {
-                key: "onboarding.listen",
-                addr: parse_listen("onboarding.listen", &config.onboarding.listen)
-                    .expect("validated"),
-                source,
-            })?;
-            if config.onboarding.public_url.is_none() {
-                let scheme = if config.onboarding.tls_cert_file.is_some() {
-                    "https"
-                } else {
-                    "http"
-                };
-                let shown = if addr.ip().is_unspecified() {
-                    tracing::warn!(
-                        listen = %addr,
-                        "onboarding.listen accepts every address but onboarding.public_url is not set: invitation links name 127.0.0.1; set public_url to the address users' browsers reach"
-                    );
-                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-                } else {
-                    addr
-                };
-                config.onboarding.public_url = Some(format!("{scheme}://{shown}"));
-            }
-            onboarding_listener = Some((listener, addr));
-        }
-        let app = App::open(config).await?;
-        let (shutdown, rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-        let cfg = app.config.clone();
+/// Without `public_url`, invitation links and the redirect URI use the
+/// address actually bound (port 0 in tests).
+fn derive_public_url(config: &mut Config, addr: SocketAddr) {
+    if config.onboarding.public_url.is_some() {
+        return;
+    }
+    let scheme = if config.onboarding.tls_cert_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let shown = if addr.ip().is_unspecified() {
+        tracing::warn!(
+            listen = %addr,
+            "onboarding.listen accepts every address but onboarding.public_url is not set: invitation links name 127.0.0.1; set public_url to the address users' browsers reach"
+        );
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    config.onboarding.public_url = Some(format!("{scheme}://{shown}"));
+}
 
-        let admin_listener = bind("admin.listen", &cfg.admin.listen).await?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| ServeError::Bind {
-                key: "admin.listen",
-                addr: parse_listen("admin.listen", &cfg.admin.listen).expect("validated"),
-                source,
-            })?;
-        {
-            let admin_tls = match (&cfg.admin.tls_cert_file, &cfg.admin.tls_key_file) {
-                (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
-                    crate::tls::server_config(cert, key, &[b"http/1.1"])?,
-                )),
-                _ => None,
-            };
-            let admin = admin::AdminListener::new(app.clone(), admin_tls.is_some())?;
-            let rx = rx.clone();
-            tasks.spawn(async move {
-                let service = move |_peer: SocketAddr, _memo: ConnectionMemo| {
-                    let admin = admin.clone();
-                    let service = service_fn(move |req| admin.clone().handle(req));
-                    (service, std::future::pending::<()>())
-                };
-                accept_loop(
-                    admin_listener,
-                    admin_tls,
-                    service,
-                    64,
-                    Duration::from_secs(10),
-                    rx,
-                    None,
-                )
-                .await;
-            });
-        }
+fn acceptor(
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+    alpn: &[&[u8]],
+) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
+    Ok(match (cert, key) {
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(cert, key, alpn)?,
+        )),
+        _ => None,
+    })
+}
 
-        let mut onboarding_addr = None;
-        if let Some((listener, addr)) = onboarding_listener {
-            onboarding_addr = Some(addr);
+/// Builds `kind`'s services on `app` (everything that can fail), returning
+/// the accept loop to start. The admin listener keeps the console sessions
+/// in `sessions` (shared by every admin listener of the server).
+fn prepare(
+    kind: Kind,
+    app: &Arc<App>,
+    sessions: &mut Option<Arc<admin::credential::Sessions>>,
+) -> Result<Launch, ServeError> {
+    let cfg = app.config.clone();
+    Ok(match kind {
+        Kind::Admin => {
+            let tls = acceptor(
+                &cfg.admin.tls_cert_file,
+                &cfg.admin.tls_key_file,
+                &[b"http/1.1"],
+            )?;
+            let admin =
+                admin::AdminListener::with_sessions(app.clone(), tls.is_some(), sessions.clone())?;
+            *sessions = Some(admin.sessions());
+            Box::new(move |listener, retire, shutdown| {
+                Box::pin(async move {
+                    let service = move |_peer: SocketAddr, _memo: ConnectionMemo| {
+                        let admin = admin.clone();
+                        let service = service_fn(move |req| admin.clone().handle(req));
+                        (service, std::future::pending::<()>())
+                    };
+                    accept_loop(
+                        listener,
+                        tls,
+                        service,
+                        64,
+                        Duration::from_secs(10),
+                        retire,
+                        shutdown,
+                        None,
+                    )
+                    .await;
+                })
+            })
+        }
+        Kind::Onboarding => {
             let onboarding = crate::onboarding::Onboarding::new(app.clone())?;
-            let tls = match (&cfg.onboarding.tls_cert_file, &cfg.onboarding.tls_key_file) {
-                (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
-                    crate::tls::server_config(cert, key, &[b"http/1.1"])?,
-                )),
-                _ => None,
-            };
-            let rx = rx.clone();
-            tasks.spawn(async move {
-                let service = move |peer: SocketAddr, _memo: ConnectionMemo| {
-                    let onboarding = onboarding.clone();
-                    let service = service_fn(move |req| {
-                        onboarding
-                            .clone()
-                            .handle(req, crate::onboarding::Peer(peer))
-                    });
-                    (service, std::future::pending::<()>())
-                };
-                accept_loop(
-                    listener,
-                    tls,
-                    service,
-                    256,
-                    Duration::from_secs(10),
-                    rx,
-                    None,
-                )
-                .await;
-            });
+            let tls = acceptor(
+                &cfg.onboarding.tls_cert_file,
+                &cfg.onboarding.tls_key_file,
+                &[b"http/1.1"],
+            )?;
+            Box::new(move |listener, retire, shutdown| {
+                Box::pin(async move {
+                    let service = move |peer: SocketAddr, _memo: ConnectionMemo| {
+                        let onboarding = onboarding.clone();
+                        let service = service_fn(move |req| {
+                            onboarding
+                                .clone()
+                                .handle(req, crate::onboarding::Peer(peer))
+                        });
+                        (service, std::future::pending::<()>())
+                    };
+                    accept_loop(
+                        listener,
+                        tls,
+                        service,
+                        256,
+                        Duration::from_secs(10),
+                        retire,
+                        shutdown,
+                        None,
+                    )
+                    .await;
+                })
+            })
         }
-
-        let mut http_addr = None;
-        if cfg.http.enabled {
-            let listener = bind("http.listen", &cfg.http.listen).await?;
-            http_addr = listener.local_addr().ok();
+        Kind::Http => {
             let proxy = HttpProxy::new(app.clone())?;
-            let tls = match (&cfg.http.tls_cert_file, &cfg.http.tls_key_file) {
-                (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
-                    crate::tls::server_config(cert, key, &[b"h2", b"http/1.1"])?,
-                )),
-                _ => None,
-            };
+            let tls = acceptor(
+                &cfg.http.tls_cert_file,
+                &cfg.http.tls_key_file,
+                &[b"h2", b"http/1.1"],
+            )?;
             let max_conn = cfg.http.max_connections;
             let header_timeout = cfg.http.header_read_timeout;
-            let rx = rx.clone();
-            let metrics = app.metrics.clone();
-            let max_header = cfg.http.max_header_bytes.as_usize();
             let limits = Limits {
-                max_header,
-                metrics,
+                max_header: cfg.http.max_header_bytes.as_usize(),
+                metrics: app.metrics.clone(),
                 proxy: proxy.clone(),
                 per_source: cfg.http.max_connections_per_source,
                 login_timeout: cfg.http.login_timeout,
             };
-            tasks.spawn(async move {
-                // Each client connection drives its own upstream lane.
-                let service = move |peer: SocketAddr, memo: ConnectionMemo| {
-                    let proxy = proxy.clone();
-                    let (conn, driver) = proxy.connection(memo);
-                    let service = service_fn(move |req| {
-                        let (proxy, conn) = (proxy.clone(), conn.clone());
-                        async move { proxy.handle(req, peer, &conn).await }
-                    });
-                    (service, driver)
-                };
-                accept_loop(
-                    listener,
-                    tls,
-                    service,
-                    max_conn,
-                    header_timeout,
-                    rx,
-                    Some(limits),
-                )
-                .await;
-            });
+            Box::new(move |listener, retire, shutdown| {
+                Box::pin(async move {
+                    // Each client connection drives its own upstream lane.
+                    let service = move |peer: SocketAddr, memo: ConnectionMemo| {
+                        let proxy = proxy.clone();
+                        let (conn, driver) = proxy.connection(memo);
+                        let service = service_fn(move |req| {
+                            let (proxy, conn) = (proxy.clone(), conn.clone());
+                            async move { proxy.handle(req, peer, &conn).await }
+                        });
+                        (service, driver)
+                    };
+                    accept_loop(
+                        listener,
+                        tls,
+                        service,
+                        max_conn,
+                        header_timeout,
+                        retire,
+                        shutdown,
+                        Some(limits),
+                    )
+                    .await;
+                })
+            })
         }
-        let mut smtp_addr = None;
-        if cfg.smtp.enabled {
-            let listener = bind("smtp.listen", &cfg.smtp.listen).await?;
-            smtp_addr = listener.local_addr().ok();
+        Kind::Smtp => {
             let front = Arc::new(MailFrontEnd::new(
                 app.clone(),
                 cfg.smtp.clone(),
@@ -258,17 +362,17 @@ impl Server {
                 "smtp.upstream",
             )?);
             let smtp = Smtp::new(front.clone());
-            tasks.spawn(crate::proxy::mail::accept_loop(
-                listener,
-                front,
-                move || smtp.dialect(),
-                rx.clone(),
-            ));
+            Box::new(move |listener, retire, shutdown| {
+                Box::pin(crate::proxy::mail::accept_loop(
+                    listener,
+                    front,
+                    move || smtp.dialect(),
+                    retire,
+                    shutdown,
+                ))
+            })
         }
-        let mut imap_addr = None;
-        if cfg.imap.enabled {
-            let listener = bind("imap.listen", &cfg.imap.listen).await?;
-            imap_addr = listener.local_addr().ok();
+        Kind::Imap => {
             let front = Arc::new(MailFrontEnd::new(
                 app.clone(),
                 cfg.imap.clone(),
@@ -276,17 +380,17 @@ impl Server {
                 "imap.upstream",
             )?);
             let imap = Imap::new(front.clone());
-            tasks.spawn(crate::proxy::mail::accept_loop(
-                listener,
-                front,
-                move || imap.dialect(),
-                rx.clone(),
-            ));
+            Box::new(move |listener, retire, shutdown| {
+                Box::pin(crate::proxy::mail::accept_loop(
+                    listener,
+                    front,
+                    move || imap.dialect(),
+                    retire,
+                    shutdown,
+                ))
+            })
         }
-        let mut pop3_addr = None;
-        if cfg.pop3.enabled {
-            let listener = bind("pop3.listen", &cfg.pop3.listen).await?;
-            pop3_addr = listener.local_addr().ok();
+        Kind::Pop3 => {
             let front = Arc::new(MailFrontEnd::new(
                 app.clone(),
                 cfg.pop3.clone(),
@@ -294,92 +398,371 @@ impl Server {
                 "pop3.upstream",
             )?);
             let pop3 = Pop3::new(front.clone());
-            tasks.spawn(crate::proxy::mail::accept_loop(
-                listener,
-                front,
-                move || pop3.dialect(),
-                rx.clone(),
-            ));
+            Box::new(move |listener, retire, shutdown| {
+                Box::pin(crate::proxy::mail::accept_loop(
+                    listener,
+                    front,
+                    move || pop3.dialect(),
+                    retire,
+                    shutdown,
+                ))
+            })
         }
-        tasks.spawn({
-            let handle = app.spawn_background(rx.clone());
-            async move {
-                let _ = handle.await;
-            }
-        });
-        tasks.spawn({
-            let handle = crate::notify::spawn(app.clone(), rx.clone());
-            async move {
-                let _ = handle.await;
-            }
-        });
-        tracing::info!(
-            admin = %admin_addr,
-            http = %http_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
-            smtp = %smtp_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
-            imap = %imap_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
-            pop3 = %pop3_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
-            onboarding = %onboarding_addr.map_or_else(|| "disabled".to_owned(), |a| a.to_string()),
-            identities = app.directory.len(),
-            "authswap is serving"
-        );
+    })
+}
+
+/// Starts the identity reload and notification tasks of `app`; they stop
+/// when the returned sender says so (or is dropped).
+fn spawn_background(app: &Arc<App>, tasks: &mut JoinSet<()>) -> watch::Sender<bool> {
+    let (tx, rx) = watch::channel(false);
+    let handle = app.spawn_background(rx.clone());
+    tasks.spawn(async move {
+        let _ = handle.await;
+    });
+    let handle = crate::notify::spawn(app.clone(), rx);
+    tasks.spawn(async move {
+        let _ = handle.await;
+    });
+    tx
+}
+
+fn log_serving(app: &App, addrs: &[Option<SocketAddr>; 6], message: &'static str) {
+    let shown = |k: Kind| addrs[k.index()].map_or_else(|| "disabled".to_owned(), |a| a.to_string());
+    tracing::info!(
+        admin = %shown(Kind::Admin),
+        http = %shown(Kind::Http),
+        smtp = %shown(Kind::Smtp),
+        imap = %shown(Kind::Imap),
+        pop3 = %shown(Kind::Pop3),
+        onboarding = %shown(Kind::Onboarding),
+        identities = app.directory.len(),
+        "{message}"
+    );
+}
+
+impl Server {
+    /// Opens everything and starts serving. Listen ports may be 0.
+    pub async fn start(config: Config) -> Result<Server, ServeError> {
+        for missing in config.missing() {
+            tracing::warn!("{missing}");
+        }
+        let loaded = config.clone();
+        let mut config = config;
+        let mut bound: [Option<(String, TcpListener, SocketAddr)>; 6] = Default::default();
+        // Onboarding first: its address may make `public_url`.
+        if let Some(listen) = Kind::Onboarding.listen(&config) {
+            let listen = listen.to_owned();
+            let (listener, addr) = bind(Kind::Onboarding.key(), &listen).await?;
+            derive_public_url(&mut config, addr);
+            bound[Kind::Onboarding.index()] = Some((listen, listener, addr));
+        }
+        let app = App::open(config).await?;
+        let cfg = app.config.clone();
+        let (shutdown, _) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut running: [Option<Running>; 6] = Default::default();
+        let mut addrs = [None; 6];
+        let mut sessions = None;
+        for kind in Kind::ALL {
+            let Some(listen) = kind.listen(&cfg) else {
+                continue;
+            };
+            let (listen, listener, addr) = match bound[kind.index()].take() {
+                Some(b) => b,
+                None => {
+                    let (l, a) = bind(kind.key(), listen).await?;
+                    (listen.to_owned(), l, a)
+                }
+            };
+            let launch = prepare(kind, &app, &mut sessions)?;
+            let listener = Arc::new(listener);
+            let (retire, retire_rx) = watch::channel(false);
+            tasks.spawn(launch(listener.clone(), retire_rx, shutdown.subscribe()));
+            addrs[kind.index()] = Some(addr);
+            running[kind.index()] = Some(Running {
+                listen,
+                addr,
+                listener,
+                retire,
+            });
+        }
+        let background = spawn_background(&app, &mut tasks);
+        log_serving(&app, &addrs, "authswap is serving");
         Ok(Server {
-            app,
-            http_addr,
-            admin_addr,
-            smtp_addr,
-            imap_addr,
-            pop3_addr,
-            onboarding_addr,
-            shutdown,
-            tasks,
+            shared: Arc::new(Shared {
+                current: std::sync::Mutex::new((app.clone(), addrs)),
+                state: tokio::sync::Mutex::new(State {
+                    app,
+                    loaded,
+                    running,
+                    sessions,
+                    background,
+                    tasks,
+                    source: None,
+                }),
+                shutdown,
+            }),
         })
     }
 
-    /// The application core (tests and embedding).
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
+    /// Reads the configuration from `path` on [`Server::reload`], `SIGHUP`
+    /// and `POST /api/v1/reload`.
+    pub async fn reload_from(&self, path: std::path::PathBuf) {
+        let mut state = self.shared.state.lock().await;
+        state.source = Some(path);
+        let weak = Arc::downgrade(&self.shared);
+        let reloader = crate::reload::Reloader::new(move || {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(shared) => shared.reload(None).await,
+                    None => Err(ReloadError::Unavailable),
+                }
+            })
+        });
+        let _ = state.app.reloader.set(reloader);
+    }
+
+    /// Re-reads the configuration file (see [`Server::reload_from`]) and
+    /// the environment and applies it; refused (the running configuration
+    /// kept) with the reason.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.shared.reload(None).await
+    }
+
+    /// Applies `config` as a reload would.
+    pub async fn reload_with(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        self.shared.reload(Some(config)).await
+    }
+
+    /// The application core (tests and embedding); a reload replaces it.
+    pub fn app(&self) -> Arc<App> {
+        self.current().0
+    }
+
+    fn current(&self) -> (Arc<App>, [Option<SocketAddr>; 6]) {
+        self.shared
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Address of the HTTP front end, if enabled.
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http_addr
+        self.current().1[Kind::Http.index()]
     }
 
     /// Address of the SMTP front end, if enabled.
     pub fn smtp_addr(&self) -> Option<SocketAddr> {
-        self.smtp_addr
+        self.current().1[Kind::Smtp.index()]
     }
 
     /// Address of the IMAP front end, if enabled.
     pub fn imap_addr(&self) -> Option<SocketAddr> {
-        self.imap_addr
+        self.current().1[Kind::Imap.index()]
     }
 
     /// Address of the POP3 front end, if enabled.
     pub fn pop3_addr(&self) -> Option<SocketAddr> {
-        self.pop3_addr
+        self.current().1[Kind::Pop3.index()]
     }
 
     /// Address of the onboarding listener, if enabled.
     pub fn onboarding_addr(&self) -> Option<SocketAddr> {
-        self.onboarding_addr
+        self.current().1[Kind::Onboarding.index()]
     }
 
     /// Address of the admin listener.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
+        self.current().1[Kind::Admin.index()].expect("the admin listener always runs")
     }
 
     /// Stops accepting, waits up to `grace` for in-flight requests, then stops.
-    pub async fn shutdown(mut self, grace: Duration) {
-        let _ = self.shutdown.send(true);
-        let all = async { while self.tasks.join_next().await.is_some() {} };
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shared.shutdown.send(true);
+        let mut tasks = {
+            let mut state = self.shared.state.lock().await;
+            let _ = state.background.send(true);
+            std::mem::take(&mut state.tasks)
+        };
+        let all = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("in-flight requests did not finish within {grace:?}; closing them");
-            self.tasks.abort_all();
+            tasks.abort_all();
         }
         tracing::info!("authswap stopped");
+    }
+}
+
+impl Shared {
+    /// A reload with its log line and metrics.
+    async fn reload(&self, config: Option<Config>) -> Result<ReloadReport, ReloadError> {
+        let result = self.apply(config).await;
+        match &result {
+            Ok(report) => {
+                if !report.restart_required.is_empty() {
+                    tracing::warn!(
+                        sections = %report.restart_required.join(", "),
+                        "configuration reloaded, but these sections changed and need a restart; their running values are kept"
+                    );
+                }
+                tracing::info!(
+                    applied = %report.applied.join(", "),
+                    "configuration reloaded"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "configuration reload refused"),
+        }
+        let app = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
+        app.metrics.config_reload(result.is_ok());
+        result
+    }
+
+    async fn apply(&self, config: Option<Config>) -> Result<ReloadReport, ReloadError> {
+        if *self.shutdown.borrow() {
+            return Err(ReloadError::Unavailable);
+        }
+        let mut state = self.state.lock().await;
+        let mut config = match config {
+            Some(c) => {
+                c.validate()?;
+                c
+            }
+            None => {
+                let path = state.source.clone().ok_or(ReloadError::Unavailable)?;
+                Config::load(&path)?
+            }
+        };
+        let restart = crate::reload::keep_restart_required(&state.loaded, &mut config);
+        let changed = crate::reload::changed_sections(&state.loaded, &config);
+        let new_tenants = changed
+            .iter()
+            .any(|s| matches!(*s, "identity_provider" | "tls"));
+        let loaded = config.clone();
+        let apply_err = |e: ServeError| ReloadError::Apply(e.to_string());
+
+        // Listeners first: a new address that cannot be bound refuses the
+        // reload before anything changed.
+        let mut steps = Vec::with_capacity(6);
+        for kind in Kind::ALL {
+            let running = state.running[kind.index()].as_ref();
+            let step = match (running, kind.listen(&config)) {
+                (None, None) => Step::Nothing,
+                (Some(_), None) => Step::Stop,
+                (Some(_), Some(_)) if !new_tenants && !changed.contains(&kind.section()) => {
+                    Step::Keep
+                }
+                (Some(r), Some(listen)) if r.listen == listen => Step::Start {
+                    listen: listen.to_owned(),
+                    addr: r.addr,
+                    listener: r.listener.clone(),
+                },
+                (_, Some(listen)) => {
+                    let (listener, addr) = bind(kind.key(), listen).await.map_err(apply_err)?;
+                    Step::Start {
+                        listen: listen.to_owned(),
+                        addr,
+                        listener: Arc::new(listener),
+                    }
+                }
+            };
+            steps.push(step);
+        }
+        match &steps[Kind::Onboarding.index()] {
+            Step::Start { addr, .. } => derive_public_url(&mut config, *addr),
+            Step::Keep => {
+                config.onboarding.public_url = state.app.config.onboarding.public_url.clone()
+            }
+            _ => {}
+        }
+        let (app, tenants) = state
+            .app
+            .reconfigured(config, new_tenants)
+            .await
+            .map_err(|e| ReloadError::Apply(e.to_string()))?;
+        let mut launches: Vec<Option<Launch>> = Vec::with_capacity(6);
+        let mut sessions = state.sessions.clone();
+        for (kind, step) in Kind::ALL.into_iter().zip(&steps) {
+            launches.push(match step {
+                Step::Start { .. } => Some(prepare(kind, &app, &mut sessions).map_err(apply_err)?),
+                _ => None,
+            });
+        }
+
+        // Nothing can fail from here on.
+        if let Some(tenants) = tenants {
+            tenants.report_expiry(&app.metrics);
+            app.tokens.set_tenants(tenants);
+        }
+        let mut addrs = self.current.lock().unwrap_or_else(|e| e.into_inner()).1;
+        let mut report = ReloadReport {
+            applied: changed
+                .iter()
+                .filter(|s| !restart.contains(s))
+                .map(|s| (*s).to_owned())
+                .collect(),
+            restart_required: restart.iter().map(|s| (*s).to_owned()).collect(),
+            ..ReloadReport::default()
+        };
+        for ((kind, step), launch) in Kind::ALL.into_iter().zip(steps).zip(launches) {
+            match step {
+                Step::Nothing | Step::Keep => {}
+                Step::Stop => {
+                    // Dropping it retires the loop; open connections finish.
+                    state.running[kind.index()] = None;
+                    addrs[kind.index()] = None;
+                    tracing::info!(listener = kind.section(), "listener stopped");
+                }
+                Step::Start {
+                    listen,
+                    addr,
+                    listener,
+                } => {
+                    let (retire, retire_rx) = watch::channel(false);
+                    if let Some(launch) = launch {
+                        state.tasks.spawn(launch(
+                            listener.clone(),
+                            retire_rx,
+                            self.shutdown.subscribe(),
+                        ));
+                    }
+                    let old = state.running[kind.index()].replace(Running {
+                        listen,
+                        addr,
+                        listener,
+                        retire,
+                    });
+                    if let Some(old) = old {
+                        if old.addr != addr {
+                            tracing::info!(listener = kind.section(), from = %old.addr, to = %addr, "listener moved");
+                        }
+                        let _ = old.retire.send(true);
+                    }
+                    addrs[kind.index()] = Some(addr);
+                }
+            }
+        }
+        for kind in Kind::ALL {
+            if let Some(addr) = addrs[kind.index()] {
+                report
+                    .listeners
+                    .insert(kind.section().to_owned(), addr.to_string());
+            }
+        }
+        let _ = state.background.send(true);
+        state.background = spawn_background(&app, &mut state.tasks);
+        state.app = app.clone();
+        state.sessions = sessions;
+        state.loaded = loaded;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (app.clone(), addrs);
+        log_serving(&app, &addrs, "serving with the reloaded configuration");
+        Ok(report)
     }
 }
 
@@ -395,6 +778,18 @@ pub(crate) async fn unproved(slot: &Slot, limit: Option<Duration>) {
             }
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Completes when an accept loop must stop accepting: retired by a reload
+/// (or its sender dropped), or the server stopping.
+pub(crate) async fn stopped(
+    retire: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = retire.wait_for(|stop| *stop) => {}
+        _ = shutdown.wait_for(|stop| *stop) => {}
     }
 }
 
@@ -416,12 +811,14 @@ struct Limits {
 /// connection's task: the HTTP front end's upstream lane and idle watchdog.
 /// The connection is closed when the companion completes. `limits` are
 /// the HTTP front end's.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<F, S, B, D>(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     make_service: F,
     max_connections: usize,
     header_timeout: Duration,
+    mut retire: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
     limits: Option<Limits>,
 ) where
@@ -477,7 +874,7 @@ async fn accept_loop<F, S, B, D>(
         // one to end (new connections wait in the accept queue).
         tokio::select! {
             _ = slots.room() => {}
-            _ = shutdown.changed() => break,
+            () = stopped(&mut retire, &mut shutdown) => break,
         }
         let (stream, peer): (TcpStream, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -488,7 +885,7 @@ async fn accept_loop<F, S, B, D>(
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            () = stopped(&mut retire, &mut shutdown) => break,
         };
         let Some(slot) = slots.admit(peer.ip()) else {
             continue;
@@ -561,6 +958,15 @@ async fn accept_loop<F, S, B, D>(
         });
     }
     drop(listener);
+    // Retired by a reload: the open connections go on until they end or
+    // the server stops.
+    let ended = tokio::select! {
+        _ = async { while conns.join_next().await.is_some() {} } => true,
+        _ = shutdown.wait_for(|stop| *stop) => false,
+    };
+    if ended {
+        return;
+    }
     graceful.shutdown().await;
     // Connections on the native path close once idle; wait for them too.
     while conns.join_next().await.is_some() {}

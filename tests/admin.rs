@@ -1466,3 +1466,373 @@ fn shipped_rules_and_dashboard_are_complete(root: &Path) {
     }
     assert!(exprs >= 10, "{exprs} queries");
 }
+
+/// A free loopback port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An HTTP/1.1 connection kept open across requests.
+async fn keep_alive(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> http::StatusCode {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        sender.ready().await.expect("connection still open");
+        sender.send_request(req).await.expect("answer").status()
+    })
+    .await
+    .expect("answered in time")
+}
+
+fn ews_request(
+    addr: std::net::SocketAddr,
+    password: &str,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post("/EWS/Exchange.asmx")
+        .header("host", addr.to_string())
+        .header("content-type", "text/xml; charset=utf-8")
+        .header("authorization", support::harness::basic("alice", password))
+        .body(http_body_util::Full::new(bytes::Bytes::from(SOAP)))
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn reload_moves_changed_listeners_keeps_open_connections_and_refuses_bad_configs() {
+    let env = Env::start().await;
+    let password = "alice-pass-1234";
+    env.add_linked("alice", "alice@contoso.com", password).await;
+    let server = env.serve().await;
+    let path = env.write_config();
+    server.reload_from(path.clone()).await;
+    let token = std::fs::read_to_string(env.dir.path().join("data/admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let admin = server.admin_addr();
+    let old_http = server.http_addr().unwrap();
+    let reload = || async {
+        let res = client()
+            .post(format!("http://{admin}/api/v1/reload"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        (status, res.json::<Value>().await.unwrap())
+    };
+
+    // Open connections: one to the admin listener (its address stays),
+    // one to the HTTP front end (its address changes).
+    let mut admin_conn = keep_alive(admin).await;
+    let healthz = || {
+        http::Request::get("/healthz")
+            .header("host", admin.to_string())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(send_on(&mut admin_conn, healthz()).await, StatusCode::OK);
+    let mut http_conn = keep_alive(old_http).await;
+    assert_eq!(
+        send_on(&mut http_conn, ews_request(old_http, password)).await,
+        StatusCode::OK
+    );
+
+    // A console session (cookie) from before the reloads.
+    let res = client()
+        .post(format!("http://{admin}/login"))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let cookie = res.headers()[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    // A new connection each time (a pooled one would reach the listener's
+    // previous services).
+    let signed_in = || async {
+        client()
+            .get(format!("http://{admin}/identities"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(signed_in().await, StatusCode::OK);
+
+    // Unchanged file: a reload that changes nothing.
+    let (status, body) = reload().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["applied"], json!([]), "{body}");
+
+    // Move the HTTP listener, change an identity-platform setting (new
+    // tenants: every listener gets new services) and restart-only sections.
+    let port = free_port();
+    let moved = env
+        .config_toml()
+        .replace(
+            "[http]\nlisten = \"127.0.0.1:0\"",
+            &format!("[http]\nlisten = \"127.0.0.1:{port}\""),
+        )
+        .replace("\ntimeout = \"5s\"\n", "\ntimeout = \"6s\"\n")
+        .replace("retry_max = \"5s\"", "retry_max = \"6s\"")
+        .replace("argon2_iterations = 1", "argon2_iterations = 2");
+    assert_ne!(moved, env.config_toml());
+    std::fs::write(&path, &moved).unwrap();
+    let (status, body) = reload().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let new_http: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(body["listeners"]["http"], new_http.to_string(), "{body}");
+    assert_eq!(body["listeners"]["admin"], admin.to_string(), "{body}");
+    assert_eq!(
+        body["restart_required"],
+        json!(["auth", "tokens"]),
+        "{body}"
+    );
+    assert_eq!(
+        body["applied"],
+        json!(["http", "identity_provider"]),
+        "{body}"
+    );
+    assert_eq!(server.http_addr(), Some(new_http));
+    assert_eq!(server.app().config.auth.argon2_iterations, 1, "kept");
+    assert_eq!(
+        server.app().config.tokens.retry_max,
+        Duration::from_secs(5),
+        "kept"
+    );
+    assert_eq!(
+        server.app().config.identity_provider.timeout,
+        Duration::from_secs(6)
+    );
+
+    // The new address answers; the old one stops accepting. The access
+    // token cached before the reload still serves (one engine).
+    let fresh = HttpClient::default();
+    let refreshes = env.idp.token_requests();
+    assert_eq!(
+        fresh.ews(new_http, "alice", password, SOAP).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(env.idp.token_requests(), refreshes, "cached token kept");
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(old_http).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the old HTTP address still accepts");
+    // The admin listener was rebuilt (new tenants); the console session
+    // is still valid.
+    assert_eq!(signed_in().await, StatusCode::OK);
+    // Connections opened before the reload go on, on both listeners.
+    assert_eq!(send_on(&mut admin_conn, healthz()).await, StatusCode::OK);
+    assert_eq!(
+        send_on(&mut http_conn, ews_request(old_http, password)).await,
+        StatusCode::OK
+    );
+
+    // A broken file is refused with the reason; the running one serves on.
+    std::fs::write(
+        &path,
+        moved.replace("retry_max = \"6s\"", "retry_max = \"soon\""),
+    )
+    .unwrap();
+    let (status, body) = reload().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "reload_refused");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("retry_max"), "{message}");
+    assert!(message.contains("keeping the running one"), "{message}");
+    // A valid file whose new address cannot be bound: refused too.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    std::fs::write(
+        &path,
+        moved.replace(
+            &format!("listen = \"127.0.0.1:{port}\""),
+            &format!("listen = \"127.0.0.1:{taken_port}\""),
+        ),
+    )
+    .unwrap();
+    let (status, body) = reload().await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("http.listen"),
+        "{body}"
+    );
+    drop(taken);
+    assert_eq!(server.http_addr(), Some(new_http));
+    assert_eq!(
+        fresh.ews(new_http, "alice", password, SOAP).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(send_on(&mut admin_conn, healthz()).await, StatusCode::OK);
+
+    // The metrics count both results.
+    let text = fresh.get(admin, "/metrics").await.body;
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(
+        metric(&text, "authswap_config_reloads_total{result=\"success\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "authswap_config_reloads_total{result=\"failure\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    let last = metric(
+        &text,
+        "authswap_config_last_reload_success_timestamp_seconds",
+    )
+    .unwrap();
+    assert!((last - now_unix() as f64).abs() < 60.0, "{last}");
+
+    // Without the admin token: refused.
+    let res = client()
+        .post(format!("http://{admin}/api/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn reload_keeps_open_mail_sessions_and_applies_new_scopes_and_switches() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let env = Env::start().await;
+    let password = "alice-pass-1234";
+    env.add_linked("alice", "alice@contoso.com", password).await;
+    let smtp =
+        support::mail::FakeSmtp::start(env.idp.validator(), support::mail::SmtpOptions::default())
+            .await;
+    let with_smtp = |c: &mut authswap::config::Config| {
+        c.smtp.enabled = true;
+        c.smtp.upstream = format!("localhost:{}", smtp.port());
+    };
+    let server = env.serve_with(with_smtp).await;
+    let smtp_addr = server.smtp_addr().unwrap();
+
+    // A session open before the reload.
+    let (r, mut w) = tokio::net::TcpStream::connect(smtp_addr)
+        .await
+        .unwrap()
+        .into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    let mut reply = async |r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>| -> String {
+        // Through the last line of a (multi-line) reply.
+        loop {
+            line.clear();
+            let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+                .await
+                .expect("reply in time")
+                .unwrap();
+            assert!(n > 0, "session closed");
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return line.clone();
+            }
+        }
+    };
+    assert!(reply(&mut r).await.starts_with("220"));
+    w.write_all(b"EHLO x\r\n").await.unwrap();
+    assert!(reply(&mut r).await.starts_with("250"));
+
+    // New tenants (identity_provider changed) and new HTTP scopes: every
+    // listener gets new services on its socket.
+    let extra = "https://outlook.office365.com/EWS.AccessAsUser.All offline_access https://example.test/extra";
+    let mut config = env.config();
+    with_smtp(&mut config);
+    config.identity_provider.timeout = Duration::from_secs(6);
+    config.http.scopes = extra.split(' ').map(str::to_owned).collect();
+    let report = server.reload_with(config.clone()).await.unwrap();
+    assert_eq!(report.applied, ["http", "identity_provider"], "{report:?}");
+    assert_eq!(server.smtp_addr(), Some(smtp_addr));
+
+    // New logins use the new scopes.
+    let http = server.http_addr().unwrap();
+    let before = env.idp.requested_scopes().len();
+    assert_eq!(
+        HttpClient::default()
+            .ews(http, "alice", password, SOAP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let scopes = env.idp.requested_scopes();
+    assert!(scopes.len() > before, "{scopes:?}");
+    assert!(
+        scopes
+            .last()
+            .unwrap()
+            .contains("https://example.test/extra"),
+        "{scopes:?}"
+    );
+
+    // The old session logs in and sends on.
+    let plain = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("\0alice\0{password}"))
+    };
+    w.write_all(format!("AUTH PLAIN {plain}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let auth = reply(&mut r).await;
+    assert!(auth.starts_with("235"), "{auth}");
+
+    // SMTP switched off: no new sessions, the open one goes on.
+    config.smtp.enabled = false;
+    let report = server.reload_with(config).await.unwrap();
+    assert!(!report.listeners.contains_key("smtp"), "{report:?}");
+    assert_eq!(server.smtp_addr(), None);
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(smtp_addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the SMTP listener still accepts");
+    w.write_all(b"MAIL FROM:<alice@contoso.com>\r\n")
+        .await
+        .unwrap();
+    let mail = reply(&mut r).await;
+    assert!(mail.starts_with("250"), "{mail}");
+    w.write_all(b"QUIT\r\n").await.unwrap();
+    assert!(reply(&mut r).await.starts_with("221"));
+    server.shutdown(Duration::from_secs(5)).await;
+}

@@ -1132,3 +1132,510 @@ fn rust_version_covers_every_locked_crate() {
         env!("CARGO_PKG_RUST_VERSION")
     );
 }
+
+/// Reads JSON log lines until one whose message is `message`.
+async fn wait_for_message(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    log: &mut String,
+    message: &str,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("log line")
+            .unwrap()
+            .expect("serve exited early");
+        log.push_str(&line);
+        log.push('\n');
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["message"] == message {
+                return v;
+            }
+        }
+    }
+    panic!("no {message:?} in the log:\n{log}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_configuration_and_never_kills_serve() {
+    let env = Env::start().await;
+    let password = "alice-pass-1234";
+    env.add_linked("alice", "alice@contoso.com", password).await;
+    let config = env.write_config();
+    let mut child = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["--log-format", "json", "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    let (admin, http) = wait_for_serving(&mut lines, &mut log).await;
+    let pid = child.id().unwrap();
+    let client = HttpClient::default();
+
+    // Unchanged: reloaded, still serving.
+    signal(pid, "HUP").await;
+    wait_for_message(&mut lines, &mut log, "configuration reloaded").await;
+    assert_eq!(
+        client.ews(http, "alice", password, SOAP).await.status,
+        StatusCode::OK
+    );
+
+    // The HTTP front end moves.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let moved = env.config_toml().replace(
+        "[http]\nlisten = \"127.0.0.1:0\"",
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(&config, &moved).unwrap();
+    signal(pid, "HUP").await;
+    let v = wait_for_message(
+        &mut lines,
+        &mut log,
+        "serving with the reloaded configuration",
+    )
+    .await;
+    let new_http: std::net::SocketAddr = v["http"].as_str().unwrap().parse().unwrap();
+    assert_eq!(new_http.port(), port);
+    assert_eq!(
+        HttpClient::default()
+            .ews(new_http, "alice", password, SOAP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // Broken: refused with the reason, the running one serves on.
+    std::fs::write(
+        &config,
+        moved.replace("[tokens]", "[tokens]\nno_such_key = 1"),
+    )
+    .unwrap();
+    signal(pid, "HUP").await;
+    let v = wait_for_message(&mut lines, &mut log, "configuration reload refused").await;
+    assert!(v["error"].as_str().unwrap().contains("no_such_key"), "{v}");
+    assert_eq!(
+        HttpClient::default()
+            .ews(new_http, "alice", password, SOAP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let metrics = String::from_utf8_lossy(&client.get(admin, "/metrics").await.body).into_owned();
+    assert!(
+        metrics.contains("authswap_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "serve exited:\n{log}");
+
+    signal(pid, "TERM").await;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}\n{log}");
+}
+
+/// Runs `authswap doctor` with `envs`; returns (success, stdout lines).
+async fn doctor(config: &std::path::Path, envs: &[(&str, String)]) -> (bool, String, String) {
+    let mut cmd = bin();
+    cmd.arg("-c").arg(config).arg("doctor");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("doctor finishes")
+        .unwrap();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The line of `check` in a doctor report.
+fn line_of<'a>(report: &'a str, check: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| l[6.min(l.len())..].starts_with(&format!("{check}:")))
+        .unwrap_or_else(|| panic!("no {check} line in:\n{report}"))
+}
+
+#[tokio::test]
+async fn doctor_passes_a_healthy_setup_and_names_each_broken_part() {
+    use authswap::store::Store as _;
+    use support::mail::{
+        FakeImap, FakePop3, FakeSmtp, ImapOptions, Pop3Options, SmtpOptions, TlsMode,
+    };
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pass-1234")
+        .await;
+    env.add_linked("bob", "bob@contoso.com", "bob-pass-12345")
+        .await;
+    let smtp = FakeSmtp::start(env.idp.validator(), SmtpOptions::default()).await;
+    let imap = FakeImap::start(
+        env.idp.validator(),
+        ImapOptions {
+            tls: TlsMode::StartTls,
+            ..ImapOptions::default()
+        },
+    )
+    .await;
+    let pop3 = FakePop3::start(
+        env.idp.validator(),
+        Pop3Options {
+            tls: TlsMode::StartTls,
+            ..Pop3Options::default()
+        },
+    )
+    .await;
+    let config = env.write_config();
+    let mail = vec![
+        ("AUTHSWAP_SMTP__ENABLED", "true".to_owned()),
+        (
+            "AUTHSWAP_SMTP__UPSTREAM",
+            format!("localhost:{}", smtp.port()),
+        ),
+        ("AUTHSWAP_IMAP__ENABLED", "true".to_owned()),
+        (
+            "AUTHSWAP_IMAP__UPSTREAM",
+            format!("localhost:{}", imap.port()),
+        ),
+        ("AUTHSWAP_IMAP__UPSTREAM_TLS", "starttls".to_owned()),
+        ("AUTHSWAP_POP3__ENABLED", "true".to_owned()),
+        (
+            "AUTHSWAP_POP3__UPSTREAM",
+            format!("localhost:{}", pop3.port()),
+        ),
+        ("AUTHSWAP_POP3__UPSTREAM_TLS", "starttls".to_owned()),
+    ];
+
+    // Healthy: every check ok (warnings allowed), exit 0.
+    let (ok, report, err) = doctor(&config, &mail).await;
+    assert!(ok, "{report}\n{err}");
+    assert!(!report.contains("fail "), "{report}");
+    for check in [
+        "config",
+        "store",
+        "key",
+        "identity platform (default)",
+        "upstream http",
+        "upstream smtp",
+        "upstream imap",
+        "upstream pop3",
+        "identities",
+    ] {
+        let line = line_of(&report, check);
+        assert!(line.starts_with("ok "), "{line}\n{report}");
+    }
+    assert!(
+        line_of(&report, "identities").contains("2 of 2"),
+        "{report}"
+    );
+    let out = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["doctor", "--json"])
+        .envs(mail.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(checks.len() >= 9, "{checks:?}");
+    assert!(checks
+        .iter()
+        .any(|c| c["check"] == "upstream smtp" && c["level"] == "ok"));
+
+    // Broken: each part named on its own line, exit 1.
+    use std::os::unix::fs::PermissionsExt;
+    let key = env.dir.path().join("data/authswap.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = env.store().await;
+    let bob = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == "bob")
+        .unwrap();
+    store
+        .record_failure(
+            bob.id,
+            true,
+            "AADSTS50173: the grant was revoked",
+            authswap::store::now_unix(),
+        )
+        .await
+        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut broken = mail.clone();
+    broken.push((
+        "AUTHSWAP_IDENTITY_PROVIDER__CLIENT_ID",
+        "00000000-0000-0000-0000-00000000dead".to_owned(),
+    ));
+    broken.push(("AUTHSWAP_SMTP__UPSTREAM", format!("127.0.0.1:{closed}")));
+    let (ok, report, err) = doctor(&config, &broken).await;
+    assert!(!ok, "{report}");
+    assert!(err.contains("failed"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let line = line_of(&report, "key");
+    assert!(
+        line.starts_with("fail") && line.contains("chmod 600"),
+        "{line}"
+    );
+    let line = line_of(&report, "identity platform (default)");
+    assert!(
+        line.starts_with("fail") && line.contains("AADSTS700016"),
+        "{line}"
+    );
+    let line = line_of(&report, "upstream smtp");
+    assert!(
+        line.starts_with("fail") && line.contains("cannot connect"),
+        "{line}"
+    );
+    let line = line_of(&report, "identity bob");
+    assert!(
+        line.starts_with("fail") && line.contains("authswap invite bob"),
+        "{line}"
+    );
+    assert!(
+        line_of(&report, "upstream imap").starts_with("ok "),
+        "{report}"
+    );
+
+    // A CA that did not sign the upstreams' certificates.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let wrong_ca = support::certs::TestPki::new().write_ca_file(other.path());
+    let mut wrong = mail.clone();
+    wrong.push((
+        "AUTHSWAP_TLS__EXTRA_CA_FILE",
+        wrong_ca.display().to_string(),
+    ));
+    let (ok, report, _) = doctor(&config, &wrong).await;
+    assert!(!ok, "{report}");
+    for check in ["upstream http", "upstream smtp", "upstream pop3"] {
+        let line = line_of(&report, check);
+        assert!(
+            line.starts_with("fail")
+                && line.contains("not trusted")
+                && line.contains("extra_ca_file"),
+            "{line}"
+        );
+    }
+    assert!(
+        line_of(&report, "identity platform (default)").starts_with("fail"),
+        "{report}"
+    );
+    assert!(line_of(&report, "key").starts_with("ok "), "{report}");
+}
+
+#[tokio::test]
+async fn usage_errors_log_filters_list_exit_codes_and_https_healthchecks() {
+    let env = Env::start().await;
+    let config = env.write_config();
+    let run = |args: Vec<String>, envs: Vec<(&'static str, String)>| {
+        let config = config.clone();
+        async move {
+            let mut cmd = bin();
+            cmd.arg("-c").arg(&config).args(&args);
+            for (k, v) in envs {
+                cmd.env(k, v);
+            }
+            tokio::time::timeout(Duration::from_secs(30), cmd.output())
+                .await
+                .expect("finishes")
+                .unwrap()
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+    // Usage errors: one line and a hint, exit 2.
+    for (bad, hint) in [
+        (
+            &["identity", "list", "--bogus"][..],
+            "authswap identity list --help",
+        ),
+        (&["identity", "lst"][..], "authswap identity --help"),
+        (&["identity", "list", "--status", "nope"][..], "--help"),
+    ] {
+        let out = run(args(bad), vec![]).await;
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        let err = text(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.starts_with("authswap: error: "), "{err}");
+        assert!(err.contains(hint), "{err}");
+    }
+    let err = text(
+        &run(args(&["identity", "list", "--status", "nope"]), vec![])
+            .await
+            .stderr,
+    );
+    assert!(err.contains("possible values: all, ok, error"), "{err}");
+
+    // An invalid AUTHSWAP_LOG is said, not ignored.
+    let out = run(
+        args(&["config", "check"]),
+        vec![("AUTHSWAP_LOG", "authswap=bogus".to_owned())],
+    )
+    .await;
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("AUTHSWAP_LOG=authswap=bogus is not a valid log filter"),
+        "{err}"
+    );
+    let out = run(
+        args(&["config", "check"]),
+        vec![("AUTHSWAP_LOG", "authswap=debug,warn".to_owned())],
+    )
+    .await;
+    assert!(!text(&out.stderr).contains("not a valid log filter"));
+
+    // `identity list --status error`: exit 1 while it lists anyone.
+    env.add_linked("alice", "alice@contoso.com", "alice-pass-1234")
+        .await;
+    let out = run(args(&["identity", "list", "--status", "error"]), vec![]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains("alice"));
+    let out = env.cli(
+        &[
+            "identity",
+            "add",
+            "carol",
+            "--mailbox",
+            "carol@contoso.com",
+            "--password-stdin",
+        ],
+        Some("carol-pass-1234\n"),
+    );
+    assert!(out.status.success());
+    for json in [false, true] {
+        let mut a = args(&["identity", "list", "--status", "error"]);
+        if json {
+            a.push("--json".into());
+        }
+        let out = run(a, vec![]).await;
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stdout).contains("carol"));
+        assert!(!text(&out.stdout).contains("alice"));
+        assert_eq!(
+            text(&out.stderr).trim_end(),
+            "authswap: error: 1 identity needs attention"
+        );
+    }
+    let out = run(args(&["identity", "list"]), vec![]).await;
+    assert!(out.status.success(), "other filters keep exit 0");
+
+    // healthcheck over TLS: verified against tls.extra_ca_file.
+    let (cert, key) = support::certs::pki().write_server_cert_files(env.dir.path());
+    let server = env
+        .serve_with(|c| {
+            c.admin.tls_cert_file = Some(cert);
+            c.admin.tls_key_file = Some(key);
+        })
+        .await;
+    let admin = server.admin_addr();
+    let https = format!("https://localhost:{}/healthz", admin.port());
+    let out = run(args(&["healthcheck", "--url", &https]), vec![]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Another CA: refused, saying why.
+    let other = tempfile::tempdir().unwrap();
+    let wrong_ca = support::certs::TestPki::new().write_ca_file(other.path());
+    let out = run(
+        args(&["healthcheck", "--url", &https]),
+        vec![(
+            "AUTHSWAP_TLS__EXTRA_CA_FILE",
+            wrong_ca.display().to_string(),
+        )],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+    // An https:// URL at a plain-HTTP listener is not healthy.
+    let http = server.http_addr().unwrap();
+    let out = run(
+        args(&[
+            "healthcheck",
+            "--url",
+            &format!("https://127.0.0.1:{}/healthz", http.port()),
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    // Plain http:// at the TLS listener fails too; other schemes are refused.
+    let out = run(
+        args(&["healthcheck", "--url", &format!("http://{admin}/healthz")]),
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success());
+    let out = run(
+        args(&["healthcheck", "--url", "ftp://127.0.0.1/healthz"]),
+        vec![],
+    )
+    .await;
+    assert!(text(&out.stderr).contains("only http:// and https://"));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn doctor_checks_a_postgresql_store() {
+    let Some(url) = support::pg::database().await else {
+        return;
+    };
+    let env = Env::start().await;
+    env.use_store_url(&url);
+    env.add_linked("alice", "alice@contoso.com", "alice-pass-1234")
+        .await;
+    let config = env.write_config();
+    let (ok, report, err) = doctor(&config, &[]).await;
+    assert!(ok, "{report}\n{err}");
+    let line = line_of(&report, "store");
+    assert!(
+        line.starts_with("ok ") && line.contains("PostgreSQL") && line.contains("up to date"),
+        "{line}"
+    );
+    assert!(
+        line_of(&report, "identities").contains("1 of 1"),
+        "{report}"
+    );
+    // Unreachable: named, and the identity checks that need it are skipped.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (ok, report, _) = doctor(
+        &config,
+        &[
+            (
+                "AUTHSWAP_STORE__URL",
+                format!("postgres://authswap@127.0.0.1:{closed}/authswap"),
+            ),
+            ("AUTHSWAP_STORE__CONNECT_TIMEOUT", "2s".to_owned()),
+        ],
+    )
+    .await;
+    assert!(!ok, "{report}");
+    let line = line_of(&report, "store");
+    assert!(
+        line.starts_with("fail") && line.contains("PostgreSQL"),
+        "{line}"
+    );
+    assert!(!report.contains("identities:"), "{report}");
+}

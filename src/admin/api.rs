@@ -150,6 +150,8 @@ pub enum Route {
     Audit,
     /// `GET /api/v1/openapi.json`
     OpenApiDoc,
+    /// `POST /api/v1/reload`
+    Reload,
 }
 
 /// Method, path pattern and endpoint of every API route, in match order.
@@ -184,6 +186,7 @@ pub const ROUTES: &[(&str, &str, Route)] = &[
     ("GET", "/api/v1/invitations", Route::ListInvitations),
     ("GET", "/api/v1/audit", Route::Audit),
     ("GET", "/api/v1/openapi.json", Route::OpenApiDoc),
+    ("POST", "/api/v1/reload", Route::Reload),
 ];
 
 /// One API call, authenticated.
@@ -321,6 +324,7 @@ pub async fn serve(
         Route::ListInvitations => list_invitations(&call).await,
         Route::Audit => audit_log(&call).await,
         Route::OpenApiDoc => Ok(json(StatusCode::OK, &ApiDoc::openapi())),
+        Route::Reload => reload_config(&call).await,
     };
     result.unwrap_or_else(|e| e.response())
 }
@@ -895,6 +899,38 @@ async fn audit_log(call: &Call<'_>) -> Reply {
     ))
 }
 
+/// Re-read the configuration file and the environment, as `SIGHUP` does:
+/// the answer lists the sections applied, those that need a restart (their
+/// running values are kept) and the listener addresses. A configuration
+/// that is invalid or cannot be applied is refused (409, the reason in
+/// `message`) and the running one keeps serving.
+#[utoipa::path(post, path = "/api/v1/reload", tag = "meta",
+    responses((status = 200, body = crate::reload::ReloadReport), (status = 401, body = ApiError),
+        (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+async fn reload_config(call: &Call<'_>) -> Reply {
+    use crate::reload::ReloadError;
+    let Some(reloader) = call.app.reloader.get() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this server has no configuration file to reload",
+        ));
+    };
+    match reloader.reload().await {
+        Ok(report) => Ok(json(StatusCode::OK, &report)),
+        Err(ReloadError::Unavailable) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            ReloadError::Unavailable.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "reload_refused",
+            e.to_string(),
+        )),
+    }
+}
+
 /// This document.
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
     responses((status = 200, description = "The OpenAPI 3.1 document of this API"), (status = 401, body = ApiError)))]
@@ -920,11 +956,11 @@ impl utoipa::Modify for BearerAuth {
     info(title = "authswap admin API", description = "Identities, invitations and the audit log of an authswap instance. Every call needs `Authorization: Bearer <admin token>`."),
     paths(list_identities, create_identity, import_identities, show_identity, remove_identity, set_password,
         forget_identity, validate_identity, revoke_invitations, resend_invitation, create_invitations,
-        list_invitations, audit_log, openapi_doc),
+        list_invitations, audit_log, reload_config, openapi_doc),
     components(schemas(ApiError, RowProblem, ImportedView, ImportedList, IdentityView, ops::AccountView, ops::ValidationView, StatusFilter,
         IdentityList, Validated, CreateIdentity, CreatedIdentity, SetPassword, PasswordChanged, Revoked,
         IssuedView, IssuedList, Invitee, InviteeSpec, CreateInvitations, InvitationView,
-        InvitationList, AuditView, AuditPage)),
+        InvitationList, AuditView, AuditPage, crate::reload::ReloadReport)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

@@ -30,7 +30,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 pub struct AdminListener {
     app: Arc<App>,
     credential: Credential,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
     pages: console::Pages,
     /// Served over TLS (cookies are `Secure`, origins `https://`).
     secure: bool,
@@ -48,8 +48,22 @@ impl AdminListener {
     /// Loads (or creates) the admin credential; `secure` when the listener
     /// serves TLS.
     pub fn new(app: Arc<App>, secure: bool) -> Result<Arc<AdminListener>, CredentialError> {
+        Self::with_sessions(app, secure, None)
+    }
+
+    /// As [`AdminListener::new`], keeping the console sessions of the
+    /// listener it replaces (a configuration reload) when their lifetime
+    /// did not change.
+    pub fn with_sessions(
+        app: Arc<App>,
+        secure: bool,
+        previous: Option<Arc<Sessions>>,
+    ) -> Result<Arc<AdminListener>, CredentialError> {
         let credential = Credential::load(&app.config.admin)?;
-        let sessions = Sessions::new(app.config.admin.session_ttl);
+        let ttl = app.config.admin.session_ttl;
+        let sessions = previous
+            .filter(|s| s.ttl() == ttl)
+            .unwrap_or_else(|| Arc::new(Sessions::new(ttl)));
         Ok(Arc::new(AdminListener {
             app,
             credential,
@@ -57,6 +71,11 @@ impl AdminListener {
             pages: console::Pages::new(),
             secure,
         }))
+    }
+
+    /// The console sessions (handed to the listener a reload builds).
+    pub fn sessions(&self) -> Arc<Sessions> {
+        self.sessions.clone()
     }
 
     /// Serves one admin request.

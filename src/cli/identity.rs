@@ -449,6 +449,25 @@ async fn list(store: &dyn Store, filter: StatusFilter, json: bool) -> anyhow::Re
             StatusFilter::Error => !r.is_ok(),
         })
         .collect();
+    print_list(store, &records, json).await?;
+    // `--status error` lists only identities that need attention: exit 1
+    // when there is any, so that scripts and cron jobs notice.
+    if filter == StatusFilter::Error && !records.is_empty() {
+        anyhow::bail!(
+            "{} identit{} need{} attention",
+            records.len(),
+            if records.len() == 1 { "y" } else { "ies" },
+            if records.len() == 1 { "s" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+async fn print_list(
+    store: &dyn Store,
+    records: &[IdentityRecord],
+    json: bool,
+) -> anyhow::Result<()> {
     let validations = store.validations().await?;
     if json {
         let rows: Vec<serde_json::Value> = records

@@ -5,6 +5,7 @@
 mod admin;
 mod config_cmd;
 mod docs;
+mod doctor;
 mod healthcheck;
 mod identity;
 mod invite;
@@ -45,7 +46,7 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy (HTTP, SMTP, IMAP, POP3 front ends and the admin listener) until SIGTERM/SIGINT.
+    /// Run the proxy (HTTP, SMTP, IMAP, POP3 front ends and the admin listener) until SIGTERM/SIGINT; SIGHUP reloads the configuration.
     Serve,
     /// Manage identities.
     #[command(subcommand)]
@@ -61,7 +62,7 @@ pub enum Command {
     /// Store maintenance.
     #[command(subcommand)]
     Store(StoreCommand),
-    /// Probe the admin listener's /healthz (for container HEALTHCHECKs); exit 0 when healthy.
+    /// Probe the admin listener's /healthz (for container HEALTHCHECKs; over TLS when the admin listener serves it or the URL is https://, the certificate verified); exit 0 when healthy.
     Healthcheck(HealthcheckArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions {
@@ -71,6 +72,16 @@ pub enum Command {
     },
     /// Print the manual page (roff) on stdout: `authswap man | man -l -`.
     Man,
+    /// Check the setup end to end (configuration, key file, store, identity platform and app registration, upstreams and their TLS certificates, identities); one line per check (ok/warn/fail); exit 1 when a check fails.
+    Doctor(DoctorArgs),
+}
+
+/// `doctor` arguments.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// JSON output: an array of `{check, level, message}`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `identity` subcommands.
@@ -265,7 +276,7 @@ pub enum StoreCommand {
 /// `healthcheck` arguments.
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
-    /// URL to probe instead of http://<admin.listen>/healthz.
+    /// URL to probe instead of http(s)://<admin.listen>/healthz; https:// URLs are verified against the built-in roots and tls.extra_ca_file.
     #[arg(long)]
     pub url: Option<String>,
 }
@@ -279,11 +290,23 @@ pub fn init_logging(cli: &Cli) {
     } else {
         "warn"
     };
-    let filter = std::env::var("AUTHSWAP_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .ok()
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
+    // An invalid filter is not ignored silently: the default applies and
+    // the first log line says why.
+    let mut refused = None;
+    let filter = [
+        ("AUTHSWAP_LOG", std::env::var("AUTHSWAP_LOG")),
+        ("RUST_LOG", std::env::var("RUST_LOG")),
+    ]
+    .into_iter()
+    .find_map(|(var, value)| value.ok().map(|v| (var, v)))
+    .and_then(|(var, value)| match EnvFilter::try_new(&value) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            refused = Some((var, value, e.to_string()));
+            None
+        }
+    })
+    .unwrap_or_else(|| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -295,6 +318,12 @@ pub fn init_logging(cli: &Cli) {
             .try_init(),
     };
     let _ = result;
+    if let Some((var, value, error)) = refused {
+        let value = value.escape_debug().to_string();
+        tracing::error!(
+            "{var}={value} is not a valid log filter ({error}); logging at the default level `{default}` instead. Use tracing EnvFilter syntax, e.g. {var}=authswap=debug,info"
+        );
+    }
 }
 
 /// Runs the parsed command to completion on its own runtime. `serve` loads
@@ -305,13 +334,14 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let config = load_config(&cli.config)?;
             let rt = runtime(config.runtime.worker_threads)?;
+            let path = cli.config.clone();
             // On a thread of its own rather than `main`: its allocations
             // then come from a glibc thread arena, which kept a logged-in
             // mail session at ~37 KiB resident against ~51 KiB from the
             // main arena (benches/footprint.rs).
             std::thread::Builder::new()
                 .name("authswap".into())
-                .spawn(move || rt.block_on(serve::run(config)))?
+                .spawn(move || rt.block_on(serve::run(config, path)))?
                 .join()
                 .map_err(|_| anyhow::anyhow!("the server thread panicked"))?
         }
@@ -323,6 +353,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Healthcheck(args) => runtime(1)?.block_on(healthcheck::run(&cli.config, args)),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man => docs::man(),
+        Command::Doctor(args) => runtime(1)?.block_on(doctor::run(&cli.config, args)),
     }
 }
 

@@ -508,11 +508,8 @@ impl Onboarding {
     }
 
     /// The identity-platform client of the invited identity's tenant.
-    fn idp(&self, inv: &InvitationRecord) -> &crate::token::IdpClient {
-        self.app
-            .tokens
-            .idp_for(&inv.tenant)
-            .unwrap_or_else(|| self.app.tokens.idp())
+    fn idp(&self, inv: &InvitationRecord) -> Arc<crate::tenant::Tenant> {
+        self.app.tokens.tenant_or_default(&inv.tenant)
     }
 
     /// Starts the browser sign-in: `state`, PKCE verifier and nonce, stored
@@ -532,7 +529,7 @@ impl Onboarding {
         };
         let scopes = with_signin_scopes(&config.login_scopes());
         let redirect_uri = config.onboarding.redirect_uri();
-        let url = match self.idp(inv).authorization_url(&AuthorizeParams {
+        let url = match self.idp(inv).idp.authorization_url(&AuthorizeParams {
             redirect_uri: &redirect_uri,
             scopes: &scopes,
             state: &state,
@@ -665,6 +662,7 @@ impl Onboarding {
         let redirect_uri = self.app.config.onboarding.redirect_uri();
         let grant = match self
             .idp(&inv)
+            .idp
             .redeem_code(&code, &signin.verifier, &redirect_uri)
             .await
         {
@@ -893,7 +891,7 @@ impl Onboarding {
             }
         }
         let scopes = with_signin_scopes(&config.login_scopes());
-        let login = match self.idp(inv).start_device_login(&scopes).await {
+        let login = match self.idp(inv).idp.start_device_login(&scopes).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start a device-code sign-in");
@@ -943,7 +941,8 @@ impl Onboarding {
             // timeout covers a platform that keeps answering "pending".
             let limit = expires_in + Duration::from_secs(30);
             let result =
-                tokio::time::timeout(limit, me.idp(&inv).finish_device_login(&login, |_| {})).await;
+                tokio::time::timeout(limit, me.idp(&inv).idp.finish_device_login(&login, |_| {}))
+                    .await;
             let outcome = match result {
                 Err(_) => Err(Refusal::error(
                     StatusCode::GONE,

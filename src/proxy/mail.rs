@@ -481,9 +481,10 @@ pub async fn splice(
 /// session ([`super::session::run`]) with a new dialect from `dialect` for
 /// each (after the implicit-TLS handshake when configured).
 pub(crate) async fn accept_loop<F, D>(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     front: Arc<MailFrontEnd>,
     dialect: F,
+    mut retire: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     F: Fn() -> D + Send + Sync + 'static,
@@ -499,7 +500,7 @@ pub(crate) async fn accept_loop<F, D>(
         // Every slot held by a logged-in session: wait for one to end.
         tokio::select! {
             _ = slots.room() => {}
-            _ = shutdown.changed() => break,
+            () = crate::server::stopped(&mut retire, &mut shutdown) => break,
         }
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -510,7 +511,7 @@ pub(crate) async fn accept_loop<F, D>(
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            () = crate::server::stopped(&mut retire, &mut shutdown) => break,
         };
         let Some(slot) = slots.admit(peer.ip()) else {
             continue;
@@ -548,6 +549,15 @@ pub(crate) async fn accept_loop<F, D>(
         });
     }
     drop(listener);
+    // Retired by a reload: the sessions go on until they end or the
+    // server stops.
+    let ended = tokio::select! {
+        _ = async { while tasks.join_next().await.is_some() {} } => true,
+        _ = shutdown.wait_for(|stop| *stop) => false,
+    };
+    if ended {
+        return;
+    }
     // Give sessions (logins in progress and spliced sessions) a moment to
     // finish, then close them.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {

@@ -10,7 +10,6 @@
 //! refusals of such fresh tokens, and the backoff they start.
 
 use super::error::IdpError;
-use super::idp::IdpClient;
 use super::refusal::{Refusal, Verdict};
 use crate::config::TokenConfig;
 use crate::error::Origin;
@@ -325,7 +324,8 @@ struct Backoff {
 struct Inner {
     store: Arc<dyn Store>,
     sealer: Sealer,
-    tenants: Arc<Tenants>,
+    /// Swapped whole by a configuration reload ([`TokenEngine::set_tenants`]).
+    tenants: std::sync::RwLock<Arc<Tenants>>,
     metrics: Arc<Metrics>,
     config: TokenConfig,
     slots: DashMap<Key, Slot>,
@@ -344,6 +344,15 @@ struct Inner {
 #[derive(Clone)]
 pub struct TokenEngine {
     inner: Arc<Inner>,
+}
+
+impl Inner {
+    fn tenants(&self) -> Arc<Tenants> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl fmt::Debug for TokenEngine {
@@ -383,7 +392,7 @@ impl TokenEngine {
             inner: Arc::new(Inner {
                 store,
                 sealer,
-                tenants,
+                tenants: std::sync::RwLock::new(tenants),
                 metrics,
                 health,
                 config,
@@ -424,19 +433,30 @@ impl TokenEngine {
         self.inner.health.failed(operation, error);
     }
 
-    /// The identity-platform client of the default tenant.
-    pub fn idp(&self) -> &IdpClient {
-        &self.inner.tenants.default_tenant().idp
-    }
-
-    /// The identity-platform client of tenant `name` (for logins).
-    pub fn idp_for(&self, name: &str) -> Option<&IdpClient> {
-        self.inner.tenants.get(name).map(|t| &t.idp)
+    /// Tenant `name` (for logins), else the default tenant.
+    pub fn tenant_or_default(&self, name: &str) -> Arc<Tenant> {
+        let tenants = self.tenants();
+        tenants
+            .get(name)
+            .unwrap_or_else(|| tenants.default_tenant())
+            .clone()
     }
 
     /// The configured tenants.
-    pub fn tenants(&self) -> &Arc<Tenants> {
-        &self.inner.tenants
+    pub fn tenants(&self) -> Arc<Tenants> {
+        self.inner.tenants()
+    }
+
+    /// Puts the tenants of a reloaded configuration in place. Cached
+    /// app-only tokens (keyed by the tenant's position) are dropped;
+    /// delegated identities' tokens stay valid and stay cached.
+    pub fn set_tenants(&self, tenants: Arc<Tenants>) {
+        *self
+            .inner
+            .tenants
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = tenants;
+        self.inner.slots.retain(|key, _| key.0 >= 0);
     }
 
     /// The cache key of `identity`'s tokens for `scopes`: its own, or its
@@ -446,7 +466,7 @@ impl TokenEngine {
         if identity.mode == Mode::Delegated {
             return (identity.id, scopes.id);
         }
-        match self.inner.tenants.get(&identity.tenant) {
+        match self.inner.tenants().get(&identity.tenant) {
             Some(t) => (-1 - i64::from(t.index), scopes.id),
             None => (identity.id, scopes.id),
         }
@@ -535,7 +555,7 @@ impl TokenEngine {
         if identity.mode == Mode::Delegated && identity.status() == Status::NeedsReauth {
             return reauth_error(identity);
         }
-        if let Some(tenant) = self.inner.tenants.get(&identity.tenant) {
+        if let Some(tenant) = self.inner.tenants().get(&identity.tenant) {
             if let Some(reason) = tenant.blocked() {
                 return TokenError::AppCredential {
                     identity: identity.name.clone(),
@@ -579,7 +599,7 @@ impl TokenEngine {
             return self.refresh_app(key, identity, scopes).await;
         }
         let inner = &self.inner;
-        let Some(tenant) = inner.tenants.get(&identity.tenant).cloned() else {
+        let Some(tenant) = inner.tenants().get(&identity.tenant).cloned() else {
             return Err(self.no_tenant(&key, &identity));
         };
         // Serialise refreshes of one identity across scope sets: each one
@@ -968,7 +988,7 @@ impl TokenEngine {
         scopes: Scopes,
     ) -> Result<AccessToken, TokenError> {
         let inner = &self.inner;
-        let Some(tenant) = inner.tenants.get(&identity.tenant).cloned() else {
+        let Some(tenant) = inner.tenants().get(&identity.tenant).cloned() else {
             return Err(self.no_tenant(&key, &identity));
         };
         let _permit = inner.refresh_permits.acquire().await;
@@ -1067,7 +1087,7 @@ impl TokenEngine {
         if tenant.blocked().is_some() {
             let inner = &self.inner;
             inner
-                .tenants
+                .tenants()
                 .set_block(&tenant.name, None, &inner.metrics, &inner.store);
         }
     }
@@ -1083,7 +1103,7 @@ impl TokenEngine {
         message: String,
     ) -> TokenError {
         let inner = &self.inner;
-        inner.tenants.set_block(
+        inner.tenants().set_block(
             &tenant.name,
             Some(format!("tenant {}: {message}", tenant.name)),
             &inner.metrics,
