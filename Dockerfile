@@ -14,7 +14,13 @@
 # ---------------------------------------------------------------------------
 # Build stage
 # ---------------------------------------------------------------------------
-FROM rust:1-bookworm AS builder
+# Base images are pinned by digest (the tag says what it is, the digest what
+# is built). These digests were not fetched from the registries (this
+# project's machines reach none): they are the ones several public
+# Dockerfiles pin for the same tags. `docker build` verifies them; refresh
+# with `docker buildx imagetools inspect rust:1-bookworm` (and the same for
+# the runtime image) and review before updating.
+FROM rust:1-bookworm@sha256:93ce27a88655056a51dbdd8f5f2d7ddc071c7b0070fb288a37b5a285fc83971e AS builder
 WORKDIR /src
 
 # Dependencies first, against placeholder sources, so that editing the code
@@ -51,7 +57,7 @@ RUN mkdir -m 0700 /out/data
 # ---------------------------------------------------------------------------
 # Runtime stage
 # ---------------------------------------------------------------------------
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 
 COPY --from=builder /out/authswap /usr/local/bin/authswap
 COPY config/authswap.toml /etc/authswap/authswap.toml
