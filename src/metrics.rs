@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Identity label value for names that are not configured identities.
 pub const UNKNOWN_IDENTITY: &str = "_unknown";
@@ -297,6 +297,35 @@ struct NotifyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityProtocolLabels {
+    identity: IdentityLabel,
+    protocol: Protocol,
+}
+
+/// How a login that had to wait for one of its identity's sessions ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SessionWait {
+    /// A session ended in time: the login went on.
+    admitted,
+    /// `session_wait` passed: refused with a temporary answer.
+    refused,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionWaitLabels {
+    identity: IdentityLabel,
+    protocol: Protocol,
+    result: SessionWait,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EwsLabels {
+    identity: IdentityLabel,
+    operation: crate::proxy::http::ews_ops::Operation,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     status: String,
 }
@@ -344,6 +373,14 @@ pub struct Metrics {
     credential_expiry: Family<TenantLabels, Gauge>,
     credential_blocked: Family<TenantLabels, Gauge>,
     lease_waits: Counter,
+    mail_sessions: Family<IdentityProtocolLabels, Gauge>,
+    session_waits: Family<SessionWaitLabels, Counter>,
+    session_wait_seconds: Family<ProtocolLabels, Histogram, HistogramCtor>,
+    message_delays: Family<IdentityProtocolLabels, Counter>,
+    ews_operations: Family<EwsLabels, Counter>,
+    /// Each identity's EWS operation counters, resolved once (one lock per
+    /// request instead of a family lookup), also read by the console.
+    ews_by_identity: std::sync::Mutex<std::collections::HashMap<String, Arc<EwsCounters>>>,
     /// The (tenant, mode) each identity's info series carries.
     info: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
@@ -506,6 +543,40 @@ impl Metrics {
             "Refreshes that found another replica refreshing the same identity (its refresh lease in PostgreSQL held) and waited for its result",
             lease_waits.clone(),
         );
+        let mail_sessions = Family::<IdentityProtocolLabels, Gauge>::default();
+        registry.register(
+            "mail_sessions_active",
+            "Logged-in mail sessions currently open upstream, by identity and protocol (bounded by max_sessions_per_identity)",
+            mail_sessions.clone(),
+        );
+        let session_waits = Family::<SessionWaitLabels, Counter>::default();
+        registry.register(
+            "mail_session_waits",
+            "Mail logins that waited because their identity had max_sessions_per_identity sessions open, by identity, protocol and result (admitted, or refused after session_wait)",
+            session_waits.clone(),
+        );
+        let session_wait_seconds =
+            Family::<ProtocolLabels, Histogram, HistogramCtor>::new_with_constructor(
+                duration_histogram as HistogramCtor,
+            );
+        registry.register_with_unit(
+            "mail_session_wait",
+            "Time mail logins waited for a session of their identity to end",
+            prometheus_client::registry::Unit::Seconds,
+            session_wait_seconds.clone(),
+        );
+        let message_delays = Family::<IdentityProtocolLabels, Counter>::default();
+        registry.register(
+            "mail_message_delays",
+            "SMTP MAIL FROM commands held back because the identity had sent messages_per_minute messages in the last minute",
+            message_delays.clone(),
+        );
+        let ews_operations = Family::<EwsLabels, Counter>::default();
+        registry.register(
+            "ews_operations",
+            "EWS requests by identity and SOAP operation (known operation names, else other), for planning the EWS retirement",
+            ews_operations.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -516,6 +587,12 @@ impl Metrics {
         Metrics {
             registry,
             lease_waits,
+            mail_sessions,
+            session_waits,
+            session_wait_seconds,
+            message_delays,
+            ews_operations,
+            ews_by_identity: Default::default(),
             auth_failures,
             refreshes,
             requests,
@@ -747,9 +824,134 @@ impl Metrics {
                 result,
             });
         }
+        for protocol in Protocol::ALL {
+            let labels = IdentityProtocolLabels {
+                identity: id.clone(),
+                protocol,
+            };
+            self.mail_sessions.remove(&labels);
+            self.message_delays.remove(&labels);
+            for result in [SessionWait::admitted, SessionWait::refused] {
+                self.session_waits.remove(&SessionWaitLabels {
+                    identity: id.clone(),
+                    protocol,
+                    result,
+                });
+            }
+        }
+        if self
+            .ews_by_identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(identity)
+            .is_some()
+        {
+            for operation in crate::proxy::http::ews_ops::Operation::ALL {
+                self.ews_operations.remove(&EwsLabels {
+                    identity: id.clone(),
+                    operation,
+                });
+            }
+        }
         let labels = IdentityLabels { identity: id };
         self.reauth_required.remove(&labels);
         self.token_expiry.remove(&labels);
+    }
+
+    /// A logged-in mail session of `identity`: counted in
+    /// `mail_sessions_active` until the guard is dropped.
+    pub fn mail_session(&self, identity: &str, protocol: Protocol) -> ConnectionGuard {
+        let gauge = self
+            .mail_sessions
+            .get_or_create(&IdentityProtocolLabels {
+                identity: IdentityLabel::new(identity),
+                protocol,
+            })
+            .clone();
+        gauge.inc();
+        ConnectionGuard(gauge)
+    }
+
+    /// A login of `identity` waited `seconds` for one of its sessions.
+    pub fn session_waited(
+        &self,
+        identity: &str,
+        protocol: Protocol,
+        result: SessionWait,
+        seconds: f64,
+    ) {
+        self.session_waits
+            .get_or_create(&SessionWaitLabels {
+                identity: IdentityLabel::new(identity),
+                protocol,
+                result,
+            })
+            .inc();
+        self.session_wait_seconds
+            .get_or_create(&ProtocolLabels { protocol })
+            .observe(seconds);
+    }
+
+    /// A message of `identity` was held back by `messages_per_minute`.
+    pub fn message_delayed(&self, identity: &str, protocol: Protocol) {
+        self.message_delays
+            .get_or_create(&IdentityProtocolLabels {
+                identity: IdentityLabel::new(identity),
+                protocol,
+            })
+            .inc();
+    }
+
+    /// Counts one EWS request of `identity` (a configured identity) by its
+    /// SOAP operation.
+    pub fn ews_operation(&self, identity: &str, operation: crate::proxy::http::ews_ops::Operation) {
+        let counters = {
+            let mut map = self
+                .ews_by_identity
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match map.get(identity) {
+                Some(c) => c.clone(),
+                None => {
+                    let id = IdentityLabel::new(identity);
+                    let c = Arc::new(EwsCounters(
+                        crate::proxy::http::ews_ops::Operation::ALL.map(|operation| {
+                            self.ews_operations
+                                .get_or_create(&EwsLabels {
+                                    identity: id.clone(),
+                                    operation,
+                                })
+                                .clone()
+                        }),
+                    ));
+                    map.insert(identity.to_owned(), c.clone());
+                    c
+                }
+            }
+        };
+        counters.0[operation as usize].inc();
+    }
+
+    /// The EWS operations `identity` used, with their counts (most used
+    /// first; operations never used are left out).
+    pub fn ews_operations(&self, identity: &str) -> Vec<(&'static str, u64)> {
+        let counters = self
+            .ews_by_identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(identity)
+            .cloned();
+        let Some(counters) = counters else {
+            return Vec::new();
+        };
+        let mut used: Vec<(&'static str, u64)> = crate::proxy::http::ews_ops::Operation::ALL
+            .iter()
+            .zip(counters.0.iter())
+            .map(|(op, c)| (op.name(), c.get()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        used.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        used
     }
 
     /// Counts one notification delivery attempt.
@@ -774,6 +976,9 @@ impl Metrics {
             .get()
     }
 }
+
+/// One identity's `ews_operations_total` counters, by operation.
+struct EwsCounters([Counter; crate::proxy::http::ews_ops::Operation::ALL.len()]);
 
 /// Decrements the open-connections gauge when dropped.
 #[derive(Debug)]

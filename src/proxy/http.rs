@@ -17,6 +17,7 @@
 //! (`ExchangeImpersonation`).
 
 pub mod codec;
+pub mod ews_ops;
 mod exchange;
 mod h1;
 mod hyper_half;

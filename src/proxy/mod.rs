@@ -8,6 +8,7 @@ pub mod mail;
 pub mod pop3;
 pub mod sasl;
 pub mod session;
+pub mod shaping;
 pub mod slots;
 pub mod smtp;
 pub mod upstream;

@@ -394,13 +394,18 @@ pub(crate) async fn run<D: Dialect>(
         let dialect_ref = &dialect;
         let ctx_ref = &ctx;
         let result = front
-            .login(&creds, peer, |identity: Arc<Identity>, token| async move {
-                dialect_ref.upstream_login(&identity, &token, ctx_ref).await
-            })
+            .login(
+                &creds,
+                peer,
+                s.shutdown.clone(),
+                |identity: Arc<Identity>, token| async move {
+                    dialect_ref.upstream_login(&identity, &token, ctx_ref).await
+                },
+            )
             .await;
         drop(creds);
         match result {
-            Ok((_, upstream)) => {
+            Ok((_, upstream, mut permit)) => {
                 // Logged in: the connection's slot is never given away now.
                 proved.store(true, Ordering::Release);
                 let (answer, upstream) = dialect.logged_in(&ctx, upstream);
@@ -408,7 +413,16 @@ pub(crate) async fn run<D: Dialect>(
                     return;
                 }
                 let shutdown = s.shutdown.clone();
-                splice(s.io, upstream, shutdown, dialect.say(D::WORDS.shutdown)).await;
+                let pacer = permit.take_pacer();
+                splice(
+                    s.io,
+                    upstream,
+                    shutdown,
+                    dialect.say(D::WORDS.shutdown),
+                    pacer,
+                )
+                .await;
+                drop(permit);
                 return;
             }
             Err(failure) => {

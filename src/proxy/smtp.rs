@@ -475,6 +475,9 @@ impl Dialect for SmtpSession {
             LoginFailure::UpstreamFailed => {
                 "421 4.4.2 Mail server unreachable, closing connection".to_owned()
             }
+            LoginFailure::Busy => {
+                "454 4.7.0 Too many sessions for this identity, try again later".to_owned()
+            }
         };
         format!("{reply}\r\n")
     }

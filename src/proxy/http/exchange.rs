@@ -51,6 +51,10 @@ pub(super) trait Half {
     /// Whether the request can be sent a second time (its body is held).
     fn replayable(&self) -> bool;
 
+    /// After phase 3: the SOAP operation of an EWS request (`None` for
+    /// other requests; `other` for a body that was not held).
+    fn ews_operation(&self) -> Option<super::ews_ops::Operation>;
+
     /// Phase 4: sends the request with `token` and reads the answer's head.
     async fn send(&mut self, token: &AccessToken) -> Result<Self::Answer, Self::Stop>;
 
@@ -86,6 +90,9 @@ impl HttpProxy {
         match identity.mode {
             Mode::App if self.ews_impersonation => half.act_as(&identity.mailbox).await?,
             _ => half.body().await?,
+        }
+        if let Some(operation) = half.ews_operation() {
+            self.app.metrics.ews_operation(&identity.name, operation);
         }
         let tokens = &self.app.tokens;
         let metrics = &self.app.metrics;

@@ -206,6 +206,12 @@ impl Half for NativeRequest<'_, '_> {
         true
     }
 
+    fn ews_operation(&self) -> Option<super::ews_ops::Operation> {
+        self.head
+            .ews
+            .then(|| super::ews_ops::operation(&self.conn.body))
+    }
+
     async fn act_as(&mut self, _mailbox: &str) -> Result<(), Stop> {
         // The hyper half rewrites heads and bodies; nothing of the body
         // has been read yet, so the request goes there whole.

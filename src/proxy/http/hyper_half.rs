@@ -338,6 +338,17 @@ impl Half for HyperRequest<'_> {
         matches!(self.body, Some(RequestBody::Buffered(_)))
     }
 
+    fn ews_operation(&self) -> Option<super::ews_ops::Operation> {
+        use super::ews_ops::{is_ews_path, operation, Operation};
+        if self.method != Method::POST || !is_ews_path(self.uri.path()) {
+            return None;
+        }
+        Some(match &self.body {
+            Some(RequestBody::Buffered(bytes)) => operation(bytes),
+            _ => Operation::other,
+        })
+    }
+
     async fn act_as(&mut self, mailbox: &str) -> Result<(), Rejection> {
         self.body().await?;
         let bytes = match self.body.take() {
