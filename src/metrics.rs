@@ -903,7 +903,7 @@ impl Metrics {
     }
 
     /// Counts one EWS request of `identity` (a configured identity) by its
-    /// SOAP operation.
+    /// SOAP operation. A series appears with its first request.
     pub fn ews_operation(&self, identity: &str, operation: crate::proxy::http::ews_ops::Operation) {
         let counters = {
             let mut map = self
@@ -913,23 +913,22 @@ impl Metrics {
             match map.get(identity) {
                 Some(c) => c.clone(),
                 None => {
-                    let id = IdentityLabel::new(identity);
-                    let c = Arc::new(EwsCounters(
-                        crate::proxy::http::ews_ops::Operation::ALL.map(|operation| {
-                            self.ews_operations
-                                .get_or_create(&EwsLabels {
-                                    identity: id.clone(),
-                                    operation,
-                                })
-                                .clone()
-                        }),
-                    ));
+                    let c = Arc::new(EwsCounters(std::array::from_fn(|_| OnceLock::new())));
                     map.insert(identity.to_owned(), c.clone());
                     c
                 }
             }
         };
-        counters.0[operation as usize].inc();
+        counters.0[operation as usize]
+            .get_or_init(|| {
+                self.ews_operations
+                    .get_or_create(&EwsLabels {
+                        identity: IdentityLabel::new(identity),
+                        operation,
+                    })
+                    .clone()
+            })
+            .inc();
     }
 
     /// The EWS operations `identity` used, with their counts (most used
@@ -947,7 +946,7 @@ impl Metrics {
         let mut used: Vec<(&'static str, u64)> = crate::proxy::http::ews_ops::Operation::ALL
             .iter()
             .zip(counters.0.iter())
-            .map(|(op, c)| (op.name(), c.get()))
+            .filter_map(|(op, c)| Some((op.name(), c.get()?.get())))
             .filter(|(_, n)| *n > 0)
             .collect();
         used.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
@@ -978,7 +977,7 @@ impl Metrics {
 }
 
 /// One identity's `ews_operations_total` counters, by operation.
-struct EwsCounters([Counter; crate::proxy::http::ews_ops::Operation::ALL.len()]);
+struct EwsCounters([OnceLock<Counter>; crate::proxy::http::ews_ops::Operation::ALL.len()]);
 
 /// Decrements the open-connections gauge when dropped.
 #[derive(Debug)]
@@ -1011,6 +1010,12 @@ mod tests {
         assert!(text
             .contains("authswap_token_refreshes_total{identity=\"alice\",result=\"success\"} 1"));
         m.auth_failure(Some("alice"), Protocol::smtp, FailureReason::token_rejected);
+        let _guard = m.mail_session("alice", Protocol::smtp);
+        m.ews_operation("alice", crate::proxy::http::ews_ops::Operation::GetItem);
+        assert!(m
+            .encode()
+            .contains("authswap_ews_operations_total{identity=\"alice\",operation=\"GetItem\"} 1"));
+        assert_eq!(m.ews_operations("alice"), vec![("GetItem", 1)]);
         assert_eq!(
             m.failure_counts("alice"),
             vec![(Protocol::http, 1), (Protocol::smtp, 1)]
@@ -1018,6 +1023,7 @@ mod tests {
         m.forget_identity("alice");
         assert!(!m.encode().contains("\"alice\""));
         assert!(m.failure_counts("alice").is_empty());
+        assert!(m.ews_operations("alice").is_empty());
     }
 
     #[test]

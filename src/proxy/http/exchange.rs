@@ -91,9 +91,9 @@ impl HttpProxy {
             Mode::App if self.ews_impersonation => half.act_as(&identity.mailbox).await?,
             _ => half.body().await?,
         }
-        if let Some(operation) = half.ews_operation() {
-            self.app.metrics.ews_operation(&identity.name, operation);
-        }
+        // Counted once the upstream answered (a request the native half
+        // hands to the hyper half runs this again and counts there).
+        let mut ews = half.ews_operation();
         let tokens = &self.app.tokens;
         let metrics = &self.app.metrics;
         let mut retried = false;
@@ -102,6 +102,9 @@ impl HttpProxy {
             let sent = half.send(&token).await;
             metrics.upstream_duration(Protocol::http, started.elapsed().as_secs_f64());
             let answer = sent?;
+            if let Some(operation) = ews.take() {
+                metrics.ews_operation(&identity.name, operation);
+            }
             let verdict = match half.refusal(&answer) {
                 None => {
                     tokens.accepted(&identity, self.scopes.of(&identity), &token);
