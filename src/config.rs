@@ -102,7 +102,7 @@ pub struct Config {
     pub notifications: NotificationsConfig,
 }
 
-/// `[runtime]`: how many threads serve connections.
+/// `[runtime]`: how many threads serve connections; the access log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
@@ -111,11 +111,18 @@ pub struct RuntimeConfig {
     /// with the application, a second worker mostly adds cross-thread
     /// wake-ups (see docs/benchmarks.md). argon2 runs on its own pool.
     pub worker_threads: usize,
+    /// One `info` line per HTTP request and per mail session (target
+    /// `authswap::access`): identity, protocol, outcome, upstream status,
+    /// duration. Off by default.
+    pub access_log: bool,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { worker_threads: 1 }
+        RuntimeConfig {
+            worker_threads: 1,
+            access_log: false,
+        }
     }
 }
 

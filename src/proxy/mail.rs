@@ -197,6 +197,29 @@ pub enum LoginFailure {
     Busy,
 }
 
+impl LoginFailure {
+    /// The access log's word for it (as `authswap_requests_total`'s
+    /// outcomes; `busy` for a login refused by `max_sessions_per_identity`).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            LoginFailure::BadCredentials | LoginFailure::Locked => "unauthorized",
+            LoginFailure::Reauth { .. } => "reauth_required",
+            LoginFailure::Unavailable => "unavailable",
+            LoginFailure::RefusedFresh | LoginFailure::UpstreamRefused { .. } => "upstream_refused",
+            LoginFailure::UpstreamTemporary | LoginFailure::UpstreamFailed => "upstream_error",
+            LoginFailure::Busy => "busy",
+        }
+    }
+
+    /// The identity named in it, if any.
+    pub fn identity(&self) -> Option<&str> {
+        match self {
+            LoginFailure::Reauth { identity } => Some(identity),
+            _ => None,
+        }
+    }
+}
+
 impl MailFrontEnd {
     /// Builds the front end for `cfg`.
     pub fn new(

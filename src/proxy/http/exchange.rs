@@ -65,6 +65,13 @@ pub(super) trait Half {
     /// Drops a refused answer, keeping the upstream connection when that
     /// is cheap.
     async fn discard(&mut self, answer: Self::Answer);
+
+    /// The status of an answer (access log).
+    fn status(answer: &Self::Answer) -> u16;
+
+    /// The local answer a stop ends the request with; `None` when the
+    /// request goes on elsewhere (handed to the hyper half).
+    fn rejection(stop: &Self::Stop) -> Option<&Rejection>;
 }
 
 /// Whether a request that a reused upstream connection lost after it was
@@ -78,6 +85,7 @@ pub(super) fn may_resend(idempotent: bool, reused: bool, resent: bool) -> bool {
 impl HttpProxy {
     /// Runs phases 1 to 5 for one request on `half`; the caller relays the
     /// answer (phase 6) or serialises the local answer it gets instead.
+    /// With `runtime.access_log`, writes the request's access-log line.
     pub(super) async fn exchange<H: Half>(
         &self,
         half: &mut H,
@@ -85,7 +93,48 @@ impl HttpProxy {
         peer: SocketAddr,
         memo: &ConnectionMemo,
     ) -> Result<H::Answer, H::Stop> {
+        if !self.access_log {
+            return self
+                .phases(half, authorization, peer, memo, &mut None)
+                .await;
+        }
+        let started = Instant::now();
+        let mut who = None;
+        let result = self.phases(half, authorization, peer, memo, &mut who).await;
+        let (outcome, status) = match &result {
+            Ok(answer) => (Outcome::forwarded, Some(H::status(answer))),
+            Err(stop) => match H::rejection(stop) {
+                Some(r) => {
+                    if let Rejection::Auth(crate::identity::AuthError::BadPassword(name)) = r {
+                        who = Some(name.clone());
+                    }
+                    (r.outcome(), None)
+                }
+                None => return result,
+            },
+        };
+        crate::proxy::access_line(
+            Protocol::http,
+            who.as_deref(),
+            &format!("{outcome:?}"),
+            status,
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn phases<H: Half>(
+        &self,
+        half: &mut H,
+        authorization: Option<&[u8]>,
+        peer: SocketAddr,
+        memo: &ConnectionMemo,
+        who: &mut Option<String>,
+    ) -> Result<H::Answer, H::Stop> {
         let identity = self.identify(authorization, peer, memo).await?;
+        if self.access_log {
+            *who = Some(identity.name.clone());
+        }
         let mut token = self.token(&identity).await?;
         match identity.mode {
             Mode::App if self.ews_impersonation => half.act_as(&identity.mailbox).await?,

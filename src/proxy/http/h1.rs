@@ -249,6 +249,17 @@ impl Half for NativeRequest<'_, '_> {
     async fn discard(&mut self, answer: ResponseHead) {
         self.conn.discard_response(&answer).await;
     }
+
+    fn status(answer: &ResponseHead) -> u16 {
+        answer.status
+    }
+
+    fn rejection(stop: &Stop) -> Option<&Rejection> {
+        match stop {
+            Stop::Local(r) => Some(r),
+            Stop::Hyper(_) => None,
+        }
+    }
 }
 
 impl NativeConn<'_> {

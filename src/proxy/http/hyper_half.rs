@@ -424,6 +424,14 @@ impl Half for HyperRequest<'_> {
         // Dropping an unread body lets hyper close or reuse the connection.
         drop(answer);
     }
+
+    fn status(answer: &Response<Incoming>) -> u16 {
+        answer.status().as_u16()
+    }
+
+    fn rejection(stop: &Rejection) -> Option<&Rejection> {
+        Some(stop)
+    }
 }
 
 /// What authswap keeps per client connection: its upstream lane, the
