@@ -199,14 +199,15 @@ impl Default for MailScanner {
 const MAIL: &[u8] = b"MAIL ";
 
 impl MailScanner {
-    /// The offsets in `chunk` at which a `MAIL ` command completes its
-    /// verb (the command's first byte may be in an earlier chunk), given
-    /// to `found` in order.
+    /// The offsets in `chunk` at which a `MAIL ` command starts (`0` when
+    /// its first bytes were in an earlier chunk), given to `found` in
+    /// order, once its verb is complete.
     pub fn scan(&mut self, chunk: &[u8], mut found: impl FnMut(usize)) {
         let mut i = 0;
         while i < chunk.len() {
             if self.partial > 0 || self.at_line_start {
                 self.at_line_start = false;
+                let start = i;
                 // Match the verb, possibly over several chunks.
                 let mut k = self.partial;
                 while k < MAIL.len() && i < chunk.len() {
@@ -218,7 +219,7 @@ impl MailScanner {
                 }
                 if k == MAIL.len() {
                     self.partial = 0;
-                    found(i);
+                    found(start);
                 } else if i == chunk.len() {
                     self.partial = k;
                     return;
@@ -300,17 +301,17 @@ mod tests {
 
     #[test]
     fn mail_commands_are_found_at_line_starts_across_chunks() {
-        assert_eq!(scan(&[b"MAIL FROM:<a@b>\r\n"]), vec![(0, 5)]);
+        assert_eq!(scan(&[b"MAIL FROM:<a@b>\r\n"]), vec![(0, 0)]);
         assert_eq!(
             scan(&[b"RCPT TO:<x>\r\nmail from:<a>\r\nXMAIL FROM\r\n"]),
-            vec![(0, 18)]
+            vec![(0, 13)]
         );
-        assert_eq!(scan(&[b"MA", b"IL FROM:<a>\r\n"]), vec![(1, 3)]);
-        assert_eq!(scan(&[b"RSET\r\n", b"MAIL ", b"FROM"]), vec![(1, 5)]);
+        assert_eq!(scan(&[b"MA", b"IL FROM:<a>\r\n"]), vec![(1, 0)]);
+        assert_eq!(scan(&[b"RSET\r\n", b"MAIL ", b"FROM"]), vec![(1, 0)]);
         assert_eq!(scan(&[b"MAIX FROM\r\nMAIL"]), Vec::<(usize, usize)>::new());
         assert_eq!(
             scan(&[b"MAIL FROM:<a>\r\nMAIL FROM:<b>\r\n"]),
-            vec![(0, 5), (0, 20)]
+            vec![(0, 0), (0, 15)]
         );
     }
 }
