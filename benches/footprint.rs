@@ -605,8 +605,9 @@ fn main() {
             &toml,
             "[smtp]\nenabled = false\n",
             &format!(
+                // Many sessions of one identity: no per-identity shaping.
                 "[smtp]\nenabled = true\nupstream = \"localhost:{}\"\nupstream_tls = \"starttls\"\n\
-                 max_connections = 2048\n",
+                 max_connections = 2048\nmax_sessions_per_identity = 0\n",
                 smtp.port()
             ),
         );

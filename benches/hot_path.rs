@@ -196,6 +196,21 @@ fn header_rewrite(c: &mut Criterion) {
             black_box((len, out.len()))
         })
     });
+    // What an EWS request adds: the operation read from the held body (a
+    // bounded quick-xml scan) and its per-identity counter.
+    let body = br#"<?xml version="1.0" encoding="utf-8"?>
+<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types">
+  <soap:Header><t:RequestServerVersion Version="Exchange2016"/></soap:Header>
+  <soap:Body><m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape></m:ItemShape><m:ParentFolderIds><t:DistinguishedFolderId Id="inbox"/></m:ParentFolderIds></m:FindItem></soap:Body>
+</soap:Envelope>"#;
+    let metrics = Metrics::new();
+    c.bench_function("ews_operation_count", |b| {
+        b.iter(|| {
+            let op = authswap::proxy::http::ews_ops::operation(black_box(body));
+            metrics.ews_operation("alice", op);
+            black_box(op)
+        })
+    });
 }
 
 fn line_codec(c: &mut Criterion) {

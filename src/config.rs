@@ -102,7 +102,7 @@ pub struct Config {
     pub notifications: NotificationsConfig,
 }
 
-/// `[runtime]`: how many threads serve connections.
+/// `[runtime]`: how many threads serve connections; the access log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
@@ -111,11 +111,18 @@ pub struct RuntimeConfig {
     /// with the application, a second worker mostly adds cross-thread
     /// wake-ups (see docs/benchmarks.md). argon2 runs on its own pool.
     pub worker_threads: usize,
+    /// One `info` line per HTTP request and per mail session (target
+    /// `authswap::access`): identity, protocol, outcome, upstream status,
+    /// duration. Off by default.
+    pub access_log: bool,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { worker_threads: 1 }
+        RuntimeConfig {
+            worker_threads: 1,
+            access_log: false,
+        }
     }
 }
 
@@ -220,6 +227,20 @@ pub struct MailConfig {
     /// Concurrent client connections from one non-loopback address.
     #[serde(default = "default_mail_connections_per_source")]
     pub max_connections_per_source: usize,
+    /// Logged-in sessions one identity may have upstream at once (`0`: no
+    /// limit). Sessions over it wait at login for up to `session_wait`.
+    /// SMTP: 3 (Exchange Online's limit per mailbox); IMAP, POP3: 0.
+    #[serde(default)]
+    pub max_sessions_per_identity: usize,
+    /// SMTP only: messages one identity may submit per minute (sliding
+    /// window; `0`: no limit). A `MAIL FROM` over it is held until the
+    /// window has room. SMTP: 30 (Exchange Online's limit); others: 0.
+    #[serde(default)]
+    pub messages_per_minute: u32,
+    /// How long a login waits for one of the identity's sessions to end
+    /// before it is refused with a temporary answer.
+    #[serde(default = "default_session_wait", with = "humantime_serde")]
+    pub session_wait: Duration,
 }
 
 /// How far ahead an expiring app credential is warned about.
@@ -308,6 +329,9 @@ fn default_login_timeout() -> Duration {
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_session_wait() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_mail_connections() -> usize {
     512
 }
@@ -334,17 +358,26 @@ impl MailConfig {
             upstream_timeout: default_upstream_timeout(),
             max_connections: default_mail_connections(),
             max_connections_per_source: default_mail_connections_per_source(),
+            max_sessions_per_identity: 0,
+            messages_per_minute: 0,
+            session_wait: default_session_wait(),
         }
     }
 
     /// Defaults of `[smtp]`.
     pub fn smtp() -> MailConfig {
-        Self::base(
-            "127.0.0.1:2525",
-            "smtp.office365.com:587",
-            UpstreamTls::Starttls,
-            SMTP_SCOPE,
-        )
+        MailConfig {
+            // Exchange Online: 3 concurrent SMTP connections and 30
+            // messages a minute per mailbox.
+            max_sessions_per_identity: 3,
+            messages_per_minute: 30,
+            ..Self::base(
+                "127.0.0.1:2525",
+                "smtp.office365.com:587",
+                UpstreamTls::Starttls,
+                SMTP_SCOPE,
+            )
+        }
     }
 
     /// Defaults of `[imap]`.
@@ -417,6 +450,25 @@ impl MailConfig {
         check_duration(keys.idle_timeout, self.idle_timeout)?;
         check_duration(keys.login_timeout, self.login_timeout)?;
         check_duration(keys.upstream_timeout, self.upstream_timeout)?;
+        check_duration(keys.session_wait, self.session_wait)?;
+        if self.max_sessions_per_identity > MAX_CONNECTIONS {
+            return Err(invalid(
+                keys.max_sessions_per_identity,
+                format!(
+                    "must be at most {MAX_CONNECTIONS} (0: no limit), got {}",
+                    self.max_sessions_per_identity
+                ),
+            ));
+        }
+        if self.messages_per_minute > MAX_MESSAGES_PER_MINUTE {
+            return Err(invalid(
+                keys.messages_per_minute,
+                format!(
+                    "must be at most {MAX_MESSAGES_PER_MINUTE} (0: no limit), got {}",
+                    self.messages_per_minute
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -435,7 +487,14 @@ struct MailKeys {
     idle_timeout: &'static str,
     login_timeout: &'static str,
     upstream_timeout: &'static str,
+    max_sessions_per_identity: &'static str,
+    messages_per_minute: &'static str,
+    session_wait: &'static str,
 }
+
+/// Upper bound of `messages_per_minute` (its window keeps one instant per
+/// message).
+const MAX_MESSAGES_PER_MINUTE: u32 = 10_000;
 
 macro_rules! mail_keys {
     ($section:literal) => {
@@ -452,6 +511,9 @@ macro_rules! mail_keys {
             idle_timeout: concat!($section, ".idle_timeout"),
             login_timeout: concat!($section, ".login_timeout"),
             upstream_timeout: concat!($section, ".upstream_timeout"),
+            max_sessions_per_identity: concat!($section, ".max_sessions_per_identity"),
+            messages_per_minute: concat!($section, ".messages_per_minute"),
+            session_wait: concat!($section, ".session_wait"),
         }
     };
 }

@@ -439,6 +439,10 @@ pub struct Authenticator {
     dummy_hash: Arc<str>,
     memo_key: std::collections::hash_map::RandomState,
     config: AuthConfig,
+    /// When it was made, and the second (since then, plus one) of the last
+    /// "locked out" log line.
+    started: Instant,
+    locked_logged: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -497,6 +501,8 @@ impl Authenticator {
             dummy_hash: dummy_hash.into(),
             memo_key: Default::default(),
             config,
+            started: Instant::now(),
+            locked_logged: Default::default(),
         }
     }
 
@@ -593,6 +599,19 @@ impl Authenticator {
                     protocol,
                     FailureReason::locked_out,
                 );
+                // At most one line a second: refusals without a check cost
+                // nothing, so they can come faster than any log should.
+                let now = self.started.elapsed().as_secs() + 1;
+                let last = self.locked_logged.swap(now, Ordering::Relaxed);
+                if last != now {
+                    tracing::info!(
+                        identity = identity.as_ref().map(|i| i.name.as_str()).unwrap_or(crate::metrics::UNKNOWN_IDENTITY),
+                        protocol = ?protocol,
+                        %source,
+                        retry_after = ?retry,
+                        "login refused: locked out after too many failed logins (not checked; at most one such line a second)"
+                    );
+                }
                 return Err(AuthError::Locked(retry));
             }
         };
@@ -669,6 +688,7 @@ impl Authenticator {
         }
         match identity {
             Some(identity) => {
+                tracing::info!(identity = %identity.name, protocol = ?protocol, %source, "login failed: wrong local password");
                 self.metrics.auth_failure(
                     Some(&identity.name),
                     protocol,
@@ -677,6 +697,8 @@ impl Authenticator {
                 Err(AuthError::BadPassword(identity.name.clone()))
             }
             None => {
+                let shown: String = name.chars().take(64).collect();
+                tracing::info!(name = %crate::names::Shown(&shown), protocol = ?protocol, %source, "login failed: no identity of that name");
                 self.metrics
                     .auth_failure(None, protocol, FailureReason::unknown_identity);
                 Err(AuthError::UnknownIdentity)

@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Identity label value for names that are not configured identities.
 pub const UNKNOWN_IDENTITY: &str = "_unknown";
@@ -362,6 +362,35 @@ struct NotifyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityProtocolLabels {
+    identity: IdentityLabel,
+    protocol: Protocol,
+}
+
+/// How a login that had to wait for one of its identity's sessions ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SessionWait {
+    /// A session ended in time: the login went on.
+    admitted,
+    /// `session_wait` passed: refused with a temporary answer.
+    refused,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionWaitLabels {
+    identity: IdentityLabel,
+    protocol: Protocol,
+    result: SessionWait,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EwsLabels {
+    identity: IdentityLabel,
+    operation: crate::proxy::http::ews_ops::Operation,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     status: String,
 }
@@ -422,6 +451,14 @@ pub struct Metrics {
     refresh_duration: Histogram,
     config_reloads: Family<ReloadLabels, Counter>,
     config_reload_success: Gauge,
+    mail_sessions: Family<IdentityProtocolLabels, Gauge>,
+    session_waits: Family<SessionWaitLabels, Counter>,
+    session_wait_seconds: Family<ProtocolLabels, Histogram, HistogramCtor>,
+    message_delays: Family<IdentityProtocolLabels, Counter>,
+    ews_operations: Family<EwsLabels, Counter>,
+    /// Each identity's EWS operation counters, resolved once (one lock per
+    /// request instead of a family lookup), also read by the console.
+    ews_by_identity: std::sync::Mutex<std::collections::HashMap<String, Arc<EwsCounters>>>,
     /// The (tenant, mode) each identity's info series carries.
     info: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
     /// Request-body bytes buffered for replay (HTTP), all connections.
@@ -646,6 +683,40 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             config_reload_success.clone(),
         );
+        let mail_sessions = Family::<IdentityProtocolLabels, Gauge>::default();
+        registry.register(
+            "mail_sessions_active",
+            "Logged-in mail sessions currently open upstream, by identity and protocol (bounded by max_sessions_per_identity)",
+            mail_sessions.clone(),
+        );
+        let session_waits = Family::<SessionWaitLabels, Counter>::default();
+        registry.register(
+            "mail_session_waits",
+            "Mail logins that waited because their identity had max_sessions_per_identity sessions open, by identity, protocol and result (admitted, or refused after session_wait)",
+            session_waits.clone(),
+        );
+        let session_wait_seconds =
+            Family::<ProtocolLabels, Histogram, HistogramCtor>::new_with_constructor(
+                duration_histogram as HistogramCtor,
+            );
+        registry.register_with_unit(
+            "mail_session_wait",
+            "Time mail logins waited for a session of their identity to end",
+            prometheus_client::registry::Unit::Seconds,
+            session_wait_seconds.clone(),
+        );
+        let message_delays = Family::<IdentityProtocolLabels, Counter>::default();
+        registry.register(
+            "mail_message_delays",
+            "SMTP MAIL FROM commands held back because the identity had sent messages_per_minute messages in the last minute",
+            message_delays.clone(),
+        );
+        let ews_operations = Family::<EwsLabels, Counter>::default();
+        registry.register(
+            "ews_operations",
+            "EWS requests by identity and SOAP operation (known operation names, else other), for planning the EWS retirement",
+            ews_operations.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -659,6 +730,12 @@ impl Metrics {
             refresh_duration,
             config_reloads,
             config_reload_success,
+            mail_sessions,
+            session_waits,
+            session_wait_seconds,
+            message_delays,
+            ews_operations,
+            ews_by_identity: Default::default(),
             auth_failures,
             refreshes,
             requests,
@@ -968,6 +1045,33 @@ impl Metrics {
                 identity: id.clone(),
                 protocol,
             });
+            let labels = IdentityProtocolLabels {
+                identity: id.clone(),
+                protocol,
+            };
+            self.mail_sessions.remove(&labels);
+            self.message_delays.remove(&labels);
+            for result in [SessionWait::admitted, SessionWait::refused] {
+                self.session_waits.remove(&SessionWaitLabels {
+                    identity: id.clone(),
+                    protocol,
+                    result,
+                });
+            }
+        }
+        if self
+            .ews_by_identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(identity)
+            .is_some()
+        {
+            for operation in crate::proxy::http::ews_ops::Operation::ALL {
+                self.ews_operations.remove(&EwsLabels {
+                    identity: id.clone(),
+                    operation,
+                });
+            }
         }
         let labels = IdentityLabels { identity: id };
         self.reauth_required.remove(&labels);
@@ -983,6 +1087,101 @@ impl Metrics {
         self.store_errors
             .get_or_create(&StoreLabels { operation })
             .inc();
+    }
+
+    /// A logged-in mail session of `identity`: counted in
+    /// `mail_sessions_active` until the guard is dropped.
+    pub fn mail_session(&self, identity: &str, protocol: Protocol) -> ConnectionGuard {
+        let gauge = self
+            .mail_sessions
+            .get_or_create(&IdentityProtocolLabels {
+                identity: IdentityLabel::new(identity),
+                protocol,
+            })
+            .clone();
+        gauge.inc();
+        ConnectionGuard(gauge)
+    }
+
+    /// A login of `identity` waited `seconds` for one of its sessions.
+    pub fn session_waited(
+        &self,
+        identity: &str,
+        protocol: Protocol,
+        result: SessionWait,
+        seconds: f64,
+    ) {
+        self.session_waits
+            .get_or_create(&SessionWaitLabels {
+                identity: IdentityLabel::new(identity),
+                protocol,
+                result,
+            })
+            .inc();
+        self.session_wait_seconds
+            .get_or_create(&ProtocolLabels { protocol })
+            .observe(seconds);
+    }
+
+    /// A message of `identity` was held back by `messages_per_minute`.
+    pub fn message_delayed(&self, identity: &str, protocol: Protocol) {
+        self.message_delays
+            .get_or_create(&IdentityProtocolLabels {
+                identity: IdentityLabel::new(identity),
+                protocol,
+            })
+            .inc();
+    }
+
+    /// Counts one EWS request of `identity` (a configured identity) by its
+    /// SOAP operation. A series appears with its first request.
+    pub fn ews_operation(&self, identity: &str, operation: crate::proxy::http::ews_ops::Operation) {
+        let counters = {
+            let mut map = self
+                .ews_by_identity
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match map.get(identity) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(EwsCounters(std::array::from_fn(|_| OnceLock::new())));
+                    map.insert(identity.to_owned(), c.clone());
+                    c
+                }
+            }
+        };
+        counters.0[operation as usize]
+            .get_or_init(|| {
+                self.ews_operations
+                    .get_or_create(&EwsLabels {
+                        identity: IdentityLabel::new(identity),
+                        operation,
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// The EWS operations `identity` used, with their counts (most used
+    /// first; operations never used are left out).
+    pub fn ews_operations(&self, identity: &str) -> Vec<(&'static str, u64)> {
+        let counters = self
+            .ews_by_identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(identity)
+            .cloned();
+        let Some(counters) = counters else {
+            return Vec::new();
+        };
+        let mut used: Vec<(&'static str, u64)> = crate::proxy::http::ews_ops::Operation::ALL
+            .iter()
+            .zip(counters.0.iter())
+            .filter_map(|(op, c)| Some((op.name(), c.get()?.get())))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        used.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        used
     }
 
     /// Counts one notification delivery attempt.
@@ -1054,6 +1253,9 @@ fn openmetrics_to_prometheus(om: &str) -> String {
     out
 }
 
+/// One identity's `ews_operations_total` counters, by operation.
+struct EwsCounters([OnceLock<Counter>; crate::proxy::http::ews_ops::Operation::ALL.len()]);
+
 /// Decrements the open-connections gauge when dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard(Gauge);
@@ -1085,6 +1287,12 @@ mod tests {
         assert!(text
             .contains("authswap_token_refreshes_total{identity=\"alice\",result=\"success\"} 1"));
         m.auth_failure(Some("alice"), Protocol::smtp, FailureReason::token_rejected);
+        let _guard = m.mail_session("alice", Protocol::smtp);
+        m.ews_operation("alice", crate::proxy::http::ews_ops::Operation::GetItem);
+        assert!(m
+            .encode()
+            .contains("authswap_ews_operations_total{identity=\"alice\",operation=\"GetItem\"} 1"));
+        assert_eq!(m.ews_operations("alice"), vec![("GetItem", 1)]);
         assert_eq!(
             m.failure_counts("alice"),
             vec![(Protocol::http, 1), (Protocol::smtp, 1)]
@@ -1092,6 +1300,7 @@ mod tests {
         m.forget_identity("alice");
         assert!(!m.encode().contains("\"alice\""));
         assert!(m.failure_counts("alice").is_empty());
+        assert!(m.ews_operations("alice").is_empty());
     }
 
     #[test]

@@ -1836,3 +1836,101 @@ async fn reload_keeps_open_mail_sessions_and_applies_new_scopes_and_switches() {
     assert!(reply(&mut r).await.starts_with("221"));
     server.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn ews_operations_are_counted_per_identity_and_shown() {
+    let env = Env::start().await;
+    env.add_linked("carol", "carol@contoso.com", "carol-password-1")
+        .await;
+    env.add_linked("dave", "dave@contoso.com", "dave-password-12")
+        .await;
+    let server = start(&env).await;
+    let addr = server.http_addr().unwrap();
+    let c = HttpClient::default();
+    let call = |op: &str| {
+        format!(
+            r#"<?xml version="1.0" encoding="utf-8"?>
+<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/" xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages" xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types">
+  <soap:Header><t:RequestServerVersion Version="Exchange2016"/></soap:Header>
+  <soap:Body><m:{op}><m:ItemShape/></m:{op}></soap:Body>
+</soap:Envelope>"#
+        )
+    };
+    for op in [
+        "FindItem",
+        "FindItem",
+        "GetItem",
+        "SyncFolderItems",
+        "Frobnicate",
+    ] {
+        let r = c.ews(addr, "carol", "carol-password-1", &call(op)).await;
+        assert_eq!(r.status, 200, "{op}");
+    }
+    let r = c.ews(addr, "dave", "dave-password-12", SOAP).await;
+    assert_eq!(r.status, 200);
+    // Not EWS: not counted.
+    c.send(
+        addr,
+        http::Method::GET,
+        "/EWS/Exchange.asmx",
+        Some(&support::harness::basic("carol", "carol-password-1")),
+        "",
+    )
+    .await;
+
+    let metrics = c.get(server.admin_addr(), "/metrics").await.text();
+    let count = |who: &str, op: &str| {
+        support::harness::sample(
+            &metrics,
+            &format!("authswap_ews_operations_total{{identity=\"{who}\",operation=\"{op}\"}}"),
+        )
+    };
+    assert_eq!(count("carol", "FindItem"), Some(2.0), "{metrics}");
+    assert_eq!(count("carol", "GetItem"), Some(1.0));
+    assert_eq!(count("carol", "SyncFolderItems"), Some(1.0));
+    assert_eq!(count("carol", "other"), Some(1.0));
+    // Operations never used have no series.
+    assert_eq!(count("carol", "GetFolder"), None);
+    assert_eq!(count("dave", "GetFolder"), Some(1.0));
+
+    let api = Api::new(&server);
+    let (s, view) = api.get("/api/v1/identities/carol").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        view["ews_operations"],
+        json!([
+            {"operation": "FindItem", "count": 2},
+            {"operation": "GetItem", "count": 1},
+            {"operation": "SyncFolderItems", "count": 1},
+            {"operation": "other", "count": 1},
+        ]),
+        "{view}"
+    );
+
+    let http = client();
+    let b = base(&server);
+    let res = http
+        .post(format!("{b}/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let page = http
+        .get(format!("{b}/identities"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let section = &page[page.find("id=\"ews-operations\"").expect("EWS section")..];
+    assert!(section.contains("<h3>carol</h3>"), "{section}");
+    assert!(section.contains("<h3>dave</h3>"), "{section}");
+    assert!(
+        section.contains("<td class=\"mono\">FindItem</td><td>2</td>"),
+        "{section}"
+    );
+    assert!(section.contains("<td class=\"mono\">GetFolder</td><td>1</td>"));
+    server.shutdown(Duration::from_secs(5)).await;
+}

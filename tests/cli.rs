@@ -1639,3 +1639,158 @@ async fn doctor_checks_a_postgresql_store() {
     );
     assert!(!report.contains("identities:"), "{report}");
 }
+
+/// The JSON log lines of `log` that have `message`.
+fn lines_with<'l>(log: &'l [serde_json::Value], message: &str) -> Vec<&'l serde_json::Value> {
+    log.iter().filter(|v| v["message"] == message).collect()
+}
+
+#[tokio::test]
+async fn default_level_logs_the_audit_trail_and_the_access_log() {
+    let env = Env::start().await;
+    env.add_linked("alice", "alice@contoso.com", "alice-pass-do-not-log")
+        .await;
+    env.add_linked("bob", "bob@contoso.com", "bob-pass-do-not-log")
+        .await;
+    // An SMTP upstream that is not there: the capability probe fails.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = env.write_config();
+    let mut child = bin()
+        .arg("-c")
+        .arg(&config)
+        .args(["--log-format", "json", "serve"])
+        .env_remove("AUTHSWAP_LOG")
+        .env_remove("RUST_LOG")
+        .env("AUTHSWAP_RUNTIME__ACCESS_LOG", "true")
+        .env("AUTHSWAP_AUTH__MAX_FAILURES", "2")
+        .env("AUTHSWAP_SMTP__ENABLED", "true")
+        .env("AUTHSWAP_SMTP__UPSTREAM", format!("127.0.0.1:{closed}"))
+        .env("AUTHSWAP_SMTP__UPSTREAM_TLS", "implicit")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut log = String::new();
+    let serving = wait_for_serving_json(&mut lines, &mut log).await;
+    let http: std::net::SocketAddr = serving["http"].as_str().unwrap().parse().unwrap();
+    let smtp: std::net::SocketAddr = serving["smtp"].as_str().unwrap().parse().unwrap();
+    let drain = tokio::spawn(async move {
+        let mut rest = String::new();
+        let mut inner = lines.into_inner();
+        inner.read_to_string(&mut rest).await.unwrap();
+        rest
+    });
+
+    let client = HttpClient::default();
+    let r = client
+        .ews(http, "alice", "alice-pass-do-not-log", SOAP)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    for _ in 0..2 {
+        let r = client.ews(http, "bob", "wrong-pass-do-not-log", SOAP).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = client
+        .ews(http, "mallory", "mallory-pass-do-not-log", SOAP)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // An SMTP session that logs in against the missing upstream, and one
+    // in the middle of AUTH LOGIN when the server stops.
+    let mut failed = support::mailrig::Raw::connect(smtp).await;
+    failed.line().await;
+    failed.send(b"EHLO x\r\n").await;
+    failed.reply().await;
+    let plain = support::mailrig::b64(b"\0alice\0alice-pass-do-not-log");
+    failed
+        .send(format!("AUTH PLAIN {plain}\r\n").as_bytes())
+        .await;
+    let r = failed.reply().await;
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    let mut waiting = support::mailrig::Raw::connect(smtp).await;
+    waiting.line().await;
+    waiting.send(b"EHLO y\r\nAUTH LOGIN\r\n").await;
+    waiting.reply().await;
+    let r = waiting.line().await;
+    assert!(r.starts_with("334 "), "{r}");
+
+    signal(child.id().unwrap(), "TERM").await;
+    // Not logged in: told that the server goes away.
+    let r = waiting.line().await;
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    log.push_str(&drain.await.unwrap());
+    for secret in [
+        "alice-pass-do-not-log",
+        "wrong-pass-do-not-log",
+        "mallory-pass-do-not-log",
+        plain.as_str(),
+    ] {
+        assert!(!log.contains(secret), "{secret} leaked:\n{log}");
+    }
+    let entries: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+
+    // Failed logins and the lockout, at the default level.
+    let failed_logins = lines_with(&entries, "login failed: wrong local password");
+    assert_eq!(failed_logins.len(), 2, "{log}");
+    assert_eq!(failed_logins[0]["identity"], "bob");
+    assert_eq!(failed_logins[0]["protocol"], "http");
+    let unknown = lines_with(&entries, "login failed: no identity of that name");
+    assert_eq!(unknown.len(), 1, "{log}");
+    assert_eq!(unknown[0]["name"], "mallory");
+    let lockout = lines_with(
+        &entries,
+        "failed logins for this identity: further checks are delayed",
+    );
+    assert_eq!(lockout.len(), 1, "{log}");
+    assert_eq!(lockout[0]["identity"], "bob");
+
+    // Refreshes say which scopes.
+    let refreshed = lines_with(&entries, "refreshed access token");
+    assert!(!refreshed.is_empty(), "{log}");
+    assert!(
+        refreshed[0]["scopes"]
+            .as_str()
+            .is_some_and(|s| s.contains("EWS.AccessAsUser.All")),
+        "{log}"
+    );
+
+    // The unreachable SMTP upstream during the capability probe.
+    let probe = lines_with(
+        &entries,
+        "cannot learn the SMTP upstream's extensions; advertising a safe set",
+    );
+    assert!(!probe.is_empty(), "{log}");
+
+    // The access log: one line per HTTP request and mail session.
+    let access = lines_with(&entries, "access");
+    let http_lines: Vec<_> = access.iter().filter(|v| v["protocol"] == "http").collect();
+    assert_eq!(http_lines.len(), 4, "{log}");
+    assert_eq!(http_lines[0]["identity"], "alice");
+    assert_eq!(http_lines[0]["outcome"], "forwarded");
+    assert_eq!(http_lines[0]["upstream_status"], 200);
+    assert!(http_lines[0]["duration_ms"].as_f64().is_some());
+    assert_eq!(http_lines[1]["identity"], "bob");
+    assert_eq!(http_lines[1]["outcome"], "unauthorized");
+    assert!(http_lines[1].get("upstream_status").is_none());
+    assert_eq!(http_lines[3]["identity"], "-");
+    let smtp_lines: Vec<_> = access.iter().filter(|v| v["protocol"] == "smtp").collect();
+    assert_eq!(smtp_lines.len(), 2, "{log}");
+    let outcomes: Vec<_> = smtp_lines.iter().map(|v| v["outcome"].clone()).collect();
+    assert!(outcomes.contains(&"upstream_error".into()), "{log}");
+    assert!(outcomes.contains(&"no_login".into()), "{log}");
+}

@@ -674,3 +674,175 @@ async fn imap_refused_literals_are_not_executed_as_commands() {
     assert_eq!(m.imap.auth_attempts(), 0, "nothing logged in upstream");
     m.server.shutdown(GRACE).await;
 }
+
+#[tokio::test]
+async fn smtp_sessions_of_one_identity_are_shaped_to_three_upstream() {
+    use lettre::transport::smtp::authentication::Mechanism;
+    use lettre::AsyncTransport;
+    use support::harness::sample;
+    // Defaults: Exchange Online's 3 sessions per mailbox (the per-minute
+    // limit is raised so that 20 messages do not take a minute).
+    let m = support::mailrig::start_with(
+        SmtpOptions::default(),
+        ImapOptions::default(),
+        Pop3Options::default(),
+        |c| {
+            assert_eq!(c.smtp.max_sessions_per_identity, 3);
+            assert_eq!(c.smtp.messages_per_minute, 30);
+            c.smtp.messages_per_minute = 1000;
+        },
+    )
+    .await;
+    // Like Exchange Online: a fourth session fails at MAIL FROM.
+    m.smtp.set_session_limit(Some(3));
+    let addr = m.server.smtp_addr().unwrap();
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        clients.spawn(async move {
+            let mailer = lettre_mailer(addr, "alice", "alice-pw-123", Mechanism::Plain);
+            for j in 0..2 {
+                mailer
+                    .send(message(&format!("client {i} message {j}\r\n")))
+                    .await
+                    .map_err(|e| format!("client {i} message {j}: {e}"))?;
+            }
+            Ok::<_, String>(())
+        });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut results = Vec::new();
+        while let Some(r) = clients.join_next().await {
+            results.push(r.unwrap());
+        }
+        results
+    })
+    .await
+    .expect("every client done in time");
+    for r in all {
+        r.expect("no client saw a failure");
+    }
+    assert_eq!(m.smtp.message_count(), 20, "every message delivered");
+    let max = m.smtp.max_concurrent_sessions();
+    assert!((1..=3).contains(&max), "at most 3 upstream at once: {max}");
+    assert!(!m.smtp.command_lines().iter().any(|l| l.starts_with("432")));
+    let admin = m.server.admin_addr();
+    let (text, _) = support::harness::HttpClient::default()
+        .metrics_until(admin, Duration::from_secs(2), |t| {
+            t.contains("authswap_mail_sessions_active{identity=\"alice\",protocol=\"smtp\"} 0")
+        })
+        .await;
+    let admitted = sample(
+        &text,
+        "authswap_mail_session_waits_total{identity=\"alice\",protocol=\"smtp\",result=\"admitted\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(admitted >= 1.0, "logins waited: {text}");
+    assert!(text.contains("authswap_mail_sessions_active{identity=\"alice\",protocol=\"smtp\"} 0"));
+    assert!(!text.contains("result=\"refused\"} 1"), "{text}");
+    m.server.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn sessions_over_the_limit_are_refused_cleanly_after_session_wait() {
+    use support::harness::sample;
+    let m = support::mailrig::start_with(
+        SmtpOptions::default(),
+        ImapOptions::default(),
+        Pop3Options::default(),
+        |c| {
+            c.smtp.max_sessions_per_identity = 1;
+            c.smtp.messages_per_minute = 2;
+            c.smtp.session_wait = Duration::from_millis(300);
+            // Microsoft documents no IMAP/POP3 limit: off by default,
+            // but configurable.
+            assert_eq!(c.pop3.max_sessions_per_identity, 0);
+            assert_eq!(c.imap.max_sessions_per_identity, 0);
+            c.pop3.max_sessions_per_identity = 1;
+            c.pop3.session_wait = Duration::from_millis(300);
+        },
+    )
+    .await;
+    let smtp = m.server.smtp_addr().unwrap();
+    let auth = format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0alice-pw-123"));
+    let mut first = Raw::connect(smtp).await;
+    first.line().await;
+    first.send(b"EHLO one\r\n").await;
+    first.reply().await;
+    first.send(auth.as_bytes()).await;
+    assert!(first.reply().await.starts_with("235"));
+
+    let mut second = Raw::connect(smtp).await;
+    second.line().await;
+    second.send(b"EHLO two\r\n").await;
+    second.reply().await;
+    let asked = std::time::Instant::now();
+    second.send(auth.as_bytes()).await;
+    let r = second.reply().await;
+    assert!(r.starts_with("454 4.7.0"), "{r}");
+    assert!(asked.elapsed() >= Duration::from_millis(300));
+    // The session goes on: the client may try again or leave.
+    second.send(b"NOOP\r\n").await;
+    assert!(second.reply().await.starts_with("250"));
+
+    // messages_per_minute = 2: the third MAIL FROM is held (not refused,
+    // not failed mid-transaction).
+    for i in 0..2 {
+        first
+            .send(b"MAIL FROM:<alice@contoso.com>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+            .await;
+        assert!(first.reply().await.starts_with("250"));
+        assert!(first.reply().await.starts_with("250"));
+        assert!(first.reply().await.starts_with("354"));
+        first
+            .send(format!("Subject: {i}\r\n\r\nbody\r\n.\r\n").as_bytes())
+            .await;
+        assert!(first.reply().await.starts_with("250"));
+    }
+    first.send(b"MAIL FROM:<alice@contoso.com>\r\n").await;
+    let held = tokio::time::timeout(Duration::from_millis(800), first.line()).await;
+    assert!(held.is_err(), "the third message is held: {held:?}");
+    assert_eq!(m.smtp.mail_times().len(), 2);
+
+    // The first session ends: the next login gets its place.
+    drop(first);
+    second.send(auth.as_bytes()).await;
+    assert!(second.reply().await.starts_with("235"));
+
+    // POP3 (configured): -ERR [IN-USE].
+    let pop3 = m.server.pop3_addr().unwrap();
+    let mut p1 = Raw::connect(pop3).await;
+    p1.line().await;
+    p1.send(b"USER alice\r\n").await;
+    p1.line().await;
+    p1.send(b"PASS alice-pw-123\r\n").await;
+    assert!(p1.line().await.starts_with("+OK"));
+    let mut p2 = Raw::connect(pop3).await;
+    p2.line().await;
+    p2.send(b"USER alice\r\n").await;
+    p2.line().await;
+    p2.send(b"PASS alice-pw-123\r\n").await;
+    let r = p2.line().await;
+    assert!(r.starts_with("-ERR [IN-USE]"), "{r}");
+
+    let text = support::harness::HttpClient::default()
+        .get(m.server.admin_addr(), "/metrics")
+        .await
+        .text();
+    let series = |p: &str, r: &str| {
+        sample(
+            &text,
+            &format!("authswap_mail_session_waits_total{{identity=\"alice\",protocol=\"{p}\",result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(series("smtp", "refused"), Some(1.0), "{text}");
+    assert_eq!(series("pop3", "refused"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "authswap_mail_message_delays_total{identity=\"alice\",protocol=\"smtp\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    m.server.shutdown(GRACE).await;
+}

@@ -957,7 +957,7 @@ impl utoipa::Modify for BearerAuth {
     paths(list_identities, create_identity, import_identities, show_identity, remove_identity, set_password,
         forget_identity, validate_identity, revoke_invitations, resend_invitation, create_invitations,
         list_invitations, audit_log, reload_config, openapi_doc),
-    components(schemas(ApiError, RowProblem, ImportedView, ImportedList, IdentityView, ops::AccountView, ops::ValidationView, StatusFilter,
+    components(schemas(ApiError, RowProblem, ImportedView, ImportedList, IdentityView, ops::AccountView, ops::ValidationView, ops::EwsOperationView, StatusFilter,
         IdentityList, Validated, CreateIdentity, CreatedIdentity, SetPassword, PasswordChanged, Revoked,
         IssuedView, IssuedList, Invitee, InviteeSpec, CreateInvitations, InvitationView,
         InvitationList, AuditView, AuditPage, crate::reload::ReloadReport)),

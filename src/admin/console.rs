@@ -780,6 +780,7 @@ mod tests {
             status_text => "x", last_error => evil, validations => Vec::<u8>::new(),
             tenant => evil, mode => "app",
             failures => context! { http => 2 },
+            ews_operations => vec![context! { operation => evil, count => 3 }],
         };
         let ctx = context! {
             signed_in => true, csrf => "tok", nav => "identities",

@@ -293,6 +293,18 @@ pub struct IdentityView {
     pub validations: Vec<ValidationView>,
     /// Client failures since start, per protocol (`http`, `smtp`, `imap`, `pop3`).
     pub failures: BTreeMap<String, u64>,
+    /// EWS requests since start by SOAP operation, most used first (for
+    /// planning the EWS retirement).
+    pub ews_operations: Vec<EwsOperationView>,
+}
+
+/// One EWS operation an identity used, and how often.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EwsOperationView {
+    /// The operation (`FindItem`, …, or `other`).
+    pub operation: String,
+    /// Requests since start.
+    pub count: u64,
 }
 
 /// Plain words for a status.
@@ -385,6 +397,15 @@ fn view(app: &App, r: &IdentityRecord, validations: Vec<ValidationView>) -> Iden
             .failure_counts(&r.name)
             .into_iter()
             .map(|(p, n)| (format!("{p:?}"), n))
+            .collect(),
+        ews_operations: app
+            .metrics
+            .ews_operations(&r.name)
+            .into_iter()
+            .map(|(operation, count)| EwsOperationView {
+                operation: operation.to_owned(),
+                count,
+            })
             .collect(),
     }
 }

@@ -17,6 +17,7 @@
 //! (`ExchangeImpersonation`).
 
 pub mod codec;
+pub mod ews_ops;
 mod exchange;
 mod h1;
 mod hyper_half;
@@ -59,6 +60,8 @@ pub struct HttpProxy {
     /// App-only identities act as their mailbox the EWS way
     /// (`http.ews_impersonation`).
     ews_impersonation: bool,
+    /// `runtime.access_log`.
+    access_log: bool,
     replay_budget: Arc<ReplayBudget>,
     max_body: usize,
     upstream_timeout: Duration,
@@ -190,6 +193,7 @@ impl HttpProxy {
             scopes,
             replay_limit: cfg.replay_buffer_limit.as_usize(),
             ews_impersonation: cfg.ews_impersonation,
+            access_log: app.config.runtime.access_log,
             replay_budget: Arc::new(ReplayBudget {
                 used: Default::default(),
                 limit: cfg.replay_buffer_total.0,
@@ -501,28 +505,52 @@ impl crate::error::Failure for Rejection {
 }
 
 impl Rejection {
+    /// How a request answered with this ends, in `requests_total` and the
+    /// access log.
+    pub(super) fn outcome(&self) -> Outcome {
+        match self {
+            Rejection::MissingCredentials | Rejection::Auth(_) => Outcome::unauthorized,
+            Rejection::Token(TokenError::ReauthRequired { .. }) => Outcome::reauth_required,
+            Rejection::Token(TokenError::Unavailable { .. } | TokenError::AppCredential { .. }) => {
+                Outcome::unavailable
+            }
+            Rejection::Token(TokenError::Refused { .. }) | Rejection::Resend => {
+                Outcome::upstream_refused
+            }
+            Rejection::Misconfigured(_) | Rejection::Upstream | Rejection::UpstreamTimeout => {
+                Outcome::upstream_error
+            }
+            Rejection::BadRequest(_)
+            | Rejection::MalformedCredentials
+            | Rejection::TooLarge
+            | Rejection::OtherMailbox(_)
+            | Rejection::MalformedEnvelope(_)
+            | Rejection::TooLargeToImpersonate
+            | Rejection::HeadTooLarge
+            | Rejection::BodyTimeout
+            | Rejection::ClientGone => Outcome::bad_request,
+        }
+    }
+
     /// The local answer (and its metrics).
     pub(super) fn into_local(self, app: &App) -> LocalAnswer {
         tracing::debug!(origin = ?self.origin(), retryable = self.retryable(), reason = %self, "answered locally");
         let m = &app.metrics;
         let p = Protocol::http;
+        m.request(p, self.outcome());
         match self {
             Rejection::MissingCredentials => {
-                m.request(p, Outcome::unauthorized);
                 LocalAnswer::text(StatusCode::UNAUTHORIZED, "authentication required\n").challenge()
             }
             Rejection::BadRequest(why) => {
-                m.request(p, Outcome::bad_request);
                 LocalAnswer::text(StatusCode::BAD_REQUEST, &format!("{why}\n"))
             }
             Rejection::MalformedCredentials => {
-                m.request(p, Outcome::bad_request);
                 m.auth_failure(None, p, FailureReason::bad_request);
                 LocalAnswer::text(StatusCode::UNAUTHORIZED, "malformed Basic credentials\n")
                     .challenge()
             }
             Rejection::Auth(e) => {
-                m.request(p, Outcome::unauthorized);
                 let r = LocalAnswer::text(StatusCode::UNAUTHORIZED, "authentication failed\n")
                     .challenge();
                 match e {
@@ -531,7 +559,6 @@ impl Rejection {
                 }
             }
             Rejection::Token(TokenError::ReauthRequired { identity, message }) => {
-                m.request(p, Outcome::reauth_required);
                 m.auth_failure(Some(&identity), p, FailureReason::reauth_required);
                 LocalAnswer::text(
                     StatusCode::UNAUTHORIZED,
@@ -548,7 +575,6 @@ impl Rejection {
                 origin,
                 ..
             }) => {
-                m.request(p, Outcome::unavailable);
                 m.auth_failure(Some(&identity), p, FailureReason::refresh_failed);
                 let why = match origin {
                     Origin::Store => "authswap cannot use its store right now; try again later\n",
@@ -563,7 +589,6 @@ impl Rejection {
                 retry_after,
                 ..
             }) => {
-                m.request(p, Outcome::unavailable);
                 m.auth_failure(Some(&identity), p, FailureReason::app_credential);
                 LocalAnswer::text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -577,7 +602,6 @@ impl Rejection {
                 identity,
                 retry_after,
             }) => {
-                m.request(p, Outcome::upstream_refused);
                 m.auth_failure(Some(&identity), p, FailureReason::fresh_token_refused);
                 LocalAnswer::text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -586,7 +610,6 @@ impl Rejection {
                 .with(header::RETRY_AFTER, retry_after_value(retry_after))
             }
             Rejection::Resend => {
-                m.request(p, Outcome::upstream_refused);
                 LocalAnswer::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the upstream server refused the access token; a new one is being obtained: send the request again\n",
@@ -594,11 +617,9 @@ impl Rejection {
                 .with(header::RETRY_AFTER, HeaderValue::from_static("1"))
             }
             Rejection::TooLarge => {
-                m.request(p, Outcome::bad_request);
                 LocalAnswer::text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
             }
             Rejection::OtherMailbox(named) => {
-                m.request(p, Outcome::bad_request);
                 LocalAnswer::text(
                     StatusCode::FORBIDDEN,
                     &format!(
@@ -607,11 +628,9 @@ impl Rejection {
                 )
             }
             Rejection::MalformedEnvelope(why) => {
-                m.request(p, Outcome::bad_request);
                 LocalAnswer::text(StatusCode::BAD_REQUEST, &format!("{why}\n"))
             }
             Rejection::TooLargeToImpersonate => {
-                m.request(p, Outcome::bad_request);
                 LocalAnswer::text(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "request body too large for an app-only identity: authswap must add the ExchangeImpersonation header to it (http.replay_buffer_limit)\n",
@@ -619,11 +638,9 @@ impl Rejection {
                 .closing()
             }
             Rejection::Misconfigured(why) => {
-                m.request(p, Outcome::upstream_error);
                 LocalAnswer::text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{why}\n"))
             }
             Rejection::HeadTooLarge => {
-                m.request(p, Outcome::bad_request);
                 LocalAnswer::text(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "request head too large\n",
@@ -631,7 +648,6 @@ impl Rejection {
                 .closing()
             }
             Rejection::BodyTimeout => {
-                m.request(p, Outcome::bad_request);
                 LocalAnswer::text(
                     StatusCode::REQUEST_TIMEOUT,
                     "request body not received in time\n",
@@ -639,15 +655,12 @@ impl Rejection {
                 .closing()
             }
             Rejection::ClientGone => {
-                m.request(p, Outcome::bad_request);
                 LocalAnswer::text(StatusCode::BAD_REQUEST, "request body broken off\n").closing()
             }
             Rejection::Upstream => {
-                m.request(p, Outcome::upstream_error);
                 LocalAnswer::text(StatusCode::BAD_GATEWAY, "upstream unreachable\n")
             }
             Rejection::UpstreamTimeout => {
-                m.request(p, Outcome::upstream_error);
                 LocalAnswer::text(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream did not answer in time\n",

@@ -503,6 +503,9 @@ impl Dialect for ImapSession {
             LoginFailure::UpstreamFailed => {
                 "* BYE [UNAVAILABLE] Mail server unreachable, closing connection\r\n".into()
             }
+            LoginFailure::Busy => format!(
+                "{tag} NO [UNAVAILABLE] Too many sessions for this identity, try again later\r\n"
+            ),
         }
     }
 

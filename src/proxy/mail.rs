@@ -35,6 +35,8 @@ pub struct MailFrontEnd {
     pub scopes: ScopeSet,
     /// Local TLS (STARTTLS or implicit) when a certificate is configured.
     pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Per-identity session and message limits.
+    pub shaper: super::shaping::Shaper,
     connector: tokio_rustls::TlsConnector,
     host: String,
     port: u16,
@@ -190,6 +192,32 @@ pub enum LoginFailure {
     UpstreamTemporary,
     /// The upstream is unreachable or misbehaved.
     UpstreamFailed,
+    /// The identity has `max_sessions_per_identity` sessions open and none
+    /// ended within `session_wait`: try again later.
+    Busy,
+}
+
+impl LoginFailure {
+    /// The access log's word for it (as `authswap_requests_total`'s
+    /// outcomes; `busy` for a login refused by `max_sessions_per_identity`).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            LoginFailure::BadCredentials | LoginFailure::Locked => "unauthorized",
+            LoginFailure::Reauth { .. } => "reauth_required",
+            LoginFailure::Unavailable => "unavailable",
+            LoginFailure::RefusedFresh | LoginFailure::UpstreamRefused { .. } => "upstream_refused",
+            LoginFailure::UpstreamTemporary | LoginFailure::UpstreamFailed => "upstream_error",
+            LoginFailure::Busy => "busy",
+        }
+    }
+
+    /// The identity named in it, if any.
+    pub fn identity(&self) -> Option<&str> {
+        match self {
+            LoginFailure::Reauth { identity } => Some(identity),
+            _ => None,
+        }
+    }
 }
 
 impl MailFrontEnd {
@@ -216,6 +244,7 @@ impl MailFrontEnd {
         let scopes = ScopeSet::new(&cfg.scopes, &cfg.app_scopes);
         app.metrics.front_end(protocol, &scopes.keys());
         Ok(MailFrontEnd {
+            shaper: super::shaping::Shaper::new(protocol, &cfg),
             scopes,
             connector: tokio_rustls::TlsConnector::from(Arc::new(client_config)),
             app,
@@ -310,13 +339,17 @@ impl MailFrontEnd {
 
     /// Runs the shared login path: local password, access token, then
     /// `attempt` (a fresh upstream login with that token); on `Rejected` the
-    /// token is refused, refreshed once and `attempt` runs once more.
+    /// token is refused, refreshed once and `attempt` runs once more. Before
+    /// going upstream the login takes one of the identity's session permits
+    /// (waiting up to `session_wait`, or until `shutdown`); the session
+    /// holds it while it lasts.
     pub async fn login<U, F, Fut>(
         &self,
         creds: &Credentials,
         peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
         attempt: F,
-    ) -> Result<(Arc<Identity>, U), LoginFailure>
+    ) -> Result<(Arc<Identity>, U, super::shaping::SessionPermit), LoginFailure>
     where
         F: Fn(Arc<Identity>, AccessToken) -> Fut,
         Fut: Future<Output = Result<U, UpstreamLogin>>,
@@ -344,6 +377,14 @@ impl MailFrontEnd {
                 return Err(LoginFailure::BadCredentials);
             }
         };
+        let permit = tokio::select! {
+            permit = self.shaper.session(&identity.name, &app.metrics) => permit,
+            _ = shutdown.wait_for(|stop| *stop) => Err(super::shaping::Busy),
+        };
+        let Ok(permit) = permit else {
+            m.request(p, Outcome::unavailable);
+            return Err(LoginFailure::Busy);
+        };
         let mut retried = false;
         loop {
             let token = match app
@@ -363,7 +404,7 @@ impl MailFrontEnd {
                         .accepted(&identity, self.scopes.of(&identity), &token);
                     m.request(p, Outcome::forwarded);
                     tracing::info!(identity = %identity.name, protocol = ?p, "logged in upstream");
-                    return Ok((identity, u));
+                    return Ok((identity, u, permit));
                 }
                 Err(UpstreamLogin::Rejected(refusal)) => {
                     match app.tokens.refused(
@@ -436,10 +477,12 @@ impl MailFrontEnd {
 }
 
 /// Hands the session over: what each side sent ahead goes across first,
-/// then bytes flow both ways unchanged until either side closes. When the
-/// server shuts down, the session may go on for [`SPLICE_GRACE`]; then the
-/// client is sent `closing` (the protocol's way of saying the server is
-/// going away) and the connection is closed.
+/// then bytes flow both ways unchanged until either side closes. With a
+/// `pacer` (SMTP with `messages_per_minute`), a `MAIL` command from the
+/// client is held until the identity's window has room. When the server
+/// shuts down, the session may go on for [`SPLICE_GRACE`]; then the client
+/// is sent `closing` (the protocol's way of saying the server is going
+/// away) and the connection is closed.
 ///
 /// [`SPLICE_GRACE`]: super::session::SPLICE_GRACE
 pub async fn splice(
@@ -447,11 +490,29 @@ pub async fn splice(
     upstream: LineIo<BoxIo>,
     mut shutdown: watch::Receiver<bool>,
     closing: String,
+    pacer: Option<super::shaping::Pacer>,
 ) {
     let (mut c, c_buf) = client.into_parts();
     let (mut u, u_buf) = upstream.into_parts();
-    if !c_buf.is_empty() && u.write_all(&c_buf).await.is_err() {
-        return;
+    let mut scanner = super::shaping::MailScanner::default();
+    if !c_buf.is_empty() {
+        let sent = match &pacer {
+            Some(p) => {
+                paced_write(
+                    &mut u,
+                    &c_buf,
+                    &mut scanner,
+                    p,
+                    None::<&mut BoxIo>,
+                    &mut Vec::new(),
+                )
+                .await
+            }
+            None => u.write_all(&c_buf).await,
+        };
+        if sent.is_err() {
+            return;
+        }
     }
     if !u_buf.is_empty() && c.write_all(&u_buf).await.is_err() {
         return;
@@ -459,7 +520,57 @@ pub async fn splice(
     {
         // 16 KiB per direction: a full TLS record, little memory per idle
         // session.
-        let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, 16 * 1024, 16 * 1024);
+        let copy = async {
+            match &pacer {
+                None => {
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut c,
+                        &mut u,
+                        16 * 1024,
+                        16 * 1024,
+                    )
+                    .await;
+                }
+                Some(pacer) => {
+                    let (mut cr, mut cw) = tokio::io::split(&mut c);
+                    let (mut ur, mut uw) = tokio::io::split(&mut u);
+                    let down = async {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        let mut carry = Vec::new();
+                        loop {
+                            let n = tokio::io::AsyncReadExt::read(&mut cr, &mut buf).await?;
+                            if n == 0 {
+                                return uw.shutdown().await;
+                            }
+                            let mut chunk = buf[..n].to_vec();
+                            // What arrived while a command was held goes
+                            // next, in order.
+                            loop {
+                                paced_write(
+                                    &mut uw,
+                                    &chunk,
+                                    &mut scanner,
+                                    pacer,
+                                    Some(&mut cr),
+                                    &mut carry,
+                                )
+                                .await?;
+                                if carry.is_empty() {
+                                    break;
+                                }
+                                chunk = std::mem::take(&mut carry);
+                            }
+                        }
+                    };
+                    let up = async {
+                        let mut r = tokio::io::BufReader::with_capacity(16 * 1024, &mut ur);
+                        tokio::io::copy_buf(&mut r, &mut cw).await?;
+                        cw.shutdown().await
+                    };
+                    let _ = tokio::try_join!(down, up);
+                }
+            }
+        };
         tokio::pin!(copy);
         tokio::select! {
             _ = &mut copy => return,
@@ -475,6 +586,65 @@ pub async fn splice(
     drop(u);
     let _ = c.write_all(closing.as_bytes()).await;
     let _ = c.shutdown().await;
+}
+
+/// Writes `data` from the client upstream, holding each `MAIL` command
+/// until `pacer` lets one more message through. While a command is held,
+/// `client` is still read (into `carry`, at most 16 KiB, sent next by the
+/// caller) so that a client that leaves ends the session at once.
+async fn paced_write<W, R>(
+    w: &mut W,
+    data: &[u8],
+    scanner: &mut super::shaping::MailScanner,
+    pacer: &super::shaping::Pacer,
+    mut client: Option<&mut R>,
+    carry: &mut Vec<u8>,
+) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut cuts: [usize; 8] = [0; 8];
+    let mut n = 0;
+    let mut from = 0;
+    let mut overflow = Vec::new();
+    scanner.scan(data, |at| {
+        if n < cuts.len() {
+            cuts[n] = at;
+            n += 1;
+        } else {
+            overflow.push(at);
+        }
+    });
+    for at in cuts[..n].iter().chain(overflow.iter()) {
+        w.write_all(&data[from..*at]).await?;
+        w.flush().await?;
+        let held = pacer.message();
+        tokio::pin!(held);
+        loop {
+            let room = (16 * 1024usize).saturating_sub(carry.len());
+            match client.as_deref_mut() {
+                Some(c) if room > 0 => {
+                    let mut spare = [0u8; 4096];
+                    let max = room.min(spare.len());
+                    tokio::select! {
+                        () = &mut held => break,
+                        read = tokio::io::AsyncReadExt::read(c, &mut spare[..max]) => match read? {
+                            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                            got => carry.extend_from_slice(&spare[..got]),
+                        },
+                    }
+                }
+                _ => {
+                    (&mut held).await;
+                    break;
+                }
+            }
+        }
+        from = *at;
+    }
+    w.write_all(&data[from..]).await?;
+    w.flush().await
 }
 
 /// Accepts connections for a mail front end until `shutdown`, running a

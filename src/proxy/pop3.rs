@@ -236,6 +236,10 @@ impl Dialect for Pop3Session {
             LoginFailure::UpstreamFailed => {
                 "-ERR [SYS/TEMP] Mail server unreachable, closing connection".to_owned()
             }
+            // RFC 2449: the maildrop is in use by other sessions.
+            LoginFailure::Busy => {
+                "-ERR [IN-USE] Too many sessions for this identity, try again later".to_owned()
+            }
         };
         format!("{reply}\r\n")
     }

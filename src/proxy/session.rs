@@ -317,6 +317,30 @@ pub fn wipe(line: Bytes) {
     }
 }
 
+/// The access-log line of a mail session, written when it ends (whatever
+/// way it ends) if `runtime.access_log` is on.
+struct AccessEntry {
+    on: bool,
+    protocol: crate::metrics::Protocol,
+    started: std::time::Instant,
+    identity: Option<String>,
+    outcome: &'static str,
+}
+
+impl Drop for AccessEntry {
+    fn drop(&mut self) {
+        if self.on {
+            super::access_line(
+                self.protocol,
+                self.identity.as_deref(),
+                self.outcome,
+                None,
+                self.started.elapsed(),
+            );
+        }
+    }
+}
+
 /// Serves one client session with `dialect` until it logs in (then raises
 /// `proved` and splices it with its upstream), leaves, or is closed.
 pub(crate) async fn run<D: Dialect>(
@@ -328,6 +352,14 @@ pub(crate) async fn run<D: Dialect>(
     shutdown: watch::Receiver<bool>,
     proved: &AtomicBool,
 ) {
+    let mut access = AccessEntry {
+        on: front.app.config.runtime.access_log,
+        protocol: front.protocol,
+        started: std::time::Instant::now(),
+        identity: None,
+        // Until it tries to log in.
+        outcome: "no_login",
+    };
     let mut s = Session {
         front,
         io,
@@ -394,13 +426,22 @@ pub(crate) async fn run<D: Dialect>(
         let dialect_ref = &dialect;
         let ctx_ref = &ctx;
         let result = front
-            .login(&creds, peer, |identity: Arc<Identity>, token| async move {
-                dialect_ref.upstream_login(&identity, &token, ctx_ref).await
-            })
+            .login(
+                &creds,
+                peer,
+                s.shutdown.clone(),
+                |identity: Arc<Identity>, token| async move {
+                    dialect_ref.upstream_login(&identity, &token, ctx_ref).await
+                },
+            )
             .await;
         drop(creds);
         match result {
-            Ok((_, upstream)) => {
+            Ok((identity, upstream, mut permit)) => {
+                if access.on {
+                    access.identity = Some(identity.name.clone());
+                    access.outcome = "forwarded";
+                }
                 // Logged in: the connection's slot is never given away now.
                 proved.store(true, Ordering::Release);
                 let (answer, upstream) = dialect.logged_in(&ctx, upstream);
@@ -408,10 +449,23 @@ pub(crate) async fn run<D: Dialect>(
                     return;
                 }
                 let shutdown = s.shutdown.clone();
-                splice(s.io, upstream, shutdown, dialect.say(D::WORDS.shutdown)).await;
+                let pacer = permit.take_pacer();
+                splice(
+                    s.io,
+                    upstream,
+                    shutdown,
+                    dialect.say(D::WORDS.shutdown),
+                    pacer,
+                )
+                .await;
+                drop(permit);
                 return;
             }
             Err(failure) => {
+                if access.on {
+                    access.identity = failure.identity().map(str::to_owned);
+                    access.outcome = failure.outcome();
+                }
                 let closes = matches!(failure, LoginFailure::UpstreamFailed);
                 let text = dialect.failure(&ctx, failure);
                 if !s.send(text.as_bytes()).await || closes {

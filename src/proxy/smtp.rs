@@ -35,6 +35,8 @@ const EXTENSIONS_TTL: Duration = Duration::from_secs(600);
 /// After a failed probe of the upstream's extensions, wait this long
 /// before probing again (EHLO answers use the safe set meanwhile).
 const PROBE_RETRY: Duration = Duration::from_secs(60);
+/// How long the capability probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An SMTP reply: code and text lines.
 #[derive(Debug)]
@@ -296,10 +298,18 @@ impl Smtp {
                     let _ = up.send(b"QUIT\r\n").await;
                     Ok::<_, UpstreamLogin>(ext)
                 };
-                let learned = tokio::time::timeout(Duration::from_secs(5), probe)
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
+                let learned = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                    Ok(Ok(ext)) => Some(ext),
+                    Ok(Err(e)) => {
+                        use crate::error::Failure as _;
+                        tracing::warn!(upstream = %self.front.cfg.upstream, error = %crate::token::idp::error_chain(&e), origin = ?e.origin(), retry_in = ?PROBE_RETRY, "cannot learn the SMTP upstream's extensions; advertising a safe set");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(upstream = %self.front.cfg.upstream, waited = ?PROBE_TIMEOUT, retry_in = ?PROBE_RETRY, "the SMTP upstream did not answer the capability probe in time; advertising a safe set");
+                        None
+                    }
+                };
                 if learned.is_none() {
                     if let Ok(mut g) = self.probe_failed.lock() {
                         *g = Some(Instant::now());
@@ -474,6 +484,9 @@ impl Dialect for SmtpSession {
             }
             LoginFailure::UpstreamFailed => {
                 "421 4.4.2 Mail server unreachable, closing connection".to_owned()
+            }
+            LoginFailure::Busy => {
+                "454 4.7.0 Too many sessions for this identity, try again later".to_owned()
             }
         };
         format!("{reply}\r\n")

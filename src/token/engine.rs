@@ -881,11 +881,11 @@ impl TokenEngine {
                 inner
                     .metrics
                     .set_token_expiry(&identity.name, &scopes.key, unix);
-                tracing::info!(identity = %identity.name, expires_in = ?grant.expires_in, "refreshed access token");
+                tracing::info!(identity = %identity.name, scopes = %scopes.key, expires_in = ?grant.expires_in, "refreshed access token");
                 Ok(token)
             }
             Err(IdpError::Reauth { error, message }) => {
-                tracing::warn!(identity = %identity.name, %error, %message, "refresh token refused: identity needs re-authentication");
+                tracing::warn!(identity = %identity.name, scopes = %scopes.key, %error, %message, "refresh token refused: identity needs re-authentication");
                 if let Err(e) = inner
                     .store
                     .record_failure(identity.id, true, &message, now_unix())
@@ -910,7 +910,7 @@ impl TokenEngine {
                 message,
                 retry_after,
             }) => {
-                tracing::warn!(identity = %identity.name, %message, "token refresh failed; will retry");
+                tracing::warn!(identity = %identity.name, scopes = %scopes.key, %message, "token refresh failed; will retry");
                 Err(self.transient(
                     &key,
                     &identity,
@@ -924,7 +924,7 @@ impl TokenEngine {
                 Err(self.credential_refused(&key, &identity, &tenant, message))
             }
             Err(e @ (IdpError::Configuration { .. } | IdpError::NotConfigured)) => {
-                tracing::error!(identity = %identity.name, error = %e, "token refresh refused: fix the app registration or configuration");
+                tracing::error!(identity = %identity.name, scopes = %scopes.key, error = %e, "token refresh refused: fix the app registration or configuration");
                 Err(self.transient(
                     &key,
                     &identity,
@@ -1032,7 +1032,7 @@ impl TokenEngine {
                 inner
                     .metrics
                     .set_token_expiry(&identity.name, &scopes.key, unix);
-                tracing::info!(tenant = %tenant.name, identity = %identity.name, expires_in = ?grant.expires_in, "obtained an app-only access token for the tenant");
+                tracing::info!(tenant = %tenant.name, identity = %identity.name, scopes = %scopes.key, expires_in = ?grant.expires_in, "obtained an app-only access token for the tenant");
                 Ok(token)
             }
             Err(IdpError::AppCredential { message, .. }) => {
@@ -1042,7 +1042,7 @@ impl TokenEngine {
                 message,
                 retry_after,
             }) => {
-                tracing::warn!(tenant = %tenant.name, identity = %identity.name, %message, "app-only token request failed; will retry");
+                tracing::warn!(tenant = %tenant.name, identity = %identity.name, scopes = %scopes.key, %message, "app-only token request failed; will retry");
                 Err(self.transient(
                     &key,
                     &identity,
@@ -1053,7 +1053,7 @@ impl TokenEngine {
                 ))
             }
             Err(e) => {
-                tracing::error!(tenant = %tenant.name, identity = %identity.name, error = %e, "app-only token request refused: fix the app registration or configuration");
+                tracing::error!(tenant = %tenant.name, identity = %identity.name, scopes = %scopes.key, error = %e, "app-only token request refused: fix the app registration or configuration");
                 Err(self.transient(
                     &key,
                     &identity,

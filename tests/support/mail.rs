@@ -696,6 +696,30 @@ struct SmtpInner {
     extensions: Vec<String>,
     messages: Vec<SmtpMessage>,
     next_id: u64,
+    /// Authenticated sessions open now, by mailbox.
+    active: std::collections::HashMap<String, usize>,
+    /// The most authenticated sessions one mailbox had open at once.
+    max_active: usize,
+    /// Like Exchange Online: more authenticated sessions of one mailbox
+    /// than this get `432 4.3.2` at MAIL FROM.
+    session_limit: Option<usize>,
+    /// When each MAIL FROM was accepted.
+    mail_times: Vec<std::time::Instant>,
+}
+
+/// Counts an authenticated SMTP session while it lasts.
+struct ActiveSession {
+    inner: Arc<Mutex<SmtpInner>>,
+    mailbox: String,
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        let mut g = lock(&self.inner);
+        if let Some(n) = g.active.get_mut(&self.mailbox) {
+            *n -= 1;
+        }
+    }
 }
 
 /// The running fake SMTP submission server. Shuts down when dropped.
@@ -727,6 +751,10 @@ impl FakeSmtp {
             extensions: opts.extensions,
             messages: Vec::new(),
             next_id: 1,
+            active: Default::default(),
+            max_active: 0,
+            session_limit: None,
+            mail_times: Vec::new(),
         }));
         let i = inner.clone();
         let task = spawn_mail_server(core.clone(), move |conn| smtp_session(conn, i.clone())).await;
@@ -764,6 +792,22 @@ impl FakeSmtp {
         }
     }
 
+    /// The most authenticated sessions one mailbox had open at once.
+    pub fn max_concurrent_sessions(&self) -> usize {
+        lock(&self.inner).max_active
+    }
+
+    /// Like Exchange Online, answer MAIL FROM with `432 4.3.2` while the
+    /// session's mailbox has more than `limit` authenticated sessions.
+    pub fn set_session_limit(&self, limit: Option<usize>) {
+        lock(&self.inner).session_limit = limit;
+    }
+
+    /// When each MAIL FROM was accepted, in order.
+    pub fn mail_times(&self) -> Vec<std::time::Instant> {
+        lock(&self.inner).mail_times.clone()
+    }
+
     /// EHLO keywords advertised after TLS from now on.
     pub fn set_extensions(&self, extensions: Vec<String>) {
         lock(&self.inner).extensions = extensions;
@@ -772,6 +816,8 @@ impl FakeSmtp {
 
 #[derive(Default)]
 struct SmtpSession {
+    /// Counted among the mailbox's open sessions while authenticated.
+    active: Option<ActiveSession>,
     helo: bool,
     authed: Option<String>,
     mail: Option<(String, String)>,
@@ -857,16 +903,39 @@ async fn smtp_session(mut c: Conn, inner: Arc<Mutex<SmtpInner>>) -> io::Result<(
                     s = SmtpSession::default();
                 }
             }
-            "AUTH" => smtp_auth(&mut c, &mut s, rest).await?,
+            "AUTH" => {
+                smtp_auth(&mut c, &mut s, rest).await?;
+                if let (Some(user), None) = (&s.authed, &s.active) {
+                    let mailbox = user.to_ascii_lowercase();
+                    let mut g = lock(&inner);
+                    let n = g.active.entry(mailbox.clone()).or_default();
+                    *n += 1;
+                    let n = *n;
+                    g.max_active = g.max_active.max(n);
+                    drop(g);
+                    s.active = Some(ActiveSession {
+                        inner: inner.clone(),
+                        mailbox,
+                    });
+                }
+            }
             "MAIL" => {
+                let over_limit = s.active.as_ref().is_some_and(|a| {
+                    let g = lock(&inner);
+                    g.session_limit
+                        .is_some_and(|l| g.active.get(&a.mailbox).copied().unwrap_or(0) > l)
+                });
                 if !s.helo {
                     c.say("503 5.5.1 Send hello first");
                 } else if s.authed.is_none() {
                     c.say(SMTP_NOT_AUTHENTICATED);
+                } else if over_limit {
+                    c.say("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded");
                 } else if s.mail.is_some() {
                     c.say("503 5.5.1 Sender already specified");
                 } else if let Some(path) = parse_path(rest, "FROM:") {
                     s.mail = Some(path);
+                    lock(&inner).mail_times.push(std::time::Instant::now());
                     c.say("250 2.1.0 Sender OK");
                 } else {
                     c.say("501 5.5.4 Invalid arguments");

@@ -105,6 +105,8 @@ pub struct RequestHead {
     pub idempotent: bool,
     /// `HEAD`: the answer has no body whatever its framing fields say.
     pub head_method: bool,
+    /// A `POST` to the EWS endpoint (its SOAP operation is counted).
+    pub ews: bool,
 }
 
 /// What [`parse_request_head`] made of the bytes.
@@ -238,6 +240,7 @@ pub fn parse_request_head(
         expect_continue,
         idempotent: idempotent(method.as_bytes()),
         head_method: method == "HEAD",
+        ews: method == "POST" && super::ews_ops::is_ews_path(path),
     })
 }
 

@@ -51,6 +51,10 @@ pub(super) trait Half {
     /// Whether the request can be sent a second time (its body is held).
     fn replayable(&self) -> bool;
 
+    /// After phase 3: the SOAP operation of an EWS request (`None` for
+    /// other requests; `other` for a body that was not held).
+    fn ews_operation(&self) -> Option<super::ews_ops::Operation>;
+
     /// Phase 4: sends the request with `token` and reads the answer's head.
     async fn send(&mut self, token: &AccessToken) -> Result<Self::Answer, Self::Stop>;
 
@@ -61,6 +65,13 @@ pub(super) trait Half {
     /// Drops a refused answer, keeping the upstream connection when that
     /// is cheap.
     async fn discard(&mut self, answer: Self::Answer);
+
+    /// The status of an answer (access log).
+    fn status(answer: &Self::Answer) -> u16;
+
+    /// The local answer a stop ends the request with; `None` when the
+    /// request goes on elsewhere (handed to the hyper half).
+    fn rejection(stop: &Self::Stop) -> Option<&Rejection>;
 }
 
 /// Whether a request that a reused upstream connection lost after it was
@@ -74,6 +85,7 @@ pub(super) fn may_resend(idempotent: bool, reused: bool, resent: bool) -> bool {
 impl HttpProxy {
     /// Runs phases 1 to 5 for one request on `half`; the caller relays the
     /// answer (phase 6) or serialises the local answer it gets instead.
+    /// With `runtime.access_log`, writes the request's access-log line.
     pub(super) async fn exchange<H: Half>(
         &self,
         half: &mut H,
@@ -81,12 +93,56 @@ impl HttpProxy {
         peer: SocketAddr,
         memo: &ConnectionMemo,
     ) -> Result<H::Answer, H::Stop> {
+        if !self.access_log {
+            return self
+                .phases(half, authorization, peer, memo, &mut None)
+                .await;
+        }
+        let started = Instant::now();
+        let mut who = None;
+        let result = self.phases(half, authorization, peer, memo, &mut who).await;
+        let (outcome, status) = match &result {
+            Ok(answer) => (Outcome::forwarded, Some(H::status(answer))),
+            Err(stop) => match H::rejection(stop) {
+                Some(r) => {
+                    if let Rejection::Auth(crate::identity::AuthError::BadPassword(name)) = r {
+                        who = Some(name.clone());
+                    }
+                    (r.outcome(), None)
+                }
+                None => return result,
+            },
+        };
+        crate::proxy::access_line(
+            Protocol::http,
+            who.as_deref(),
+            &format!("{outcome:?}"),
+            status,
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn phases<H: Half>(
+        &self,
+        half: &mut H,
+        authorization: Option<&[u8]>,
+        peer: SocketAddr,
+        memo: &ConnectionMemo,
+        who: &mut Option<String>,
+    ) -> Result<H::Answer, H::Stop> {
         let identity = self.identify(authorization, peer, memo).await?;
+        if self.access_log {
+            *who = Some(identity.name.clone());
+        }
         let mut token = self.token(&identity).await?;
         match identity.mode {
             Mode::App if self.ews_impersonation => half.act_as(&identity.mailbox).await?,
             _ => half.body().await?,
         }
+        // Counted once the upstream answered (a request the native half
+        // hands to the hyper half runs this again and counts there).
+        let mut ews = half.ews_operation();
         let tokens = &self.app.tokens;
         let metrics = &self.app.metrics;
         let mut retried = false;
@@ -95,6 +151,9 @@ impl HttpProxy {
             let sent = half.send(&token).await;
             metrics.upstream_duration(Protocol::http, started.elapsed().as_secs_f64());
             let answer = sent?;
+            if let Some(operation) = ews.take() {
+                metrics.ews_operation(&identity.name, operation);
+            }
             let verdict = match half.refusal(&answer) {
                 None => {
                     tokens.accepted(&identity, self.scopes.of(&identity), &token);

@@ -206,6 +206,12 @@ impl Half for NativeRequest<'_, '_> {
         true
     }
 
+    fn ews_operation(&self) -> Option<super::ews_ops::Operation> {
+        self.head
+            .ews
+            .then(|| super::ews_ops::operation(&self.conn.body))
+    }
+
     async fn act_as(&mut self, _mailbox: &str) -> Result<(), Stop> {
         // The hyper half rewrites heads and bodies; nothing of the body
         // has been read yet, so the request goes there whole.
@@ -242,6 +248,17 @@ impl Half for NativeRequest<'_, '_> {
 
     async fn discard(&mut self, answer: ResponseHead) {
         self.conn.discard_response(&answer).await;
+    }
+
+    fn status(answer: &ResponseHead) -> u16 {
+        answer.status
+    }
+
+    fn rejection(stop: &Stop) -> Option<&Rejection> {
+        match stop {
+            Stop::Local(r) => Some(r),
+            Stop::Hyper(_) => None,
+        }
     }
 }
 

@@ -338,6 +338,17 @@ impl Half for HyperRequest<'_> {
         matches!(self.body, Some(RequestBody::Buffered(_)))
     }
 
+    fn ews_operation(&self) -> Option<super::ews_ops::Operation> {
+        use super::ews_ops::{is_ews_path, operation, Operation};
+        if self.method != Method::POST || !is_ews_path(self.uri.path()) {
+            return None;
+        }
+        Some(match &self.body {
+            Some(RequestBody::Buffered(bytes)) => operation(bytes),
+            _ => Operation::other,
+        })
+    }
+
     async fn act_as(&mut self, mailbox: &str) -> Result<(), Rejection> {
         self.body().await?;
         let bytes = match self.body.take() {
@@ -412,6 +423,14 @@ impl Half for HyperRequest<'_> {
     async fn discard(&mut self, answer: Response<Incoming>) {
         // Dropping an unread body lets hyper close or reuse the connection.
         drop(answer);
+    }
+
+    fn status(answer: &Response<Incoming>) -> u16 {
+        answer.status().as_u16()
+    }
+
+    fn rejection(stop: &Rejection) -> Option<&Rejection> {
+        Some(stop)
     }
 }
 
