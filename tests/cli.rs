@@ -447,29 +447,34 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
     assert!(text(&out.stderr).contains("identity_provider.client_id"));
 
     // serve starts with no identity and no app registration; health and
-    // metrics answer. Only the addresses and data directory are moved.
-    let mut child = bin()
-        .args(["-c", shipped, "--log-format", "json", "serve"])
-        .env("AUTHSWAP_HTTP__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_SMTP__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_IMAP__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_POP3__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_ONBOARDING__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_STORE__PATH", dir.path().join("db/authswap.db"))
-        .env(
-            "AUTHSWAP_STORE__KEY_FILE",
-            dir.path().join("db/authswap.key"),
-        )
-        .env(
-            "AUTHSWAP_ADMIN__TOKEN_FILE",
-            dir.path().join("db/admin.token"),
-        )
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    // metrics answer. Only the addresses and data directory are moved;
+    // `extra` adds to the environment.
+    let serve_shipped = |extra: &[(&str, &str)]| {
+        let mut cmd = bin();
+        cmd.args(["-c", shipped, "--log-format", "json", "serve"])
+            .envs(extra.iter().copied())
+            .env("AUTHSWAP_HTTP__LISTEN", "127.0.0.1:0")
+            .env("AUTHSWAP_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("AUTHSWAP_SMTP__LISTEN", "127.0.0.1:0")
+            .env("AUTHSWAP_IMAP__LISTEN", "127.0.0.1:0")
+            .env("AUTHSWAP_POP3__LISTEN", "127.0.0.1:0")
+            .env("AUTHSWAP_ONBOARDING__LISTEN", "127.0.0.1:0")
+            .env("AUTHSWAP_STORE__PATH", dir.path().join("db/authswap.db"))
+            .env(
+                "AUTHSWAP_STORE__KEY_FILE",
+                dir.path().join("db/authswap.key"),
+            )
+            .env(
+                "AUTHSWAP_ADMIN__TOKEN_FILE",
+                dir.path().join("db/admin.token"),
+            )
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut child = serve_shipped(&[]);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = String::new();
     let (admin, http) = wait_for_serving(&mut lines, &mut log).await;
@@ -519,32 +524,10 @@ async fn shipped_configuration_works_on_a_fresh_machine() {
     assert!(status.success());
 
     // The shipped file plus the one setting it asks for is ready.
-    let mut child = bin()
-        .args(["-c", shipped, "--log-format", "json", "serve"])
-        .env(
-            "AUTHSWAP_IDENTITY_PROVIDER__CLIENT_ID",
-            "00000000-0000-0000-0000-000000000001",
-        )
-        .env("AUTHSWAP_HTTP__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_SMTP__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_IMAP__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_POP3__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_ONBOARDING__LISTEN", "127.0.0.1:0")
-        .env("AUTHSWAP_STORE__PATH", dir.path().join("db/authswap.db"))
-        .env(
-            "AUTHSWAP_STORE__KEY_FILE",
-            dir.path().join("db/authswap.key"),
-        )
-        .env(
-            "AUTHSWAP_ADMIN__TOKEN_FILE",
-            dir.path().join("db/admin.token"),
-        )
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = serve_shipped(&[(
+        "AUTHSWAP_IDENTITY_PROVIDER__CLIENT_ID",
+        "00000000-0000-0000-0000-000000000001",
+    )]);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = String::new();
     let (admin, _) = wait_for_serving(&mut lines, &mut log).await;

@@ -324,7 +324,12 @@ impl HttpClient {
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
-        let req = req.body(Full::new(body.into())).expect("request");
+        self.exchange(req.body(Full::new(body.into())).expect("request"))
+            .await
+    }
+
+    /// Sends `req` and collects the whole answer (at most 20 s).
+    async fn exchange(&self, req: Request<Full<Bytes>>) -> Reply {
         let work = async {
             let res = self.client.request(req).await.expect("request to authswap");
             let (parts, body) = res.into_parts();
@@ -367,19 +372,7 @@ impl HttpClient {
             )
             .body(Full::new(Bytes::new()))
             .expect("request");
-        let work = async {
-            let res = self.client.request(req).await.expect("request to authswap");
-            let (parts, body) = res.into_parts();
-            let body = body.collect().await.expect("body").to_bytes();
-            Reply {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), work)
-            .await
-            .expect("authswap answered in time")
+        self.exchange(req).await
     }
 
     /// Scrapes `/metrics` on the admin listener every 20 ms until `cond`
